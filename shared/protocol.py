@@ -1,0 +1,345 @@
+"""The wire protocol, defined once: agent⇄gateway frames and every NATS payload.
+
+Every message is a frozen pydantic model with a ``type`` tag and a protocol version ``v``; extra fields
+are refused. Each channel has one discriminated union and one module-level TypeAdapter, and is read
+with a ``decode_*`` function that raises `ProtocolError` carrying the WebSocket close code to use:
+1007 for bytes that are not JSON, 1008 for an unknown type, a wrong version or a bad field.
+
+Channels:
+- agent → gateway (WebSocket): hello, result, exec_error, metrics, ping, pong
+- gateway → agent (WebSocket): welcome, exec, ack, ping, pong
+- NATS ``warlock.agent.<host>.exec`` / ``warlock.ssh.<host>.exec``: ExecRequest → result | error
+- NATS ``warlock.agent.<host>.ping``: PingRequest → pong_reply | error
+- NATS ``warlock.auth.verify``: TokenVerifyRequest → token_ok | error
+- NATS ``warlock.presence.<host>``: connected | disconnected
+- NATS ``warlock.metrics.<host>``: metrics_event;  ``warlock.result.<host>``: result
+- NATS ``warlock.session.<host>.claim``: claim
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from shared.errors import CloseCode, ErrorCode, ProtocolError
+from shared.ids import CommandIdField, GatewayIdField, HostIdField, SessionIdField
+
+PROTOCOL_VERSION: Literal[1] = 1
+MAX_COMMAND_CHARS = 64 * 1024
+MAX_TIMEOUT_S = 24 * 3600.0
+DEFAULT_TIMEOUT_S = 30.0
+
+ShortText = Annotated[str, Field(max_length=255)]
+
+
+class Message(BaseModel):
+    """Base of every frame and payload: frozen, no extra fields, versioned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+# ----------------------------------------------------------------------------- shared bodies
+
+
+class ExecResult(Message):
+    """A command's outcome; sent agent → gateway and as the NATS exec reply."""
+
+    type: Literal["result"] = "result"
+    command_id: CommandIdField
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None = None  # the signal that ended it, if any
+    stdout: str = ""
+    stderr: str = ""
+    truncated: bool = False  # output was cut at the cap
+    timed_out: bool = False  # the timeout killed the process group
+    duration_ms: float = Field(ge=0)
+    via: Literal["agent", "ssh"] = "agent"
+
+
+class ErrorReply(Message):
+    """A typed error in place of a result: NATS replies and agent exec errors."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    description: Annotated[str, Field(max_length=4096)]
+    command_id: CommandIdField | None = None
+
+
+class DiskUsage(Message):
+    """Usage of one mounted filesystem."""
+
+    mount: ShortText
+    total: int
+    used: int
+    free: int
+    percent: float
+
+
+class MetricsSample(Message):
+    """One psutil sample of a host, stamped with the agent's clock (Unix seconds)."""
+
+    timestamp: float
+    cpu_percent: float
+    load_1: float
+    load_5: float
+    load_15: float
+    memory_total: int
+    memory_available: int
+    memory_used: int
+    memory_percent: float
+    swap_total: int
+    swap_used: int
+    swap_percent: float
+    disks: tuple[DiskUsage, ...] = ()
+    net_bytes_sent: int
+    net_bytes_recv: int
+    net_packets_sent: int
+    net_packets_recv: int
+    uptime_s: float
+    process_count: int
+
+
+# ----------------------------------------------------------------------------- agent → gateway
+
+
+class Hello(Message):
+    """First frame of a session: who the agent is."""
+
+    type: Literal["hello"] = "hello"
+    host_id: HostIdField
+    hostname: ShortText
+    platform: ShortText
+    agent_version: Annotated[str, Field(max_length=64)]
+    capabilities: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=32)
+
+
+class ExecError(Message):
+    """The agent could not run a command (busy, spawn failure, result lost before a restart)."""
+
+    type: Literal["exec_error"] = "exec_error"
+    command_id: CommandIdField
+    code: ErrorCode
+    description: Annotated[str, Field(max_length=4096)]
+
+
+class Metrics(Message):
+    """A metrics sample pushed by the agent."""
+
+    type: Literal["metrics"] = "metrics"
+    sample: MetricsSample
+
+
+class Ping(Message):
+    """Keepalive or health probe; the peer answers with a Pong carrying the same id."""
+
+    type: Literal["ping"] = "ping"
+    id: Annotated[str, Field(max_length=64)] | None = None
+
+
+class Pong(Message):
+    """Answer to a Ping."""
+
+    type: Literal["pong"] = "pong"
+    id: Annotated[str, Field(max_length=64)] | None = None
+
+
+# ----------------------------------------------------------------------------- gateway → agent
+
+
+class Welcome(Message):
+    """Sent after a valid hello: the session's id and the limits the agent must keep."""
+
+    type: Literal["welcome"] = "welcome"
+    session_id: SessionIdField
+    gateway_id: GatewayIdField
+    ping_interval: float = Field(gt=0)
+    max_result_bytes: int = Field(gt=1024)  # an encoded result frame must fit in this
+
+
+class Exec(Message):
+    """Run a command."""
+
+    type: Literal["exec"] = "exec"
+    command_id: CommandIdField
+    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_CHARS)]
+    timeout: float = Field(gt=0, le=MAX_TIMEOUT_S)
+
+
+class Ack(Message):
+    """The gateway received the result of `command_id`; the agent may stop re-sending it."""
+
+    type: Literal["ack"] = "ack"
+    command_id: CommandIdField
+
+
+AgentFrame = Annotated[Hello | ExecResult | ExecError | Metrics | Ping | Pong, Field(discriminator="type")]
+GatewayFrame = Annotated[Welcome | Exec | Ack | Ping | Pong, Field(discriminator="type")]
+
+# ----------------------------------------------------------------------------- NATS payloads
+
+
+class ExecRequest(Message):
+    """Request on an exec subject. ``{"command": "uptime"}`` is a complete request."""
+
+    type: Literal["exec"] = "exec"
+    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_CHARS)]
+    timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S)
+    command_id: CommandIdField | None = None
+
+
+class PingRequest(Message):
+    """Request on ``warlock.agent.<host>.ping``; an empty body is a valid request."""
+
+    type: Literal["ping"] = "ping"
+
+
+class PingReply(Message):
+    """Answer to a health ping, after a round trip to the agent itself."""
+
+    type: Literal["pong_reply"] = "pong_reply"
+    host_id: HostIdField
+    session_id: SessionIdField
+    gateway_id: GatewayIdField
+    agent_version: str
+    agent_rtt_ms: float  # gateway ⇄ agent leg, on the gateway's clock
+
+
+class TokenVerifyRequest(Message):
+    """Gateway → token authority: which host does this token hash belong to?"""
+
+    type: Literal["token_verify"] = "token_verify"
+    token_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class TokenOk(Message):
+    """Token authority → gateway: the token is valid for `host_id`."""
+
+    type: Literal["token_ok"] = "token_ok"
+    host_id: HostIdField
+
+
+class PresenceConnected(Message):
+    """Published when a gateway registers a session for a host."""
+
+    type: Literal["connected"] = "connected"
+    host_id: HostIdField
+    session_id: SessionIdField
+    gateway_id: GatewayIdField
+    hostname: ShortText
+    platform: ShortText
+    agent_version: str
+    at: float
+
+
+class PresenceDisconnected(Message):
+    """Published when a gateway ends a session for a host."""
+
+    type: Literal["disconnected"] = "disconnected"
+    host_id: HostIdField
+    session_id: SessionIdField
+    gateway_id: GatewayIdField
+    reason: ShortText
+    close_code: int | None = None
+    at: float
+
+
+class MetricsEvent(Message):
+    """A host's metrics sample, as published on ``warlock.metrics.<host>``."""
+
+    type: Literal["metrics_event"] = "metrics_event"
+    host_id: HostIdField
+    gateway_id: GatewayIdField
+    sample: MetricsSample
+
+
+class SessionClaim(Message):
+    """A gateway announces a new session; any older session for the host closes with 4000."""
+
+    type: Literal["claim"] = "claim"
+    host_id: HostIdField
+    session_id: SessionIdField
+    gateway_id: GatewayIdField
+    connected_at: float
+
+
+ExecReply = Annotated[ExecResult | ErrorReply, Field(discriminator="type")]
+PingReplyMsg = Annotated[PingReply | ErrorReply, Field(discriminator="type")]
+TokenReply = Annotated[TokenOk | ErrorReply, Field(discriminator="type")]
+PresenceEvent = Annotated[PresenceConnected | PresenceDisconnected, Field(discriminator="type")]
+
+_agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame)
+_gateway_frames: TypeAdapter[GatewayFrame] = TypeAdapter(GatewayFrame)
+_exec_replies: TypeAdapter[ExecReply] = TypeAdapter(ExecReply)
+_ping_replies: TypeAdapter[PingReplyMsg] = TypeAdapter(PingReplyMsg)
+_token_replies: TypeAdapter[TokenReply] = TypeAdapter(TokenReply)
+_presence_events: TypeAdapter[PresenceEvent] = TypeAdapter(PresenceEvent)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to compact JSON bytes."""
+    return message.model_dump_json().encode()
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line naming the first failing field, safe to log and send (no input values)."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "message"
+    return f"{where}: {first['msg']}"[:300]
+
+
+def _close_code(exc: ValidationError) -> CloseCode:
+    """1007 when the bytes were not JSON, 1008 for everything else."""
+    kinds = {e["type"] for e in exc.errors(include_url=False, include_input=False)}
+    return CloseCode.INVALID_DATA if kinds & {"json_invalid", "json_type"} else CloseCode.POLICY_VIOLATION
+
+
+def _decode(adapter: TypeAdapter[T], data: bytes | str) -> T:
+    try:
+        return adapter.validate_json(data)
+    except ValidationError as exc:
+        raise ProtocolError(_close_code(exc), _describe(exc)) from exc
+
+
+def decode_model(model: type[M], data: bytes | str) -> M:
+    """Decode `data` as exactly `model`; an empty body decodes as the model's defaults."""
+    if not data or (isinstance(data, bytes) and not data.strip()):
+        data = b"{}"
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise ProtocolError(_close_code(exc), _describe(exc)) from exc
+
+
+def decode_agent_frame(data: bytes | str) -> AgentFrame:
+    """Decode a frame sent by an agent."""
+    return _decode(_agent_frames, data)
+
+
+def decode_gateway_frame(data: bytes | str) -> GatewayFrame:
+    """Decode a frame sent by a gateway."""
+    return _decode(_gateway_frames, data)
+
+
+def decode_exec_reply(data: bytes | str) -> ExecReply:
+    """Decode the reply to an exec request."""
+    return _decode(_exec_replies, data)
+
+
+def decode_ping_reply(data: bytes | str) -> PingReplyMsg:
+    """Decode the reply to a ping request."""
+    return _decode(_ping_replies, data)
+
+
+def decode_token_reply(data: bytes | str) -> TokenReply:
+    """Decode the token authority's reply."""
+    return _decode(_token_replies, data)
+
+
+def decode_presence(data: bytes | str) -> PresenceEvent:
+    """Decode a presence event."""
+    return _decode(_presence_events, data)

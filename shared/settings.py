@@ -1,0 +1,70 @@
+"""Settings base: environment variables with the ``WARLOCK_`` prefix, read once by pydantic-settings.
+
+Each service defines one subclass with its own sub-prefix (``WARLOCK_GATEWAY_``, ``WARLOCK_AGENT_`` ...),
+builds it once in its entrypoint and passes it down; nothing reads settings at import time.
+Fields every NATS-connected service shares (``WARLOCK_NATS_URL``, ``WARLOCK_LOG_LEVEL``) keep the plain
+prefix whatever the subclass's sub-prefix is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+S = TypeVar("S", bound=BaseSettings)
+
+
+class WarlockSettings(BaseSettings):
+    """Base of every service's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WARLOCK_", extra="forbid", populate_by_name=True, validate_default=True
+    )
+
+    log_level: LogLevel = Field(default="INFO", validation_alias=AliasChoices("WARLOCK_LOG_LEVEL"))
+
+
+class NatsSettings(WarlockSettings):
+    """Base of the settings of every service that connects to NATS."""
+
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222",
+        validation_alias=AliasChoices("WARLOCK_NATS_URL"),
+        description="NATS server URL(s), comma-separated",
+    )
+
+    def nats_servers(self) -> list[str]:
+        """The NATS server URLs as a list."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets `field` of `cls`."""
+    info = cls.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[-1])
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def config_error(exc: ValidationError, cls: type[BaseSettings], source: str = "") -> ConfigError:
+    """Turn a pydantic ValidationError into a ConfigError naming the first bad field and its variable."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(settings)"
+    top = str(first["loc"][0]) if first["loc"] else ""
+    if top in cls.model_fields:
+        field = f"{field} ({env_name(cls, top)})"
+    where = f" (in {source})" if source else ""
+    return ConfigError(field, f"{first['msg']}{where}")
+
+
+def load_settings(cls: type[S], source: str = "", **values: Any) -> S:
+    """Build `cls` from the environment (plus `values`), raising ConfigError naming the bad field."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise config_error(exc, cls, source) from exc

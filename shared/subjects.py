@@ -1,0 +1,100 @@
+"""Every NATS subject and queue-group name Warlock uses, built in one place.
+
+Scheme: ``warlock.<kind>.<host>.<verb>``, host ids ``[a-z0-9_-]{1,63}``. No service writes a subject
+f-string of its own; it calls a function here, which validates the host id first.
+
+| subject                          | kind             | who answers / listens              |
+| -------------------------------- | ---------------- | ---------------------------------- |
+| warlock.agent.<host>.exec        | request          | the gateway holding <host>         |
+| warlock.agent.<host>.ping        | request          | the gateway holding <host>         |
+| warlock.ssh.<host>.exec          | request          | the SSH fallback worker            |
+| warlock.metrics.<host>           | publish          | agents' metrics samples            |
+| warlock.presence.<host>          | publish          | connect / disconnect events        |
+| warlock.result.<host>            | publish          | results that arrived after their request ended |
+| warlock.session.<host>.claim     | publish          | gateways: newest session wins      |
+| warlock.auth.verify              | request          | the token authority                |
+"""
+
+from __future__ import annotations
+
+from shared.errors import InvalidIdError
+from shared.ids import HostId, is_host_id
+
+PREFIX = "warlock"
+
+# Queue groups: one member of each group receives each message.
+GATEWAY_QUEUE = "warlock-gateway"
+SSH_QUEUE = "warlock-ssh"
+AUTH_QUEUE = "warlock-auth"
+API_QUEUE = "warlock-api"
+
+TOKEN_VERIFY = f"{PREFIX}.auth.verify"
+SESSION_CLAIMS = f"{PREFIX}.session.*.claim"
+ALL_METRICS = f"{PREFIX}.metrics.*"
+ALL_PRESENCE = f"{PREFIX}.presence.*"
+ALL_RESULTS = f"{PREFIX}.result.*"
+
+AGENT_VERBS = ("exec", "ping")
+
+
+def host_id(value: str) -> HostId:
+    """Return `value` as a HostId, or raise InvalidIdError if it is not `[a-z0-9_-]{1,63}`."""
+    if not is_host_id(value):
+        raise InvalidIdError(f"invalid host id {value[:80]!r}: expected [a-z0-9_-]{{1,63}}")
+    return HostId(value)
+
+
+def agent_exec(host: str) -> str:
+    """Subject on which the gateway holding `host` answers exec requests."""
+    return f"{PREFIX}.agent.{host_id(host)}.exec"
+
+
+def agent_ping(host: str) -> str:
+    """Subject on which the gateway holding `host` answers health pings."""
+    return f"{PREFIX}.agent.{host_id(host)}.ping"
+
+
+def agent_requests(host: str) -> str:
+    """Wildcard covering every agent request subject of `host` (one subscription per host)."""
+    return f"{PREFIX}.agent.{host_id(host)}.*"
+
+
+def parse_agent_request(subject: str) -> tuple[HostId, str]:
+    """Split ``warlock.agent.<host>.<verb>`` into (host, verb); raise InvalidIdError otherwise."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "agent":
+        raise InvalidIdError(f"not an agent request subject: {subject[:120]!r}")
+    return host_id(parts[2]), parts[3]
+
+
+def ssh_exec(host: str) -> str:
+    """Subject on which the SSH fallback worker answers exec requests for `host`."""
+    return f"{PREFIX}.ssh.{host_id(host)}.exec"
+
+
+def metrics(host: str) -> str:
+    """Subject on which `host`'s metrics samples are published."""
+    return f"{PREFIX}.metrics.{host_id(host)}"
+
+
+def presence(host: str) -> str:
+    """Subject on which `host`'s connect and disconnect events are published."""
+    return f"{PREFIX}.presence.{host_id(host)}"
+
+
+def result(host: str) -> str:
+    """Subject on which results for `host` are published when their request is gone."""
+    return f"{PREFIX}.result.{host_id(host)}"
+
+
+def session_claim(host: str) -> str:
+    """Subject on which a gateway announces a new session for `host` (older ones close)."""
+    return f"{PREFIX}.session.{host_id(host)}.claim"
+
+
+def parse_session_claim(subject: str) -> HostId:
+    """Return the host of a ``warlock.session.<host>.claim`` subject; raise InvalidIdError otherwise."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != [PREFIX, "session"] or parts[3] != "claim":
+        raise InvalidIdError(f"not a session claim subject: {subject[:120]!r}")
+    return host_id(parts[2])
