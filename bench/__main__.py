@@ -1,0 +1,161 @@
+"""`make bench`: Warlock's command path and memory beside raw-library baselines, in one run.
+
+1. Exec round trip of `true`: NATS request → gateway → agent → /bin/sh, against the same chain built
+   from nats-py + websockets + asyncio subprocess with no Warlock code (bench/raw_chain.py). Blocks of
+   requests alternate between the two so machine noise hits both alike; p50/p99 and the ratio.
+2. Memory per idle agent on one gateway at 1,000 and 5,000 simulated agents (`warlock-agent swarm`),
+   against the raw bridge holding the same number of websockets with one NATS subscription each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+
+from shared.tokens import generate_token
+from tests.support.natsserver import NatsServer
+from tests.support.procs import BIN, Proc, free_port, rss_kib
+from tests.support.stack import Stack
+
+RAW = [str(BIN / "python"), "-m", "bench.raw_chain"]
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _timed_requests(url: str, subject: str, body: bytes, n: int) -> list[float]:
+    nc = await nats.connect(url)
+    try:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            reply = await nc.request(subject, body, timeout=10)
+            out.append((time.perf_counter() - t0) * 1000)
+            data = json.loads(reply.data)
+            if data.get("exit_code") != 0:
+                raise RuntimeError(f"bad reply on {subject}: {data}")
+        return out
+    finally:
+        await nc.close()
+
+
+def latency(root: Path, rounds: int, block: int) -> dict[str, list[float]]:
+    """Alternate blocks of `true` round trips through the raw chain and through Warlock."""
+    server = NatsServer(root, "nats-latency")
+    stack = Stack(root, server.url)
+    try:
+        port = free_port()
+        bridge = stack.start("raw-bridge", [*RAW, "bridge", server.url, str(port)], {})
+        bridge.wait_for("ready")
+        stack.start("raw-agent", [*RAW, "agent", f"ws://127.0.0.1:{port}"], {}).wait_for("connected")
+        stack.start_authority()
+        gw = stack.start_gateway("bench-gw")
+        token = stack.add_host("bench")
+        stack.start_agent("bench-agent", "bench", token, [gw.url])
+        body = json.dumps({"command": "true"}).encode()
+        results: dict[str, list[float]] = {"raw": [], "warlock": []}
+        for subject in ("raw.0.exec", "warlock.agent.bench.exec"):
+            asyncio.run(_timed_requests(server.url, subject, body, 50))  # warm up
+        for _ in range(rounds):
+            for name, subject in (("raw", "raw.0.exec"), ("warlock", "warlock.agent.bench.exec")):
+                results[name] += asyncio.run(_timed_requests(server.url, subject, body, block))
+        return results
+    finally:
+        stack.close()
+        server.stop()
+
+
+def _settle_rss(pid: int, seconds: float = 3.0) -> int:
+    time.sleep(seconds)
+    return rss_kib(pid)
+
+
+def memory_warlock(root: Path, count: int) -> float:
+    """KiB of gateway RSS per idle swarm agent at `count` agents."""
+    server = NatsServer(root, f"nats-mem-{count}")
+    stack = Stack(root, server.url)
+    try:
+        stack.start_authority()
+        gw = stack.start_gateway(f"mem-gw-{count}")
+        tokens = stack.add_hosts({f"swarm-{i:05d}": generate_token() for i in range(count)})
+        tokens_file = root / f"swarm-{count}.json"
+        tokens_file.write_text(json.dumps(tokens))
+        before = _settle_rss(gw.proc.pid, 1.0)
+        swarm = stack.start(
+            f"swarm-{count}",
+            [str(BIN / "warlock-agent"), "swarm", "--gateway", gw.url, "--tokens", str(tokens_file)],
+            stack.env(),
+        )
+        swarm.wait_for(rf"swarm: {count} sessions established", timeout=300)
+        after = _settle_rss(gw.proc.pid)
+        return (after - before) / count
+    finally:
+        stack.close()
+        server.stop()
+
+
+def memory_raw(root: Path, count: int) -> float:
+    """KiB of raw-bridge RSS per idle websocket (with one NATS subscription) at `count` connections."""
+    server = NatsServer(root, f"nats-raw-{count}")
+    procs: list[Proc] = []
+    try:
+        port = free_port()
+        bridge = Proc(f"raw-bridge-{count}", [*RAW, "bridge", server.url, str(port)], root)
+        procs.append(bridge)
+        bridge.wait_for("ready")
+        before = _settle_rss(bridge.pid, 1.0)
+        swarm = Proc(f"raw-swarm-{count}", [*RAW, "swarm", f"ws://127.0.0.1:{port}", str(count)], root)
+        procs.append(swarm)
+        swarm.wait_for(rf"swarm: {count} sessions established", timeout=300)
+        after = _settle_rss(bridge.pid)
+        return (after - before) / count
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        server.stop()
+
+
+def main() -> None:
+    """Run the benchmark and print a Markdown table with ratios."""
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating blocks per chain")
+    parser.add_argument("--block", type=int, default=200, help="requests per block")
+    parser.add_argument("--agents", type=int, nargs="*", default=[1000, 5000])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
+        root = Path(tmp)
+        lat = latency(root, args.rounds, args.block)
+        raw50, raw99 = pct(lat["raw"], 0.5), pct(lat["raw"], 0.99)
+        w50, w99 = pct(lat["warlock"], 0.5), pct(lat["warlock"], 0.99)
+        print(f"\n## Exec round trip of `true` ({len(lat['warlock'])} requests each, alternating blocks)\n")
+        print("| chain | p50 ms | p99 ms | mean ms |")
+        print("| --- | ---: | ---: | ---: |")
+        for label, key in (("raw nats-py + websockets + subprocess", "raw"), ("Warlock", "warlock")):
+            values = lat[key]
+            p50, p99, mean = pct(values, 0.5), pct(values, 0.99), statistics.mean(values)
+            print(f"| {label} | {p50:.2f} | {p99:.2f} | {mean:.2f} |")
+        print(
+            f"\np50 ratio Warlock / raw: **{w50 / raw50:.2f}×** (target ≤ 1.5×); p99 ratio {w99 / raw99:.2f}×"
+        )
+        print("\n## Gateway memory per idle agent\n")
+        print("| agents | Warlock gateway KiB/agent | raw bridge KiB/conn | ratio |")
+        print("| ---: | ---: | ---: | ---: |")
+        for count in args.agents:
+            w = memory_warlock(root, count)
+            r = memory_raw(root, count)
+            print(f"| {count} | {w:.1f} | {r:.1f} | {w / r:.2f}× |", flush=True)
+        print("\nTarget: ≤ 25 KiB per idle agent.")
+
+
+if __name__ == "__main__":
+    main()

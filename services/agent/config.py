@@ -1,0 +1,127 @@
+"""Agent settings: a TOML config file (default ``/etc/warlock/agent.conf``) plus ``WARLOCK_AGENT_*`` overrides.
+
+Environment variables beat the file. The file holds flat keys named like the fields::
+
+    host_id = "web-1"
+    token = "<64 hex>"
+    gateway_urls = ["wss://gw1.example:8443/agent", "wss://gw2.example:8443/agent"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.errors import ConfigError
+from shared.ids import HostIdField
+from shared.settings import WarlockSettings, config_error
+from shared.tokens import is_well_formed
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = Path("/etc/warlock/agent.conf")
+DEFAULT_LEDGER_PATH = Path("/var/lib/warlock-agent/ledger.jsonl")
+MIB = 1024 * 1024
+
+
+class AgentSettings(WarlockSettings):
+    """Everything the agent needs to run; built once by `load_config` and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="WARLOCK_AGENT_")
+
+    host_id: HostIdField
+    token: SecretStr
+    gateway_urls: Annotated[list[str], NoDecode] = Field(min_length=1)
+    metrics_interval: float = Field(default=30.0, gt=0)
+    ping_interval: float = Field(default=20.0, gt=0)
+    ping_timeout: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    max_output_bytes: int = Field(default=MIB, gt=0)
+    max_concurrent_commands: int = Field(default=8, ge=1)
+    ledger_path: Path = DEFAULT_LEDGER_PATH
+    backoff_initial: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=30.0, gt=0)
+    superseded_backoff: float = Field(default=60.0, ge=0)
+
+    @field_validator("token")
+    @classmethod
+    def _token_shape(cls, value: SecretStr) -> SecretStr:
+        """Refuse a token that is not 64 lowercase hex characters (the message never echoes it)."""
+        if not is_well_formed(value.get_secret_value()):
+            raise ValueError("must be 64 lowercase hex characters")
+        return value
+
+    @field_validator("gateway_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        """Accept a JSON list or a comma-separated string (as environment variables give them)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [u.strip() for u in text.split(",") if u.strip()]
+        return value
+
+    @field_validator("gateway_urls")
+    @classmethod
+    def _ws_urls(cls, value: list[str]) -> list[str]:
+        """Every gateway URL is ws:// or wss:// with a host."""
+        for url in value:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("ws", "wss") or not rest or rest.startswith("/"):
+                raise ValueError(f"not a ws:// or wss:// URL: {url[:200]!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then the config file's values (passed as init kwargs)."""
+        return env_settings, init_settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Read the config file, warning when others may read the token in it."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from exc
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("config file %s is readable by group or others (mode %03o); it holds the agent token",
+                    path, stat.S_IMODE(mode))
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"{path}: invalid TOML: {exc}") from exc
+
+
+def load_config(path: Path | None = None) -> AgentSettings:
+    """Build the agent settings from `path` (default /etc/warlock/agent.conf, optional) and the environment.
+
+    An explicitly given path that does not exist, a TOML syntax error or a bad value raises ConfigError.
+    """
+    values: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError("config", f"no such file: {path}")
+        values, source = _read_toml(path), str(path)
+    elif DEFAULT_CONFIG_PATH.is_file():
+        values, source = _read_toml(DEFAULT_CONFIG_PATH), str(DEFAULT_CONFIG_PATH)
+    try:
+        return AgentSettings(**values)
+    except ValidationError as exc:
+        raise config_error(exc, AgentSettings, source) from exc

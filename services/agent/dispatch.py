@@ -1,0 +1,91 @@
+"""Sans-I/O decisions of an agent session: a received frame in, actions out.
+
+The client (`services.agent.client`) only reads, writes and awaits; what to do with each gateway frame is
+decided here, so it is testable without a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from shared.errors import CloseCode, ProtocolError
+from shared.protocol import Ack, Exec, Message, Ping, Pong, Welcome, decode_gateway_frame
+
+from .results import Outbox, Result, fit_result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send `message` to the gateway now."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
+class Run:
+    """Start running `request` (through the ledger) in its own task."""
+
+    request: Exec
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection with `code` and `reason`, then reconnect."""
+
+    code: CloseCode
+    reason: str
+
+
+Action = Send | Run | Close
+
+
+@dataclass
+class SessionState:
+    """What one session remembers between frames."""
+
+    welcome: Welcome
+    last_received: float
+    outbox: Outbox = field(default_factory=Outbox)
+
+
+def expect_welcome(raw: bytes | str) -> Welcome:
+    """Decode the gateway's first frame; raise ProtocolError (1008) unless it is a Welcome."""
+    frame = decode_gateway_frame(raw)
+    if not isinstance(frame, Welcome):
+        raise ProtocolError(CloseCode.POLICY_VIOLATION, f"expected welcome, got {frame.type}")
+    return frame
+
+
+def on_frame(state: SessionState, raw: bytes | str, now: float) -> list[Action]:
+    """Decide what to do with one frame received from the gateway."""
+    state.last_received = now
+    try:
+        frame = decode_gateway_frame(raw)
+    except ProtocolError as exc:
+        log.warning("protocol error from gateway: %s (closing with %d)", exc.message, exc.close_code)
+        return [Close(exc.close_code, exc.message[:120])]
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("received %s", frame.type)
+    if isinstance(frame, Ping):
+        return [Send(Pong(id=frame.id))]
+    if isinstance(frame, Exec):
+        return [Run(frame)]
+    if isinstance(frame, Ack):
+        state.outbox.ack(frame.command_id)
+        return []
+    if isinstance(frame, Pong):
+        return []
+    return [Close(CloseCode.POLICY_VIOLATION, "unexpected second welcome")]
+
+
+def resend(state: SessionState) -> list[Send]:
+    """After a welcome: every un-acked result again, each trimmed to the session's frame limit."""
+    return [Send(result_frame(state.welcome, r)) for r in state.outbox.pending()]
+
+
+def result_frame(welcome: Welcome, result: Result) -> Result:
+    """`result` as it may be sent in this session (trimmed to `max_result_bytes`)."""
+    return fit_result(result, welcome.max_result_bytes)

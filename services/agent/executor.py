@@ -1,0 +1,124 @@
+"""Run one shell command in its own process group, with a timeout and capped output.
+
+The command string is the ``-c`` argument of ``/bin/sh``; the agent never builds a shell string itself.
+A timeout kills the whole process group with SIGKILL, so children the command started die with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from shared.errors import ErrorCode
+from shared.ids import CommandId
+from shared.protocol import ExecError, ExecResult
+
+log = logging.getLogger(__name__)
+
+SHELL = "/bin/sh"
+CHUNK = 64 * 1024
+REAP_TIMEOUT_S = 5.0  # after SIGKILL, how long to wait for the group to let go of the pipes
+
+
+class _Capture:
+    """Keeps the first `limit` bytes of a stream and counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """Keep what fits under the cap; count what does not."""
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def text(self) -> str:
+        """The kept bytes as text (invalid UTF-8 replaced)."""
+        return self.data.decode("utf-8", errors="replace")
+
+
+async def _drain(stream: asyncio.StreamReader | None, capture: _Capture) -> None:
+    """Read `stream` to its end, feeding `capture` (keeps reading past the cap)."""
+    if stream is None:
+        return
+    while chunk := await stream.read(CHUNK):
+        capture.feed(chunk)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group led by `pid` (it may be gone already)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def run_command(
+    command_id: CommandId, command: str, timeout: float, max_output_bytes: int
+) -> ExecResult | ExecError:
+    """Run `command` with ``/bin/sh -c`` in a new session; return its result or an EXEC_FAILED error."""
+    started = time.perf_counter()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            SHELL,
+            "-c",
+            command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        log.warning("command %s: could not start %s: %s", command_id, SHELL, exc)
+        return ExecError(
+            command_id=command_id, code=ErrorCode.EXEC_FAILED, description=f"could not start {SHELL}: {exc}"
+        )
+    out, err = _Capture(max_output_bytes), _Capture(max_output_bytes)
+    io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait())
+    timed_out = False
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(io)
+    except TimeoutError:
+        timed_out = True
+        _kill_group(proc.pid)
+        try:
+            async with asyncio.timeout(REAP_TIMEOUT_S):
+                await asyncio.shield(io)
+        except TimeoutError:
+            # Something outside the group (it called setsid) still holds a pipe: stop reading it.
+            log.warning("command %s: output pipes still open after SIGKILL; abandoning them", command_id)
+            io.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await io
+            await proc.wait()
+    except asyncio.CancelledError:
+        # The agent is stopping: take the command's process group down with it.
+        _kill_group(proc.pid)
+        io.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ProcessLookupError):
+            await proc.wait()
+        raise
+    duration_ms = (time.perf_counter() - started) * 1000
+    code = proc.returncode
+    if timed_out:
+        exit_code, sig = None, int(signal.SIGKILL)
+    elif code is not None and code < 0:
+        exit_code, sig = None, -code
+    else:
+        exit_code, sig = code, None
+    return ExecResult(
+        command_id=command_id,
+        exit_code=exit_code,
+        signal=sig,
+        stdout=out.text(),
+        stderr=err.text(),
+        truncated=bool(out.dropped or err.dropped),
+        timed_out=timed_out,
+        duration_ms=duration_ms,
+    )

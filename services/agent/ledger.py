@@ -1,0 +1,194 @@
+"""On-disk ledger of the command ids run in the last 10 minutes, so no command runs twice.
+
+File format: JSON lines, one record per event::
+
+    {"id": "<command id>", "at": <unix time>, "state": "started"}
+    {"id": "<command id>", "at": <unix time>, "state": "done", "result": {...ExecResult or ExecError...}}
+
+A "started" record is appended (and flushed) before the command runs, a "done" record after. Records are
+flushed to the kernel but not fsynced per command: the ledger survives an agent crash, not a power loss.
+At open and every `COMPACT_EVERY_S` the file is rewritten without expired ids (temp file + os.replace).
+
+A repeated id is answered from the ledger: its recorded result if done; ``UNKNOWN_RESULT`` if it started
+but never finished (the agent died mid-run; it is never run again); the same result if it is running now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from shared.errors import ErrorCode
+from shared.ids import CommandId
+from shared.protocol import Exec, ExecError, ExecResult
+
+log = logging.getLogger(__name__)
+
+Result = ExecResult | ExecError
+Runner = Callable[[Exec], Awaitable[Result]]
+
+RETENTION_S = 600.0
+COMPACT_EVERY_S = 60.0
+_results: TypeAdapter[Result] = TypeAdapter(Annotated[Result, Field(discriminator="type")])
+
+
+@dataclass
+class Entry:
+    """What the ledger knows about one command id."""
+
+    at: float
+    result: Result | None = None
+
+
+class Ledger:
+    """Run-at-most-once record of command ids, kept in a JSON-lines file."""
+
+    def __init__(
+        self, path: Path, *, retention: float = RETENTION_S, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.path = path
+        self.retention = retention
+        self.clock = clock
+        self._entries: dict[str, Entry] = {}
+        self._running: dict[str, asyncio.Future[Result]] = {}
+        self._file: IO[str] | None = None
+        self._compacted_at = 0.0
+
+    # ------------------------------------------------------------------ file handling
+
+    def open(self) -> None:
+        """Create the directory (0700) and file (0600) if needed, load the records and compact."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._load()
+        self.compact()
+
+    def close(self) -> None:
+        """Compact and close the file."""
+        if self._file is not None:
+            self.compact()
+            self._file.close()
+            self._file = None
+
+    def _load(self) -> None:
+        """Read every record in the file, skipping corrupt lines with a warning."""
+        self._entries.clear()
+        try:
+            with self.path.open(encoding="utf-8", errors="replace") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        self._load_line(line, lineno)
+        except FileNotFoundError:
+            return
+
+    def _load_line(self, line: str, lineno: int) -> None:
+        """Apply one record to the in-memory entries."""
+        try:
+            record = json.loads(line)
+            command_id, at, state = str(record["id"]), float(record["at"]), record["state"]
+            if state == "started":
+                self._entries.setdefault(command_id, Entry(at=at))
+            elif state == "done":
+                self._entries[command_id] = Entry(at=at, result=_results.validate_python(record["result"]))
+            else:
+                raise ValueError(f"unknown state {state!r}")
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            log.warning("ledger %s: skipping corrupt line %d: %s", self.path, lineno, str(exc)[:200])
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it to the kernel."""
+        if self._file is None:
+            self.open()
+        assert self._file is not None
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def compact(self) -> None:
+        """Drop expired ids and rewrite the file atomically (temp file + os.replace)."""
+        self.prune()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for command_id, entry in self._entries.items():
+                fh.write(json.dumps({"id": command_id, "at": entry.at, "state": "started"}) + "\n")
+                if entry.result is not None:
+                    done = {"id": command_id, "at": entry.at, "state": "done", "result": _dump(entry.result)}
+                    fh.write(json.dumps(done, separators=(",", ":")) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        if self._file is not None:
+            self._file.close()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._compacted_at = self.clock()
+
+    def prune(self) -> None:
+        """Forget ids last touched more than `retention` seconds ago (never one that is running)."""
+        horizon = self.clock() - self.retention
+        expired = [k for k, e in self._entries.items() if e.at < horizon and k not in self._running]
+        for command_id in expired:
+            del self._entries[command_id]
+
+    # ------------------------------------------------------------------ lookups and runs
+
+    def lookup(self, command_id: str) -> Result | None:
+        """The answer for an id seen before and not running now, or None if it is new (or expired)."""
+        entry = self._entries.get(command_id)
+        if entry is None or command_id in self._running or entry.at < self.clock() - self.retention:
+            return None
+        if entry.result is not None:
+            return entry.result
+        return ExecError(
+            command_id=CommandId(command_id),
+            code=ErrorCode.UNKNOWN_RESULT,
+            description="this command id started before the agent restarted; its result was lost",
+        )
+
+    async def run(self, request: Exec, runner: Runner) -> Result:
+        """Run `request` with `runner` at most once per id; a repeated id gets the recorded answer."""
+        command_id = request.command_id
+        if (running := self._running.get(command_id)) is not None:
+            log.info("command %s is already running; waiting for its result", command_id)
+            return await asyncio.shield(running)
+        if (known := self.lookup(command_id)) is not None:
+            log.info("command %s seen before; answered from the ledger", command_id)
+            return known
+        if self.clock() - self._compacted_at > COMPACT_EVERY_S:
+            self.compact()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._running[command_id] = future
+        self._entries[command_id] = Entry(at=self.clock())
+        try:
+            self._append({"id": command_id, "at": self.clock(), "state": "started"})
+            try:
+                result = await runner(request)
+            except Exception as exc:
+                log.exception("command %s: runner failed", command_id)
+                result = ExecError(command_id=command_id, code=ErrorCode.INTERNAL, description=str(exc)[:500])
+            now = self.clock()
+            self._entries[command_id] = Entry(at=now, result=result)
+            self._append({"id": command_id, "at": now, "state": "done", "result": _dump(result)})
+            future.set_result(result)
+            return result
+        finally:
+            del self._running[command_id]
+            if not future.done():
+                future.cancel()
+
+    def running(self) -> list[asyncio.Future[Result]]:
+        """Futures of the commands running now."""
+        return list(self._running.values())
+
+
+def _dump(result: Result) -> dict[str, Any]:
+    """A result as a JSON-ready dict."""
+    return result.model_dump(mode="json")

@@ -1,0 +1,95 @@
+"""`warlock`: the dev launcher and admin commands.
+
+warlock run                       start NATS, token authority, gateway and a local agent (make run)
+warlock token-authority --file F  answer gateways' token checks from a JSON file of token hashes
+warlock req SUBJECT [JSON]        send a NATS request and print the reply (like `nats req`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+from shared.settings import NatsSettings, load_settings
+
+from . import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warlock", description="Warlock fleet control plane")
+    parser.add_argument("--version", action="version", version=f"warlock {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("run", help="start the whole stack on this machine (what `make run` does)")
+    auth = sub.add_parser("token-authority", help="answer token checks from a JSON file of hashes")
+    auth.add_argument("--file", type=Path, required=True, help='JSON: {"hosts": {"<host>": "<sha256>"}}')
+    req = sub.add_parser("req", help="send a NATS request and print the reply")
+    req.add_argument("subject")
+    req.add_argument("data", nargs="?", default="")
+    req.add_argument("--timeout", type=float, default=35.0, help="seconds to wait for the reply")
+    req.add_argument("--server", help="NATS URL (default: WARLOCK_NATS_URL, else .warlock/dev.json)")
+    return parser
+
+
+async def _request(server: str, subject: str, data: str, wait_s: float) -> int:
+    import nats
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    nc = await nats.connect(server, max_reconnect_attempts=1, connect_timeout=5)
+    try:
+        msg = await nc.request(subject, data.encode(), timeout=wait_s)
+    except NoRespondersError:
+        print(f"warlock: no responders on {subject}", file=sys.stderr)
+        return 1
+    except NatsTimeout:
+        print(f"warlock: no reply on {subject} within {wait_s}s", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+    print(msg.data.decode(errors="replace"))
+    return 0
+
+
+def _server_for_req(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    import os
+
+    if "WARLOCK_NATS_URL" in os.environ:
+        return load_settings(NatsSettings).nats_url
+    dev = Path(".warlock/dev.json")
+    if dev.exists():
+        return str(json.loads(dev.read_text())["nats_url"])
+    return load_settings(NatsSettings).nats_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `warlock` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "run":
+            from .devstack import run_dev_stack
+
+            return run_dev_stack()
+        if args.cmd == "token-authority":
+            from .token_file import run_token_authority
+
+            settings = load_settings(NatsSettings)
+            setup_logging(settings.log_level)
+            asyncio.run(run_token_authority(settings.nats_url, args.file))
+            return 0
+        return asyncio.run(_request(_server_for_req(args.server), args.subject, args.data, args.timeout))
+    except ConfigError as exc:
+        print(f"warlock: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""One agent session's state and the gateway's pure decisions about it (sans-I/O).
+
+A `Session` takes decoded frames and NATS requests and answers with actions (`Send`, `Publish`,
+`Settle`, `Wake`, `Close`); `services.gateway.server` carries them out. Nothing here reads a socket
+or awaits: the only asyncio objects are the futures the shell's request tasks wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from shared import subjects
+from shared.errors import CloseCode, ErrorCode, ProtocolError
+from shared.ids import CommandId, GatewayId, HostId, SessionId, new_command_id, new_session_id
+from shared.natsx import error
+from shared.protocol import (
+    Ack,
+    AgentFrame,
+    ErrorReply,
+    Exec,
+    ExecError,
+    ExecRequest,
+    ExecResult,
+    Hello,
+    Message,
+    Metrics,
+    MetricsEvent,
+    Ping,
+    Pong,
+    SessionClaim,
+    decode_agent_frame,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+C = TypeVar("C")
+RESULT_HEADROOM = 1024  # bytes kept free for the envelope of a result frame
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send `frame` to the agent."""
+
+    frame: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish `message` on the NATS `subject`."""
+
+    subject: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """Answer every NATS request waiting on `pending` with `reply`, then wake its tasks."""
+
+    pending: Pending
+    reply: ExecResult | ErrorReply
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Resolve a health-ping waiter: its Pong arrived."""
+
+    future: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the agent's connection with `code`."""
+
+    code: CloseCode
+    reason: str
+
+
+Action = Send | Publish | Settle | Wake | Close
+
+
+class Pending:
+    """One command in flight to the agent and the NATS requests waiting for its result."""
+
+    __slots__ = ("command_id", "future", "msgs")
+
+    def __init__(self, command_id: CommandId, future: asyncio.Future[None]) -> None:
+        self.command_id = command_id
+        self.future = future  # done once settled; request tasks wait on it
+        self.msgs: list[Msg] = []
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Over the in-flight limit: answer `busy`, forward nothing."""
+
+    reply: ErrorReply
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """The same command id is already in flight: wait for its result, send nothing."""
+
+    pending: Pending
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A new command: send `frame` to the agent and wait on `pending`."""
+
+    pending: Pending
+    frame: Exec
+
+
+Admission = Busy | Joined | Started
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def accept_hello(data: str | bytes, token_host: HostId) -> Hello:
+    """Decode the first frame; raise ProtocolError unless it is a Hello for the token's host."""
+    frame = decode_agent_frame(data)
+    if not isinstance(frame, Hello):
+        raise ProtocolError(CloseCode.POLICY_VIOLATION, f"first frame must be hello, got {frame.type}")
+    if frame.host_id != token_host:
+        raise ProtocolError(CloseCode.POLICY_VIOLATION, "hello host_id does not match the token's host")
+    return frame
+
+
+def max_result_bytes(max_frame_bytes: int, max_payload: int) -> int:
+    """The largest result frame an agent may send: it must fit a WebSocket frame and a NATS message."""
+    return min(max_frame_bytes, max_payload) - RESULT_HEADROOM
+
+
+def is_dead(last_seen: float, now: float, ping_interval: float, ping_timeout: float) -> bool:
+    """Whether a session heard nothing for longer than ping interval + ping timeout."""
+    return now - last_seen > ping_interval + ping_timeout
+
+
+# ----------------------------------------------------------------------------- the session
+
+
+class Session(Generic[C]):
+    """A registered agent session; `conn` is the shell's connection object, never touched here."""
+
+    __slots__ = (
+        "conn",
+        "connected_at",
+        "ended",
+        "gateway_id",
+        "hello",
+        "host_id",
+        "last_seen",
+        "pending",
+        "pings",
+        "session_id",
+        "sub",
+        "tasks",
+    )
+
+    def __init__(
+        self, conn: C, hello: Hello, gateway_id: GatewayId, now: float, session_id: SessionId | None = None
+    ) -> None:
+        self.conn = conn
+        self.hello = hello
+        self.host_id: HostId = hello.host_id
+        self.gateway_id = gateway_id
+        self.session_id = session_id or new_session_id()
+        self.connected_at = now
+        self.last_seen = now
+        self.ended = False
+        self.pending: dict[CommandId, Pending] = {}
+        self.pings: dict[str, asyncio.Future[None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.sub: Subscription | None = None
+
+    def claim(self) -> SessionClaim:
+        """The claim this session announces to every gateway."""
+        return SessionClaim(
+            host_id=self.host_id,
+            session_id=self.session_id,
+            gateway_id=self.gateway_id,
+            connected_at=self.connected_at,
+        )
+
+    def superseded_by(self, claim: SessionClaim) -> bool:
+        """Whether `claim` is for a newer session of this host (newest ``(connected_at, id)`` wins)."""
+        if claim.host_id != self.host_id or claim.session_id == self.session_id:
+            return False
+        return (self.connected_at, self.session_id) < (claim.connected_at, claim.session_id)
+
+    def handle(self, frame: AgentFrame) -> list[Action]:
+        """Decide what a frame received after the hello leads to."""
+        if isinstance(frame, ExecResult):
+            return self._settle(frame.command_id, frame)
+        if isinstance(frame, ExecError):
+            reply = error(frame.code, frame.description, frame.command_id)
+            return self._settle(frame.command_id, reply)
+        if isinstance(frame, Ping):
+            return [Send(Pong(id=frame.id))]
+        if isinstance(frame, Pong):
+            waiter = self.pings.pop(frame.id, None) if frame.id is not None else None
+            return [Wake(waiter)] if waiter is not None else []
+        if isinstance(frame, Metrics):
+            event = MetricsEvent(host_id=self.host_id, gateway_id=self.gateway_id, sample=frame.sample)
+            return [Publish(subjects.metrics(self.host_id), event)]
+        return [Close(CloseCode.POLICY_VIOLATION, "unexpected hello")]
+
+    def _settle(self, command_id: CommandId, reply: ExecResult | ErrorReply) -> list[Action]:
+        """A result: answer its waiting requests, or publish it when nobody waits; Ack it either way."""
+        ack = Send(Ack(command_id=command_id))
+        pending = self.pending.pop(command_id, None)
+        if pending is not None:
+            return [Settle(pending, reply), ack]
+        if isinstance(reply, ExecResult):
+            return [Publish(subjects.result(self.host_id), reply), ack]
+        return [ack]
+
+    def admit_exec(self, request: ExecRequest, msg: Msg, max_in_flight: int) -> Admission:
+        """Decide whether an exec request starts a command, joins one in flight, or is refused."""
+        command_id = request.command_id or new_command_id()
+        pending = self.pending.get(command_id)
+        if pending is None:
+            if len(self.pending) >= max_in_flight:
+                return Busy(error(ErrorCode.BUSY, f"{max_in_flight} commands in flight", command_id))
+            pending = Pending(command_id, asyncio.get_running_loop().create_future())
+            self.pending[command_id] = pending
+            pending.msgs.append(msg)
+            frame = Exec(command_id=command_id, command=request.command, timeout=request.timeout)
+            return Started(pending, frame)
+        pending.msgs.append(msg)
+        return Joined(pending)
+
+    def give_up(self, pending: Pending, msg: Msg) -> bool:
+        """Stop waiting for `msg` (it timed out); return whether it still needed an answer."""
+        try:
+            pending.msgs.remove(msg)
+        except ValueError:
+            return False
+        if not pending.msgs and self.pending.get(pending.command_id) is pending:
+            del self.pending[pending.command_id]  # a late result goes to warlock.result.<host>
+        return True
+
+    def end(self) -> list[Pending]:
+        """Mark the session ended and hand back every pending command (to fail as disconnected)."""
+        self.ended = True
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for waiter in self.pings.values():
+            if not waiter.done():
+                waiter.cancel()
+        self.pings.clear()
+        return pending
+

@@ -1,0 +1,45 @@
+"""Gateway settings: ``WARLOCK_GATEWAY_*`` environment variables (plus the shared ``WARLOCK_NATS_URL``)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.ids import HOST_ID_PATTERN
+from shared.settings import NatsSettings
+
+MIB = 1024 * 1024
+_INVALID = re.compile(r"[^a-z0-9_-]+")
+
+
+def default_gateway_id(hostname: str | None = None) -> str:
+    """Return ``<hostname>-<6 hex>``, lowercased and sanitized to ``[a-z0-9_-]{1,63}``."""
+    base = _INVALID.sub("-", (hostname if hostname is not None else socket.gethostname()).lower())
+    base = base.strip("-")[:56] or "gateway"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+class GatewaySettings(NatsSettings):
+    """Everything a gateway process needs, read once from the environment in the entrypoint."""
+
+    model_config = SettingsConfigDict(env_prefix="WARLOCK_GATEWAY_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535, description="0 picks a free port")
+    gateway_id: str = Field(default_factory=default_gateway_id, pattern=HOST_ID_PATTERN)
+    max_frame_bytes: int = Field(default=4 * MIB, ge=4096)
+    max_in_flight: int = Field(default=32, ge=1, description="concurrent requests per agent")
+    ping_interval: float = Field(default=20.0, gt=0)
+    ping_timeout: float = Field(default=10.0, gt=0)
+    auth_timeout: float = Field(default=10.0, gt=0, description="the hello frame must arrive within this")
+    verify_timeout: float = Field(default=2.0, gt=0, description="token authority request timeout")
+    token_cache_ttl: float = Field(default=30.0, ge=0)
+    token_cache_size: int = Field(default=10_000, ge=0)
+    exec_grace: float = Field(default=5.0, ge=0, description="beyond a command's timeout")
+    agent_ping_timeout: float = Field(default=5.0, gt=0, description="health ping round trip")
+    drain_timeout: float = Field(default=10.0, ge=0)
+    close_timeout: float = Field(default=5.0, gt=0, description="WebSocket closing handshake")

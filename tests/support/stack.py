@@ -1,0 +1,116 @@
+"""Start the real Warlock processes (token authority, gateways, agents) against a real nats-server."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from shared.tokens import generate_token, hash_token
+from tests.support.procs import BIN, Proc
+
+
+def toml_value(value: Any) -> str:
+    """Render a simple Python value as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+class Gateway:
+    """A running gateway process and its agent URL."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+        match = proc.wait_for(r"gateway (\S+) listening on (ws://[\d.]+:(\d+)/agent)")
+        self.gateway_id = match.group(1)
+        self.url = match.group(2)
+        self.port = int(match.group(3))
+
+
+class Stack:
+    """Processes of one test, all stopped by `close()`."""
+
+    def __init__(self, root: Path, nats_url: str) -> None:
+        self.root = root
+        self.nats_url = nats_url
+        self.tokens_file = root / "tokens.json"
+        self.tokens_file.write_text(json.dumps({"hosts": {}}))
+        self.procs: list[Proc] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a child: the NATS URL plus `extra`."""
+        return {"WARLOCK_NATS_URL": self.nats_url, "WARLOCK_LOG_LEVEL": "INFO", **extra}
+
+    def add_host(self, host_id: str, token: str | None = None) -> str:
+        """Register `host_id` with the token authority; return its (new) token."""
+        return self.add_hosts({host_id: token or generate_token()})[host_id]
+
+    def add_hosts(self, tokens: dict[str, str]) -> dict[str, str]:
+        """Register many hosts at once (host id → token); return the same mapping."""
+        data = json.loads(self.tokens_file.read_text())
+        data["hosts"].update({host: hash_token(token) for host, token in tokens.items()})
+        tmp = self.tokens_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.tokens_file)
+        return tokens
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        """Start a process owned by this stack."""
+        proc = Proc(name, argv, self.root, env)
+        self.procs.append(proc)
+        return proc
+
+    def start_authority(self) -> Proc:
+        """Start the file-backed token authority and wait until it serves."""
+        proc = self.start(
+            "authority",
+            [str(BIN / "warlock"), "token-authority", "--file", str(self.tokens_file)],
+            self.env(),
+        )
+        proc.wait_for("token authority ready")
+        return proc
+
+    def start_gateway(self, name: str = "gw1", port: int = 0, **settings: str) -> Gateway:
+        """Start a gateway on `port` (0: any) and wait until it listens."""
+        env = self.env(WARLOCK_GATEWAY_PORT=str(port), WARLOCK_GATEWAY_GATEWAY_ID=name)
+        env.update({f"WARLOCK_GATEWAY_{k.upper()}": v for k, v in settings.items()})
+        return Gateway(self.start(name, [str(BIN / "warlock-gateway")], env))
+
+    def write_agent_config(self, name: str, host_id: str, token: str, urls: list[str], **cfg: Any) -> Path:
+        """Write an agent config file (0600) and return its path."""
+        values: dict[str, Any] = {
+            "host_id": host_id,
+            "token": token,
+            "gateway_urls": urls,
+            "ledger_path": str(self.root / f"{name}-ledger.jsonl"),
+            "metrics_interval": 30.0,
+            "backoff_initial": 0.1,
+            "backoff_max": 1.0,
+        }
+        values.update(cfg)
+        path = self.root / f"{name}.conf"
+        path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+        path.chmod(0o600)
+        return path
+
+    def start_agent(
+        self, name: str, host_id: str, token: str, urls: list[str], wait: bool = True, **cfg: Any
+    ) -> Proc:
+        """Start an agent process; by default wait until its session is established."""
+        config = self.write_agent_config(name, host_id, token, urls, **cfg)
+        proc = self.start(name, [str(BIN / "warlock-agent"), "run", "--config", str(config)], self.env())
+        if wait:
+            proc.wait_for(r"session \S+ established with")
+        return proc
+
+    def close(self) -> None:
+        """Stop every process, newest first."""
+        for proc in reversed(self.procs):
+            if proc.popen.poll() is None:
+                proc.stop(timeout=5)
