@@ -40,6 +40,10 @@ class ErrorCode(StrEnum):
     UNKNOWN_RESULT = "unknown_result"  # the id ran before but its result was lost; not run again
     EXEC_FAILED = "exec_failed"  # the command could not be started
     UNAVAILABLE = "unavailable"  # a dependency (token authority, shutdown) is unavailable; nothing ran
+    NOT_FOUND = "not_found"  # no such host (e.g. SSH target lookup)
+    CONNECT_FAILED = "connect_failed"  # SSH: host unreachable or refused; nothing ran
+    AUTH_FAILED = "auth_failed"  # SSH: authentication refused; nothing ran
+    HOST_KEY_MISMATCH = "host_key_mismatch"  # SSH: host key is not the pinned one; nothing ran
     INTERNAL = "internal"
 
 

@@ -29,6 +29,10 @@ _NUMERIC = {
     ErrorCode.UNKNOWN_RESULT: "409",
     ErrorCode.EXEC_FAILED: "500",
     ErrorCode.UNAVAILABLE: "503",
+    ErrorCode.NOT_FOUND: "404",
+    ErrorCode.CONNECT_FAILED: "502",
+    ErrorCode.AUTH_FAILED: "403",
+    ErrorCode.HOST_KEY_MISMATCH: "495",
     ErrorCode.INTERNAL: "500",
 }
 

@@ -264,10 +264,55 @@ class SessionClaim(Message):
     connected_at: float
 
 
+class SshTarget(Message):
+    """Where and how to reach a host over SSH; `host_key` is the pinned OpenSSH public key line."""
+
+    type: Literal["ssh_target"] = "ssh_target"
+    address: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")]
+    port: int = Field(default=22, ge=1, le=65535)
+    username: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_.-]*$")]
+    host_key: Annotated[str, Field(max_length=16384)] | None = None
+
+
+class SshExecRequest(ExecRequest):
+    """Request on ``warlock.ssh.<host>.exec``: an ExecRequest, optionally with the target.
+
+    The API always sends `target`; without it the worker asks ``warlock.host.<host>.target``.
+    """
+
+    target: SshTarget | None = None
+
+
+class SshProbeRequest(Message):
+    """Request on ``warlock.ssh.probe``: is this host reachable with the worker's key, and what is its key?"""
+
+    type: Literal["ssh_probe"] = "ssh_probe"
+    address: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")]
+    port: int = Field(default=22, ge=1, le=65535)
+    username: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_.-]*$")]
+
+
+class SshProbeOk(Message):
+    """The host answered and accepted the worker's key; its host key, to pin (trust on first use)."""
+
+    type: Literal["ssh_probe_ok"] = "ssh_probe_ok"
+    host_key: Annotated[str, Field(max_length=16384)]
+    fingerprint: str  # SHA256:... as ssh-keygen -l prints it
+
+
+class HostTargetRequest(Message):
+    """Request on ``warlock.host.<host>.target``; an empty body is a valid request."""
+
+    type: Literal["host_target"] = "host_target"
+
+
 ExecReply = Annotated[ExecResult | ErrorReply, Field(discriminator="type")]
 PingReplyMsg = Annotated[PingReply | ErrorReply, Field(discriminator="type")]
 TokenReply = Annotated[TokenOk | ErrorReply, Field(discriminator="type")]
 PresenceEvent = Annotated[PresenceConnected | PresenceDisconnected, Field(discriminator="type")]
+
+ProbeReply = Annotated[SshProbeOk | ErrorReply, Field(discriminator="type")]
+TargetReply = Annotated[SshTarget | ErrorReply, Field(discriminator="type")]
 
 _agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame)
 _gateway_frames: TypeAdapter[GatewayFrame] = TypeAdapter(GatewayFrame)
@@ -275,6 +320,8 @@ _exec_replies: TypeAdapter[ExecReply] = TypeAdapter(ExecReply)
 _ping_replies: TypeAdapter[PingReplyMsg] = TypeAdapter(PingReplyMsg)
 _token_replies: TypeAdapter[TokenReply] = TypeAdapter(TokenReply)
 _presence_events: TypeAdapter[PresenceEvent] = TypeAdapter(PresenceEvent)
+_probe_replies: TypeAdapter[ProbeReply] = TypeAdapter(ProbeReply)
+_target_replies: TypeAdapter[TargetReply] = TypeAdapter(TargetReply)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -343,3 +390,13 @@ def decode_token_reply(data: bytes | str) -> TokenReply:
 def decode_presence(data: bytes | str) -> PresenceEvent:
     """Decode a presence event."""
     return _decode(_presence_events, data)
+
+
+def decode_probe_reply(data: bytes | str) -> ProbeReply:
+    """Decode the SSH worker's answer to a probe."""
+    return _decode(_probe_replies, data)
+
+
+def decode_target_reply(data: bytes | str) -> TargetReply:
+    """Decode the API's answer to an SSH target lookup."""
+    return _decode(_target_replies, data)

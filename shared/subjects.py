@@ -13,6 +13,8 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.result.<host>            | publish          | results that arrived after their request ended |
 | warlock.session.<host>.claim     | publish          | gateways: newest session wins      |
 | warlock.auth.verify              | request          | the token authority                |
+| warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
+| warlock.host.<host>.target       | request          | the API: SSH target (address, user, pinned key) |
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ AUTH_QUEUE = "warlock-auth"
 API_QUEUE = "warlock-api"
 
 TOKEN_VERIFY = f"{PREFIX}.auth.verify"
+SSH_PROBE = f"{PREFIX}.ssh.probe"
 SESSION_CLAIMS = f"{PREFIX}.session.*.claim"
 ALL_METRICS = f"{PREFIX}.metrics.*"
 ALL_PRESENCE = f"{PREFIX}.presence.*"
@@ -70,6 +73,29 @@ def parse_agent_request(subject: str) -> tuple[HostId, str]:
 def ssh_exec(host: str) -> str:
     """Subject on which the SSH fallback worker answers exec requests for `host`."""
     return f"{PREFIX}.ssh.{host_id(host)}.exec"
+
+
+def ssh_exec_wildcard() -> str:
+    """Wildcard covering every host's SSH exec subject (the fallback worker's one subscription)."""
+    return f"{PREFIX}.ssh.*.exec"
+
+
+def parse_ssh_exec(subject: str) -> HostId:
+    """Return the host of a ``warlock.ssh.<host>.exec`` subject; raise InvalidIdError otherwise."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != [PREFIX, "ssh"] or parts[3] != "exec":
+        raise InvalidIdError(f"not an SSH exec subject: {subject[:120]!r}")
+    return host_id(parts[2])
+
+
+def host_target(host: str) -> str:
+    """Subject on which the API answers the SSH target (address, user, pinned key) of `host`."""
+    return f"{PREFIX}.host.{host_id(host)}.target"
+
+
+def host_target_wildcard() -> str:
+    """Wildcard covering every host's target subject (the API's one subscription)."""
+    return f"{PREFIX}.host.*.target"
 
 
 def metrics(host: str) -> str:
