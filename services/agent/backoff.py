@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from shared.errors import CloseCode
+
 STABLE_SESSION_S = 10.0
 _MAX_EXPONENT = 30
 
@@ -58,3 +60,12 @@ class ReconnectPolicy:
         if outcome is Outcome.STOPPED:
             return 0.0
         return self.backoff()
+
+
+def outcome_of_close(code: int | None) -> Outcome:
+    """Map the close code the gateway sent to how the agent reconnects."""
+    if code == CloseCode.GOING_AWAY:
+        return Outcome.GOING_AWAY
+    if code == CloseCode.SUPERSEDED:
+        return Outcome.SUPERSEDED
+    return Outcome.CLOSED

@@ -11,54 +11,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import platform
-import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from shared.errors import CloseCode, ProtocolError
-from shared.protocol import Exec, Hello, Message, Metrics, Ping, encode
+from shared.protocol import Message, Metrics, Ping, encode
 from shared.tokens import fingerprint, hash_token
 
 from . import __version__, dispatch, metrics
-from .backoff import Outcome, ReconnectPolicy
+from .backoff import Outcome, ReconnectPolicy, outcome_of_close
+from .commands import Commands
 from .config import AgentSettings
-from .executor import run_command
 from .ledger import Ledger, Result
 from .results import Outbox
 
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 8 * 1024 * 1024
-CAPABILITIES = ("exec", "metrics", "ledger")
 FIRST_METRICS_DELAY_S = 1.0
 SHUTDOWN_GRACE_S = 5.0
-
-Executor = Callable[[Exec], Awaitable[Result]]
-
-
-def outcome_of_close(code: int | None) -> Outcome:
-    """Map the close code the gateway sent to how the agent reconnects."""
-    if code == CloseCode.GOING_AWAY:
-        return Outcome.GOING_AWAY
-    if code == CloseCode.SUPERSEDED:
-        return Outcome.SUPERSEDED
-    return Outcome.CLOSED
-
-
-def hello(settings: AgentSettings) -> Hello:
-    """The Hello frame describing this host and agent."""
-    return Hello(
-        host_id=settings.host_id,
-        hostname=socket.gethostname()[:255],
-        platform=platform.platform()[:255],
-        agent_version=__version__,
-        capabilities=CAPABILITIES,
-    )
 
 
 class Agent:
@@ -84,8 +59,13 @@ class Agent:
         self.shutdown_grace = shutdown_grace
         self.outbox = Outbox()
         self.stopping = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.max_concurrent_commands)
-        self._commands: set[asyncio.Task[None]] = set()
+        self.commands = Commands(
+            ledger,
+            self.outbox,
+            self._deliver,
+            limit=settings.max_concurrent_commands,
+            max_output=settings.max_output_bytes,
+        )
         self._state: dispatch.SessionState | None = None
         self._ws: ClientConnection | None = None
         self._url_index = 0
@@ -98,8 +78,13 @@ class Agent:
     async def run(self) -> None:
         """Connect, serve and reconnect until `stop` is called."""
         urls = self.settings.gateway_urls
-        log.info("agent %s %s starting; token fingerprint %s; gateways %s",
-                 self.settings.host_id, __version__, self._fingerprint, ", ".join(urls))
+        log.info(
+            "agent %s %s starting; token fingerprint %s; gateways %s",
+            self.settings.host_id,
+            __version__,
+            self._fingerprint,
+            ", ".join(urls),
+        )
         metrics.prime()
         try:
             while not self.stopping.is_set():
@@ -112,7 +97,7 @@ class Agent:
                 log.info("reconnecting in %.1fs (%s)", delay, outcome)
                 await self.pause(delay)
         finally:
-            await self._finish_commands()
+            await self.commands.finish(self.shutdown_grace)
 
     async def pause(self, delay: float) -> None:
         """Sleep `delay` seconds, or less if the agent is asked to stop."""
@@ -150,7 +135,7 @@ class Agent:
 
     async def _session(self, ws: ClientConnection, url: str) -> tuple[Outcome, float]:
         """Say hello, wait for the welcome, then serve until one of the session's tasks ends."""
-        await self._send(ws, hello(self.settings))
+        await self._send(ws, dispatch.hello(self.settings.host_id))
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 welcome = dispatch.expect_welcome(await ws.recv())
@@ -207,7 +192,7 @@ class Agent:
                     if isinstance(action, dispatch.Send):
                         await self._send(ws, action.message)
                     elif isinstance(action, dispatch.Run):
-                        self._start(action.request)
+                        self.commands.start(action.request)
                     else:
                         await ws.close(action.code, action.reason)
                         return Outcome.CLOSED
@@ -249,9 +234,9 @@ class Agent:
     async def _watch_stop(self, ws: ClientConnection) -> Outcome:
         """When asked to stop: let running commands finish (results still go out), then close with 1000."""
         await self.stopping.wait()
-        if self._commands:
-            log.info("stopping: waiting up to %.0fs for %d command(s)", self.shutdown_grace, len(self._commands))
-            await asyncio.wait(set(self._commands), timeout=self.shutdown_grace)
+        if pending := len(self.commands):
+            log.info("stopping: waiting up to %.0fs for %d command(s)", self.shutdown_grace, pending)
+            await self.commands.wait(self.shutdown_grace)
         await ws.close(CloseCode.NORMAL, "agent stopping")
         return Outcome.STOPPED
 
@@ -272,44 +257,25 @@ class Agent:
     def _log_close(self, url: str, code: int | None, reason: str | None) -> None:
         """One log line per closed session, at the level its close code deserves."""
         if code == CloseCode.SUPERSEDED:
-            log.warning("session with %s superseded by a newer session for host %s; waiting %.0fs",
-                        url, self.settings.host_id, self.settings.superseded_backoff)
+            log.warning(
+                "session with %s superseded by a newer session for host %s; waiting %.0fs",
+                url,
+                self.settings.host_id,
+                self.settings.superseded_backoff,
+            )
         elif code == CloseCode.TOKEN_REVOKED:
             log.error("gateway %s closed the session: token revoked", url)
         else:
             level = logging.INFO if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else logging.WARNING
             log.log(level, "connection to %s closed (code %s%s)", url, code, f": {reason}" if reason else "")
 
-    # ------------------------------------------------------------------ commands
+    # ------------------------------------------------------------------ results
 
-    def _start(self, request: Exec) -> None:
-        """Run `request` in a task owned by the agent (survives the connection)."""
-        task = asyncio.create_task(self._command(request), name=f"command-{request.command_id}")
-        self._commands.add(task)
-        task.add_done_callback(self._commands.discard)
-
-    async def _command(self, request: Exec) -> None:
-        """Run through the ledger, keep the result until acked, send it if connected."""
-        result = await self.ledger.run(request, self._execute)
-        self.outbox.add(result)
+    async def _deliver(self, result: Result) -> None:
+        """Send a finished command's result if a session is up (it stays in the outbox until acked)."""
         ws, state = self._ws, self._state
         if ws is None or state is None:
-            log.info("command %s finished while disconnected; result kept for re-sending", request.command_id)
+            log.info("command %s finished while disconnected; result kept for re-sending", result.command_id)
             return
         with contextlib.suppress(ConnectionClosed, TimeoutError):
             await self._send(ws, dispatch.result_frame(state.welcome, result))
-
-    async def _execute(self, request: Exec) -> Result:
-        """Run the command under the concurrency cap."""
-        async with self._slots:
-            return await run_command(
-                request.command_id, request.command, request.timeout, self.settings.max_output_bytes
-            )
-
-    async def _finish_commands(self) -> None:
-        """On the way out: give running commands the grace period, then cancel what is left."""
-        if self._commands:
-            await asyncio.wait(set(self._commands), timeout=self.shutdown_grace)
-        for task in list(self._commands):
-            task.cancel()
-        await asyncio.gather(*self._commands, return_exceptions=True)

@@ -1,6 +1,7 @@
-"""Agent settings: a TOML config file (default ``/etc/warlock/agent.conf``) plus ``WARLOCK_AGENT_*`` overrides.
+"""Agent settings: a TOML config file (default ``/etc/warlock/agent.conf``) plus environment overrides.
 
-Environment variables beat the file. The file holds flat keys named like the fields::
+Environment variables (``WARLOCK_AGENT_<FIELD>``) beat the file.
+The file holds flat keys named like the fields::
 
     host_id = "web-1"
     token = "<64 hex>"
@@ -100,8 +101,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from exc
     if mode & (stat.S_IRGRP | stat.S_IROTH):
-        log.warning("config file %s is readable by group or others (mode %03o); it holds the agent token",
-                    path, stat.S_IMODE(mode))
+        log.warning(
+            "config file %s is readable by group or others (mode %03o); it holds the agent token",
+            path,
+            stat.S_IMODE(mode),
+        )
     try:
         return tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

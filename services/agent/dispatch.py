@@ -7,14 +7,20 @@ decided here, so it is testable without a socket.
 from __future__ import annotations
 
 import logging
+import platform
+import socket
 from dataclasses import dataclass, field
 
 from shared.errors import CloseCode, ProtocolError
-from shared.protocol import Ack, Exec, Message, Ping, Pong, Welcome, decode_gateway_frame
+from shared.ids import HostId
+from shared.protocol import Ack, Exec, Hello, Message, Ping, Pong, Welcome, decode_gateway_frame
 
+from . import __version__
 from .results import Outbox, Result, fit_result
 
 log = logging.getLogger(__name__)
+
+CAPABILITIES = ("exec", "metrics", "ledger")
 
 
 @dataclass(frozen=True)
@@ -89,3 +95,14 @@ def resend(state: SessionState) -> list[Send]:
 def result_frame(welcome: Welcome, result: Result) -> Result:
     """`result` as it may be sent in this session (trimmed to `max_result_bytes`)."""
     return fit_result(result, welcome.max_result_bytes)
+
+
+def hello(host_id: HostId, capabilities: tuple[str, ...] = CAPABILITIES) -> Hello:
+    """The Hello frame describing this host and agent."""
+    return Hello(
+        host_id=host_id,
+        hostname=socket.gethostname()[:255],
+        platform=platform.platform()[:255],
+        agent_version=__version__,
+        capabilities=capabilities,
+    )

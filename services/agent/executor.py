@@ -59,7 +59,7 @@ def _kill_group(pid: int) -> None:
 
 
 async def run_command(
-    command_id: CommandId, command: str, timeout: float, max_output_bytes: int
+    command_id: CommandId, command: str, timeout_s: float, max_output_bytes: int
 ) -> ExecResult | ExecError:
     """Run `command` with ``/bin/sh -c`` in a new session; return its result or an EXEC_FAILED error."""
     started = time.perf_counter()
@@ -82,7 +82,7 @@ async def run_command(
     io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait())
     timed_out = False
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             await asyncio.shield(io)
     except TimeoutError:
         timed_out = True

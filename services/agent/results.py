@@ -49,7 +49,7 @@ class Outbox:
         self._pending.move_to_end(result.command_id)
         while len(self._pending) > self.limit:
             dropped, _ = self._pending.popitem(last=False)
-            log.warning("too many un-acked results; dropping the oldest (%s); the ledger still has it", dropped)
+            log.warning("too many un-acked results; dropping the oldest (%s); the ledger keeps it", dropped)
 
     def ack(self, command_id: str) -> bool:
         """Forget the result of `command_id`; return whether it was pending."""

@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = load_settings(NatsSettings)
             setup_logging(settings.log_level)
-            asyncio.run(run_token_authority(settings.nats_url, args.file))
-            return 0
+            return asyncio.run(run_token_authority(settings.nats_url, args.file))
         return asyncio.run(_request(_server_for_req(args.server), args.subject, args.data, args.timeout))
     except ConfigError as exc:
         print(f"warlock: {exc}", file=sys.stderr)

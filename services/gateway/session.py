@@ -166,15 +166,21 @@ class Session(Generic[C]):
     )
 
     def __init__(
-        self, conn: C, hello: Hello, gateway_id: GatewayId, now: float, session_id: SessionId | None = None
+        self,
+        conn: C,
+        hello: Hello,
+        gateway_id: GatewayId,
+        connected_at: float,
+        last_seen: float,
+        session_id: SessionId | None = None,
     ) -> None:
         self.conn = conn
         self.hello = hello
         self.host_id: HostId = hello.host_id
         self.gateway_id = gateway_id
         self.session_id = session_id or new_session_id()
-        self.connected_at = now
-        self.last_seen = now
+        self.connected_at = connected_at  # wall clock: compared across gateways
+        self.last_seen = last_seen  # monotonic: for dead-connection detection
         self.ended = False
         self.pending: dict[CommandId, Pending] = {}
         self.pings: dict[str, asyncio.Future[None]] = {}
@@ -249,13 +255,12 @@ class Session(Generic[C]):
         return True
 
     def end(self) -> list[Pending]:
-        """Mark the session ended and hand back every pending command (to fail as disconnected)."""
+        """Mark the session ended, wake its ping waiters, hand back every pending command to fail."""
         self.ended = True
         pending = list(self.pending.values())
         self.pending.clear()
         for waiter in self.pings.values():
             if not waiter.done():
-                waiter.cancel()
+                waiter.set_result(None)  # the waiting task sees `ended` and answers disconnected
         self.pings.clear()
         return pending
-

@@ -1,0 +1,121 @@
+"""The ``warlock-agent`` entrypoint.
+
+``warlock-agent --version``; ``warlock-agent run [--config PATH]``;
+``warlock-agent swarm --gateway URL --tokens FILE [--count N] [--concurrency 100]``.
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration error (one line on stderr:
+``warlock-agent: config error: <field>: <message>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+
+from . import __version__
+from .client import Agent
+from .config import AgentSettings, load_config
+from .ledger import Ledger
+from .swarm import load_tokens, run_swarm
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command-line grammar."""
+    parser = argparse.ArgumentParser(prog="warlock-agent", description="Warlock agent")
+    parser.add_argument("--version", action="version", version=f"warlock-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="connect to a gateway and serve commands")
+    run.add_argument(
+        "--config", type=Path, default=None, help="config file (default /etc/warlock/agent.conf)"
+    )
+    swarm = sub.add_parser("swarm", help="hold many simulated agent sessions (benchmark)")
+    swarm.add_argument(
+        "--gateway", required=True, help="gateway WebSocket URL, e.g. ws://127.0.0.1:8765/agent"
+    )
+    swarm.add_argument("--tokens", type=Path, required=True, help='JSON file {"<host_id>": "<token>", ...}')
+    swarm.add_argument("--count", type=int, default=None, help="use only the first N tokens")
+    swarm.add_argument("--concurrency", type=int, default=100, help="connects in flight at once")
+    return parser
+
+
+async def _until_signal(main: Callable[[], Coroutine[Any, Any, None]], on_stop: Callable[[], None]) -> None:
+    """Run `main`; SIGTERM or SIGINT calls `on_stop` (which must make `main` return)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    try:
+        await main()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_agent(settings: AgentSettings, ledger: Ledger) -> None:
+    """Serve as the agent until a signal stops it; the ledger is compacted and closed on the way out."""
+    agent = Agent(settings, ledger)
+
+    def stop() -> None:
+        log.info("signal received; stopping")
+        agent.stop()
+
+    try:
+        await _until_signal(agent.run, stop)
+    finally:
+        ledger.close()
+    log.info("agent stopped")
+
+
+async def _run_swarm(url: str, tokens_path: Path, count: int | None, concurrency: int) -> None:
+    """Run the swarm until a signal stops it."""
+    tokens = load_tokens(tokens_path, count)
+    task = asyncio.create_task(run_swarm(url, tokens, concurrency))
+
+    async def main() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def stop() -> None:
+        task.cancel()
+
+    await _until_signal(main, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``warlock-agent``; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    setup_logging(os.environ.get("WARLOCK_LOG_LEVEL", "INFO").upper())
+    try:
+        if args.command == "swarm":
+            asyncio.run(_run_swarm(args.gateway, args.tokens, args.count, args.concurrency))
+            return 0
+        settings = load_config(args.config)
+        setup_logging(settings.log_level)
+        ledger = Ledger(settings.ledger_path)
+        try:
+            ledger.open()
+        except OSError as exc:
+            raise ConfigError(
+                "ledger_path", f"cannot open {settings.ledger_path}: {exc.strerror or exc}"
+            ) from exc
+        asyncio.run(_run_agent(settings, ledger))
+    except ConfigError as exc:
+        print(f"warlock-agent: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The NATS side of the gateway: per-host request subscriptions, claims, presence, carrying out actions.
+
+Request callbacks never await an agent: nats-py runs one subscription's callbacks one at a time, so a
+callback admits the request, and a task owned by the session sends the frame, waits and replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from services.gateway.session import (
+    Action,
+    Busy,
+    Close,
+    Joined,
+    Pending,
+    Publish,
+    Send,
+    Session,
+    Settle,
+    Started,
+    Wake,
+)
+from services.gateway.settings import GatewaySettings
+from shared import subjects
+from shared.errors import CloseCode, ErrorCode, InvalidIdError, ProtocolError
+from shared.ids import GatewayId, HostId
+from shared.logs import ContextAdapter
+from shared.natsx import error, reply
+from shared.protocol import (
+    ErrorReply,
+    ExecRequest,
+    ExecResult,
+    Message,
+    Ping,
+    PingReply,
+    PingRequest,
+    PresenceDisconnected,
+    SessionClaim,
+    decode_model,
+    encode,
+)
+
+log = logging.getLogger("services.gateway")
+GwSession = Session[ServerConnection]
+
+
+def session_log(session: GwSession) -> ContextAdapter:
+    """A logger that prefixes the session's host, id and peer."""
+    peer = session.conn.remote_address
+    where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    return ContextAdapter(log, {"host": session.host_id, "session": session.session_id[:8], "peer": where})
+
+
+class Bridge:
+    """Holds this gateway's sessions by host and connects them to NATS."""
+
+    def __init__(self, nc: NATS, settings: GatewaySettings) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.gateway_id = GatewayId(settings.gateway_id)
+        self.sessions: dict[HostId, GwSession] = {}
+        self.stopping = False
+        self._closers: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------------- NATS output
+
+    async def publish(self, subject: str, message: Message) -> None:
+        """Publish `message`; a NATS failure is logged, never raised into a session."""
+        try:
+            await self.nc.publish(subject, encode(message))
+        except nats.errors.Error as exc:
+            log.warning("publish on %s failed: %s", subject, type(exc).__name__)
+
+    async def answer(self, msg: Msg, message: Message) -> None:
+        """Reply to a NATS request; a NATS failure is logged, never raised."""
+        try:
+            await reply(self.nc, msg, message)
+        except nats.errors.Error as exc:
+            log.warning("reply on %s failed: %s", msg.subject, type(exc).__name__)
+
+    async def sync(self) -> None:
+        """Return once the server has processed everything sent so far (a NATS failure is ignored).
+
+        nats-py 2.16 writes flush()'s PING straight to the socket, ahead of commands still buffered,
+        so one PONG does not prove a fresh SUB arrived; after a second round trip it has.
+        """
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.flush(timeout=2)
+            await self.nc.flush(timeout=2)
+
+    async def settle(self, pending: Pending, answer: ExecResult | ErrorReply) -> None:
+        """Answer every request waiting on `pending`, then wake their tasks."""
+        msgs, pending.msgs = pending.msgs, []
+        for msg in msgs:
+            await self.answer(msg, answer)
+        if not pending.future.done():
+            pending.future.set_result(None)
+
+    # ------------------------------------------------------------------------- agent output
+
+    async def send(self, session: GwSession, frame: Message) -> None:
+        """Send a frame to the agent; a closed connection is left to the connection handler."""
+        with contextlib.suppress(ConnectionClosed):
+            await session.conn.send(encode(frame), text=True)
+
+    async def apply(self, session: GwSession, actions: list[Action]) -> Close | None:
+        """Carry out a session's actions in order; return the Close among them, if any."""
+        for action in actions:
+            if isinstance(action, Send):
+                await self.send(session, action.frame)
+            elif isinstance(action, Publish):
+                await self.publish(action.subject, action.message)
+            elif isinstance(action, Settle):
+                await self.settle(action.pending, action.reply)
+            elif isinstance(action, Wake):
+                if not action.future.done():
+                    action.future.set_result(None)
+            else:
+                return action
+        return None
+
+    # ------------------------------------------------------------------------- session lifecycle
+
+    async def end(self, session: GwSession, reason: str, code: int | None) -> None:
+        """End a session once: unsubscribe, fail its pending requests, publish disconnected presence."""
+        if session.ended:
+            return
+        pending = session.end()
+        if self.sessions.get(session.host_id) is session:
+            del self.sessions[session.host_id]
+        await self.unsubscribe(session)
+        for entry in pending:
+            description = "the agent disconnected; the command may have run"
+            await self.settle(entry, error(ErrorCode.DISCONNECTED, description, entry.command_id))
+        event = PresenceDisconnected(
+            host_id=session.host_id,
+            session_id=session.session_id,
+            gateway_id=self.gateway_id,
+            reason=reason[:255],
+            close_code=code,
+            at=time.time(),
+        )
+        await self.publish(subjects.presence(session.host_id), event)
+        session_log(session).info("session ended: %s (close code %s)", reason, code)
+
+    async def unsubscribe(self, session: GwSession) -> None:
+        """Drop the session's request subscription (new requests then find no responder)."""
+        sub, session.sub = session.sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.warning("unsubscribe for %s failed: %s", session.host_id, type(exc).__name__)
+            await self.sync()  # the server stops routing to us before the agent hears its close
+
+    async def retire(self, session: GwSession, code: CloseCode, reason: str) -> None:
+        """End a session from outside its handler and close its connection in an owned task."""
+        await self.end(session, reason, int(code))
+        task = asyncio.create_task(session.conn.close(code, reason[:120]))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def wait_closers(self, within: float) -> None:
+        """Wait up to `within` seconds for the connection-closing tasks started by `retire`."""
+        if self._closers:
+            await asyncio.wait(set(self._closers), timeout=within)
+
+    def track(self, session: GwSession, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in a task owned by `session` (awaited before its handler returns)."""
+        task = asyncio.create_task(coro)
+        session.tasks.add(task)
+        task.add_done_callback(session.tasks.discard)
+
+    # ------------------------------------------------------------------------- NATS input
+
+    async def on_claim(self, msg: Msg) -> None:
+        """Newest session wins: close ours if the claim is newer; re-announce ours if it is older."""
+        try:
+            claim = decode_model(SessionClaim, msg.data)
+        except ProtocolError as exc:
+            log.debug("ignoring bad claim on %s: %s", msg.subject, exc.message)
+            return
+        session = self.sessions.get(claim.host_id)
+        if session is None or session.ended or claim.session_id == session.session_id:
+            return
+        if session.superseded_by(claim):
+            reason = f"superseded by a newer session on gateway {claim.gateway_id}"
+            await self.retire(session, CloseCode.SUPERSEDED, reason)
+        elif claim.gateway_id != self.gateway_id:
+            await self.publish(subjects.session_claim(session.host_id), session.claim())
+
+    async def on_agent_request(self, msg: Msg) -> None:
+        """Dispatch a request on ``warlock.agent.<host>.<verb>`` without awaiting the agent."""
+        try:
+            host, verb = subjects.parse_agent_request(msg.subject)
+        except InvalidIdError as exc:
+            await self.answer(msg, error(ErrorCode.BAD_REQUEST, str(exc)))
+            return
+        session = self.sessions.get(host)
+        if session is None or session.ended or self.stopping:
+            await self.answer(msg, error(ErrorCode.UNAVAILABLE, "agent not connected here; nothing ran"))
+        elif verb == "exec":
+            await self._start_exec(session, msg)
+        elif verb == "ping":
+            await self._start_ping(session, msg)
+        else:
+            await self.answer(msg, error(ErrorCode.BAD_REQUEST, f"unknown verb {verb[:40]!r}"))
+
+    async def _start_exec(self, session: GwSession, msg: Msg) -> None:
+        """Admit an exec request and hand the wait to a session task."""
+        try:
+            request = decode_model(ExecRequest, msg.data)
+        except ProtocolError as exc:
+            await self.answer(msg, error(ErrorCode.BAD_REQUEST, exc.message))
+            return
+        admission = session.admit_exec(request, msg, self.settings.max_in_flight)
+        if isinstance(admission, Busy):
+            await self.answer(msg, admission.reply)
+            return
+        frame = admission.frame if isinstance(admission, Started) else None
+        if isinstance(admission, Joined | Started):
+            wait = request.timeout + self.settings.exec_grace
+            self.track(session, self._await_exec(session, admission.pending, msg, frame, wait))
+
+    async def _await_exec(
+        self, session: GwSession, pending: Pending, msg: Msg, frame: Message | None, wait: float
+    ) -> None:
+        """Send the Exec frame (if new), wait for the result; answer `timeout` when it does not come."""
+        if frame is not None:
+            await self.send(session, frame)
+        try:
+            async with asyncio.timeout(wait):
+                await asyncio.shield(pending.future)
+        except TimeoutError:
+            if session.give_up(pending, msg):
+                description = f"no result within {wait:g}s; the command may have run"
+                await self.answer(msg, error(ErrorCode.TIMEOUT, description, pending.command_id))
+
+    async def _start_ping(self, session: GwSession, msg: Msg) -> None:
+        """Admit a health ping and hand the round trip to a session task."""
+        try:
+            decode_model(PingRequest, msg.data)
+        except ProtocolError as exc:
+            await self.answer(msg, error(ErrorCode.BAD_REQUEST, exc.message))
+            return
+        if len(session.pings) >= self.settings.max_in_flight:
+            await self.answer(msg, error(ErrorCode.BUSY, "too many health pings in flight"))
+            return
+        ping_id = uuid.uuid4().hex[:16]
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        session.pings[ping_id] = waiter
+        self.track(session, self._await_ping(session, msg, ping_id, waiter))
+
+    async def _await_ping(
+        self, session: GwSession, msg: Msg, ping_id: str, waiter: asyncio.Future[None]
+    ) -> None:
+        """Ping the agent and answer with the round trip time, or a typed timeout / disconnected."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self.send(session, Ping(id=ping_id))
+        try:
+            async with asyncio.timeout(self.settings.agent_ping_timeout):
+                await waiter
+        except TimeoutError:
+            session.pings.pop(ping_id, None)
+            await self.answer(msg, error(ErrorCode.TIMEOUT, "the agent did not answer the ping"))
+            return
+        if session.ended:
+            await self.answer(msg, error(ErrorCode.DISCONNECTED, "the agent disconnected"))
+            return
+        answer = PingReply(
+            host_id=session.host_id,
+            session_id=session.session_id,
+            gateway_id=self.gateway_id,
+            agent_version=session.hello.agent_version,
+            agent_rtt_ms=(loop.time() - started) * 1000.0,
+        )
+        await self.answer(msg, answer)

@@ -1,0 +1,280 @@
+"""The gateway's I/O shell: the WebSocket server, upgrade-time auth, one handler per agent, the pinger.
+
+Decisions live in `services.gateway.session`; the NATS side in `services.gateway.bridge`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import nats.errors
+from nats import micro
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+from nats.micro.request import Request
+from nats.micro.service import Service
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+
+from services.gateway import gateway_version
+from services.gateway.auth import Authenticator, TokenCache
+from services.gateway.bridge import Bridge, GwSession, session_log
+from services.gateway.session import Session, accept_hello, is_dead, max_result_bytes
+from services.gateway.settings import GatewaySettings
+from services.gateway.upgrade import AGENT_PATH, UpgradeGate, peer_of
+from shared import subjects
+from shared.errors import CloseCode, ProtocolError
+from shared.ids import HostId
+from shared.logs import ContextAdapter
+from shared.protocol import Ping, PresenceConnected, Welcome, decode_agent_frame, encode
+
+log = logging.getLogger("services.gateway")
+SERVICE_NAME = "warlock-gateway"
+
+
+def sessions_subject(gateway_id: str) -> str:
+    """Subject of the gateway's micro endpoint listing its hosts (belongs in shared.subjects)."""
+    return f"{subjects.PREFIX}.gateway.{subjects.host_id(gateway_id)}.sessions"
+
+
+def close_info(exc: ConnectionClosed) -> tuple[str, int | None]:
+    """A log-friendly reason and the close code of a closed connection."""
+    if exc.rcvd is not None:
+        return f"agent closed: {exc.rcvd.reason or 'no reason'}", exc.rcvd.code
+    if exc.sent is not None:
+        return f"closed: {exc.sent.reason or 'no reason'}", exc.sent.code
+    return "connection lost", None
+
+
+class Gateway:
+    """One gateway: call `start`, then `stop` (or use `async with`)."""
+
+    def __init__(self, nc: NATS, settings: GatewaySettings) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.bridge = Bridge(nc, settings)
+        cache = TokenCache(settings.token_cache_ttl, settings.token_cache_size)
+        self.auth = Authenticator(nc, cache, settings.verify_timeout)
+        self.gate = UpgradeGate(nc, self.bridge, self.auth)
+        self.port = 0
+        self._server: Server | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self._claims: Subscription | None = None
+        self._service: Service | None = None
+
+    @property
+    def sessions(self) -> dict[HostId, GwSession]:
+        """The live sessions, by host."""
+        return self.bridge.sessions
+
+    async def __aenter__(self) -> Gateway:
+        """Start serving."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Shut down gracefully."""
+        await self.stop()
+
+    async def start(self) -> None:
+        """Subscribe to claims, register the micro service, listen, start the pinger."""
+        s = self.settings
+        self._claims = await self.nc.subscribe(subjects.SESSION_CLAIMS, cb=self.bridge.on_claim)
+        self._service = await micro.add_service(
+            self.nc, name=SERVICE_NAME, version=gateway_version(), metadata={"gateway_id": s.gateway_id}
+        )
+        await self._service.add_endpoint(
+            name="sessions", subject=sessions_subject(s.gateway_id), handler=self._sessions_endpoint
+        )
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self.gate,
+            compression=None,
+            ping_interval=None,
+            max_size=s.max_frame_bytes,
+            max_queue=4,
+            close_timeout=s.close_timeout,
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._pinger = asyncio.create_task(self._ping_loop())
+        await self.bridge.sync()
+        log.info("gateway %s listening on ws://%s:%d%s", s.gateway_id, s.host, self.port, AGENT_PATH)
+
+    async def stop(self) -> None:
+        """Stop accepting, unsubscribe every host, drain in-flight requests, close agents with 1001."""
+        bridge, s = self.bridge, self.settings
+        if bridge.stopping:
+            return
+        bridge.stopping = True
+        log.info("gateway %s stopping: %d sessions", s.gateway_id, len(bridge.sessions))
+        if self._server is not None:
+            self._server.server.close()  # stop listening; open connections stay
+        if self._pinger is not None:
+            self._pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pinger
+        for session in list(bridge.sessions.values()):
+            await bridge.unsubscribe(session)
+        in_flight = {task for session in bridge.sessions.values() for task in session.tasks}
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=s.drain_timeout)
+        for session in list(bridge.sessions.values()):
+            await bridge.retire(session, CloseCode.GOING_AWAY, "gateway shutting down")
+        if self._server is not None:
+            self._server.close(True, CloseCode.GOING_AWAY, "gateway shutting down")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(s.close_timeout + 1.0):
+                    await self._server.wait_closed()
+        await bridge.wait_closers(s.close_timeout + 1.0)
+        with contextlib.suppress(nats.errors.Error):
+            if self._service is not None:
+                await self._service.stop()
+            if self._claims is not None:
+                await self._claims.unsubscribe()
+        log.info("gateway %s stopped", s.gateway_id)
+
+    async def _sessions_endpoint(self, request: Request) -> None:
+        """Micro endpoint: this gateway's id and connected host ids, as JSON."""
+        body = {"gateway_id": self.settings.gateway_id, "hosts": sorted(self.bridge.sessions)}
+        await request.respond(json.dumps(body).encode())
+
+    # ------------------------------------------------------------------------- WebSocket
+
+    async def _handle(self, conn: ServerConnection) -> None:
+        """One agent connection: hello, registration, frames until it closes, then cleanup."""
+        plog = ContextAdapter(log, {"host": conn.username, "peer": peer_of(conn)})
+        try:
+            async with asyncio.timeout(self.settings.auth_timeout):
+                data = await conn.recv()
+            hello = accept_hello(data, HostId(conn.username))
+        except TimeoutError:
+            plog.warning("closing 4001: no hello within %gs", self.settings.auth_timeout)
+            await conn.close(CloseCode.AUTH_TIMEOUT, "no hello in time")
+            return
+        except ProtocolError as exc:
+            plog.warning("closing %d: %s", exc.close_code, exc.message)
+            await conn.close(exc.close_code, exc.message[:120])
+            return
+        except ConnectionClosed as exc:
+            self._log_closed(plog, exc, "before hello")
+            return
+        loop = asyncio.get_running_loop()
+        session = Session(conn, hello, self.bridge.gateway_id, time.time(), loop.time())
+        if await self._register(session):
+            reason, code = await self._serve(session)
+            await self.bridge.end(session, reason, code)
+        if session.tasks:
+            await asyncio.wait(set(session.tasks))
+
+    async def _register(self, session: GwSession) -> bool:
+        """Take over the host, claim it, subscribe its requests, publish presence, send Welcome."""
+        bridge, nc, host = self.bridge, self.nc, session.host_id
+        if bridge.stopping:
+            await session.conn.close(CloseCode.GOING_AWAY, "gateway shutting down")
+            return False
+        old = bridge.sessions.get(host)
+        bridge.sessions[host] = session
+        if old is not None:
+            await bridge.retire(old, CloseCode.SUPERSEDED, "superseded by a newer session on this gateway")
+        hello = session.hello
+        connected = PresenceConnected(
+            host_id=host,
+            session_id=session.session_id,
+            gateway_id=bridge.gateway_id,
+            hostname=hello.hostname,
+            platform=hello.platform,
+            agent_version=hello.agent_version,
+            at=session.connected_at,
+        )
+        try:
+            await nc.publish(subjects.session_claim(host), encode(session.claim()))
+            session.sub = await nc.subscribe(
+                subjects.agent_requests(host), queue=subjects.GATEWAY_QUEUE, cb=bridge.on_agent_request
+            )
+            await nc.publish(subjects.presence(host), encode(connected))
+        except nats.errors.Error as exc:
+            session_log(session).warning("closing 1011: NATS unavailable (%s)", type(exc).__name__)
+            await bridge.end(session, "NATS unavailable", int(CloseCode.INTERNAL_ERROR))
+            await session.conn.close(CloseCode.INTERNAL_ERROR, "NATS unavailable")
+            return False
+        await bridge.sync()  # the subscription is live on the server before the agent hears Welcome
+        if session.ended:  # superseded while registering
+            await bridge.unsubscribe(session)
+            return False
+        max_payload = nc.max_payload or self.settings.max_frame_bytes
+        welcome = Welcome(
+            session_id=session.session_id,
+            gateway_id=bridge.gateway_id,
+            ping_interval=self.settings.ping_interval,
+            max_result_bytes=max_result_bytes(self.settings.max_frame_bytes, max_payload),
+        )
+        await bridge.send(session, welcome)
+        session_log(session).info(
+            "session started: hostname=%s platform=%s agent=%s",
+            hello.hostname,
+            hello.platform,
+            hello.agent_version,
+        )
+        return True
+
+    async def _serve(self, session: GwSession) -> tuple[str, int | None]:
+        """Read frames until the connection ends; return why it ended and its close code."""
+        conn, bridge, plog = session.conn, self.bridge, session_log(session)
+        loop = asyncio.get_running_loop()
+        try:
+            async for data in conn:
+                session.last_seen = loop.time()
+                try:
+                    frame = decode_agent_frame(data)
+                except ProtocolError as exc:
+                    plog.warning("closing %d: %s", exc.close_code, exc.message)
+                    await bridge.end(session, f"protocol error: {exc.message}", int(exc.close_code))
+                    await conn.close(exc.close_code, exc.message[:120])
+                    return "protocol error", int(exc.close_code)
+                if plog.isEnabledFor(logging.DEBUG):
+                    plog.debug("frame %s", frame.type)
+                close = await bridge.apply(session, session.handle(frame))
+                if close is not None:
+                    plog.warning("closing %d: %s", close.code, close.reason)
+                    await bridge.end(session, close.reason, int(close.code))
+                    await conn.close(close.code, close.reason)
+                    return close.reason, int(close.code)
+        except ConnectionClosed as exc:
+            self._log_closed(plog, exc, "")
+            return close_info(exc)
+        return f"agent closed: {conn.close_reason or 'no reason'}", conn.close_code
+
+    def _log_closed(self, plog: ContextAdapter, exc: ConnectionClosed, when: str) -> None:
+        """Log a connection that closed under us; an oversized frame is a WARNING, once."""
+        if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+            plog.warning("closing 1009: frame over %d bytes %s", self.settings.max_frame_bytes, when)
+        elif plog.isEnabledFor(logging.DEBUG):
+            plog.debug("connection closed %s: %s", when, close_info(exc)[0])
+
+    async def _ping_loop(self) -> None:
+        """Ping every session each ping_interval; close with 4002 those silent for interval + timeout."""
+        s, bridge = self.settings, self.bridge
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, s.ping_interval / 2, s.ping_timeout / 2)
+        next_ping = loop.time() + s.ping_interval
+        frame = encode(Ping())
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                now = loop.time()
+                for session in list(bridge.sessions.values()):
+                    if is_dead(session.last_seen, now, s.ping_interval, s.ping_timeout):
+                        silent = now - session.last_seen
+                        session_log(session).warning("closing 4002: nothing received for %.1fs", silent)
+                        await bridge.retire(session, CloseCode.PING_TIMEOUT, "ping timeout")
+                if now >= next_ping:
+                    next_ping = now + s.ping_interval
+                    broadcast([session.conn for session in bridge.sessions.values()], frame, text=True)
+            except Exception:
+                log.exception("pinger iteration failed")

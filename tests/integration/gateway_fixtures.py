@@ -1,0 +1,164 @@
+"""Helpers for the gateway integration tests: a real nats-server, token authority, gateway and fake agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.micro.service import Service
+from websockets.asyncio.client import ClientConnection, connect
+
+from services.api.token_file import serve_token_file
+from services.gateway.server import Gateway
+from services.gateway.settings import GatewaySettings
+from shared.protocol import GatewayFrame, Hello, Message, Ping, Pong, Welcome, decode_gateway_frame, encode
+from shared.tokens import generate_token, hash_token
+
+NATS_SERVER = Path(sys.executable).parent / "nats-server"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def nats_server(log_dir: Path) -> Iterator[str]:
+    """Run a nats-server on a free loopback port; yield its URL."""
+    port = free_port()
+    log_file = log_dir / f"nats-{port}.log"
+    args = [str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(port), "-l", str(log_file)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"nats-server did not start: {log_file.read_text()}") from None
+                time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class Fleet:
+    """Hosts and their tokens, written to a token file the dev authority serves."""
+
+    def __init__(self, path: Path, hosts: tuple[str, ...]) -> None:
+        self.path = path
+        self.tokens = {host: generate_token() for host in hosts}
+        self.write()
+
+    def write(self) -> None:
+        """(Re)write the token file atomically."""
+        body = {"hosts": {host: hash_token(token) for host, token in self.tokens.items()}}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body))
+        tmp.replace(self.path)
+
+
+@contextlib.asynccontextmanager
+async def token_authority(nats_url: str, path: Path) -> AsyncIterator[Service]:
+    """Serve the token file on NATS for the duration of the block."""
+    nc = await nats.connect(nats_url)
+    try:
+        service = await serve_token_file(nc, path)
+        yield service
+        await service.stop()
+    finally:
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(nats_url: str, **overrides: Any) -> AsyncIterator[Gateway]:
+    """Run a gateway in-process on an ephemeral port."""
+    values: dict[str, Any] = {"nats_url": nats_url, "port": 0, "drain_timeout": 2.0, "close_timeout": 1.0}
+    values.update(overrides)
+    settings = GatewaySettings(**values)
+    nc = await nats.connect(nats_url)
+    gateway = Gateway(nc, settings)
+    try:
+        await gateway.start()
+        yield gateway
+    finally:
+        await gateway.stop()
+        await nc.close()
+
+
+def agent_url(gateway: Gateway, path: str = "/agent") -> str:
+    """The WebSocket URL of `gateway`."""
+    return f"ws://127.0.0.1:{gateway.port}{path}"
+
+
+def hello(host: str) -> Hello:
+    """A Hello for `host`."""
+    return Hello(host_id=host, hostname=f"{host}.test", platform="linux", agent_version="9.9.9")
+
+
+class FakeAgent:
+    """A WebSocket client playing the agent; frames are read with `recv`, keepalive pings answered."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.welcome: Welcome | None = None
+
+    async def send(self, frame: Message) -> None:
+        """Send a protocol frame."""
+        await self.ws.send(encode(frame), text=True)
+
+    async def recv(self, timeout: float = 5.0) -> GatewayFrame:
+        """The next frame that is not a keepalive Ping (those are answered)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = decode_gateway_frame(await self.ws.recv())
+                if isinstance(frame, Ping) and frame.id is None:
+                    await self.send(Pong())
+                    continue
+                return frame
+
+    async def close_code(self, timeout: float = 5.0) -> int | None:
+        """Wait for the connection to close; return the code the gateway sent."""
+        async with asyncio.timeout(timeout):
+            await self.ws.wait_closed()
+        return self.ws.close_code
+
+
+@contextlib.asynccontextmanager
+async def agent(gateway: Gateway, host: str, token: str, say_hello: bool = True) -> AsyncIterator[FakeAgent]:
+    """Connect as `host` with `token`; with `say_hello`, send Hello and wait for Welcome."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with connect(agent_url(gateway), additional_headers=headers, compression=None) as ws:
+        fake = FakeAgent(ws)
+        if say_hello:
+            await fake.send(hello(host))
+            frame = await fake.recv()
+            assert isinstance(frame, Welcome), frame
+            fake.welcome = frame
+        yield fake
+
+
+async def synced(nc: NATS) -> None:
+    """Wait until the server processed everything `nc` sent (nats-py 2.16's PING can overtake a SUB)."""
+    await nc.flush()
+    await nc.flush()
+
+
+async def api_client(nats_url: str) -> NATS:
+    """A NATS client playing the API."""
+    return await nats.connect(nats_url)

@@ -1,0 +1,132 @@
+"""Agent configuration: TOML file, environment overrides, errors that name the field."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from services.agent import config
+from services.agent.config import AgentSettings, load_config
+from shared.errors import ConfigError
+
+TOKEN = "ab" * 32
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No WARLOCK_* variable from the outer environment leaks into these tests; no default file."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("WARLOCK_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.conf")
+
+
+def write_conf(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    """Write a config file with `mode` and return its path."""
+    path = tmp_path / "agent.conf"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+GOOD = f'host_id = "web-1"\ntoken = "{TOKEN}"\ngateway_urls = ["ws://127.0.0.1:1/agent"]\n'
+
+
+def test_toml_file_is_read(tmp_path: Path) -> None:
+    """Values come from the TOML file; unspecified fields keep their defaults."""
+    settings = load_config(write_conf(tmp_path, GOOD + "metrics_interval = 5\n"))
+    assert settings.host_id == "web-1"
+    assert settings.token.get_secret_value() == TOKEN
+    assert settings.gateway_urls == ["ws://127.0.0.1:1/agent"]
+    assert settings.metrics_interval == 5
+    assert settings.max_output_bytes == 1024 * 1024
+    assert settings.ledger_path == Path("/var/lib/warlock-agent/ledger.jsonl")
+
+
+def test_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WARLOCK_AGENT_* variable overrides the same key in the file; URLs may be comma-separated."""
+    monkeypatch.setenv("WARLOCK_AGENT_METRICS_INTERVAL", "7.5")
+    monkeypatch.setenv("WARLOCK_AGENT_GATEWAY_URLS", "ws://a:1/agent, wss://b:2/agent")
+    settings = load_config(write_conf(tmp_path, GOOD + "metrics_interval = 5\n"))
+    assert settings.metrics_interval == 7.5
+    assert settings.gateway_urls == ["ws://a:1/agent", "wss://b:2/agent"]
+
+
+def test_environment_alone_without_default_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no file at the default path, the environment is enough."""
+    monkeypatch.setenv("WARLOCK_AGENT_HOST_ID", "db-2")
+    monkeypatch.setenv("WARLOCK_AGENT_TOKEN", TOKEN)
+    monkeypatch.setenv("WARLOCK_AGENT_GATEWAY_URLS", '["ws://gw:8765/agent"]')
+    settings = load_config(None)
+    assert settings.host_id == "db-2"
+    assert settings.gateway_urls == ["ws://gw:8765/agent"]
+
+
+def test_bad_value_names_the_field(tmp_path: Path) -> None:
+    """A bad value raises ConfigError naming the field and its environment variable."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, GOOD + 'ping_interval = "soon"\n'))
+    assert info.value.field.startswith("ping_interval")
+    assert "WARLOCK_AGENT_PING_INTERVAL" in info.value.field
+
+
+def test_bad_url_scheme_names_the_field(tmp_path: Path) -> None:
+    """An http:// gateway URL is refused, naming gateway_urls."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, GOOD.replace("ws://", "http://")))
+    assert info.value.field.startswith("gateway_urls")
+
+
+def test_unknown_key_is_refused(tmp_path: Path) -> None:
+    """A misspelt key in the file is an error naming it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, GOOD + "metrics_intreval = 5\n"))
+    assert "metrics_intreval" in info.value.field
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    """An explicitly given config path that does not exist is an error."""
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.conf")
+    assert info.value.field == "config"
+    assert "nope.conf" in info.value.message
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    """Broken TOML is a ConfigError, not a traceback."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, "host_id = \n"))
+    assert "invalid TOML" in info.value.message
+
+
+@pytest.mark.parametrize("token", ["AB" * 32, "ab" * 31, "zz" * 32, ""])
+def test_bad_token_shape_is_refused_without_echo(tmp_path: Path, token: str) -> None:
+    """A token that is not 64 lowercase hex is refused, and the message does not contain it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, GOOD.replace(TOKEN, token)))
+    assert info.value.field.startswith("token")
+    assert not token or token not in str(info.value)
+
+
+def test_readable_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A config file readable by others is accepted with a warning (it holds the token)."""
+    with caplog.at_level(logging.WARNING, logger="services.agent.config"):
+        load_config(write_conf(tmp_path, GOOD, mode=0o644))
+    assert any("readable by group or others" in r.getMessage() for r in caplog.records)
+
+
+def test_private_file_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 0600 config file loads without the permission warning."""
+    with caplog.at_level(logging.WARNING, logger="services.agent.config"):
+        load_config(write_conf(tmp_path, GOOD, mode=0o600))
+    assert not caplog.records
+
+
+def test_repr_hides_token() -> None:
+    """The token never shows in the settings' repr."""
+    settings = AgentSettings(host_id="h", token=TOKEN, gateway_urls=["ws://x:1/agent"])
+    assert TOKEN not in repr(settings)
