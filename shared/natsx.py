@@ -10,6 +10,7 @@ import logging
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.micro.request import Request
 
 from shared.errors import ErrorCode
 from shared.protocol import ErrorReply, Message, encode
@@ -37,15 +38,24 @@ _NUMERIC = {
 }
 
 
+def error_headers(message: Message) -> dict[str, str] | None:
+    """The micro error headers for an ErrorReply; None for any other message."""
+    if not isinstance(message, ErrorReply):
+        return None
+    return {ERROR_HEADER: message.description[:200], ERROR_CODE_HEADER: _NUMERIC.get(message.code, "500")}
+
+
 async def reply(nc: NATS, msg: Msg, message: Message) -> None:
     """Answer `msg` with `message`; an ErrorReply also sets the micro error headers."""
     if not msg.reply:
         log.debug("no reply subject on %s; answer dropped", msg.subject)
         return
-    headers = None
-    if isinstance(message, ErrorReply):
-        headers = {ERROR_HEADER: message.description[:200], ERROR_CODE_HEADER: _NUMERIC[message.code]}
-    await nc.publish(msg.reply, encode(message), headers=headers)
+    await nc.publish(msg.reply, encode(message), headers=error_headers(message))
+
+
+async def respond(request: Request, message: Message) -> None:
+    """Answer a NATS micro request with `message`, with the micro error headers on an ErrorReply."""
+    await request.respond(encode(message), headers=error_headers(message))
 
 
 def error(code: ErrorCode, description: str, command_id: str | None = None) -> ErrorReply:

@@ -13,6 +13,7 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.result.<host>            | publish          | results that arrived after their request ended |
 | warlock.session.<host>.claim     | publish          | gateways: newest session wins      |
 | warlock.auth.verify              | request          | the token authority                |
+| warlock.gateway.<id>.sessions   | request (micro)  | a gateway: the hosts it holds      |
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
 | warlock.host.<host>.target       | request          | the API: SSH target (address, user, pinned key) |
 """
@@ -111,6 +112,11 @@ def presence(host: str) -> str:
 def result(host: str) -> str:
     """Subject on which results for `host` are published when their request is gone."""
     return f"{PREFIX}.result.{host_id(host)}"
+
+
+def gateway_sessions(gateway_id: str) -> str:
+    """Subject of a gateway's micro endpoint that lists the hosts it holds."""
+    return f"{PREFIX}.gateway.{host_id(gateway_id)}.sessions"
 
 
 def session_claim(host: str) -> str:

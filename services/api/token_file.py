@@ -25,14 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared import subjects
 from shared.errors import ConfigError, ErrorCode, ProtocolError
 from shared.ids import HostId, HostIdField
-from shared.natsx import ERROR_CODE_HEADER, ERROR_HEADER, error
-from shared.protocol import ErrorReply, Message, TokenOk, TokenVerifyRequest, decode_model, encode
+from shared.natsx import error, respond
+from shared.protocol import TokenOk, TokenVerifyRequest, decode_model
 from shared.tokens import fingerprint, hashes_equal
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "warlock-token-authority"
 SERVICE_VERSION = "0.1.0"
-_NUMERIC = {ErrorCode.BAD_REQUEST: "400", ErrorCode.UNAUTHORIZED: "401"}  # as shared.natsx maps them
 
 TokenHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -89,15 +88,6 @@ class TokenFile:
             if hashes_equal(stored, token_hash):
                 found = host
         return found
-
-
-async def respond(request: Request, message: Message) -> None:
-    """Answer a micro request with `message`; an ErrorReply also sets the micro error headers."""
-    headers = None
-    if isinstance(message, ErrorReply):
-        code = _NUMERIC.get(message.code, "500")
-        headers = {ERROR_HEADER: message.description[:200], ERROR_CODE_HEADER: code}
-    await request.respond(encode(message), headers=headers)
 
 
 def verify_handler(tokens: TokenFile) -> Handler:

@@ -36,11 +36,6 @@ log = logging.getLogger("services.gateway")
 SERVICE_NAME = "warlock-gateway"
 
 
-def sessions_subject(gateway_id: str) -> str:
-    """Subject of the gateway's micro endpoint listing its hosts (belongs in shared.subjects)."""
-    return f"{subjects.PREFIX}.gateway.{subjects.host_id(gateway_id)}.sessions"
-
-
 def close_info(exc: ConnectionClosed) -> tuple[str, int | None]:
     """A log-friendly reason and the close code of a closed connection."""
     if exc.rcvd is not None:
@@ -88,7 +83,7 @@ class Gateway:
             self.nc, name=SERVICE_NAME, version=gateway_version(), metadata={"gateway_id": s.gateway_id}
         )
         await self._service.add_endpoint(
-            name="sessions", subject=sessions_subject(s.gateway_id), handler=self._sessions_endpoint
+            name="sessions", subject=subjects.gateway_sessions(s.gateway_id), handler=self._sessions_endpoint
         )
         self._server = await serve(
             self._handle,

@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect
 
-from services.gateway.server import Gateway, sessions_subject
+from services.gateway.server import Gateway
 from shared import subjects
 from shared.errors import CloseCode
 from shared.ids import HostId
@@ -197,7 +197,7 @@ async def test_newest_session_wins_across_gateways(nats_url: str, fleet: Fleet, 
             await on_b.send(ExecResult(command_id=frame.command_id, exit_code=0, duration_ms=1))
             assert isinstance(decode_exec_reply((await request).data), ExecResult)
             assert (await on_b.recv()).type == "ack"
-        msg = await api.request(sessions_subject("gw-b"), b"", timeout=5)
+        msg = await api.request(subjects.gateway_sessions("gw-b"), b"", timeout=5)
         assert json.loads(msg.data) == {"gateway_id": "gw-b", "hosts": ["web-1"]}
 
 
