@@ -1,3 +1,3 @@
-"""Warlock API service. For now: the `warlock` dev launcher and the file-backed token authority."""
+"""Warlock API service: REST API, persistence, token authority, hybrid runner; and the `warlock` CLI."""
 
 __version__ = "0.1.0"

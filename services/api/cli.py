@@ -3,6 +3,10 @@
 warlock run                       start NATS, token authority, gateway and a local agent (make run)
 warlock token-authority --file F  answer gateways' token checks from a JSON file of token hashes
 warlock req SUBJECT [JSON]        send a NATS request and print the reply (like `nats req`)
+warlock api-key create --name N   create an API key in the API's database; print it once
+warlock agent-token HOST          issue a new agent token for a registered host; print it once
+
+`api-key` and `agent-token` use the API's database (WARLOCK_API_DATABASE_URL).
 """
 
 from __future__ import annotations
@@ -32,7 +36,35 @@ def _parser() -> argparse.ArgumentParser:
     req.add_argument("data", nargs="?", default="")
     req.add_argument("--timeout", type=float, default=35.0, help="seconds to wait for the reply")
     req.add_argument("--server", help="NATS URL (default: WARLOCK_NATS_URL, else .warlock/dev.json)")
+    keys = sub.add_parser("api-key", help="manage API keys (in WARLOCK_API_DATABASE_URL)")
+    keys_sub = keys.add_subparsers(dest="key_cmd", required=True)
+    create = keys_sub.add_parser("create", help="create an API key and print it once")
+    create.add_argument("--name", required=True, help="a unique name; recorded as requested_by")
+    token = sub.add_parser("agent-token", help="issue a new agent token for a host and print it once")
+    token.add_argument("host", help="host id or address (the host must be registered)")
     return parser
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.api import admin
+    from services.api.errors import ApiError
+    from services.api.settings import ApiSettings
+
+    settings = load_settings(ApiSettings)
+    try:
+        if args.cmd == "api-key":
+            print(asyncio.run(admin.create_api_key(settings, args.name)))
+        else:
+            print(asyncio.run(admin.issue_agent_token(settings, args.host)))
+    except ApiError as exc:
+        print(f"warlock: {exc.detail}", file=sys.stderr)
+        return 1
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"warlock: database unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _request(server: str, subject: str, data: str, wait_s: float) -> int:
@@ -82,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings(NatsSettings)
             setup_logging(settings.log_level)
             return asyncio.run(run_token_authority(settings.nats_url, args.file))
+        if args.cmd in ("api-key", "agent-token"):
+            return _admin(args)
         return asyncio.run(_request(_server_for_req(args.server), args.subject, args.data, args.timeout))
     except ConfigError as exc:
         print(f"warlock: {exc}", file=sys.stderr)

@@ -1,0 +1,224 @@
+"""NATS side of the API: the token authority, host targets, presence, metrics and late results.
+
+Every subscription is in a queue group, so each message is handled by exactly one API instance, however
+many run. nats-py runs one subscription's callbacks one at a time, so a callback only decodes (logging
+and skipping what does not decode) and hands the database work to a tracked task. Presence events of a
+host are applied in arrival order (one lock per host). The request/reply endpoints are a NATS micro
+service, ``warlock-api``, so ``nats micro ls`` lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import nats.errors
+from nats import micro
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro.request import Request
+from nats.micro.service import Service
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.api import __version__, crud
+from services.api.models import CommandStatus, Host, utcnow
+from services.api.runner import late_result_values, ssh_target
+from services.api.tasks import TaskTracker
+from shared import subjects
+from shared.errors import ErrorCode, InvalidIdError, ProtocolError
+from shared.natsx import error, reply
+from shared.protocol import (
+    ExecResult,
+    Message,
+    MetricsEvent,
+    PresenceConnected,
+    PresenceDisconnected,
+    TokenOk,
+    TokenVerifyRequest,
+    decode_model,
+    decode_presence,
+)
+from shared.tokens import fingerprint
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "warlock-api"
+DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
+def parse_host_target(subject: str) -> str:
+    """Return the host of a ``warlock.host.<host>.target`` subject; raise InvalidIdError otherwise."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != [subjects.PREFIX, "host"] or parts[3] != "target":
+        raise InvalidIdError(f"not a host target subject: {subject[:120]!r}")
+    return subjects.host_id(parts[2])
+
+
+class Bus:
+    """Owns the API's subscriptions and micro service; `start` in the lifespan, `stop` at shutdown."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        sessions: async_sessionmaker[AsyncSession],
+        tasks: TaskTracker,
+        max_output_chars: int,
+        ready: Callable[[], bool],
+    ) -> None:
+        self.nc = nc
+        self.sessions = sessions
+        self.tasks = tasks
+        self.max_output_chars = max_output_chars
+        self.ready = ready
+        self._subs: list[Subscription] = []
+        self._service: Service | None = None
+        self._host_locks: dict[str, asyncio.Lock] = {}
+
+    async def start(self) -> None:
+        """Subscribe to presence, metrics and results; register the micro service endpoints."""
+        for subject, handler in (
+            (subjects.ALL_PRESENCE, self._on_presence),
+            (subjects.ALL_METRICS, self._on_metrics),
+            (subjects.ALL_RESULTS, self._on_result),
+        ):
+            self._subs.append(await self.nc.subscribe(subject, queue=subjects.API_QUEUE, cb=handler))
+        self._service = await micro.add_service(
+            self.nc, name=SERVICE_NAME, version=__version__, description="Warlock API: tokens, host targets"
+        )
+        await self._service.add_endpoint(
+            name="token-verify",
+            subject=subjects.TOKEN_VERIFY,
+            queue_group=subjects.AUTH_QUEUE,
+            handler=self._on_token_verify,
+        )
+        await self._service.add_endpoint(
+            name="host-target",
+            subject=subjects.host_target_wildcard(),
+            queue_group=subjects.API_QUEUE,
+            handler=self._on_host_target,
+        )
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        """Unsubscribe everything (handlers already running finish as tracked tasks)."""
+        try:
+            if self._service is not None:
+                await self._service.stop()
+            for sub in self._subs:
+                await sub.unsubscribe()
+        except nats.errors.Error as exc:
+            log.warning("unsubscribing at shutdown: %s", exc)
+        self._subs.clear()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self.tasks.spawn(self._guard(coro, name), name=name)
+
+    async def _guard(self, coro: Awaitable[None], name: str) -> None:
+        try:
+            await coro
+        except DB_ERRORS as exc:
+            log.warning("%s: database unavailable, event dropped: %s", name, type(exc).__name__)
+
+    # ------------------------------------------------------------------------- request/reply
+
+    async def _answer(self, req: Request, make: Callable[[], Awaitable[Message]], name: str) -> None:
+        try:
+            if not self.ready():
+                raise ConnectionError("database not initialised")
+            message = await make()
+        except DB_ERRORS as exc:
+            log.warning("%s: database unavailable: %s", name, type(exc).__name__)
+            message = error(ErrorCode.UNAVAILABLE, "database unavailable; retry")
+        except ProtocolError as exc:
+            message = error(ErrorCode.BAD_REQUEST, exc.message)
+        try:
+            await reply(self.nc, req._msg, message)
+        except nats.errors.Error as exc:
+            log.warning("%s: reply not sent: %s", name, exc)
+
+    async def _on_token_verify(self, req: Request) -> None:
+        self._spawn(self._answer(req, lambda: self._verify(req.data), "token-verify"), "token-verify")
+
+    async def _verify(self, data: bytes) -> Message:
+        request = decode_model(TokenVerifyRequest, data)
+        async with self.sessions() as session:
+            host = await crud.host_for_token_hash(session, request.token_sha256)
+        if host is None:
+            log.info("token check refused: token %s", fingerprint(request.token_sha256))
+            return error(ErrorCode.UNAUTHORIZED, "unknown or revoked token")
+        return TokenOk.model_validate({"host_id": host})
+
+    async def _on_host_target(self, req: Request) -> None:
+        self._spawn(self._answer(req, lambda: self._target(req.subject), "host-target"), "host-target")
+
+    async def _target(self, subject: str) -> Message:
+        try:
+            host_id = parse_host_target(subject)
+        except InvalidIdError as exc:
+            return error(ErrorCode.BAD_REQUEST, str(exc))
+        async with self.sessions() as session:
+            host = await session.get(Host, host_id)
+        if host is None:
+            return error(ErrorCode.NOT_FOUND, f"unknown host {host_id}")
+        return ssh_target(host)
+
+    # ------------------------------------------------------------------------- events
+
+    async def _on_presence(self, msg: Msg) -> None:
+        try:
+            event = decode_presence(msg.data)
+        except ProtocolError as exc:
+            log.warning("bad presence event on %s skipped: %s", msg.subject, exc.message)
+            return
+        lock = self._host_locks.setdefault(event.host_id, asyncio.Lock())
+        self._spawn(self._presence(event, lock), f"presence-{event.host_id}")
+
+    async def _presence(self, event: PresenceConnected | PresenceDisconnected, lock: asyncio.Lock) -> None:
+        async with lock, self.sessions() as session:
+            if isinstance(event, PresenceConnected):
+                applied = await crud.record_connected(session, event)
+            else:
+                applied = await crud.record_disconnected(session, event)
+        what = (event.type, event.host_id, event.session_id)
+        if applied:
+            log.info("agent %s of %s (session %s) recorded", *what)
+        else:
+            log.info("presence %s of %s (session %s) ignored: stale session or unknown host", *what)
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        try:
+            event = decode_model(MetricsEvent, msg.data)
+        except ProtocolError as exc:
+            log.warning("bad metrics event on %s skipped: %s", msg.subject, exc.message)
+            return
+        self._spawn(self._metrics(event), f"metrics-{event.host_id}")
+
+    async def _metrics(self, event: MetricsEvent) -> None:
+        async with self.sessions() as session:
+            await crud.record_ping(session, event.host_id, utcnow())
+
+    async def _on_result(self, msg: Msg) -> None:
+        try:
+            result = decode_model(ExecResult, msg.data)
+        except ProtocolError as exc:
+            log.warning("bad late result on %s skipped: %s", msg.subject, exc.message)
+            return
+        host = msg.subject.split(".")[2] if msg.subject.count(".") == 2 else ""
+        self._spawn(self._late_result(host, result), f"result-{result.command_id}")
+
+    async def _late_result(self, host: str, result: ExecResult) -> None:
+        values = late_result_values(result, self.max_output_chars, utcnow())
+        async with self.sessions() as session:
+            changed = await crud.update_run(
+                session,
+                result.command_id,
+                values,
+                when=(CommandStatus.PENDING, CommandStatus.TIMED_OUT),
+                host_id=host,
+            )
+        log.info("late result for command %s %s", result.command_id, "recorded" if changed else "ignored")

@@ -1,0 +1,254 @@
+"""Database operations: one small async function per question or change; no HTTP or NATS here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, or_, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.api.errors import Conflict, NotFound
+from services.api.models import (
+    AgentConnection,
+    AgentStatus,
+    ApiKey,
+    CommandRun,
+    CommandStatus,
+    Host,
+    HostCreate,
+    utcnow,
+)
+from shared.ids import is_host_id
+from shared.protocol import PresenceConnected, PresenceDisconnected
+from shared.tokens import generate_token, hash_token, hashes_equal
+
+# ----------------------------------------------------------------------------- hosts
+
+
+async def find_host(session: AsyncSession, ref: str) -> Host | None:
+    """The host whose id is `ref`, else whose address is `ref`, else None."""
+    if is_host_id(ref):
+        host = await session.get(Host, ref)
+        if host is not None:
+            return host
+    return (await session.exec(select(Host).where(Host.address == ref))).first()
+
+
+async def get_host(session: AsyncSession, ref: str) -> Host:
+    """The host named by id or address; NotFound otherwise."""
+    host = await find_host(session, ref)
+    if host is None:
+        raise NotFound(f"unknown host {ref[:100]!r}")
+    return host
+
+
+async def list_hosts(session: AsyncSession) -> Sequence[Host]:
+    """Every host, by id."""
+    return (await session.exec(select(Host).order_by(col(Host.id)))).all()
+
+
+async def check_new_host(session: AsyncSession, host_id: str, address: str) -> None:
+    """Raise Conflict when a host with this id or address exists."""
+    clash = (await session.exec(select(Host).where(or_(Host.id == host_id, Host.address == address)))).first()
+    if clash is not None:
+        which = "id" if clash.id == host_id else "address"
+        raise Conflict(f"a host with this {which} exists: {clash.id}")
+
+
+async def create_host(
+    session: AsyncSession, body: HostCreate, host_key: str | None, fingerprint: str | None
+) -> Host:
+    """Insert a host (with its pinned key, if any) and commit; Conflict on a duplicate id or address."""
+    host = Host(
+        id=body.id,
+        address=body.address,
+        ssh_port=body.ssh_port,
+        ssh_user=body.ssh_user,
+        labels=dict(body.labels),
+        host_key=host_key,
+        host_key_fingerprint=fingerprint,
+    )
+    session.add(host)
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        await session.rollback()
+        raise Conflict(f"a host with this id or address exists: {body.id}") from exc
+    return host
+
+
+async def delete_host(session: AsyncSession, host: Host) -> None:
+    """Delete a host and its agent record (command history is kept) and commit."""
+    await session.exec(delete(AgentConnection).where(col(AgentConnection.host_id) == host.id))
+    await session.delete(host)
+    await session.commit()
+
+
+# ----------------------------------------------------------------------------- agents
+
+
+async def list_agents(session: AsyncSession) -> Sequence[AgentConnection]:
+    """Every agent record, by host id."""
+    return (await session.exec(select(AgentConnection).order_by(col(AgentConnection.host_id)))).all()
+
+
+async def get_agent(session: AsyncSession, host_id: str) -> AgentConnection | None:
+    """The agent record of `host_id`, if any."""
+    return await session.get(AgentConnection, host_id)
+
+
+async def issue_agent_token(session: AsyncSession, host_id: str) -> str:
+    """Generate an agent token for a registered host, store only its hash, commit, return it once.
+
+    Any previous token of the host stops being valid.
+    """
+    if await session.get(Host, host_id) is None:
+        raise NotFound(f"unknown host {host_id[:100]!r}")
+    token = generate_token()
+    agent = await session.get(AgentConnection, host_id)
+    if agent is None:
+        agent = AgentConnection(host_id=host_id, status=AgentStatus.DISCONNECTED)
+    agent.token_hash = hash_token(token)
+    agent.updated_at = utcnow()
+    session.add(agent)
+    await session.commit()
+    return token
+
+
+async def host_for_token_hash(session: AsyncSession, token_hash: str) -> str | None:
+    """The host whose stored token hash equals `token_hash` (compared in constant time), else None."""
+    agent = (
+        await session.exec(select(AgentConnection).where(AgentConnection.token_hash == token_hash))
+    ).first()
+    if agent is None or agent.token_hash is None or not hashes_equal(agent.token_hash, token_hash):
+        return None
+    return agent.host_id
+
+
+def _at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+async def record_connected(session: AsyncSession, event: PresenceConnected) -> bool:
+    """Mark the host's agent connected with this session; False when the host is unknown or stale."""
+    agent = await session.get(AgentConnection, event.host_id)
+    if agent is None:
+        if await session.get(Host, event.host_id) is None:
+            return False
+        agent = AgentConnection(host_id=event.host_id)
+    at = _at(event.at)
+    if agent.session_id != event.session_id and agent.connected_at is not None and agent.connected_at > at:
+        return False  # a newer session is already recorded
+    agent.session_id = event.session_id
+    agent.gateway_id = event.gateway_id
+    agent.agent_version = event.agent_version
+    agent.hostname = event.hostname
+    agent.platform = event.platform
+    agent.connected_at = at
+    agent.status = AgentStatus.CONNECTED
+    agent.updated_at = utcnow()
+    session.add(agent)
+    await session.commit()
+    return True
+
+
+async def record_disconnected(session: AsyncSession, event: PresenceDisconnected) -> bool:
+    """Mark the agent disconnected only if `event` is about its current session; return whether it did."""
+    result = await session.exec(
+        update(AgentConnection)
+        .where(col(AgentConnection.host_id) == event.host_id)
+        .where(col(AgentConnection.session_id) == event.session_id)
+        .values(status=AgentStatus.DISCONNECTED, updated_at=utcnow())
+    )
+    await session.commit()
+    return bool(result.rowcount)
+
+
+async def record_ping(session: AsyncSession, host_id: str, at: datetime) -> bool:
+    """Set the agent's last_ping; False when the host has no agent record."""
+    result = await session.exec(
+        update(AgentConnection).where(col(AgentConnection.host_id) == host_id).values(last_ping=at)
+    )
+    await session.commit()
+    return bool(result.rowcount)
+
+
+# ----------------------------------------------------------------------------- api keys
+
+
+async def create_api_key(session: AsyncSession, name: str, commit: bool = True) -> str:
+    """Create an API key named `name`, store only its hash, return the key once; Conflict on a taken name."""
+    if (await session.exec(select(ApiKey).where(ApiKey.name == name))).first() is not None:
+        raise Conflict(f"an API key named {name!r} exists")
+    key = generate_token()
+    session.add(ApiKey(id=uuid.uuid4().hex[:16], name=name, key_hash=hash_token(key)))
+    if commit:
+        await session.commit()
+    else:
+        await session.flush()
+    return key
+
+
+async def api_key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None:
+    """The API key whose hash equals `key_hash` (compared in constant time), else None."""
+    key = (await session.exec(select(ApiKey).where(ApiKey.key_hash == key_hash))).first()
+    if key is None or not hashes_equal(key.key_hash, key_hash):
+        return None
+    return key
+
+
+# ----------------------------------------------------------------------------- command runs
+
+
+async def create_run(session: AsyncSession, run: CommandRun) -> CommandRun:
+    """Insert a run and commit: it exists in the database before anything is sent."""
+    session.add(run)
+    await session.commit()
+    return run
+
+
+async def get_run(session: AsyncSession, command_id: str) -> CommandRun:
+    """The run with this id; NotFound otherwise."""
+    run = await session.get(CommandRun, command_id)
+    if run is None:
+        raise NotFound(f"unknown command {command_id[:100]!r}")
+    return run
+
+
+async def list_runs(session: AsyncSession, host_id: str, limit: int) -> Sequence[CommandRun]:
+    """The host's most recent runs, newest first."""
+    stmt = (
+        select(CommandRun)
+        .where(CommandRun.host_id == host_id)
+        .order_by(col(CommandRun.created_at).desc(), col(CommandRun.command_id))
+        .limit(limit)
+    )
+    return (await session.exec(stmt)).all()
+
+
+async def update_run(
+    session: AsyncSession,
+    command_id: str,
+    values: Mapping[str, Any],
+    when: Iterable[CommandStatus],
+    host_id: str | None = None,
+) -> bool:
+    """Set `values` on the run if its status is one of `when` (and its host is `host_id`, if given).
+
+    Commits; returns whether the row changed.
+    """
+    stmt = (
+        update(CommandRun)
+        .where(col(CommandRun.command_id) == command_id)
+        .where(col(CommandRun.status).in_([str(s) for s in when]))
+    )
+    if host_id is not None:
+        stmt = stmt.where(col(CommandRun.host_id) == host_id)
+    result = await session.exec(stmt.values(**values))
+    await session.commit()
+    return bool(result.rowcount)

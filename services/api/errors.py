@@ -1,0 +1,66 @@
+"""Errors the API raises on purpose, each with the HTTP status it answers.
+
+    ApiError (a WarlockError)            status, detail
+    ├── NotFound                         404: unknown host or command
+    ├── Conflict                         409: duplicate host id or address
+    ├── SshCheckFailed                   422: the SSH probe reached the worker, the host refused (code)
+    ├── DependencyUnavailable            503
+    │   ├── DatabaseUnavailable          the database cannot be reached or is not initialised
+    │   └── WorkerUnavailable            no SSH worker answered the probe
+    └── Unauthorized                     401: missing or unknown API key
+
+Database driver errors are translated to DatabaseUnavailable by the exception handlers in `main`.
+"""
+
+from __future__ import annotations
+
+from shared.errors import WarlockError
+
+
+class ApiError(WarlockError):
+    """Base: `status` is the HTTP status, `detail` the JSON body's detail."""
+
+    status = 500
+
+    def __init__(self, detail: str, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code
+
+
+class NotFound(ApiError):
+    """No such host or command."""
+
+    status = 404
+
+
+class Conflict(ApiError):
+    """Duplicate id or address."""
+
+    status = 409
+
+
+class SshCheckFailed(ApiError):
+    """The worker reached (or failed to reach) the host and said why."""
+
+    status = 422
+
+
+class Unauthorized(ApiError):
+    """Missing or unknown API key."""
+
+    status = 401
+
+
+class DependencyUnavailable(ApiError):
+    """A dependency (database, NATS worker) is unavailable; retry later."""
+
+    status = 503
+
+
+class DatabaseUnavailable(DependencyUnavailable):
+    """The database cannot be reached or its schema is not initialised yet."""
+
+
+class WorkerUnavailable(DependencyUnavailable):
+    """No worker answered on NATS."""

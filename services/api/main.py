@@ -1,0 +1,236 @@
+"""`warlock-api`: the FastAPI app factory and its entrypoint.
+
+Nothing is built at import time: `create_app(settings)` returns an app whose lifespan opens the database
+engine and the NATS connection, initialises the schema (or keeps retrying while the database is down,
+answering 503 meanwhile), starts the NATS responders, and closes everything at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.api import __version__
+from services.api.bus import Bus
+from services.api.db import SchemaMismatch, initialise, make_engine, sessionmaker
+from services.api.deps import ApiState, AuthCache
+from services.api.errors import ApiError, Unauthorized
+from services.api.routes import api_router
+from services.api.runner import Runner
+from services.api.settings import ApiSettings
+from services.api.tasks import TaskTracker
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+from shared.settings import load_settings
+
+log = logging.getLogger("services.api")
+
+
+async def _try_initialise(state: ApiState) -> bool:
+    """One attempt at schema initialisation; False (and state.db_error set) when the database is down."""
+    try:
+        written = await initialise(state.engine, state.settings)
+    except SchemaMismatch:
+        raise
+    except (SQLAlchemyError, OSError) as exc:
+        state.db_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return False
+    state.db_ready, state.db_error = True, None
+    if written is not None:
+        log.info("api key written to %s", written)
+    return True
+
+
+async def _initialise_until_ready(state: ApiState) -> None:
+    delay = 0.5
+    while not await _try_initialise(state):
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, state.settings.db_retry_max)
+    log.info("database ready")
+
+
+async def _nats_error(exc: Exception) -> None:
+    log.warning("NATS: %s: %s", type(exc).__name__, exc)
+
+
+async def _nats_disconnected() -> None:
+    log.info("NATS disconnected")
+
+
+async def _nats_reconnected() -> None:
+    log.info("NATS reconnected")
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    """The API application for `settings`; engine and NATS connection open in its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        try:
+            nc = await nats.connect(
+                servers=settings.nats_servers(),
+                name="warlock-api",
+                connect_timeout=5,
+                max_reconnect_attempts=-1,
+                error_cb=_nats_error,
+                disconnected_cb=_nats_disconnected,
+                reconnected_cb=_nats_reconnected,
+            )
+        except BaseException:
+            await engine.dispose()
+            raise
+        tasks = TaskTracker()
+        sessions = sessionmaker(engine)
+        runner = Runner(nc, sessions, settings, tasks)
+        state = ApiState(settings, engine, sessions, nc, runner, tasks, AuthCache(settings.auth_cache_ttl))
+        bus = Bus(nc, sessions, tasks, settings.max_output_chars, ready=lambda: state.db_ready)
+        try:
+            if not await _try_initialise(state):
+                log.warning("database unavailable (%s); answering 503 and retrying", state.db_error)
+                tasks.spawn(_initialise_until_ready(state), name="db-init")
+            await bus.start()
+            app.state.api = state
+            yield
+        finally:
+            await bus.stop()
+            await tasks.close(settings.shutdown_timeout)
+            with contextlib.suppress(Exception):
+                await nc.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Warlock API",
+        version=__version__,
+        description="Fleet control plane: run commands by agent, or over SSH when no agent is connected.",
+        lifespan=lifespan,
+    )
+    app.include_router(api_router())
+    install_error_handlers(app)
+    app.add_middleware(JsonServerErrors)
+    return app
+
+
+def _error_body(exc: ApiError) -> dict[str, Any]:
+    body: dict[str, Any] = {"detail": exc.detail}
+    if exc.code is not None:
+        body["code"] = exc.code
+    return body
+
+
+async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    return JSONResponse(_error_body(exc), status_code=exc.status, headers=headers)
+
+
+async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("integrity error: %s", type(exc).__name__)
+    return JSONResponse({"detail": "conflict with existing data"}, status_code=409)
+
+
+async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+    return JSONResponse({"detail": "database unavailable"}, status_code=503)
+
+
+async def _os_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
+    return JSONResponse({"detail": "a dependency is unavailable (database?)"}, status_code=503)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Typed errors → their status; database and connection errors → 503; all as JSON."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(SQLAlchemyError, _database_error)
+    app.add_exception_handler(OSError, _os_error)
+
+
+class JsonServerErrors:
+    """Last line: an unexpected exception becomes a JSON 500 without traceback (logged server-side)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; answer a JSON 500 if it raises before responding."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await JSONResponse({"detail": "internal error"}, status_code=500)(scope, receive, send)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, logging ``api listening on http://host:port`` once it is bound."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start as uvicorn does, then announce the bound address."""
+        await super().startup(sockets)
+        if self.started:
+            port = self.config.port
+            for srv in self.servers:
+                for sock in srv.sockets:
+                    port = int(sock.getsockname()[1])
+            log.info("api listening on http://%s:%d", self.config.host, port)
+
+
+async def serve(settings: ApiSettings) -> int:
+    """Run the API with uvicorn until a signal stops it; 1 if it could not start."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+    )
+    server = _Server(config)
+    await server.serve()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `warlock-api` console script (configuration: WARLOCK_API_* variables)."""
+    if argv:
+        print("warlock-api takes no arguments; configure it with WARLOCK_API_* variables", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(ApiSettings)
+    except ConfigError as exc:
+        print(f"warlock-api: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,238 @@
+"""Database tables and API schemas, as SQLModel families: ``XBase`` → ``XPublic`` / ``X(table=True)``.
+
+Datetimes are timezone-aware and stored as UTC on every backend (`UtcDateTime`); enums are stored as
+plain strings so a new member never needs a database enum migration.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import StringConstraints, computed_field
+from sqlalchemy import JSON, Dialect, Index, String, Text
+from sqlalchemy.types import DateTime, TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from shared.ids import HOST_ID_PATTERN
+from shared.protocol import DEFAULT_TIMEOUT_S, MAX_COMMAND_CHARS, MAX_TIMEOUT_S
+
+SCHEMA_VERSION = 1
+
+ADDRESS_PATTERN = r"^[A-Za-z0-9.:_-]+$"  # as shared.protocol.SshTarget.address
+SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.username
+
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
+LabelValue = Annotated[str, StringConstraints(max_length=255)]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A datetime stored as UTC and always read back timezone-aware (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes; convert aware ones to UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: store timezone-aware datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach UTC to what SQLite returns naive."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class CommandStatus(StrEnum):
+    """Lifecycle of a CommandRun; everything but pending/running is final."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"  # no answer in time: the command may have run; never re-sent
+    UNDELIVERABLE = "undeliverable"  # neither an agent session nor an SSH worker answered; nothing ran
+
+
+class Via(StrEnum):
+    """Which path carried a command."""
+
+    AGENT = "agent"
+    SSH = "ssh"
+
+
+class AgentStatus(StrEnum):
+    """State of a host's agent session, as the reference note's AgentConnection.status."""
+
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    ERROR = "error"
+
+
+# ----------------------------------------------------------------------------- hosts
+
+
+class HostBase(SQLModel):
+    """Fields an operator gives when adding a host."""
+
+    address: str = Field(min_length=1, max_length=253, schema_extra={"pattern": ADDRESS_PATTERN}, unique=True)
+    ssh_port: int = Field(default=22, ge=1, le=65535)
+    ssh_user: str = Field(
+        default="root", min_length=1, max_length=32, schema_extra={"pattern": SSH_USER_PATTERN}
+    )
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, sa_type=JSON, max_length=64)
+
+
+class HostCreate(HostBase):
+    """Body of ``POST /api/hosts``."""
+
+    id: str = Field(schema_extra={"pattern": HOST_ID_PATTERN}, description="host id, [a-z0-9_-]{1,63}")
+    ssh_check: bool = Field(
+        default=True, description="probe the host over SSH and pin its host key (trust on first use)"
+    )
+
+
+class Host(HostBase, table=True):
+    """A managed host."""
+
+    id: str = Field(primary_key=True, max_length=63)
+    host_key: str | None = Field(default=None, sa_type=Text)  # pinned OpenSSH public key line
+    host_key_fingerprint: str | None = Field(default=None, max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class HostPublic(HostBase):
+    """A host as the API returns it."""
+
+    id: str
+    host_key: str | None
+    host_key_fingerprint: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# ----------------------------------------------------------------------------- agent connections
+
+
+class AgentConnectionBase(SQLModel):
+    """The reference note's AgentConnection record, minus the token (only its hash is stored)."""
+
+    host_id: str = Field(primary_key=True, foreign_key="host.id", ondelete="CASCADE", max_length=63)
+    session_id: str | None = Field(default=None, max_length=64)
+    gateway_id: str | None = Field(default=None, max_length=63)
+    agent_version: str | None = Field(default=None, max_length=64)
+    hostname: str | None = Field(default=None, max_length=255)
+    platform: str | None = Field(default=None, max_length=255)
+    status: AgentStatus = Field(default=AgentStatus.DISCONNECTED, sa_type=String(16))
+    connected_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    last_ping: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class AgentConnection(AgentConnectionBase, table=True):
+    """One row per host that has (had) an agent; `token_hash` is SHA-256 hex, never the token."""
+
+    __tablename__ = "agent_connection"
+
+    token_hash: str | None = Field(default=None, max_length=64, unique=True)
+
+
+class AgentPublic(AgentConnectionBase):
+    """An agent's state as the API returns it."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def connected(self) -> bool:
+        """Whether a gateway currently holds a session for the host."""
+        return self.status == AgentStatus.CONNECTED
+
+
+# ----------------------------------------------------------------------------- command runs
+
+
+class ExecBody(SQLModel):
+    """Body of ``POST /api/hosts/{host}/exec``."""
+
+    command: str = Field(min_length=1, max_length=MAX_COMMAND_CHARS)
+    timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
+
+
+class CommandRunBase(SQLModel):
+    """A command sent to a host and what became of it."""
+
+    command_id: str = Field(primary_key=True, max_length=64)
+    host_id: str = Field(max_length=63)  # no foreign key: history outlives a deleted host
+    command: str = Field(sa_type=Text)
+    timeout: float = DEFAULT_TIMEOUT_S
+    requested_by: str | None = Field(default=None, max_length=255)
+    status: CommandStatus = Field(default=CommandStatus.PENDING, sa_type=String(16))
+    via: Via | None = Field(default=None, sa_type=String(8))
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = Field(default="", sa_type=Text)
+    stderr: str = Field(default="", sa_type=Text)
+    truncated: bool = False
+    error_code: str | None = Field(default=None, max_length=32)
+    error_description: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    duration_ms: float | None = None
+
+
+class CommandRun(CommandRunBase, table=True):
+    """Every command the API accepted, written (pending) before anything is sent."""
+
+    __tablename__ = "command_run"
+    __table_args__ = (Index("ix_command_run_host_created", "host_id", "created_at"),)
+
+
+class CommandRunPublic(CommandRunBase):
+    """A command run as the API returns it (also the answer of exec)."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def timed_out(self) -> bool:
+        """Whether no answer came in time (the command may have run)."""
+        return self.status == CommandStatus.TIMED_OUT
+
+
+# ----------------------------------------------------------------------------- api keys, schema
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key; only the SHA-256 hex of the key is stored."""
+
+    __tablename__ = "api_key"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=255, unique=True)
+    key_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class SchemaVersion(SQLModel, table=True):
+    """One row: the schema version this database was created with."""
+
+    __tablename__ = "schema_version"
+
+    id: int = Field(default=1, primary_key=True)
+    version: int
+    applied_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+def public(model: type[SQLModel], row: Any) -> Any:
+    """Validate a table row into its public model."""
+    return model.model_validate(row, from_attributes=True)

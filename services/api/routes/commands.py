@@ -1,0 +1,17 @@
+"""``/api/commands``: one command run by id."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from services.api import crud
+from services.api.deps import SessionDep
+from services.api.models import CommandRunPublic
+
+router = APIRouter(prefix="/commands", tags=["commands"])
+
+
+@router.get("/{command_id}", response_model=CommandRunPublic, responses={404: {"description": "unknown"}})
+async def get_command(command_id: str, session: SessionDep) -> CommandRunPublic:
+    """A command run and its outcome."""
+    return CommandRunPublic.model_validate(await crud.get_run(session, command_id), from_attributes=True)

@@ -1,0 +1,83 @@
+"""``/api/hosts``: add (SSH check, key pinned), list, show, delete, exec, command history."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+
+from services.api import crud
+from services.api.deps import ApiKeyDep, RunnerDep, SessionDep, StateDep
+from services.api.models import CommandRunPublic, ExecBody, HostCreate, HostPublic
+from services.api.probe import probe_host
+
+router = APIRouter(prefix="/hosts", tags=["hosts"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host"}}
+
+
+@router.post(
+    "",
+    response_model=HostPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        409: {"description": "a host with this id or address exists"},
+        422: {"description": "bad body, or the SSH check failed (connect_failed, auth_failed ...)"},
+        503: {"description": "no SSH worker answered the check"},
+    },
+)
+async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> HostPublic:
+    """Register a host; with ``ssh_check`` (default) probe it over SSH and pin its host key."""
+    await crud.check_new_host(session, body.id, body.address)
+    await session.commit()  # release the connection while the probe runs
+    host_key = fingerprint = None
+    if body.ssh_check:
+        ok = await probe_host(
+            state.nc, body.address, body.ssh_port, body.ssh_user, wait_s=state.settings.probe_timeout
+        )
+        host_key, fingerprint = ok.host_key, ok.fingerprint
+    host = await crud.create_host(session, body, host_key, fingerprint)
+    return HostPublic.model_validate(host, from_attributes=True)
+
+
+@router.get("", response_model=list[HostPublic])
+async def list_hosts(session: SessionDep) -> list[HostPublic]:
+    """Every host."""
+    return [HostPublic.model_validate(h, from_attributes=True) for h in await crud.list_hosts(session)]
+
+
+@router.get("/{host}", response_model=HostPublic, responses=NOT_FOUND)
+async def get_host(host: str, session: SessionDep) -> HostPublic:
+    """One host, by id or address."""
+    return HostPublic.model_validate(await crud.get_host(session, host), from_attributes=True)
+
+
+@router.delete("/{host}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
+async def delete_host(host: str, session: SessionDep) -> Response:
+    """Remove a host and its agent record (its token stops working); command history is kept."""
+    await crud.delete_host(session, await crud.get_host(session, host))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{host}/exec",
+    response_model=CommandRunPublic,
+    responses={**NOT_FOUND, 503: {"description": "database unavailable: nothing was sent"}},
+)
+async def exec_command(
+    host: str, body: ExecBody, session: SessionDep, runner: RunnerDep, key_name: ApiKeyDep
+) -> CommandRunPublic:
+    """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
+    found = await crud.get_host(session, host)
+    await session.commit()  # release the connection before the command runs
+    return await runner.run(found, body, requested_by=key_name)
+
+
+@router.get("/{host}/commands", response_model=list[CommandRunPublic], responses=NOT_FOUND)
+async def list_commands(
+    host: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> list[CommandRunPublic]:
+    """The host's command runs, newest first."""
+    found = await crud.get_host(session, host)
+    runs = await crud.list_runs(session, found.id, limit)
+    return [CommandRunPublic.model_validate(r, from_attributes=True) for r in runs]

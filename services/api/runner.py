@@ -1,0 +1,251 @@
+"""The hybrid runner: record the command, ask the agent, fall back to SSH only on *no responders*.
+
+Decisions are plain functions of what NATS answered (`outcome_of_reply`, `timed_out`, `undeliverable`),
+so the rules are tested without I/O; `Runner` only writes rows, sends requests and awaits.
+
+    agent request ── ExecResult ─────────────▶ succeeded / failed / timed_out   (via agent)
+                  ├─ ErrorReply nothing-ran ─▶ failed + code                    (no fallback)
+                  ├─ ErrorReply may-have-run ▶ timed_out + code                 (no fallback)
+                  ├─ NATS timeout ───────────▶ timed_out                        (never re-sent)
+                  └─ no responders ──▶ SSH request, same command id ─▶ same rules (via ssh)
+                                                 └─ no responders ──▶ undeliverable
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from sqlalchemy import func
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.api import crud
+from services.api.models import CommandRun, CommandRunPublic, CommandStatus, ExecBody, Host, Via, utcnow
+from services.api.settings import ApiSettings
+from services.api.tasks import TaskTracker
+from shared import subjects
+from shared.errors import ErrorCode, ProtocolError
+from shared.ids import CommandId, new_command_id
+from shared.protocol import (
+    ErrorReply,
+    ExecRequest,
+    ExecResult,
+    SshExecRequest,
+    SshTarget,
+    decode_exec_reply,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+# Error replies after which the command certainly did not run (final: failed).
+NOTHING_RAN = frozenset(
+    {
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.BUSY,
+        ErrorCode.EXEC_FAILED,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.CONNECT_FAILED,
+        ErrorCode.AUTH_FAILED,
+        ErrorCode.HOST_KEY_MISMATCH,
+        ErrorCode.INTERNAL,
+    }
+)
+# Error replies after which the command may have run (timed_out: outcome unknown, never re-sent).
+MAY_HAVE_RUN = frozenset({ErrorCode.TIMEOUT, ErrorCode.DISCONNECTED, ErrorCode.UNKNOWN_RESULT})
+OPEN = (CommandStatus.PENDING, CommandStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to record about a command once its request has ended."""
+
+    status: CommandStatus
+    via: Via | None
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    truncated: bool = False
+    error_code: str | None = None
+    error_description: str | None = None
+    duration_ms: float | None = None
+
+    def values(self) -> dict[str, Any]:
+        """The CommandRun columns this outcome sets."""
+        return asdict(self)
+
+
+def cap(text: str, max_chars: int) -> tuple[str, bool]:
+    """`text` cut to `max_chars`, and whether it was cut."""
+    return (text, False) if len(text) <= max_chars else (text[:max_chars], True)
+
+
+def outcome_of_result(result: ExecResult, via: Via, max_chars: int) -> Outcome:
+    """A result: succeeded on exit 0, timed_out if the timeout killed it, else failed."""
+    stdout, cut_out = cap(result.stdout, max_chars)
+    stderr, cut_err = cap(result.stderr, max_chars)
+    if result.timed_out:
+        status, code, text = CommandStatus.TIMED_OUT, ErrorCode.TIMEOUT, "timed out; the process was killed"
+    elif result.exit_code == 0:
+        status, code, text = CommandStatus.SUCCEEDED, None, None
+    else:
+        status, code, text = CommandStatus.FAILED, None, None
+    return Outcome(
+        status=status,
+        via=via,
+        exit_code=result.exit_code,
+        signal=result.signal,
+        stdout=stdout,
+        stderr=stderr,
+        truncated=result.truncated or cut_out or cut_err,
+        error_code=code,
+        error_description=text,
+        duration_ms=result.duration_ms,
+    )
+
+
+def outcome_of_error(reply: ErrorReply, via: Via) -> Outcome:
+    """A typed error: timed_out when the command may have run, else failed (nothing ran)."""
+    status = CommandStatus.TIMED_OUT if reply.code in MAY_HAVE_RUN else CommandStatus.FAILED
+    return Outcome(status=status, via=via, error_code=str(reply.code), error_description=reply.description)
+
+
+def outcome_of_reply(data: bytes, via: Via, max_chars: int) -> Outcome:
+    """Decode an exec reply into an outcome; an undecodable reply is an internal failure."""
+    try:
+        reply = decode_exec_reply(data)
+    except ProtocolError as exc:
+        return Outcome(
+            CommandStatus.FAILED, via, error_code=ErrorCode.INTERNAL, error_description=f"bad reply: {exc}"
+        )
+    if isinstance(reply, ExecResult):
+        return outcome_of_result(reply, via, max_chars)
+    return outcome_of_error(reply, via)
+
+
+def timed_out(via: Via, waited: float) -> Outcome:
+    """No reply in time: a responder existed, so the command may have run; it is never re-sent."""
+    text = f"no reply within {waited:g}s; the command may have run and is not re-sent"
+    return Outcome(CommandStatus.TIMED_OUT, via, error_code=ErrorCode.TIMEOUT, error_description=text)
+
+
+def undeliverable(description: str) -> Outcome:
+    """Nobody could take the command: nothing ran."""
+    return Outcome(
+        CommandStatus.UNDELIVERABLE, None, error_code=ErrorCode.UNAVAILABLE, error_description=description
+    )
+
+
+def ssh_target(host: Host) -> SshTarget:
+    """The SSH target of a host, with its pinned key (None: the worker refuses the host)."""
+    return SshTarget(address=host.address, port=host.ssh_port, username=host.ssh_user, host_key=host.host_key)
+
+
+class Runner:
+    """Runs commands for the REST API; one per app."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: ApiSettings,
+        tasks: TaskTracker,
+    ) -> None:
+        self.nc = nc
+        self.sessions = sessions
+        self.settings = settings
+        self.tasks = tasks
+
+    async def run(self, host: Host, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
+        """Record the command (committed), deliver it, record and return the outcome.
+
+        A database error before the commit propagates (the caller answers 503) and nothing is sent.
+        Delivery runs in a tracked task shielded from the request, so a client that goes away does not
+        leave the row pending.
+        """
+        run = CommandRun(
+            command_id=new_command_id(),
+            host_id=host.id,
+            command=body.command,
+            timeout=body.timeout,
+            requested_by=requested_by,
+            status=CommandStatus.PENDING,
+        )
+        async with self.sessions() as session:
+            await crud.create_run(session, run)
+        target = ssh_target(host)
+        task = self.tasks.spawn(self._deliver(run, target), name=f"exec-{run.command_id}")
+        return await asyncio.shield(task)
+
+    async def _deliver(self, run: CommandRun, target: SshTarget) -> CommandRunPublic:
+        started = utcnow()
+        t0 = time.monotonic()
+        outcome = await self.send(run.host_id, CommandId(run.command_id), run.command, run.timeout, target)
+        wall_ms = (time.monotonic() - t0) * 1000
+        values = outcome.values()
+        values.update(started_at=started, finished_at=utcnow())
+        if values["duration_ms"] is None:
+            values["duration_ms"] = round(wall_ms, 3)
+        return await self._record(run, values)
+
+    async def _record(self, run: CommandRun, values: dict[str, Any]) -> CommandRunPublic:
+        try:
+            async with self.sessions() as session:
+                if not await crud.update_run(session, run.command_id, values, when=OPEN):
+                    log.info("command %s was settled by a late result first", run.command_id)
+                return CommandRunPublic.model_validate(await crud.get_run(session, run.command_id))
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("command %s: outcome not recorded (row stays pending): %s", run.command_id, exc)
+            data = run.model_dump()
+            data.update(values)
+            return CommandRunPublic.model_validate(data)
+
+    async def send(
+        self, host_id: str, command_id: CommandId, command: str, command_timeout: float, target: SshTarget
+    ) -> Outcome:
+        """Deliver one command: agent subject first, the SSH subject only if the agent had no responders."""
+        wait = command_timeout + self.settings.exec_grace
+        max_chars = self.settings.max_output_chars
+        request = ExecRequest(command=command, timeout=command_timeout, command_id=command_id)
+        try:
+            msg = await self.nc.request(subjects.agent_exec(host_id), encode(request), timeout=wait)
+        except nats.errors.NoRespondersError:
+            log.debug("command %s: no agent session for %s, trying SSH", command_id, host_id)
+        except nats.errors.TimeoutError:
+            return timed_out(Via.AGENT, wait)
+        except nats.errors.Error as exc:
+            return undeliverable(f"NATS unavailable: {type(exc).__name__}")
+        else:
+            return outcome_of_reply(msg.data, Via.AGENT, max_chars)
+        ssh_request = SshExecRequest(
+            command=command, timeout=command_timeout, command_id=command_id, target=target
+        )
+        try:
+            msg = await self.nc.request(subjects.ssh_exec(host_id), encode(ssh_request), timeout=wait)
+        except nats.errors.NoRespondersError:
+            return undeliverable(f"no agent session and no SSH worker for host {host_id}")
+        except nats.errors.TimeoutError:
+            return timed_out(Via.SSH, wait)
+        except nats.errors.Error as exc:
+            return undeliverable(f"NATS unavailable: {type(exc).__name__}")
+        return outcome_of_reply(msg.data, Via.SSH, max_chars)
+
+
+def late_result_values(result: ExecResult, max_chars: int, now: datetime) -> dict[str, Any]:
+    """Columns a late result sets on a run that is still pending or timed out (via is kept)."""
+    values = outcome_of_result(result, Via.AGENT, max_chars).values()
+    values["via"] = func.coalesce(col(CommandRun.via), Via.AGENT.value)  # results come from gateways
+    values["finished_at"] = now
+    return values

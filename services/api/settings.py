@@ -1,0 +1,44 @@
+"""Settings of the API service (environment prefix ``WARLOCK_API_``), built once in the entrypoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import NatsSettings
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///.warlock/warlock.db"
+
+
+class ApiSettings(NatsSettings):
+    """Everything the API needs; ``WARLOCK_NATS_URL`` and ``WARLOCK_LOG_LEVEL`` keep the plain prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="WARLOCK_API_")
+
+    host: str = Field(default="127.0.0.1", description="address the HTTP server binds")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port")
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db",
+    )
+    api_key_file: Path = Field(
+        default=Path(".warlock/api-key"), description="where the first start writes the bootstrap API key"
+    )
+    exec_grace: float = Field(
+        default=10.0, gt=0, description="seconds the NATS exec request waits beyond the command timeout"
+    )
+    max_output_chars: int = Field(
+        default=64 * 1024, ge=0, description="characters of stdout and of stderr kept per CommandRun"
+    )
+    probe_timeout: float = Field(default=15.0, gt=0, description="seconds to wait for an SSH probe answer")
+    auth_cache_ttl: float = Field(
+        default=5.0, ge=0, description="seconds a verified API key hash is cached (0: look up every request)"
+    )
+    db_retry_max: float = Field(
+        default=30.0, gt=0, description="cap of the backoff between schema initialisation attempts"
+    )
+    shutdown_timeout: float = Field(
+        default=10.0, ge=0, description="seconds in-flight commands may finish at shutdown (then: pending)"
+    )

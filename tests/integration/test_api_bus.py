@@ -1,0 +1,217 @@
+"""The API's NATS side: token authority, host targets, presence, metrics (real nats-server, both DBs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from services.api import crud
+from shared import subjects
+from shared.natsx import ERROR_CODE_HEADER
+from shared.protocol import (
+    ErrorReply,
+    HostTargetRequest,
+    MetricsEvent,
+    MetricsSample,
+    PresenceConnected,
+    PresenceDisconnected,
+    SshTarget,
+    TokenOk,
+    TokenVerifyRequest,
+    decode_target_reply,
+    decode_token_reply,
+    encode,
+)
+from shared.tokens import hash_token
+from tests.support.db import BACKENDS, RunningApi, api_settings, eventually, fresh_database, running_api
+from tests.support.natsserver import NatsServer
+
+
+@pytest.fixture(params=BACKENDS)
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database URL, once per backend."""
+    async with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIterator[RunningApi]:
+    """The API with host h1 (10.0.0.8, no pinned key) registered."""
+    async with running_api(api_settings(tmp_path, nats_server.url, database)) as running:
+        response = await running.client.post(
+            "/api/hosts",
+            json={"id": "h1", "address": "10.0.0.8", "ssh_user": "ops", "ssh_check": False},
+            headers=running.auth,
+        )
+        assert response.status_code == 201
+        yield running
+
+
+def _connected(session: str, at: float, version: str = "1.0") -> PresenceConnected:
+    return PresenceConnected.model_validate(
+        {
+            "host_id": "h1",
+            "session_id": session,
+            "gateway_id": "gw-1",
+            "hostname": "box",
+            "platform": "linux",
+            "agent_version": version,
+            "at": at,
+        }
+    )
+
+
+def _disconnected(session: str) -> PresenceDisconnected:
+    return PresenceDisconnected.model_validate(
+        {"host_id": "h1", "session_id": session, "gateway_id": "gw-1", "reason": "bye", "at": time.time()}
+    )
+
+
+async def _agent(api: RunningApi) -> dict[str, object]:
+    data: dict[str, object] = (await api.client.get("/api/agents/h1", headers=api.auth)).json()
+    return data
+
+
+async def test_token_authority_answers_by_hash(api: RunningApi, nc: NATS) -> None:
+    """A known token hash → token_ok with its host; unknown → typed unauthorized; garbage → bad_request."""
+    async with api.state.sessions() as session:
+        token = await crud.issue_agent_token(session, "h1")
+    assert len(token) == 64
+    async with api.state.sessions() as session:
+        agent = await crud.get_agent(session, "h1")
+    assert agent is not None
+    assert agent.token_hash == hash_token(token)
+    assert agent.status == "disconnected"
+
+    good = await nc.request(
+        subjects.TOKEN_VERIFY, encode(TokenVerifyRequest(token_sha256=hash_token(token))), timeout=5
+    )
+    assert decode_token_reply(good.data) == TokenOk.model_validate({"host_id": "h1"})
+    bad = await nc.request(
+        subjects.TOKEN_VERIFY, encode(TokenVerifyRequest(token_sha256="f" * 64)), timeout=5
+    )
+    refused = decode_token_reply(bad.data)
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == "unauthorized"
+    assert bad.headers is not None
+    assert bad.headers[ERROR_CODE_HEADER] == "401"
+    garbage = decode_token_reply((await nc.request(subjects.TOKEN_VERIFY, b"{nope", timeout=5)).data)
+    assert isinstance(garbage, ErrorReply)
+    assert garbage.code == "bad_request"
+    assert token not in (await api.client.get("/api/agents/h1", headers=api.auth)).text
+
+
+async def test_api_registers_as_a_micro_service(api: RunningApi, nc: NATS) -> None:
+    """`nats micro ls` sees warlock-api with its token-verify and host-target endpoints."""
+    info = json.loads((await nc.request("$SRV.INFO.warlock-api", b"", timeout=5)).data)
+    endpoints = {e["name"]: (e["subject"], e["queue_group"]) for e in info["endpoints"]}
+    assert endpoints["token-verify"] == (subjects.TOKEN_VERIFY, subjects.AUTH_QUEUE)
+    assert endpoints["host-target"] == (subjects.host_target_wildcard(), subjects.API_QUEUE)
+
+
+async def test_host_target_answers_target_or_not_found(api: RunningApi, nc: NATS) -> None:
+    """warlock.host.<host>.target answers the SSH target; an unknown host gets typed not_found."""
+    found = decode_target_reply(
+        (await nc.request(subjects.host_target("h1"), encode(HostTargetRequest()), timeout=5)).data
+    )
+    assert found == SshTarget(address="10.0.0.8", port=22, username="ops", host_key=None)
+    missing = decode_target_reply((await nc.request(subjects.host_target("ghost"), b"", timeout=5)).data)
+    assert isinstance(missing, ErrorReply)
+    assert missing.code == "not_found"
+
+
+async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(
+    api: RunningApi, nc: NATS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """connected sets the record; an older session's disconnect is ignored; the current one's is not."""
+    assert (await _agent(api))["connected"] is False
+    await nc.publish(subjects.presence("h1"), b"not json")  # skipped, logged
+    await nc.publish(subjects.presence("h1"), encode(_connected("s-old", time.time() - 10)))
+    await nc.publish(subjects.presence("h1"), encode(_connected("s-new", time.time(), version="2.0")))
+
+    async def on_new() -> dict[str, object] | None:
+        agent = await _agent(api)
+        return agent if agent["session_id"] == "s-new" else None
+
+    agent = await eventually(on_new)
+    assert agent["connected"] is True
+    assert agent["status"] == "connected"
+    assert agent["agent_version"] == "2.0"
+    assert agent["gateway_id"] == "gw-1"
+    assert agent["connected_at"] is not None
+
+    caplog.set_level(logging.INFO, logger="services.api.bus")
+    await nc.publish(subjects.presence("h1"), encode(_disconnected("s-old")))
+    await nc.publish(subjects.presence("h1"), encode(_connected("s-old", time.time() - 20)))  # stale
+
+    async def both_handled() -> bool:
+        text = caplog.text
+        return "presence disconnected of h1 (session s-old) ignored" in text and (
+            "presence connected of h1 (session s-old) ignored" in text
+        )
+
+    await eventually(both_handled)
+    agent = await _agent(api)
+    assert agent["status"] == "connected"
+    assert agent["session_id"] == "s-new"
+
+    await nc.publish(subjects.presence("h1"), encode(_disconnected("s-new")))
+
+    async def offline() -> bool:
+        return (await _agent(api))["status"] == "disconnected"
+
+    await eventually(offline)
+    listed = (await api.client.get("/api/agents", headers=api.auth)).json()
+    assert [(a["host_id"], a["connected"]) for a in listed] == [("h1", False)]
+
+
+async def test_presence_for_unknown_host_is_skipped(api: RunningApi, nc: NATS) -> None:
+    """A host that is not registered gets no agent record (and the API keeps serving)."""
+    event = _connected("s1", time.time()).model_copy(update={"host_id": "ghost"})
+    await nc.publish(subjects.presence("ghost"), encode(event))
+    await nc.publish(subjects.presence("h1"), encode(_connected("s1", time.time())))
+
+    async def h1_connected() -> bool:
+        return (await _agent(api))["connected"] is True
+
+    await eventually(h1_connected)
+    listed = (await api.client.get("/api/agents", headers=api.auth)).json()
+    assert [a["host_id"] for a in listed] == ["h1"]
+
+
+async def test_metrics_update_last_ping(api: RunningApi, nc: NATS) -> None:
+    """A metrics event sets last_ping on the host's agent record."""
+    await nc.publish(subjects.presence("h1"), encode(_connected("s1", time.time())))
+
+    async def connected() -> bool:
+        return (await _agent(api))["connected"] is True
+
+    await eventually(connected)
+    assert (await _agent(api))["last_ping"] is None
+    sample = MetricsSample.model_validate(
+        {
+            "timestamp": time.time(),
+            **dict.fromkeys(["cpu_percent", "load_1", "load_5", "load_15", "memory_percent"], 1.0),
+            **dict.fromkeys(["memory_total", "memory_available", "memory_used", "swap_total"], 1),
+            **dict.fromkeys(["swap_used", "net_bytes_sent", "net_bytes_recv", "net_packets_sent"], 1),
+            "swap_percent": 0.0,
+            "net_packets_recv": 1,
+            "uptime_s": 5.0,
+            "process_count": 9,
+        }
+    )
+    await nc.publish(subjects.metrics("h1"), b"[]")  # skipped
+    event = MetricsEvent.model_validate({"host_id": "h1", "gateway_id": "gw-1", "sample": sample})
+    await nc.publish(subjects.metrics("h1"), encode(event))
+
+    async def pinged() -> object:
+        return (await _agent(api))["last_ping"]
+
+    last_ping = await eventually(pinged)
+    assert isinstance(last_ping, str)

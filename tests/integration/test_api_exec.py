@@ -1,0 +1,310 @@
+"""The hybrid runner through REST: agent first, SSH only on no responders, never re-sent after a timeout.
+
+The gateway and the SSH worker are played by plain nats-py responders that count what they receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from services.api.models import CommandRun
+from shared import subjects
+from shared.errors import ErrorCode
+from shared.natsx import error, reply
+from shared.protocol import ExecRequest, ExecResult, SshExecRequest, SshProbeOk, decode_model, encode
+from tests.support.db import (
+    BACKENDS,
+    RunningApi,
+    api_settings,
+    drop_pg_database,
+    eventually,
+    fresh_database,
+    running_api,
+)
+from tests.support.natsserver import NatsServer
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHBpbm5lZGtleTAxMjM0NTY3ODlhYmNkZWZnaGlqa2xt"
+
+
+@pytest.fixture(params=BACKENDS)
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database URL, once per backend."""
+    async with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIterator[RunningApi]:
+    """The API on the test's NATS and database, with a short grace so timeouts are quick."""
+    settings = api_settings(tmp_path, nats_server.url, database, exec_grace=0.5, max_output_chars=100)
+    async with running_api(settings) as running:
+        await _add_host(running, nats_server)
+        yield running
+
+
+async def _add_host(api: RunningApi, nats_server: NatsServer) -> None:
+    """Register host h1 (10.0.0.7) with a pinned key through a one-off probe worker."""
+    import nats
+
+    worker = await nats.connect(nats_server.url)
+
+    async def probe(msg: Msg) -> None:
+        await reply(worker, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:x"))
+
+    await worker.subscribe(subjects.SSH_PROBE, cb=probe)
+    await worker.flush()
+    response = await api.client.post("/api/hosts", json={"id": "h1", "address": "10.0.0.7"}, headers=api.auth)
+    assert response.status_code == 201, response.text
+    await worker.close()
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+async def _responder(nc: NATS, subject: str, seen: list[bytes], answer: Handler | None) -> None:
+    """Subscribe to `subject`, record every request, and answer with `answer` (None: never answer)."""
+
+    async def handler(msg: Msg) -> None:
+        seen.append(msg.data)
+        if answer is not None:
+            await answer(msg)
+
+    await nc.subscribe(subject, cb=handler)
+    await nc.flush()
+
+
+def _result(data: bytes, **fields: object) -> ExecResult:
+    request = (
+        decode_model(ExecRequest, data) if b'"target"' not in data else decode_model(SshExecRequest, data)
+    )
+    values: dict[str, object] = {"command_id": request.command_id, "exit_code": 0, "duration_ms": 3.5}
+    values.update(fields)
+    return ExecResult.model_validate(values)
+
+
+async def _exec(api: RunningApi, host: str = "h1", **body: object) -> dict[str, object]:
+    body.setdefault("command", "uptime")
+    response = await api.client.post(f"/api/hosts/{host}/exec", json=body, headers=api.auth)
+    assert response.status_code == 200, response.text
+    data: dict[str, object] = response.json()
+    return data
+
+
+async def test_exec_via_agent_records_pending_before_sending(api: RunningApi, nc: NATS) -> None:
+    """The pending row is committed before the agent sees the request; the result is recorded."""
+    seen: list[bytes] = []
+    status_when_received: list[str | None] = []
+
+    async def answer(msg: Msg) -> None:
+        request = decode_model(ExecRequest, msg.data)
+        async with api.state.sessions() as session:
+            row = await session.get(CommandRun, request.command_id)
+            status_when_received.append(None if row is None else row.status)
+        await reply(nc, msg, _result(msg.data, stdout="up 3 days\n", stderr="warn"))
+
+    await _responder(nc, subjects.agent_exec("h1"), seen, answer)
+    ssh_seen: list[bytes] = []
+    await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, None)
+    data = await _exec(api, command="uptime", timeout=5)
+    assert status_when_received == ["pending"]
+    request = decode_model(ExecRequest, seen[0])
+    assert request.command == "uptime"
+    assert request.timeout == 5
+    assert data["command_id"] == request.command_id
+    assert data["via"] == "agent"
+    assert data["status"] == "succeeded"
+    assert data["exit_code"] == 0
+    assert data["stdout"] == "up 3 days\n"
+    assert data["timed_out"] is False
+    assert data["requested_by"] == "bootstrap"
+    assert ssh_seen == []
+    stored = await api.client.get(f"/api/commands/{data['command_id']}", headers=api.auth)
+    assert stored.json()["status"] == "succeeded"
+    assert stored.json()["finished_at"] is not None
+
+
+async def test_no_agent_falls_back_to_ssh_with_same_id_and_pinned_key(api: RunningApi, nc: NATS) -> None:
+    """No responders on the agent subject: the same command id goes to SSH with the pinned target."""
+    ssh_seen: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        await reply(nc, msg, _result(msg.data, exit_code=3, via="ssh"))
+
+    await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, answer)
+    data = await _exec(api, host="10.0.0.7", command="false")
+    assert len(ssh_seen) == 1
+    request = decode_model(SshExecRequest, ssh_seen[0])
+    assert request.command_id == data["command_id"]
+    assert request.target is not None
+    assert request.target.host_key == HOST_KEY
+    assert (request.target.address, request.target.port, request.target.username) == ("10.0.0.7", 22, "root")
+    assert data["via"] == "ssh"
+    assert data["status"] == "failed"
+    assert data["exit_code"] == 3
+
+
+async def test_silent_agent_times_out_and_is_never_sent_over_ssh(api: RunningApi, nc: NATS) -> None:
+    """An agent that never answers: timed_out, and the SSH worker gets zero requests."""
+    agent_seen: list[bytes] = []
+    ssh_seen: list[bytes] = []
+    await _responder(nc, subjects.agent_exec("h1"), agent_seen, None)
+    await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, None)
+    data = await _exec(api, command="sleep 100", timeout=0.3)
+    assert data["status"] == "timed_out"
+    assert data["timed_out"] is True
+    assert data["via"] == "agent"
+    assert data["error_code"] == "timeout"
+    assert len(agent_seen) == 1
+    await asyncio.sleep(0.2)
+    assert ssh_seen == []
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (ErrorCode.BUSY, "failed"),
+        (ErrorCode.BAD_REQUEST, "failed"),
+        (ErrorCode.UNAVAILABLE, "failed"),
+        (ErrorCode.TIMEOUT, "timed_out"),
+        (ErrorCode.DISCONNECTED, "timed_out"),
+    ],
+)
+async def test_typed_agent_errors_never_fall_back(
+    api: RunningApi, nc: NATS, code: ErrorCode, status: str
+) -> None:
+    """busy/bad_request/unavailable → failed; timeout/disconnected → timed_out; no SSH request either way."""
+    ssh_seen: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        request = decode_model(ExecRequest, msg.data)
+        await reply(nc, msg, error(code, f"agent says {code}", request.command_id))
+
+    await _responder(nc, subjects.agent_exec("h1"), [], answer)
+    await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, None)
+    data = await _exec(api)
+    assert data["status"] == status
+    assert data["error_code"] == str(code)
+    assert data["error_description"] == f"agent says {code}"
+    assert data["via"] == "agent"
+    assert ssh_seen == []
+
+
+async def test_no_agent_and_no_worker_is_undeliverable(api: RunningApi) -> None:
+    """No responders anywhere: undeliverable, recorded so."""
+    data = await _exec(api)
+    assert data["status"] == "undeliverable"
+    assert data["via"] is None
+    stored = await api.client.get(f"/api/commands/{data['command_id']}", headers=api.auth)
+    assert stored.json()["status"] == "undeliverable"
+
+
+async def test_output_is_capped_with_truncated_flag(api: RunningApi, nc: NATS) -> None:
+    """Output beyond max_output_chars (100 here) is cut and flagged."""
+
+    async def answer(msg: Msg) -> None:
+        await reply(nc, msg, _result(msg.data, stdout="x" * 500, stderr="short"))
+
+    await _responder(nc, subjects.agent_exec("h1"), [], answer)
+    data = await _exec(api)
+    assert data["stdout"] == "x" * 100
+    assert data["stderr"] == "short"
+    assert data["truncated"] is True
+
+
+async def test_host_commands_are_listed_newest_first(api: RunningApi, nc: NATS) -> None:
+    """GET /api/hosts/{host}/commands lists runs newest first and honours limit."""
+
+    async def answer(msg: Msg) -> None:
+        await reply(nc, msg, _result(msg.data))
+
+    await _responder(nc, subjects.agent_exec("h1"), [], answer)
+    ids = [(await _exec(api, command=f"echo {i}"))["command_id"] for i in range(3)]
+    listed = await api.client.get("/api/hosts/10.0.0.7/commands", headers=api.auth)
+    assert [r["command_id"] for r in listed.json()] == ids[::-1]
+    limited = await api.client.get("/api/hosts/h1/commands", params={"limit": 2}, headers=api.auth)
+    assert [r["command"] for r in limited.json()] == ["echo 2", "echo 1"]
+    bad_limit = await api.client.get("/api/hosts/h1/commands", params={"limit": 0}, headers=api.auth)
+    assert bad_limit.status_code == 422
+
+
+async def test_late_result_settles_a_timed_out_run(api: RunningApi, nc: NATS) -> None:
+    """A result published on warlock.result.<host> after the timeout turns timed_out into its outcome."""
+    await _responder(nc, subjects.agent_exec("h1"), [], None)
+    data = await _exec(api, timeout=0.2)
+    assert data["status"] == "timed_out"
+    command_id = str(data["command_id"])
+    wrong_host = ExecResult.model_validate({"command_id": command_id, "exit_code": 9, "duration_ms": 1})
+    await nc.publish(subjects.result("other"), encode(wrong_host))
+    late = ExecResult.model_validate(
+        {"command_id": command_id, "exit_code": 0, "stdout": "done", "duration_ms": 900.0}
+    )
+    await nc.publish(subjects.result("h1"), encode(late))
+    await nc.publish(subjects.result("h1"), b"{not json")
+
+    async def settled() -> dict[str, object] | None:
+        body = (await api.client.get(f"/api/commands/{command_id}", headers=api.auth)).json()
+        return body if body["status"] != "timed_out" else None
+
+    final = await eventually(settled)
+    assert final["status"] == "succeeded"
+    assert final["exit_code"] == 0
+    assert final["stdout"] == "done"
+    assert final["via"] == "agent"
+
+
+async def test_database_gone_means_503_and_nothing_sent(
+    tmp_path: Path, nats_server: NatsServer, nc: NATS
+) -> None:
+    """PostgreSQL database dropped under a running API: exec answers 503 and no request reaches NATS."""
+    async with fresh_database("postgresql", tmp_path) as url:
+        settings = api_settings(tmp_path, nats_server.url, url, auth_cache_ttl=60)
+        async with running_api(settings) as api:
+            await api.client.post(
+                "/api/hosts", json={"id": "h1", "address": "10.0.0.7", "ssh_check": False}, headers=api.auth
+            )
+            assert (await api.client.get("/api/hosts", headers=api.auth)).status_code == 200  # key cached
+            seen: list[bytes] = []
+            await _responder(nc, subjects.agent_exec("h1"), seen, None)
+            await _responder(nc, subjects.ssh_exec("h1"), seen, None)
+            await drop_pg_database(url.rsplit("/", 1)[1])
+            response = await api.client.post("/api/hosts/h1/exec", json={"command": "true"}, headers=api.auth)
+            health = await api.client.get("/healthz")
+    assert response.status_code == 503
+    assert "detail" in response.json()
+    assert health.status_code == 503
+    assert health.json()["database"].startswith("error")
+    await asyncio.sleep(0.1)
+    assert seen == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_unreachable_database_at_start_is_503(
+    tmp_path: Path, nats_server: NatsServer, nc: NATS, backend: str
+) -> None:
+    """An unreachable database URL: the API starts, answers 503 (JSON) and /healthz names the database."""
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}"  # a directory: cannot be opened as a database
+    else:
+        from tests.support.procs import free_port
+
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nowhere"
+    seen: list[bytes] = []
+    await _responder(nc, "warlock.>", seen, None)
+    settings = api_settings(tmp_path, nats_server.url, url, db_retry_max=0.5)
+    async with running_api(settings) as api:
+        exec_response = await api.client.post(
+            "/api/hosts/h1/exec", json={"command": "true"}, headers={"Authorization": "Bearer " + "a" * 64}
+        )
+        health = await api.client.get("/healthz")
+    assert exec_response.status_code == 503
+    assert "database" in exec_response.json()["detail"]
+    assert health.status_code == 503
+    assert health.json()["nats"] == "ok"
+    assert health.json()["database"].startswith("error")
+    assert [s for s in seen if b'"command"' in s] == []

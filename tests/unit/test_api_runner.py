@@ -1,0 +1,235 @@
+"""Hybrid runner decisions, without I/O: which NATS answer becomes which CommandRun outcome."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, cast
+
+import nats.errors
+import pytest
+from nats.aio.client import Client as NATS
+from sqlalchemy.exc import OperationalError
+
+from services.api.bus import parse_host_target
+from services.api.deps import AuthCache
+from services.api.models import CommandStatus, ExecBody, Host, UtcDateTime, Via
+from services.api.runner import (
+    MAY_HAVE_RUN,
+    NOTHING_RAN,
+    Runner,
+    cap,
+    outcome_of_reply,
+    timed_out,
+    undeliverable,
+)
+from services.api.settings import ApiSettings
+from services.api.tasks import TaskTracker
+from shared.errors import ErrorCode, InvalidIdError
+from shared.natsx import error
+from shared.protocol import ExecResult, SshExecRequest, decode_model, encode
+
+
+def _result(**fields: Any) -> bytes:
+    values: dict[str, Any] = {"command_id": "c1", "exit_code": 0, "duration_ms": 2.0}
+    values.update(fields)
+    return encode(ExecResult.model_validate(values))
+
+
+def test_every_error_code_is_classified() -> None:
+    """Each error code is either nothing-ran (failed) or may-have-run (timed_out), never both."""
+    assert set(NOTHING_RAN) | set(MAY_HAVE_RUN) == set(ErrorCode)
+    assert not set(NOTHING_RAN) & set(MAY_HAVE_RUN)
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "code"),
+    [
+        (_result(), CommandStatus.SUCCEEDED, None),
+        (_result(exit_code=1), CommandStatus.FAILED, None),
+        (_result(exit_code=None, signal=9), CommandStatus.FAILED, None),
+        (_result(exit_code=None, signal=9, timed_out=True), CommandStatus.TIMED_OUT, "timeout"),
+        (encode(error(ErrorCode.BUSY, "full")), CommandStatus.FAILED, "busy"),
+        (encode(error(ErrorCode.HOST_KEY_MISMATCH, "x")), CommandStatus.FAILED, "host_key_mismatch"),
+        (encode(error(ErrorCode.TIMEOUT, "late")), CommandStatus.TIMED_OUT, "timeout"),
+        (encode(error(ErrorCode.DISCONNECTED, "gone")), CommandStatus.TIMED_OUT, "disconnected"),
+        (b"{garbage", CommandStatus.FAILED, "internal"),
+    ],
+)
+def test_reply_outcomes(reply: bytes, status: CommandStatus, code: str | None) -> None:
+    """Results and typed errors map to the documented statuses and codes."""
+    outcome = outcome_of_reply(reply, Via.AGENT, 100)
+    assert outcome.status == status
+    assert outcome.error_code == code
+    assert outcome.via == Via.AGENT
+
+
+def test_output_cap_sets_truncated() -> None:
+    """Output longer than the cap is cut; the agent's own truncated flag is kept."""
+    assert cap("abc", 2) == ("ab", True)
+    assert cap("abc", 3) == ("abc", False)
+    assert outcome_of_reply(_result(stderr="e" * 9), Via.SSH, 4).stderr == "eeee"
+    assert outcome_of_reply(_result(stdout="ok", truncated=True), Via.SSH, 4).truncated is True
+    assert outcome_of_reply(_result(stdout="ok"), Via.SSH, 4).truncated is False
+
+
+def test_timeout_and_undeliverable_outcomes() -> None:
+    """A NATS timeout is timed_out on its path; undeliverable has no path."""
+    assert timed_out(Via.SSH, 12.0).status == CommandStatus.TIMED_OUT
+    assert timed_out(Via.SSH, 12.0).via == Via.SSH
+    assert undeliverable("nobody").status == CommandStatus.UNDELIVERABLE
+    assert undeliverable("nobody").via is None
+
+
+class FakeNats:
+    """Answers requests from a script of exceptions or replies, recording subjects (unit tests only)."""
+
+    def __init__(self, script: dict[str, BaseException | bytes]) -> None:
+        self.script = script
+        self.requests: list[tuple[str, bytes]] = []
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Any:
+        """Record the request and play the scripted answer for the subject's kind."""
+        self.requests.append((subject, payload))
+        kind = subject.split(".")[1]
+        answer = self.script[kind]
+        if isinstance(answer, BaseException):
+            raise answer
+
+        class Reply:
+            data = answer
+
+        return Reply()
+
+
+def _runner(fake: FakeNats, sessions: Any = None) -> Runner:
+    settings = ApiSettings(exec_grace=1.0, max_output_chars=100)
+    return Runner(cast(NATS, fake), sessions, settings, TaskTracker())
+
+
+def _host() -> Host:
+    return Host(id="h1", address="10.0.0.1", ssh_port=2222, ssh_user="ops", host_key="ssh-ed25519 AAAA")
+
+
+async def test_send_falls_back_only_on_no_responders() -> None:
+    """Agent no responders → SSH with the same id and target; SSH no responders → undeliverable."""
+    fake = FakeNats({"agent": nats.errors.NoRespondersError(), "ssh": _result(exit_code=0)})
+    outcome = await _runner(fake).send("h1", "c1", "true", 5, _target())  # type: ignore[arg-type]
+    assert outcome.via == Via.SSH
+    assert [s for s, _ in fake.requests] == ["warlock.agent.h1.exec", "warlock.ssh.h1.exec"]
+    ssh = decode_model(SshExecRequest, fake.requests[1][1])
+    assert ssh.command_id == "c1"
+    assert ssh.target == _target()
+    fake = FakeNats({"agent": nats.errors.NoRespondersError(), "ssh": nats.errors.NoRespondersError()})
+    outcome = await _runner(fake).send("h1", "c1", "true", 5, _target())  # type: ignore[arg-type]
+    assert outcome.status == CommandStatus.UNDELIVERABLE
+
+
+@pytest.mark.parametrize(
+    "failure", [nats.errors.TimeoutError(), nats.errors.ConnectionClosedError()], ids=["timeout", "closed"]
+)
+async def test_send_never_falls_back_on_other_failures(failure: BaseException) -> None:
+    """A timeout (timed_out) or a closed connection (undeliverable) never reaches the SSH subject."""
+    fake = FakeNats({"agent": failure, "ssh": _result()})
+    outcome = await _runner(fake).send("h1", "c1", "true", 5, _target())  # type: ignore[arg-type]
+    assert [s for s, _ in fake.requests] == ["warlock.agent.h1.exec"]
+    expected = CommandStatus.TIMED_OUT if isinstance(failure, nats.errors.TimeoutError) else "undeliverable"
+    assert outcome.status == expected
+
+
+def _target() -> Any:
+    from services.api.runner import ssh_target
+
+    return ssh_target(_host())
+
+
+class BrokenSession:
+    """A session whose commit fails like a database that went away."""
+
+    async def __aenter__(self) -> BrokenSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def add(self, _row: object) -> None:
+        """Accept the row."""
+
+    async def commit(self) -> None:
+        """Fail as an unreachable database does."""
+        raise OperationalError("INSERT", {}, ConnectionRefusedError("db down"))
+
+
+async def test_run_sends_nothing_when_the_pending_row_cannot_be_committed() -> None:
+    """If the pending CommandRun cannot be committed, the error propagates and no request is sent."""
+    fake = FakeNats({"agent": _result(), "ssh": _result()})
+    runner = _runner(fake, sessions=BrokenSession)
+    with pytest.raises(OperationalError):
+        await runner.run(_host(), ExecBody(command="true"), requested_by="k")
+    assert fake.requests == []
+
+
+def test_utc_datetime_round_trip() -> None:
+    """Aware datetimes are stored as UTC and read back aware; naive ones are refused."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    column = UtcDateTime()
+    lite = sqlite.dialect()
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
+    local = datetime(2024, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    stored = column.process_bind_param(local, lite)
+    assert stored == datetime(2024, 1, 1, 10)
+    assert column.process_result_value(stored, lite) == datetime(2024, 1, 1, 10, tzinfo=UTC)
+    assert column.process_bind_param(local, pg) == local
+    with pytest.raises(ValueError, match="naive"):
+        column.process_bind_param(datetime(2024, 1, 1), lite)
+
+
+def test_parse_host_target_subject() -> None:
+    """warlock.host.<host>.target gives the host; anything else is refused."""
+    assert parse_host_target("warlock.host.web-1.target") == "web-1"
+    with pytest.raises(InvalidIdError):
+        parse_host_target("warlock.host.Web.target")
+    with pytest.raises(InvalidIdError):
+        parse_host_target("warlock.agent.web.exec")
+
+
+def test_auth_cache_expires_and_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached key name is served until its TTL ends; TTL 0 caches nothing."""
+    now = [100.0]
+    monkeypatch.setattr("services.api.deps.time.monotonic", lambda: now[0])
+    cache = AuthCache(ttl=5)
+    cache.put("h", "ops")
+    assert cache.get("h") == "ops"
+    now[0] += 6
+    assert cache.get("h") is None
+    off = AuthCache(ttl=0)
+    off.put("h", "ops")
+    assert off.get("h") is None
+
+
+async def test_unexpected_errors_become_json_500_without_traceback() -> None:
+    """An exception no handler knows becomes a JSON 500 whose body carries no traceback."""
+    import httpx
+    from fastapi import FastAPI
+
+    from services.api.main import JsonServerErrors, install_error_handlers
+
+    app = FastAPI()
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    @app.get("/db")
+    async def db() -> None:
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("down"))
+
+    install_error_handlers(app)
+    app.add_middleware(JsonServerErrors)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        boom_response = await client.get("/boom")
+        db_response = await client.get("/db")
+    assert boom_response.status_code == 500
+    assert boom_response.json() == {"detail": "internal error"}
+    assert db_response.status_code == 503
+    assert db_response.json() == {"detail": "database unavailable"}
