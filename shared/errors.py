@@ -47,6 +47,26 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+# After an error reply with one of these codes the command certainly did not run: the caller may record
+# it as failed (and a client may retry).
+NOTHING_RAN = frozenset(
+    {
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.BUSY,
+        ErrorCode.EXEC_FAILED,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.CONNECT_FAILED,
+        ErrorCode.AUTH_FAILED,
+        ErrorCode.HOST_KEY_MISMATCH,
+        ErrorCode.INTERNAL,
+    }
+)
+# After these the command may have run: its outcome is unknown and it is never re-sent.
+MAY_HAVE_RUN = frozenset({ErrorCode.TIMEOUT, ErrorCode.DISCONNECTED, ErrorCode.UNKNOWN_RESULT})
+
+
 class WarlockError(Exception):
     """Base of every error Warlock raises on purpose."""
 

@@ -63,12 +63,19 @@ def agent_requests(host: str) -> str:
     return f"{PREFIX}.agent.{host_id(host)}.*"
 
 
+def _host_of(subject: str, kind: str, verb: str | None) -> tuple[HostId, list[str]]:
+    """Check ``warlock.<kind>.<host>[.<verb>]`` (verb None: any one verb) and return the host and parts."""
+    parts = subject.split(".")
+    want = 3 if verb == "" else 4
+    if len(parts) != want or parts[:2] != [PREFIX, kind] or (verb and parts[3] != verb):
+        raise InvalidIdError(f"not a {kind} subject of the expected shape: {subject[:120]!r}")
+    return host_id(parts[2]), parts
+
+
 def parse_agent_request(subject: str) -> tuple[HostId, str]:
     """Split ``warlock.agent.<host>.<verb>`` into (host, verb); raise InvalidIdError otherwise."""
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "agent":
-        raise InvalidIdError(f"not an agent request subject: {subject[:120]!r}")
-    return host_id(parts[2]), parts[3]
+    host, parts = _host_of(subject, "agent", None)
+    return host, parts[3]
 
 
 def ssh_exec(host: str) -> str:
@@ -83,15 +90,17 @@ def ssh_exec_wildcard() -> str:
 
 def parse_ssh_exec(subject: str) -> HostId:
     """Return the host of a ``warlock.ssh.<host>.exec`` subject; raise InvalidIdError otherwise."""
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[:2] != [PREFIX, "ssh"] or parts[3] != "exec":
-        raise InvalidIdError(f"not an SSH exec subject: {subject[:120]!r}")
-    return host_id(parts[2])
+    return _host_of(subject, "ssh", "exec")[0]
 
 
 def host_target(host: str) -> str:
     """Subject on which the API answers the SSH target (address, user, pinned key) of `host`."""
     return f"{PREFIX}.host.{host_id(host)}.target"
+
+
+def parse_host_target(subject: str) -> HostId:
+    """Return the host of a ``warlock.host.<host>.target`` subject; raise InvalidIdError otherwise."""
+    return _host_of(subject, "host", "target")[0]
 
 
 def host_target_wildcard() -> str:
@@ -119,6 +128,21 @@ def gateway_sessions(gateway_id: str) -> str:
     return f"{PREFIX}.gateway.{host_id(gateway_id)}.sessions"
 
 
+def parse_result(subject: str) -> HostId:
+    """Return the host of a ``warlock.result.<host>`` subject; raise InvalidIdError otherwise."""
+    return _host_of(subject, "result", "")[0]
+
+
+def parse_metrics(subject: str) -> HostId:
+    """Return the host of a ``warlock.metrics.<host>`` subject; raise InvalidIdError otherwise."""
+    return _host_of(subject, "metrics", "")[0]
+
+
+def parse_presence(subject: str) -> HostId:
+    """Return the host of a ``warlock.presence.<host>`` subject; raise InvalidIdError otherwise."""
+    return _host_of(subject, "presence", "")[0]
+
+
 def session_claim(host: str) -> str:
     """Subject on which a gateway announces a new session for `host` (older ones close)."""
     return f"{PREFIX}.session.{host_id(host)}.claim"
@@ -126,7 +150,4 @@ def session_claim(host: str) -> str:
 
 def parse_session_claim(subject: str) -> HostId:
     """Return the host of a ``warlock.session.<host>.claim`` subject; raise InvalidIdError otherwise."""
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[:2] != [PREFIX, "session"] or parts[3] != "claim":
-        raise InvalidIdError(f"not a session claim subject: {subject[:120]!r}")
-    return host_id(parts[2])
+    return _host_of(subject, "session", "claim")[0]

@@ -31,7 +31,7 @@ from services.api.runner import late_result_values, ssh_target
 from services.api.tasks import TaskTracker
 from shared import subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
-from shared.natsx import error, reply
+from shared.natsx import error, respond
 from shared.protocol import (
     ExecResult,
     Message,
@@ -49,14 +49,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "warlock-api"
 DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
-
-
-def parse_host_target(subject: str) -> str:
-    """Return the host of a ``warlock.host.<host>.target`` subject; raise InvalidIdError otherwise."""
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[:2] != [subjects.PREFIX, "host"] or parts[3] != "target":
-        raise InvalidIdError(f"not a host target subject: {subject[:120]!r}")
-    return subjects.host_id(parts[2])
 
 
 class Bus:
@@ -137,7 +129,7 @@ class Bus:
         except ProtocolError as exc:
             message = error(ErrorCode.BAD_REQUEST, exc.message)
         try:
-            await reply(self.nc, req._msg, message)
+            await respond(req, message)
         except nats.errors.Error as exc:
             log.warning("%s: reply not sent: %s", name, exc)
 
@@ -158,7 +150,7 @@ class Bus:
 
     async def _target(self, subject: str) -> Message:
         try:
-            host_id = parse_host_target(subject)
+            host_id = subjects.parse_host_target(subject)
         except InvalidIdError as exc:
             return error(ErrorCode.BAD_REQUEST, str(exc))
         async with self.sessions() as session:
@@ -208,7 +200,11 @@ class Bus:
         except ProtocolError as exc:
             log.warning("bad late result on %s skipped: %s", msg.subject, exc.message)
             return
-        host = msg.subject.split(".")[2] if msg.subject.count(".") == 2 else ""
+        try:
+            host = subjects.parse_result(msg.subject)
+        except InvalidIdError as exc:
+            log.warning("late result on a bad subject skipped: %s", exc)
+            return
         self._spawn(self._late_result(host, result), f"result-{result.command_id}")
 
     async def _late_result(self, host: str, result: ExecResult) -> None:

@@ -33,7 +33,7 @@ from services.api.models import CommandRun, CommandRunPublic, CommandStatus, Exe
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
 from shared import subjects
-from shared.errors import ErrorCode, ProtocolError
+from shared.errors import MAY_HAVE_RUN, ErrorCode, ProtocolError
 from shared.ids import CommandId, new_command_id
 from shared.protocol import (
     ErrorReply,
@@ -47,23 +47,6 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 
-# Error replies after which the command certainly did not run (final: failed).
-NOTHING_RAN = frozenset(
-    {
-        ErrorCode.BAD_REQUEST,
-        ErrorCode.UNAUTHORIZED,
-        ErrorCode.BUSY,
-        ErrorCode.EXEC_FAILED,
-        ErrorCode.UNAVAILABLE,
-        ErrorCode.NOT_FOUND,
-        ErrorCode.CONNECT_FAILED,
-        ErrorCode.AUTH_FAILED,
-        ErrorCode.HOST_KEY_MISMATCH,
-        ErrorCode.INTERNAL,
-    }
-)
-# Error replies after which the command may have run (timed_out: outcome unknown, never re-sent).
-MAY_HAVE_RUN = frozenset({ErrorCode.TIMEOUT, ErrorCode.DISCONNECTED, ErrorCode.UNKNOWN_RESULT})
 OPEN = (CommandStatus.PENDING, CommandStatus.RUNNING)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import NatsSettings
@@ -21,6 +21,7 @@ class ApiSettings(NatsSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="HTTP port")
     database_url: str = Field(
         default=DEFAULT_DATABASE_URL,
+        validation_alias=AliasChoices("WARLOCK_API_DATABASE_URL", "WARLOCK_DATABASE_URL"),
         description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db",
     )
     api_key_file: Path = Field(

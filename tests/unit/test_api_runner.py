@@ -10,12 +10,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from sqlalchemy.exc import OperationalError
 
-from services.api.bus import parse_host_target
 from services.api.deps import AuthCache
 from services.api.models import CommandStatus, ExecBody, Host, UtcDateTime, Via
 from services.api.runner import (
-    MAY_HAVE_RUN,
-    NOTHING_RAN,
     Runner,
     cap,
     outcome_of_reply,
@@ -24,7 +21,8 @@ from services.api.runner import (
 )
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
-from shared.errors import ErrorCode, InvalidIdError
+from shared import subjects
+from shared.errors import MAY_HAVE_RUN, NOTHING_RAN, ErrorCode, InvalidIdError
 from shared.natsx import error
 from shared.protocol import ExecResult, SshExecRequest, decode_model, encode
 
@@ -186,11 +184,11 @@ def test_utc_datetime_round_trip() -> None:
 
 def test_parse_host_target_subject() -> None:
     """warlock.host.<host>.target gives the host; anything else is refused."""
-    assert parse_host_target("warlock.host.web-1.target") == "web-1"
+    assert subjects.parse_host_target("warlock.host.web-1.target") == "web-1"
     with pytest.raises(InvalidIdError):
-        parse_host_target("warlock.host.Web.target")
+        subjects.parse_host_target("warlock.host.Web.target")
     with pytest.raises(InvalidIdError):
-        parse_host_target("warlock.agent.web.exec")
+        subjects.parse_host_target("warlock.agent.web.exec")
 
 
 def test_auth_cache_expires_and_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
