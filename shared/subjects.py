@@ -14,6 +14,7 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.session.<host>.claim     | publish          | gateways: newest session wins      |
 | warlock.auth.verify              | request          | the token authority                |
 | warlock.gateway.<id>.sessions   | request (micro)  | a gateway: the hosts it holds      |
+| warlock.ssh.<worker>.status     | request (micro)  | an SSH worker: pool counters       |
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
 | warlock.host.<host>.target       | request          | the API: SSH target (address, user, pinned key) |
 """
@@ -91,6 +92,11 @@ def ssh_exec_wildcard() -> str:
 def parse_ssh_exec(subject: str) -> HostId:
     """Return the host of a ``warlock.ssh.<host>.exec`` subject; raise InvalidIdError otherwise."""
     return _host_of(subject, "ssh", "exec")[0]
+
+
+def ssh_worker_status(worker_id: str) -> str:
+    """Subject of an SSH fallback worker's micro status endpoint."""
+    return f"{PREFIX}.ssh.{host_id(worker_id)}.status"
 
 
 def host_target(host: str) -> str:

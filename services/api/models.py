@@ -14,6 +14,7 @@ from pydantic import StringConstraints, computed_field
 from sqlalchemy import JSON, Dialect, Index, String, Text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
+from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models declare
 
 from shared.ids import HOST_ID_PATTERN
 from shared.protocol import DEFAULT_TIMEOUT_S, MAX_COMMAND_CHARS, MAX_TIMEOUT_S
@@ -95,7 +96,9 @@ class HostBase(SQLModel):
 
 
 class HostCreate(HostBase):
-    """Body of ``POST /api/hosts``."""
+    """Body of ``POST /api/hosts``; unknown fields are refused (422), not ignored."""
+
+    model_config = SQLModelConfig(extra="forbid")
 
     id: str = Field(schema_extra={"pattern": HOST_ID_PATTERN}, description="host id, [a-z0-9_-]{1,63}")
     ssh_check: bool = Field(
@@ -163,7 +166,9 @@ class AgentPublic(AgentConnectionBase):
 
 
 class ExecBody(SQLModel):
-    """Body of ``POST /api/hosts/{host}/exec``."""
+    """Body of ``POST /api/hosts/{host}/exec``; unknown fields are refused (422), not ignored."""
+
+    model_config = SQLModelConfig(extra="forbid")
 
     command: str = Field(min_length=1, max_length=MAX_COMMAND_CHARS)
     timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")

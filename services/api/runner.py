@@ -215,6 +215,7 @@ class Runner:
         ssh_request = SshExecRequest(
             command=command, timeout=command_timeout, command_id=command_id, target=target
         )
+        wait = command_timeout + self.settings.ssh_grace
         try:
             msg = await self.nc.request(subjects.ssh_exec(host_id), encode(ssh_request), timeout=wait)
         except nats.errors.NoRespondersError:

@@ -33,7 +33,15 @@ class ApiSettings(NatsSettings):
     max_output_chars: int = Field(
         default=64 * 1024, ge=0, description="characters of stdout and of stderr kept per CommandRun"
     )
-    probe_timeout: float = Field(default=15.0, gt=0, description="seconds to wait for an SSH probe answer")
+    ssh_grace: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds the SSH exec request waits beyond the command timeout: the worker may queue "
+        "for a channel (10 s) and connect (10 s) before the command starts, then adds its own 5 s grace",
+    )
+    probe_timeout: float = Field(
+        default=35.0, gt=0, description="seconds to wait for an SSH probe (up to 3 connects of 10 s each)"
+    )
     auth_cache_ttl: float = Field(
         default=5.0, ge=0, description="seconds a verified API key hash is cached (0: look up every request)"
     )

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
 
@@ -21,13 +22,14 @@ pytestmark = pytest.mark.e2e
 
 
 async def test_dev_stack_runs_a_command_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """dev.json appears (0600), a NATS request runs a command, SIGINT stops all and removes dev.json."""
+    """dev.json appears (0600); REST and NATS run a command; SIGINT stops all and removes dev.json."""
     state = tmp_path / "state"
     env = {
         **os.environ,
         "WARLOCK_DEV_DIR": str(state),
         "WARLOCK_DEV_NATS_PORT": "0",
         "WARLOCK_DEV_GATEWAY_PORT": "0",
+        "WARLOCK_DEV_API_PORT": "0",
         "WARLOCK_DEV_HOST_ID": "devbox",
     }
     log = (tmp_path / "run.log").open("wb")
@@ -43,6 +45,18 @@ async def test_dev_stack_runs_a_command_and_stops_on_ctrl_c(tmp_path: Path) -> N
         info = json.loads(dev_json.read_text())
         assert info["hosts"] == ["devbox"]
         assert "4222" not in info["nats_url"]
+        key = Path(info["api_key_file"]).read_text().strip()
+        assert stat.S_IMODE(Path(info["api_key_file"]).stat().st_mode) == 0o600
+        async with httpx.AsyncClient(base_url=info["api_url"], timeout=30) as http:
+            answer = await http.post(
+                "/api/hosts/devbox/exec",
+                json={"command": "echo via-api"},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert answer.status_code == 200, answer.text
+            assert (answer.json()["via"], answer.json()["stdout"]) == ("agent", "via-api\n")
+            unauthorized = await http.get("/api/hosts")
+            assert unauthorized.status_code == 401
 
         nc = await nats.connect(info["nats_url"])
         try:
@@ -52,9 +66,11 @@ async def test_dev_stack_runs_a_command_and_stops_on_ctrl_c(tmp_path: Path) -> N
         reply = decode_exec_reply(msg.data)
         assert isinstance(reply, ExecResult)
         assert reply.stdout == "hello\n"
-        assert "warlock.agent.devbox.exec" in (tmp_path / "run.log").read_text()
+        banner = (tmp_path / "run.log").read_text()
+        assert "warlock.agent.devbox.exec" in banner
+        assert f"{info['api_url']}/api/hosts/devbox/exec" in banner
         children = [int(p) for p in _children(proc.pid)]
-        assert len(children) == 4  # nats-server, token authority, gateway, agent
+        assert len(children) == 5  # nats-server, API, SSH fallback worker, gateway, agent
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,21 @@ class Gateway:
         self.gateway_id = match.group(1)
         self.url = match.group(2)
         self.port = int(match.group(3))
+
+
+class Api:
+    """A running `warlock-api` process: its URL, database and bootstrap key."""
+
+    def __init__(self, proc: Proc, database_url: str, key_file: Path) -> None:
+        self.proc = proc
+        self.database_url = database_url
+        self.url = proc.wait_for(r"api listening on (http://\S+)", timeout=60).group(1)
+        self.key = key_file.read_text().strip()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers carrying the bootstrap API key."""
+        return {"Authorization": f"Bearer {self.key}"}
 
 
 class Stack:
@@ -81,6 +97,32 @@ class Stack:
         env = self.env(WARLOCK_GATEWAY_PORT=str(port), WARLOCK_GATEWAY_GATEWAY_ID=name)
         env.update({f"WARLOCK_GATEWAY_{k.upper()}": v for k, v in settings.items()})
         return Gateway(self.start(name, [str(BIN / "warlock-gateway")], env))
+
+    def start_api(self, database_url: str, name: str = "api", port: int = 0) -> Api:
+        """Start `warlock-api` on `database_url` (the token authority too) and wait until it listens."""
+        key_file = self.root / "api-key"
+        env = self.env(
+            WARLOCK_API_PORT=str(port),
+            WARLOCK_API_DATABASE_URL=database_url,
+            WARLOCK_API_API_KEY_FILE=str(key_file),
+        )
+        return Api(self.start(name, [str(BIN / "warlock-api")], env), database_url, key_file)
+
+    def start_fallback(self, key_file: Path, name: str = "ssh-worker") -> Proc:
+        """Start the SSH fallback worker with `key_file` and wait until it serves."""
+        proc = self.start(
+            name, [str(BIN / "warlock-fallback-ssh")], self.env(WARLOCK_SSH_KEY_FILE=str(key_file))
+        )
+        proc.wait_for(r"ssh fallback worker \S+ ready")
+        return proc
+
+    def agent_token(self, api: Api, host: str) -> str:
+        """Issue `host` an agent token in the API's database (`warlock agent-token`); return it."""
+        env = {**os.environ, **self.env(WARLOCK_API_DATABASE_URL=api.database_url)}
+        out = subprocess.run(
+            [str(BIN / "warlock"), "agent-token", host], env=env, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
 
     def write_agent_config(self, name: str, host_id: str, token: str, urls: list[str], **cfg: Any) -> Path:
         """Write an agent config file (0600) and return its path."""

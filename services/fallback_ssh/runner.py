@@ -1,0 +1,77 @@
+"""Run one command over a pooled SSH channel, with the agent's semantics (see `execution`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncssh
+
+from services.fallback_ssh.errors import Disconnected
+from services.fallback_ssh.execution import OutputCap, build_result, exit_outcome, wrap_command
+from services.fallback_ssh.pool import Pool
+from shared.ids import CommandId
+from shared.protocol import ExecResult, SshTarget
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+
+
+async def _drain(stream: asyncssh.SSHReader[bytes], cap: OutputCap) -> None:
+    """Read `stream` to its end, feeding `cap` (keeps reading past the cap so the channel never stalls)."""
+    while chunk := await stream.read(CHUNK):
+        cap.feed(chunk)
+
+
+async def run_command(
+    pool: Pool,
+    target: SshTarget,
+    command_id: CommandId,
+    command: str,
+    timeout_s: float,
+    max_output_bytes: int,
+    grace_s: float,
+) -> ExecResult:
+    """Run `command` on `target` with a remote timeout that kills its process group; return its result.
+
+    Raises an SshError when nothing ran (connect, auth, host key, busy) or when the connection was lost
+    with the command in flight (`Disconnected`: it may have run).
+    """
+    out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
+    started = time.perf_counter()
+    client_timed_out = False
+    async with pool.process(target, wrap_command(command, timeout_s)) as proc:
+        proc.stdin.write_eof()
+        io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait_closed())
+        try:
+            async with asyncio.timeout(timeout_s + grace_s):
+                await io
+        except TimeoutError:
+            # The remote timeout did not end the channel (something left the process group and
+            # holds the output open): stop waiting and close the channel.
+            client_timed_out = True
+            log.warning(
+                "command %s: channel still open %.1fs after its timeout; closing it", command_id, grace_s
+            )
+            proc.close()
+        except (asyncssh.Error, OSError) as exc:
+            raise Disconnected(
+                f"connection to {target.address}:{target.port} lost while the command ran; it may have run"
+            ) from exc
+        exit_status, exit_signal = proc.exit_status, proc.exit_signal
+    duration_ms = (time.perf_counter() - started) * 1000
+    outcome = exit_outcome(
+        exit_status,
+        exit_signal[0] if exit_signal else None,
+        duration_ms / 1000,
+        timeout_s,
+        client_timed_out,
+    )
+    if outcome is None:
+        raise Disconnected(
+            f"{target.address}:{target.port} closed the channel without an exit status; "
+            "the command may have run"
+        )
+    return build_result(command_id, outcome, out, err, duration_ms)

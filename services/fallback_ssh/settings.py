@@ -1,0 +1,71 @@
+"""Fallback worker settings: ``WARLOCK_SSH_*`` environment variables (plus the shared ``WARLOCK_NATS_URL``).
+
+The private key stays in this process: `key_file` is a path, read once at start by `load_client_key`;
+neither the key nor its path is sent on NATS or written to a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import asyncssh
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared.errors import ConfigError
+from shared.ids import HOST_ID_PATTERN
+from shared.settings import NatsSettings, env_name
+
+MIB = 1024 * 1024
+_INVALID = re.compile(r"[^a-z0-9_-]+")
+
+
+def default_worker_id(hostname: str | None = None) -> str:
+    """Return the hostname lowercased and sanitized to ``[a-z0-9_-]{1,63}`` (``ssh-worker`` if empty)."""
+    base = _INVALID.sub("-", (hostname if hostname is not None else socket.gethostname()).lower())
+    return base.strip("-")[:63] or "ssh-worker"
+
+
+class FallbackSettings(NatsSettings):
+    """Everything the SSH fallback worker needs, read once from the environment in the entrypoint."""
+
+    model_config = SettingsConfigDict(env_prefix="WARLOCK_SSH_")
+
+    key_file: Path = Field(description="private key the worker authenticates with (never sent or logged)")
+    default_username: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_.-]*$", max_length=32)
+    connect_timeout: float = Field(default=10.0, gt=0, description="TCP connect + SSH handshake + auth")
+    idle_timeout: float = Field(default=60.0, gt=0, description="a pooled connection unused this long closes")
+    max_channels_per_host: int = Field(default=8, ge=1, le=64, description="concurrent commands per host")
+    queue_timeout: float = Field(default=10.0, gt=0, description="wait for a free channel, then 'busy'")
+    max_output_bytes: int = Field(default=MIB, ge=1024, description="kept per stream; the rest is dropped")
+    exec_grace: float = Field(default=5.0, ge=0, description="client-side wait beyond a command's timeout")
+    target_lookup_timeout: float = Field(default=2.0, gt=0, description="warlock.host.<host>.target")
+    keepalive_interval: float = Field(default=30.0, ge=0, description="SSH keepalive on pooled connections")
+    drain_timeout: float = Field(default=30.0, ge=0, description="on SIGTERM, wait this long for commands")
+    worker_id: str = Field(default_factory=default_worker_id, pattern=HOST_ID_PATTERN)
+
+    @field_validator("key_file")
+    @classmethod
+    def _readable(cls, value: Path) -> Path:
+        """The key file must exist and be readable by this process."""
+        if not value.is_file():
+            raise ValueError("no such file")
+        if not os.access(value, os.R_OK):
+            raise ValueError("not readable")
+        return value
+
+
+def load_client_key(settings: FallbackSettings) -> asyncssh.SSHKey:
+    """Read the worker's private key once; raise ConfigError (without the key's content) if it cannot."""
+    field = f"key_file ({env_name(FallbackSettings, 'key_file')})"
+    try:
+        return asyncssh.read_private_key(settings.key_file)
+    except asyncssh.KeyImportError as exc:
+        raise ConfigError(
+            field, f"not a usable private key (passphrase keys are not supported): {exc}"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(field, f"cannot read: {exc.strerror or exc}") from exc

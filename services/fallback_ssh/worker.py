@@ -1,0 +1,252 @@
+"""The NATS side of the SSH fallback worker: subscriptions, target lookup, replies, shutdown.
+
+Subscriptions (queue group ``warlock-ssh``): ``warlock.ssh.*.exec`` and ``warlock.ssh.probe``. nats-py
+runs a subscription's callbacks one at a time, so a callback only starts a tracked task; the task runs
+the SSH work and replies. Every outcome is a protocol model: an `ExecResult` / `SshProbeOk`, or an
+`ErrorReply` with the micro error headers; never a traceback, never silence.
+
+The worker also registers the NATS micro service ``warlock-fallback-ssh`` with a ``status`` endpoint
+on ``warlock.ssh.<worker_id>.status`` so ``nats micro ls`` lists it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any, Literal
+
+import asyncssh
+import nats.errors
+import nats.micro
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from services.fallback_ssh import __version__
+from services.fallback_ssh.errors import LookupFailed, SshError
+from services.fallback_ssh.execution import fit_result
+from services.fallback_ssh.pool import Pool
+from services.fallback_ssh.probe import probe
+from services.fallback_ssh.runner import run_command
+from services.fallback_ssh.settings import FallbackSettings
+from shared import subjects
+from shared.errors import ErrorCode, InvalidIdError, ProtocolError
+from shared.ids import new_command_id
+from shared.natsx import error, reply
+from shared.protocol import (
+    ErrorReply,
+    ExecResult,
+    HostTargetRequest,
+    Message,
+    SshExecRequest,
+    SshProbeRequest,
+    SshTarget,
+    decode_model,
+    decode_target_reply,
+    encode,
+)
+
+log = logging.getLogger("services.fallback_ssh")
+
+SERVICE_NAME = "warlock-fallback-ssh"
+
+
+class WorkerStatus(Message):
+    """Answer of the micro ``status`` endpoint: who this worker is and how its pool is doing."""
+
+    type: Literal["ssh_worker_status"] = "ssh_worker_status"
+    worker_id: str
+    version: str
+    connections: int
+    in_flight: int
+    dials: int
+    reuses: int
+    max_channels_per_host: int
+
+
+class Worker:
+    """Answers SSH exec and probe requests from NATS, using one connection pool."""
+
+    def __init__(self, nc: NATS, settings: FallbackSettings, client_key: asyncssh.SSHKey) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.client_key = client_key
+        self.pool = Pool(client_key, settings)
+        self._subs: list[Subscription] = []
+        self._service: Service | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Subscribe and register the micro service."""
+        self.pool.start()
+        self._subs = [
+            await self.nc.subscribe(subjects.ssh_exec_wildcard(), queue=subjects.SSH_QUEUE, cb=self._on_exec),
+            await self.nc.subscribe(subjects.SSH_PROBE, queue=subjects.SSH_QUEUE, cb=self._on_probe),
+        ]
+        self._service = await nats.micro.add_service(
+            self.nc,
+            name=SERVICE_NAME,
+            version=__version__,
+            description="Warlock SSH fallback worker: warlock.ssh.<host>.exec and warlock.ssh.probe",
+            metadata={"worker_id": self.settings.worker_id},
+        )
+        status = subjects.ssh_worker_status(self.settings.worker_id)
+        await self._service.add_endpoint(name="status", subject=status, handler=self._on_status)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled right now."""
+        return len(self._tasks)
+
+    # ------------------------------------------------------------------------- callbacks
+
+    async def _on_exec(self, msg: Msg) -> None:
+        """Start handling an exec request in its own task."""
+        self._spawn(self._answer(msg, self._exec(msg)), f"ssh-exec-{msg.subject}")
+
+    async def _on_probe(self, msg: Msg) -> None:
+        """Start handling a probe request in its own task."""
+        self._spawn(self._answer(msg, self._probe(msg)), "ssh-probe")
+
+    async def _on_status(self, request: Request) -> None:
+        """Answer the micro status endpoint at once."""
+        stats = self.pool.stats()
+        status = WorkerStatus(
+            worker_id=self.settings.worker_id,
+            version=__version__,
+            connections=stats.connections,
+            in_flight=stats.in_flight,
+            dials=stats.dials,
+            reuses=stats.reuses,
+            max_channels_per_host=self.settings.max_channels_per_host,
+        )
+        await request.respond(encode(status))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `coro` in a task the worker tracks until it ends."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg: Msg, work: Coroutine[Any, Any, Message]) -> None:
+        """Await `work` and reply with its message; any failure becomes a typed error reply."""
+        try:
+            answer = await work
+        except asyncio.CancelledError:
+            await self._reply(
+                msg, error(ErrorCode.DISCONNECTED, "the SSH worker stopped with the request in flight")
+            )
+            raise
+        except Exception:
+            log.exception("unexpected failure handling %s", msg.subject)
+            answer = error(ErrorCode.INTERNAL, "internal error in the SSH worker")
+        await self._reply(msg, answer)
+
+    async def _reply(self, msg: Msg, answer: Message) -> None:
+        """Send `answer`, shortened to fit the server's max payload; a NATS failure is logged."""
+        if isinstance(answer, ExecResult):
+            answer = fit_result(answer, self.nc.max_payload)
+        try:
+            await reply(self.nc, msg, answer)
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("could not reply on %s: %s", msg.subject, exc)
+
+    # ------------------------------------------------------------------------- handlers
+
+    async def _exec(self, msg: Msg) -> Message:
+        """Decode an exec request, resolve its target and run it over SSH."""
+        try:
+            host = subjects.parse_ssh_exec(msg.subject)
+            request = decode_model(SshExecRequest, msg.data)
+        except (InvalidIdError, ProtocolError) as exc:
+            return error(ErrorCode.BAD_REQUEST, str(exc))
+        command_id = request.command_id or new_command_id()
+        try:
+            target = request.target or await self._lookup(host)
+            result = await run_command(
+                self.pool,
+                target,
+                command_id,
+                request.command,
+                request.timeout,
+                self.settings.max_output_bytes,
+                self.settings.exec_grace,
+            )
+        except SshError as exc:
+            log.info("command %s on %s: %s: %s", command_id, host, exc.code, exc.description)
+            return error(exc.code, exc.description, command_id)
+        except Exception:
+            # Unexpected: the command may have started, so answer a code that forbids a re-run.
+            log.exception("command %s on %s: unexpected failure", command_id, host)
+            return error(
+                ErrorCode.UNKNOWN_RESULT,
+                "internal error in the SSH worker; the command may have run",
+                command_id,
+            )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "command %s on %s: exit %s in %.1f ms", command_id, host, result.exit_code, result.duration_ms
+            )
+        return result
+
+    async def _lookup(self, host: str) -> SshTarget:
+        """Ask the API for `host`'s SSH target; LookupFailed if it answers an error or nobody answers."""
+        try:
+            answer = await self.nc.request(
+                subjects.host_target(host),
+                encode(HostTargetRequest()),
+                timeout=self.settings.target_lookup_timeout,
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise LookupFailed(f"no API instance answers SSH target lookups for {host}") from exc
+        except nats.errors.TimeoutError as exc:
+            raise LookupFailed(f"SSH target lookup for {host} timed out") from exc
+        try:
+            target = decode_target_reply(answer.data)
+        except ProtocolError as exc:
+            raise LookupFailed(f"SSH target lookup for {host} answered garbage: {exc.message}") from exc
+        if isinstance(target, ErrorReply):
+            raise LookupFailed(target.description, code=target.code)
+        return target
+
+    async def _probe(self, msg: Msg) -> Message:
+        """Decode a probe request and probe the host."""
+        try:
+            request = decode_model(SshProbeRequest, msg.data)
+        except ProtocolError as exc:
+            return error(ErrorCode.BAD_REQUEST, str(exc))
+        try:
+            return await probe(request, self.client_key, self.settings)
+        except SshError as exc:
+            log.info("probe of %s:%s: %s: %s", request.address, request.port, exc.code, exc.description)
+            return error(exc.code, exc.description)
+
+    # ------------------------------------------------------------------------- shutdown
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight ones finish up to `drain_timeout`, close the pool."""
+        for sub in self._subs:
+            try:
+                await sub.drain()  # type: ignore[no-untyped-call]
+            except nats.errors.Error as exc:
+                log.warning("could not drain %s: %s", sub.subject, exc)
+        self._subs = []
+        if self._tasks:
+            log.info(
+                "waiting up to %.0fs for %d request(s) in flight",
+                self.settings.drain_timeout,
+                len(self._tasks),
+            )
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("cancelled %d request(s) still running after the drain timeout", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._service is not None:
+            await self._service.stop()
+            self._service = None
+        await self.pool.close()
