@@ -174,8 +174,36 @@ class Ack(Message):
     command_id: CommandIdField
 
 
-AgentFrame = Annotated[Hello | ExecResult | ExecError | Metrics | Ping | Pong, Field(discriminator="type")]
-GatewayFrame = Annotated[Welcome | Exec | Ack | Ping | Pong, Field(discriminator="type")]
+TokenField = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Sha256Field = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class RotateToken(Message):
+    """Gateway → agent: from now on use `token`; write it to the config file, then answer TokenRotated."""
+
+    type: Literal["rotate_token"] = "rotate_token"
+    rotation_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    token: TokenField
+
+    def __repr__(self) -> str:  # never print the token
+        return f"RotateToken(rotation_id={self.rotation_id!r}, token=<hidden>)"
+
+    __str__ = __repr__
+
+
+class TokenRotated(Message):
+    """Agent → gateway: whether the new token was stored (ok=False: e.g. the token is set by environment)."""
+
+    type: Literal["token_rotated"] = "token_rotated"
+    rotation_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    ok: bool
+    description: Annotated[str, Field(max_length=1024)] = ""
+
+
+AgentFrame = Annotated[
+    Hello | ExecResult | ExecError | Metrics | Ping | Pong | TokenRotated, Field(discriminator="type")
+]
+GatewayFrame = Annotated[Welcome | Exec | Ack | Ping | Pong | RotateToken, Field(discriminator="type")]
 
 # ----------------------------------------------------------------------------- NATS payloads
 
@@ -306,11 +334,119 @@ class HostTargetRequest(Message):
     type: Literal["host_target"] = "host_target"
 
 
+class RotateRequest(Message):
+    """Request on ``warlock.agent.<host>.rotate``: hand the live agent a new token over its session."""
+
+    type: Literal["rotate"] = "rotate"
+    token: TokenField
+
+    def __repr__(self) -> str:  # never print the token
+        return "RotateRequest(token=<hidden>)"
+
+    __str__ = __repr__
+
+
+class RotateOk(Message):
+    """The agent stored the new token; it will use it on its next connection."""
+
+    type: Literal["rotate_ok"] = "rotate_ok"
+    host_id: HostIdField
+
+
+class TokenRevoked(Message):
+    """Published on ``warlock.auth.revoked``: sessions of `host_id` opened with this token hash close (4003)
+    and gateways drop it from their caches. `token_sha256` None: every session of the host closes."""
+
+    type: Literal["token_revoked"] = "token_revoked"
+    host_id: HostIdField
+    token_sha256: Sha256Field | None = None
+
+
+AgentInstallMode = Literal["auto", "systemd", "direct"]
+
+
+class AgentInstallRequest(Message):
+    """Request on ``warlock.ssh.<host>.install``: install or upgrade the agent over SSH.
+
+    The wheel travels base64-encoded and is checked against `wheel_sha256` on the host before anything
+    is changed there. `prefix` is the root the files go under ("/" in production; a scratch directory in
+    tests). `mode`: "systemd" requires systemd; "direct" starts the agent without it (containers);
+    "auto" uses systemd when the host runs it, else reports that it does not and installs nothing.
+    """
+
+    type: Literal["agent_install"] = "agent_install"
+    target: SshTarget
+    host_id: HostIdField
+    token: TokenField
+    gateway_urls: tuple[Annotated[str, Field(pattern=r"^wss?://\S+$", max_length=2048)], ...] = Field(
+        min_length=1, max_length=16
+    )
+    wheel_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+\.whl$", max_length=255)]
+    wheel_b64: str
+    wheel_sha256: Sha256Field
+    prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)] = "/"
+    mode: AgentInstallMode = "auto"
+
+    def __repr__(self) -> str:  # never print the token
+        return f"AgentInstallRequest(host_id={self.host_id!r}, prefix={self.prefix!r}, mode={self.mode!r})"
+
+    __str__ = __repr__
+
+
+class AgentUninstallRequest(Message):
+    """Request on ``warlock.ssh.<host>.uninstall``: stop and remove the agent (a clean host is fine)."""
+
+    type: Literal["agent_uninstall"] = "agent_uninstall"
+    target: SshTarget
+    prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)] = "/"
+
+
+class AgentConfigureRequest(Message):
+    """Request on ``warlock.ssh.<host>.configure``: rewrite the agent's config (new token) and restart it."""
+
+    type: Literal["agent_configure"] = "agent_configure"
+    target: SshTarget
+    host_id: HostIdField
+    token: TokenField
+    gateway_urls: tuple[Annotated[str, Field(pattern=r"^wss?://\S+$", max_length=2048)], ...] = Field(
+        min_length=1, max_length=16
+    )
+    prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)] = "/"
+
+    def __repr__(self) -> str:  # never print the token
+        return f"AgentConfigureRequest(host_id={self.host_id!r}, prefix={self.prefix!r})"
+
+    __str__ = __repr__
+
+
+class InstallStep(Message):
+    """One step of an install/uninstall/configure run, as reported back to the operator."""
+
+    name: Annotated[str, Field(max_length=64)]
+    ok: bool
+    detail: Annotated[str, Field(max_length=4096)] = ""
+
+
+class AgentOpResult(Message):
+    """Answer to install/uninstall/configure: the steps taken and the final state on the host.
+
+    state: "running" (service or process started), "stopped", "removed", "not_installed",
+    "no_systemd" (mode auto on a host without systemd: nothing changed; retry with mode "direct").
+    """
+
+    type: Literal["agent_op_result"] = "agent_op_result"
+    steps: tuple[InstallStep, ...]
+    state: Literal["running", "stopped", "removed", "not_installed", "no_systemd"]
+    systemd: bool
+
+
 ExecReply = Annotated[ExecResult | ErrorReply, Field(discriminator="type")]
 PingReplyMsg = Annotated[PingReply | ErrorReply, Field(discriminator="type")]
 TokenReply = Annotated[TokenOk | ErrorReply, Field(discriminator="type")]
 PresenceEvent = Annotated[PresenceConnected | PresenceDisconnected, Field(discriminator="type")]
 
+RotateReply = Annotated[RotateOk | ErrorReply, Field(discriminator="type")]
+AgentOpReply = Annotated[AgentOpResult | ErrorReply, Field(discriminator="type")]
 ProbeReply = Annotated[SshProbeOk | ErrorReply, Field(discriminator="type")]
 TargetReply = Annotated[SshTarget | ErrorReply, Field(discriminator="type")]
 
@@ -321,6 +457,8 @@ _ping_replies: TypeAdapter[PingReplyMsg] = TypeAdapter(PingReplyMsg)
 _token_replies: TypeAdapter[TokenReply] = TypeAdapter(TokenReply)
 _presence_events: TypeAdapter[PresenceEvent] = TypeAdapter(PresenceEvent)
 _probe_replies: TypeAdapter[ProbeReply] = TypeAdapter(ProbeReply)
+_rotate_replies: TypeAdapter[RotateReply] = TypeAdapter(RotateReply)
+_agent_op_replies: TypeAdapter[AgentOpReply] = TypeAdapter(AgentOpReply)
 _target_replies: TypeAdapter[TargetReply] = TypeAdapter(TargetReply)
 
 T = TypeVar("T")
@@ -400,3 +538,13 @@ def decode_probe_reply(data: bytes | str) -> ProbeReply:
 def decode_target_reply(data: bytes | str) -> TargetReply:
     """Decode the API's answer to an SSH target lookup."""
     return _decode(_target_replies, data)
+
+
+def decode_rotate_reply(data: bytes | str) -> RotateReply:
+    """Decode the gateway's answer to a token rotation."""
+    return _decode(_rotate_replies, data)
+
+
+def decode_agent_op_reply(data: bytes | str) -> AgentOpReply:
+    """Decode the SSH worker's answer to install / uninstall / configure."""
+    return _decode(_agent_op_replies, data)

@@ -15,6 +15,11 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.auth.verify              | request          | the token authority                |
 | warlock.gateway.<id>.sessions   | request (micro)  | a gateway: the hosts it holds      |
 | warlock.ssh.<worker>.status     | request (micro)  | an SSH worker: pool counters       |
+| warlock.agent.<host>.rotate      | request          | the gateway holding <host>: new token |
+| warlock.auth.revoked             | publish          | gateways: close sessions of a revoked token (4003) |
+| warlock.ssh.<host>.install       | request          | SSH worker: install / upgrade the agent |
+| warlock.ssh.<host>.uninstall     | request          | SSH worker: remove the agent       |
+| warlock.ssh.<host>.configure     | request          | SSH worker: rewrite the agent config (new token) |
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
 | warlock.host.<host>.target       | request          | the API: SSH target (address, user, pinned key) |
 """
@@ -34,12 +39,14 @@ API_QUEUE = "warlock-api"
 
 TOKEN_VERIFY = f"{PREFIX}.auth.verify"
 SSH_PROBE = f"{PREFIX}.ssh.probe"
+TOKEN_REVOKED = f"{PREFIX}.auth.revoked"
+SSH_AGENT_OPS = ("install", "uninstall", "configure")
 SESSION_CLAIMS = f"{PREFIX}.session.*.claim"
 ALL_METRICS = f"{PREFIX}.metrics.*"
 ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
 
-AGENT_VERBS = ("exec", "ping")
+AGENT_VERBS = ("exec", "ping", "rotate")
 
 
 def host_id(value: str) -> HostId:
@@ -57,6 +64,11 @@ def agent_exec(host: str) -> str:
 def agent_ping(host: str) -> str:
     """Subject on which the gateway holding `host` answers health pings."""
     return f"{PREFIX}.agent.{host_id(host)}.ping"
+
+
+def agent_rotate(host: str) -> str:
+    """Subject on which the gateway holding `host` hands its agent a new token."""
+    return f"{PREFIX}.agent.{host_id(host)}.rotate"
 
 
 def agent_requests(host: str) -> str:
@@ -92,6 +104,28 @@ def ssh_exec_wildcard() -> str:
 def parse_ssh_exec(subject: str) -> HostId:
     """Return the host of a ``warlock.ssh.<host>.exec`` subject; raise InvalidIdError otherwise."""
     return _host_of(subject, "ssh", "exec")[0]
+
+
+def ssh_agent_op(host: str, op: str) -> str:
+    """Subject on which the SSH worker installs / uninstalls / configures the agent of `host`."""
+    if op not in SSH_AGENT_OPS:
+        raise InvalidIdError(f"unknown agent operation {op!r}")
+    return f"{PREFIX}.ssh.{host_id(host)}.{op}"
+
+
+def ssh_agent_op_wildcard(op: str) -> str:
+    """Wildcard covering one agent operation for every host (the SSH worker's subscription)."""
+    if op not in SSH_AGENT_OPS:
+        raise InvalidIdError(f"unknown agent operation {op!r}")
+    return f"{PREFIX}.ssh.*.{op}"
+
+
+def parse_ssh_agent_op(subject: str) -> tuple[HostId, str]:
+    """Split ``warlock.ssh.<host>.<op>`` for an agent operation into (host, op)."""
+    host, parts = _host_of(subject, "ssh", None)
+    if parts[3] not in SSH_AGENT_OPS:
+        raise InvalidIdError(f"not an agent operation subject: {subject[:120]!r}")
+    return host, parts[3]
 
 
 def ssh_worker_status(worker_id: str) -> str:
