@@ -1,10 +1,12 @@
-"""`make bench`: Warlock's command path and memory beside raw-library baselines, in one run.
+"""`make bench`: Warlock's command paths and memory beside raw-library baselines, in one run.
 
 1. Exec round trip of `true`: NATS request → gateway → agent → /bin/sh, against the same chain built
    from nats-py + websockets + asyncio subprocess with no Warlock code (bench/raw_chain.py). Blocks of
    requests alternate between the two so machine noise hits both alike; p50/p99 and the ratio.
 2. Memory per idle agent on one gateway at 1,000 and 5,000 simulated agents (`warlock-agent swarm`),
    against the raw bridge holding the same number of websockets with one NATS subscription each.
+3. REST exec of `true` via agent and via the SSH worker's pooled connection, beside raw asyncssh on a
+   pooled and on a fresh connection per command (bench/rest.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import nats
 
+from bench.rest import rest_latency
 from shared.tokens import generate_token
 from tests.support.natsserver import NatsServer
 from tests.support.procs import BIN, Proc, free_port, rss_kib
@@ -131,6 +134,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="alternating blocks per chain")
     parser.add_argument("--block", type=int, default=200, help="requests per block")
     parser.add_argument("--agents", type=int, nargs="*", default=[1000, 5000])
+    parser.add_argument("--rest-rounds", type=int, default=5, help="alternating blocks of REST requests")
+    parser.add_argument("--rest-block", type=int, default=100, help="REST requests per block")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
         root = Path(tmp)
@@ -155,6 +160,19 @@ def main() -> None:
             r = memory_raw(root, count)
             print(f"| {count} | {w:.1f} | {r:.1f} | {w / r:.2f}× |", flush=True)
         print("\nTarget: ≤ 25 KiB per idle agent.")
+        rest = rest_latency(root, args.rest_rounds, args.rest_block)
+        print("\n## REST exec of `true` (alternating blocks; SSH account with a plain /bin/sh)\n")
+        print("| path | n | p50 ms | p99 ms |")
+        print("| --- | ---: | ---: | ---: |")
+        print(f"| raw chain (from above) | {len(lat['raw'])} | {raw50:.2f} | {raw99:.2f} |")
+        for label, values in rest.items():
+            print(f"| {label} | {len(values)} | {pct(values, 0.5):.2f} | {pct(values, 0.99):.2f} |")
+        agent50 = pct(rest["REST → agent"], 0.5)
+        pooled50 = pct(rest["REST → SSH worker (pooled)"], 0.5)
+        fresh50 = pct(rest["raw asyncssh, fresh connection per command"], 0.5)
+        print(f"\nREST → agent p50 / raw chain p50: **{agent50 / raw50:.2f}×** (target ≤ 2×)")
+        print(f"fresh SSH per command p50 / REST → agent p50: **{fresh50 / agent50:.1f}×** (target ≥ 50×)")
+        print(f"REST → SSH worker p50 / REST → agent p50: **{pooled50 / agent50:.2f}×** (target ≥ 1×)")
 
 
 if __name__ == "__main__":
