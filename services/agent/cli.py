@@ -25,9 +25,10 @@ from shared.logs import setup_logging
 
 from . import __version__
 from .client import Agent
-from .config import AgentSettings, load_config
+from .config import AgentSettings, load_agent_config
 from .ledger import Ledger
 from .swarm import load_tokens, run_swarm
+from .tokenstore import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ async def _until_signal(main: Callable[[], Coroutine[Any, Any, None]], on_stop: 
             loop.remove_signal_handler(sig)
 
 
-async def _run_agent(settings: AgentSettings, ledger: Ledger) -> None:
+async def _run_agent(settings: AgentSettings, ledger: Ledger, store: TokenStore) -> None:
     """Serve as the agent until a signal stops it; the ledger is compacted and closed on the way out."""
-    agent = Agent(settings, ledger)
+    agent = Agent(settings, ledger, token_store=store)
 
     def stop() -> None:
         log.info("signal received; stopping")
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "swarm":
             asyncio.run(_run_swarm(args.gateway, args.tokens, args.count, args.concurrency))
             return 0
-        settings = load_config(args.config)
+        settings, store = load_agent_config(args.config)
         setup_logging(settings.log_level)
         ledger = Ledger(settings.ledger_path)
         try:
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(
                 "ledger_path", f"cannot open {settings.ledger_path}: {exc.strerror or exc}"
             ) from exc
-        asyncio.run(_run_agent(settings, ledger))
+        asyncio.run(_run_agent(settings, ledger, store))
     except ConfigError as exc:
         print(f"warlock-agent: {exc}", file=sys.stderr)
         return 2

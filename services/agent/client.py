@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from shared.errors import CloseCode, ProtocolError
-from shared.protocol import Message, Metrics, Ping, encode
+from shared.protocol import Message, Metrics, Ping, RotateToken, TokenRotated, encode
 from shared.tokens import fingerprint, hash_token
 
 from . import __version__, dispatch, metrics
@@ -28,6 +29,7 @@ from .commands import Commands
 from .config import AgentSettings
 from .ledger import Ledger, Result
 from .results import Outbox
+from .tokenstore import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,10 @@ class Agent:
         policy: ReconnectPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         shutdown_grace: float = SHUTDOWN_GRACE_S,
+        token_store: TokenStore | None = None,
     ) -> None:
-        self.settings = settings
+        self.settings = settings  # replaced (not mutated) when the token is rotated
+        self.token_store = token_store or TokenStore(config_path=None, from_env=False)
         self.ledger = ledger
         self.policy = policy or ReconnectPolicy(
             initial=settings.backoff_initial,
@@ -193,6 +197,8 @@ class Agent:
                         await self._send(ws, action.message)
                     elif isinstance(action, dispatch.Run):
                         self.commands.start(action.request)
+                    elif isinstance(action, dispatch.Rotate):
+                        await self._send(ws, await self.rotate(action.request))
                     else:
                         await ws.close(action.code, action.reason)
                         return Outcome.CLOSED
@@ -264,10 +270,35 @@ class Agent:
                 self.settings.superseded_backoff,
             )
         elif code == CloseCode.TOKEN_REVOKED:
-            log.error("gateway %s closed the session: token revoked", url)
+            log.warning(
+                "gateway %s closed the session: token revoked; reconnecting with token %s",
+                url,
+                self._fingerprint,
+            )
         else:
             level = logging.INFO if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else logging.WARNING
             log.log(level, "connection to %s closed (code %s%s)", url, code, f": {reason}" if reason else "")
+
+    # ------------------------------------------------------------------ token rotation
+
+    async def rotate(self, request: RotateToken) -> TokenRotated:
+        """Store the new token where the current one came from; on success use it from the next connection."""
+        token = request.token
+        new_fingerprint = fingerprint(hash_token(token))
+        problem = await asyncio.to_thread(self.token_store.store, token)
+        if problem is not None:
+            log.warning("token rotation %s refused: %s", request.rotation_id, problem)
+            return TokenRotated(rotation_id=request.rotation_id, ok=False, description=problem[:1024])
+        self.settings = self.settings.model_copy(update={"token": SecretStr(token)})
+        log.info(
+            "token rotated (%s): fingerprint %s -> %s, stored in %s; used from the next connection",
+            request.rotation_id,
+            self._fingerprint,
+            new_fingerprint,
+            self.token_store.config_path,
+        )
+        self._fingerprint = new_fingerprint
+        return TokenRotated(rotation_id=request.rotation_id, ok=True)
 
     # ------------------------------------------------------------------ results
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
 import tomllib
 from pathlib import Path
@@ -24,6 +25,8 @@ from shared.errors import ConfigError
 from shared.ids import HostIdField
 from shared.settings import WarlockSettings, config_error
 from shared.tokens import is_well_formed
+
+from .tokenstore import TokenStore, token_from_env
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +115,29 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("config", f"{path}: invalid TOML: {exc}") from exc
 
 
+def config_file(path: Path | None) -> Path | None:
+    """The config file to read: `path` (which must exist), else the default one if present, else None."""
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError("config", f"no such file: {path}")
+        return path
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_agent_config(path: Path | None = None) -> tuple[AgentSettings, TokenStore]:
+    """The agent settings (`load_config`) and where a rotated token must be stored."""
+    file = config_file(path)
+    values: dict[str, Any] = _read_toml(file) if file is not None else {}
+    try:
+        settings = AgentSettings(**values)
+    except ValidationError as exc:
+        raise config_error(exc, AgentSettings, str(file or "")) from exc
+    return settings, TokenStore(config_path=file, from_env=token_from_env(os.environ))
+
+
 def load_config(path: Path | None = None) -> AgentSettings:
     """Build the agent settings from `path` (default /etc/warlock/agent.conf, optional) and the environment.
 
     An explicitly given path that does not exist, a TOML syntax error or a bad value raises ConfigError.
     """
-    values: dict[str, Any] = {}
-    source = ""
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError("config", f"no such file: {path}")
-        values, source = _read_toml(path), str(path)
-    elif DEFAULT_CONFIG_PATH.is_file():
-        values, source = _read_toml(DEFAULT_CONFIG_PATH), str(DEFAULT_CONFIG_PATH)
-    try:
-        return AgentSettings(**values)
-    except ValidationError as exc:
-        raise config_error(exc, AgentSettings, source) from exc
+    return load_agent_config(path)[0]

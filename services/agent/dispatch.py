@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 
 from shared.errors import CloseCode, ProtocolError
 from shared.ids import HostId
-from shared.protocol import Ack, Exec, Hello, Message, Ping, Pong, Welcome, decode_gateway_frame
+from shared.protocol import (
+    Ack,
+    Exec,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    RotateToken,
+    Welcome,
+    decode_gateway_frame,
+)
 
 from . import __version__
 from .results import Outbox, Result, fit_result
@@ -38,6 +48,13 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Rotate:
+    """Store `request.token` for later connections, then answer TokenRotated."""
+
+    request: RotateToken
+
+
+@dataclass(frozen=True)
 class Close:
     """Close the connection with `code` and `reason`, then reconnect."""
 
@@ -45,7 +62,7 @@ class Close:
     reason: str
 
 
-Action = Send | Run | Close
+Action = Send | Run | Rotate | Close
 
 
 @dataclass
@@ -84,6 +101,8 @@ def on_frame(state: SessionState, raw: bytes | str, now: float) -> list[Action]:
         return []
     if isinstance(frame, Pong):
         return []
+    if isinstance(frame, RotateToken):
+        return [Rotate(frame)]
     return [Close(CloseCode.POLICY_VIOLATION, "unexpected second welcome")]
 
 

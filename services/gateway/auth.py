@@ -49,15 +49,28 @@ def parse_bearer(header: str | None) -> str | None:
 
 
 class TokenCache:
-    """Positive answers of the authority, by token hash, for `ttl` seconds; at most `size` entries."""
+    """Positive answers of the authority, by token hash, for `ttl` seconds; at most `size` entries.
 
-    __slots__ = ("_clock", "_entries", "size", "ttl")
+    It also remembers revocations for `horizon` seconds, so that an authority answer or an upgrade that
+    was already under way when a revocation arrived cannot bring the revoked token back.
+    """
 
-    def __init__(self, ttl: float, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+    __slots__ = ("_clock", "_entries", "_revoked_hashes", "_revoked_hosts", "horizon", "size", "ttl")
+
+    def __init__(
+        self, ttl: float, size: int, clock: Callable[[], float] = time.monotonic, horizon: float = 120.0
+    ) -> None:
         self.ttl = ttl
         self.size = size
+        self.horizon = horizon
         self._clock = clock
         self._entries: dict[str, tuple[HostId, float]] = {}
+        self._revoked_hashes: dict[str, float] = {}  # token hash → when revoked
+        self._revoked_hosts: dict[HostId, float] = {}  # host → when all its tokens were revoked
+
+    def now(self) -> float:
+        """The cache's clock (monotonic seconds)."""
+        return self._clock()
 
     def get(self, token_hash: str) -> HostId | None:
         """The cached host of `token_hash`, or None when absent or expired."""
@@ -69,9 +82,14 @@ class TokenCache:
             return None
         return entry[0]
 
-    def put(self, token_hash: str, host: HostId) -> None:
-        """Remember that `token_hash` belongs to `host`, evicting the oldest entries when full."""
+    def put(self, token_hash: str, host: HostId, asked_at: float | None = None) -> None:
+        """Remember that `token_hash` belongs to `host`, evicting the oldest entries when full.
+
+        Nothing is stored when the token was revoked since `asked_at` (when the authority was asked).
+        """
         if self.ttl <= 0 or self.size <= 0:
+            return
+        if self.revoked_since(host, token_hash, self._clock() if asked_at is None else asked_at):
             return
         self._entries.pop(token_hash, None)
         while len(self._entries) >= self.size:
@@ -82,6 +100,32 @@ class TokenCache:
         """Drop every entry of `host` (its token was revoked)."""
         for key in [k for k, (h, _) in self._entries.items() if h == host]:
             del self._entries[key]
+
+    def forget(self, token_hash: str) -> None:
+        """Drop the entry of `token_hash`, if any."""
+        self._entries.pop(token_hash, None)
+
+    def revoke(self, host: HostId, token_hash: str | None) -> None:
+        """Drop a revoked token (every token of `host` when `token_hash` is None) and remember that."""
+        now = self._clock()
+        self._revoked_hashes = {k: at for k, at in self._revoked_hashes.items() if at > now - self.horizon}
+        self._revoked_hosts = {k: at for k, at in self._revoked_hosts.items() if at > now - self.horizon}
+        if token_hash is None:
+            self.forget_host(host)
+            self._revoked_hosts[host] = now
+        else:
+            self.forget(token_hash)
+            self._revoked_hashes[token_hash] = now
+        while len(self._revoked_hashes) > max(self.size, 1):
+            del self._revoked_hashes[next(iter(self._revoked_hashes))]
+
+    def revoked_since(self, host: HostId, token_hash: str, since: float) -> bool:
+        """Whether `token_hash` was revoked (recently), or every token of `host` was revoked at or after
+        `since`."""
+        if token_hash in self._revoked_hashes:
+            return True
+        at = self._revoked_hosts.get(host)
+        return at is not None and at >= since
 
     def __len__(self) -> int:
         """Number of entries, expired ones included."""
@@ -102,6 +146,7 @@ class Authenticator:
         host = self.cache.get(token_hash)
         if host is not None:
             return host
+        asked_at = self.cache.now()
         request = encode(TokenVerifyRequest(token_sha256=token_hash))
         try:
             msg = await self.nc.request(subjects.TOKEN_VERIFY, request, timeout=self.timeout)
@@ -116,7 +161,9 @@ class Authenticator:
         except ProtocolError as exc:
             raise AuthorityUnavailable(f"bad answer from the token authority: {exc.message}") from exc
         if isinstance(answer, TokenOk):
-            self.cache.put(token_hash, answer.host_id)
+            if self.cache.revoked_since(answer.host_id, token_hash, asked_at):
+                raise Unauthorized(f"token {fingerprint(token_hash)} was revoked")
+            self.cache.put(token_hash, answer.host_id, asked_at)
             return answer.host_id
         if answer.code == ErrorCode.UNAUTHORIZED:
             raise Unauthorized(f"unknown token {fingerprint(token_hash)}")

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import nats.errors
@@ -24,6 +24,7 @@ from services.gateway.session import (
     Action,
     Busy,
     Close,
+    Confirm,
     Joined,
     Pending,
     Publish,
@@ -55,6 +56,7 @@ from shared.protocol import (
 
 log = logging.getLogger("services.gateway")
 GwSession = Session[ServerConnection]
+VerbHandler = Callable[[GwSession, Msg], Awaitable[None]]
 
 
 def session_log(session: GwSession) -> ContextAdapter:
@@ -74,6 +76,8 @@ class Bridge:
         self.sessions: dict[HostId, GwSession] = {}
         self.stopping = False
         self._closers: set[asyncio.Task[None]] = set()
+        # verb of ``warlock.agent.<host>.<verb>`` → its handler (the gateway adds "rotate")
+        self.verbs: dict[str, VerbHandler] = {"exec": self._start_exec, "ping": self._start_ping}
 
     # ------------------------------------------------------------------------- NATS output
 
@@ -128,6 +132,9 @@ class Bridge:
             elif isinstance(action, Wake):
                 if not action.future.done():
                     action.future.set_result(None)
+            elif isinstance(action, Confirm):
+                if not action.future.done():
+                    action.future.set_result(action.answer)
             else:
                 return action
         return None
@@ -210,14 +217,13 @@ class Bridge:
             await self.answer(msg, error(ErrorCode.BAD_REQUEST, str(exc)))
             return
         session = self.sessions.get(host)
+        handler = self.verbs.get(verb)
         if session is None or session.ended or self.stopping:
             await self.answer(msg, error(ErrorCode.UNAVAILABLE, "agent not connected here; nothing ran"))
-        elif verb == "exec":
-            await self._start_exec(session, msg)
-        elif verb == "ping":
-            await self._start_ping(session, msg)
-        else:
+        elif handler is None:
             await self.answer(msg, error(ErrorCode.BAD_REQUEST, f"unknown verb {verb[:40]!r}"))
+        else:
+            await handler(session, msg)
 
     async def _start_exec(self, session: GwSession, msg: Msg) -> None:
         """Admit an exec request and hand the wait to a session task."""

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from services.gateway import gateway_version
 from services.gateway.auth import Authenticator, TokenCache
 from services.gateway.bridge import Bridge, GwSession, session_log
+from services.gateway.rekey import Rekeyer
 from services.gateway.session import Session, accept_hello, is_dead, max_result_bytes
 from services.gateway.settings import GatewaySettings
 from services.gateway.upgrade import AGENT_PATH, UpgradeGate, peer_of
@@ -55,10 +56,13 @@ class Gateway:
         cache = TokenCache(settings.token_cache_ttl, settings.token_cache_size)
         self.auth = Authenticator(nc, cache, settings.verify_timeout)
         self.gate = UpgradeGate(nc, self.bridge, self.auth)
+        self.rekey = Rekeyer(self.bridge, cache, settings.rotate_timeout)
+        self.bridge.verbs["rotate"] = self.rekey.start_rotation
         self.port = 0
         self._server: Server | None = None
         self._pinger: asyncio.Task[None] | None = None
         self._claims: Subscription | None = None
+        self._revocations: Subscription | None = None
         self._service: Service | None = None
 
     @property
@@ -76,9 +80,10 @@ class Gateway:
         await self.stop()
 
     async def start(self) -> None:
-        """Subscribe to claims, register the micro service, listen, start the pinger."""
+        """Subscribe to claims and revocations, register the micro service, listen, start the pinger."""
         s = self.settings
         self._claims = await self.nc.subscribe(subjects.SESSION_CLAIMS, cb=self.bridge.on_claim)
+        self._revocations = await self.nc.subscribe(subjects.TOKEN_REVOKED, cb=self.rekey.on_revoked)
         self._service = await micro.add_service(
             self.nc, name=SERVICE_NAME, version=gateway_version(), metadata={"gateway_id": s.gateway_id}
         )
@@ -132,6 +137,8 @@ class Gateway:
                 await self._service.stop()
             if self._claims is not None:
                 await self._claims.unsubscribe()
+            if self._revocations is not None:
+                await self._revocations.unsubscribe()
         log.info("gateway %s stopped", s.gateway_id)
 
     async def _sessions_endpoint(self, request: Request) -> None:
@@ -160,7 +167,17 @@ class Gateway:
             self._log_closed(plog, exc, "before hello")
             return
         loop = asyncio.get_running_loop()
-        session = Session(conn, hello, self.bridge.gateway_id, time.time(), loop.time())
+        creds = self.gate.credentials(conn)
+        token_sha256 = creds.token_sha256 if creds is not None else ""
+        session = Session(
+            conn, hello, self.bridge.gateway_id, time.time(), loop.time(), token_sha256=token_sha256
+        )
+        if creds is not None and self.auth.cache.revoked_since(
+            session.host_id, token_sha256, creds.checked_at
+        ):
+            plog.warning("closing 4003: token revoked during the upgrade")
+            await conn.close(CloseCode.TOKEN_REVOKED, "token revoked")
+            return
         if await self._register(session):
             reason, code = await self._serve(session)
             await self.bridge.end(session, reason, code)

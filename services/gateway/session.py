@@ -1,13 +1,14 @@
 """One agent session's state and the gateway's pure decisions about it (sans-I/O).
 
 A `Session` takes decoded frames and NATS requests and answers with actions (`Send`, `Publish`,
-`Settle`, `Wake`, `Close`); `services.gateway.server` carries them out. Nothing here reads a socket
+`Settle`, `Wake`, `Confirm`, `Close`); `services.gateway.server` carries them out. Nothing here reads a socket
 or awaits: the only asyncio objects are the futures the shell's request tasks wait on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -29,9 +30,13 @@ from shared.protocol import (
     MetricsEvent,
     Ping,
     Pong,
+    RotateToken,
     SessionClaim,
+    TokenRevoked,
+    TokenRotated,
     decode_agent_frame,
 )
+from shared.tokens import hashes_equal
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -75,6 +80,14 @@ class Wake:
 
 
 @dataclass(frozen=True, slots=True)
+class Confirm:
+    """Resolve a token-rotation waiter with the agent's answer."""
+
+    future: asyncio.Future[TokenRotated | None]
+    answer: TokenRotated
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the agent's connection with `code`."""
 
@@ -82,7 +95,7 @@ class Close:
     reason: str
 
 
-Action = Send | Publish | Settle | Wake | Close
+Action = Send | Publish | Settle | Wake | Confirm | Close
 
 
 class Pending:
@@ -119,6 +132,7 @@ class Started:
 
 
 Admission = Busy | Joined | Started
+Rotation = tuple[RotateToken, "asyncio.Future[TokenRotated | None]"]
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -160,9 +174,11 @@ class Session(Generic[C]):
         "last_seen",
         "pending",
         "pings",
+        "rotations",
         "session_id",
         "sub",
         "tasks",
+        "token_sha256",
     )
 
     def __init__(
@@ -173,6 +189,7 @@ class Session(Generic[C]):
         connected_at: float,
         last_seen: float,
         session_id: SessionId | None = None,
+        token_sha256: str = "",
     ) -> None:
         self.conn = conn
         self.hello = hello
@@ -184,6 +201,8 @@ class Session(Generic[C]):
         self.ended = False
         self.pending: dict[CommandId, Pending] = {}
         self.pings: dict[str, asyncio.Future[None]] = {}
+        self.rotations: dict[str, asyncio.Future[TokenRotated | None]] = {}
+        self.token_sha256 = token_sha256  # of the token this session authenticated with; never changes
         self.tasks: set[asyncio.Task[None]] = set()
         self.sub: Subscription | None = None
 
@@ -202,6 +221,23 @@ class Session(Generic[C]):
             return False
         return (self.connected_at, self.session_id) < (claim.connected_at, claim.session_id)
 
+    def revoked_by(self, revoked: TokenRevoked) -> bool:
+        """Whether `revoked` ends this session: same host, and its token hash (or every token of the host)."""
+        if revoked.host_id != self.host_id:
+            return False
+        if revoked.token_sha256 is None:
+            return True
+        return bool(self.token_sha256) and hashes_equal(revoked.token_sha256, self.token_sha256)
+
+    def start_rotation(self, token: str, max_in_flight: int) -> Rotation | None:
+        """The RotateToken frame and the future its TokenRotated resolves; None when over the limit."""
+        if len(self.rotations) >= max_in_flight:
+            return None
+        rotation_id = uuid.uuid4().hex[:16]
+        future: asyncio.Future[TokenRotated | None] = asyncio.get_running_loop().create_future()
+        self.rotations[rotation_id] = future
+        return RotateToken(rotation_id=rotation_id, token=token), future
+
     def handle(self, frame: AgentFrame) -> list[Action]:
         """Decide what a frame received after the hello leads to."""
         if isinstance(frame, ExecResult):
@@ -217,6 +253,9 @@ class Session(Generic[C]):
         if isinstance(frame, Metrics):
             event = MetricsEvent(host_id=self.host_id, gateway_id=self.gateway_id, sample=frame.sample)
             return [Publish(subjects.metrics(self.host_id), event)]
+        if isinstance(frame, TokenRotated):
+            rotation = self.rotations.pop(frame.rotation_id, None)
+            return [Confirm(rotation, frame)] if rotation is not None else []  # late: its request is gone
         return [Close(CloseCode.POLICY_VIOLATION, "unexpected hello")]
 
     def _settle(self, command_id: CommandId, reply: ExecResult | ErrorReply) -> list[Action]:
@@ -263,4 +302,8 @@ class Session(Generic[C]):
             if not waiter.done():
                 waiter.set_result(None)  # the waiting task sees `ended` and answers disconnected
         self.pings.clear()
+        for rotation in self.rotations.values():
+            if not rotation.done():
+                rotation.set_result(None)  # no answer: the waiting task answers disconnected
+        self.rotations.clear()
         return pending

@@ -41,5 +41,6 @@ class GatewaySettings(NatsSettings):
     token_cache_size: int = Field(default=10_000, ge=0)
     exec_grace: float = Field(default=5.0, ge=0, description="beyond a command's timeout")
     agent_ping_timeout: float = Field(default=5.0, gt=0, description="health ping round trip")
+    rotate_timeout: float = Field(default=5.0, gt=0, description="token rotation round trip")
     drain_timeout: float = Field(default=10.0, ge=0)
     close_timeout: float = Field(default=5.0, gt=0, description="WebSocket closing handshake")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import http
 import json
 import logging
+import weakref
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +19,7 @@ from websockets.http11 import Request, Response
 
 from services.gateway.auth import Authenticator, AuthorityUnavailable, Unauthorized, parse_bearer
 from services.gateway.bridge import Bridge
+from shared.tokens import hash_token
 
 log = logging.getLogger("services.gateway")
 AGENT_PATH = "/agent"
@@ -37,6 +40,14 @@ def json_response(conn: ServerConnection, status: http.HTTPStatus, body: dict[st
     return response
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How a connection authenticated: its token's hash and when the check began (the cache's clock)."""
+
+    token_sha256: str
+    checked_at: float
+
+
 class UpgradeGate:
     """The ``process_request`` hook: route by path, answer health checks, authenticate agents."""
 
@@ -44,6 +55,13 @@ class UpgradeGate:
         self.nc = nc
         self.bridge = bridge
         self.auth = auth
+        self._credentials: weakref.WeakKeyDictionary[ServerConnection, Credentials] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def credentials(self, conn: ServerConnection) -> Credentials | None:
+        """How `conn` authenticated at its upgrade (None if it did not pass this gate)."""
+        return self._credentials.get(conn)
 
     async def __call__(self, conn: ServerConnection, request: Request) -> Response | None:
         """Return a Response to refuse the upgrade, None to accept it (``conn.username`` = host id)."""
@@ -59,6 +77,7 @@ class UpgradeGate:
         if token is None:
             log.info("rejected %s: missing or malformed bearer token", peer_of(conn))
             return json_response(conn, http.HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
+        checked_at = self.auth.cache.now()
         try:
             host = await self.auth.host_for(token)
         except Unauthorized as exc:
@@ -68,6 +87,7 @@ class UpgradeGate:
             log.warning("rejected %s: %s", peer_of(conn), exc)
             return json_response(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
         conn.username = host  # websockets' attribute for the authenticated identity
+        self._credentials[conn] = Credentials(hash_token(token), checked_at)
         return None
 
     def healthz(self, conn: ServerConnection) -> Response:
