@@ -9,7 +9,10 @@
         ├── Busy                 no free channel for the host in time; nothing ran
         ├── ExecFailed           the host refused to start the command; nothing ran
         ├── Disconnected         the connection was lost with the command in flight; it may have run
-        └── LookupFailed         the target lookup answered an error or nobody answered; nothing ran
+        ├── LookupFailed         the target lookup answered an error or nobody answered; nothing ran
+        ├── InvalidRequest       an agent operation request is unusable (e.g. wheel digest); nothing sent
+        ├── ScriptFailed         an install/configure/uninstall script failed without a final state
+        └── OpTimedOut           an agent operation did not finish in time; it may have partly run
 
 asyncssh and OS errors are translated here, at the boundary, with ``raise ... from exc``.
 """
@@ -79,6 +82,24 @@ class LookupFailed(SshError):
     """The SSH target of a host could not be looked up (code from the API, or unavailable)."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class InvalidRequest(SshError):
+    """An agent operation request cannot be carried out as given; nothing was sent to the host."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class ScriptFailed(SshError):
+    """An agent install/configure/uninstall script failed (a step failed, or it ended without a STATE)."""
+
+    code = ErrorCode.EXEC_FAILED
+
+
+class OpTimedOut(SshError):
+    """An agent operation did not finish within its timeout; it may have partly run on the host."""
+
+    code = ErrorCode.TIMEOUT
 
 
 def connect_error(exc: BaseException, where: str) -> SshError:

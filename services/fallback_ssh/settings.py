@@ -44,6 +44,9 @@ class FallbackSettings(NatsSettings):
     exec_grace: float = Field(default=5.0, ge=0, description="client-side wait beyond a command's timeout")
     target_lookup_timeout: float = Field(default=2.0, gt=0, description="warlock.host.<host>.target")
     keepalive_interval: float = Field(default=30.0, ge=0, description="SSH keepalive on pooled connections")
+    agent_op_timeout: float = Field(
+        default=300.0, gt=0, description="agent install / configure / uninstall over SSH (pip runs there)"
+    )
     drain_timeout: float = Field(default=30.0, ge=0, description="on SIGTERM, wait this long for commands")
     worker_id: str = Field(default_factory=default_worker_id, pattern=HOST_ID_PATTERN)
 

@@ -1,8 +1,10 @@
 """The NATS side of the SSH fallback worker: subscriptions, target lookup, replies, shutdown.
 
-Subscriptions (queue group ``warlock-ssh``): ``warlock.ssh.*.exec`` and ``warlock.ssh.probe``. nats-py
+Subscriptions (queue group ``warlock-ssh``): ``warlock.ssh.*.exec``, ``warlock.ssh.probe`` and the agent
+operations ``warlock.ssh.*.install`` / ``.uninstall`` / ``.configure`` (see `installer`). nats-py
 runs a subscription's callbacks one at a time, so a callback only starts a tracked task; the task runs
-the SSH work and replies. Every outcome is a protocol model: an `ExecResult` / `SshProbeOk`, or an
+the SSH work and replies. Every outcome is a protocol model: an `ExecResult` / `SshProbeOk` /
+`AgentOpResult`, or an
 `ErrorReply` with the micro error headers; never a traceback, never silence.
 
 The worker also registers the NATS micro service ``warlock-fallback-ssh`` with a ``status`` endpoint
@@ -26,8 +28,10 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from services.fallback_ssh import __version__
+from services.fallback_ssh.agent_ops import OP_MODELS, plan
 from services.fallback_ssh.errors import LookupFailed, SshError
 from services.fallback_ssh.execution import fit_result
+from services.fallback_ssh.installer import run_agent_op
 from services.fallback_ssh.pool import Pool
 from services.fallback_ssh.probe import probe
 from services.fallback_ssh.runner import run_command
@@ -86,11 +90,20 @@ class Worker:
             await self.nc.subscribe(subjects.ssh_exec_wildcard(), queue=subjects.SSH_QUEUE, cb=self._on_exec),
             await self.nc.subscribe(subjects.SSH_PROBE, queue=subjects.SSH_QUEUE, cb=self._on_probe),
         ]
+        for op in subjects.SSH_AGENT_OPS:
+            self._subs.append(
+                await self.nc.subscribe(
+                    subjects.ssh_agent_op_wildcard(op), queue=subjects.SSH_QUEUE, cb=self._on_agent_op
+                )
+            )
         self._service = await nats.micro.add_service(
             self.nc,
             name=SERVICE_NAME,
             version=__version__,
-            description="Warlock SSH fallback worker: warlock.ssh.<host>.exec and warlock.ssh.probe",
+            description=(
+                "Warlock SSH fallback worker: warlock.ssh.<host>.exec|install|uninstall|configure "
+                "and warlock.ssh.probe"
+            ),
             metadata={"worker_id": self.settings.worker_id},
         )
         status = subjects.ssh_worker_status(self.settings.worker_id)
@@ -110,6 +123,10 @@ class Worker:
     async def _on_probe(self, msg: Msg) -> None:
         """Start handling a probe request in its own task."""
         self._spawn(self._answer(msg, self._probe(msg)), "ssh-probe")
+
+    async def _on_agent_op(self, msg: Msg) -> None:
+        """Start handling an agent install / uninstall / configure request in its own task."""
+        self._spawn(self._answer(msg, self._agent_op(msg)), f"ssh-agent-op-{msg.subject}")
 
     async def _on_status(self, request: Request) -> None:
         """Answer the micro status endpoint at once."""
@@ -223,6 +240,30 @@ class Worker:
         except SshError as exc:
             log.info("probe of %s:%s: %s: %s", request.address, request.port, exc.code, exc.description)
             return error(exc.code, exc.description)
+
+    async def _agent_op(self, msg: Msg) -> Message:
+        """Decode an agent operation, check it (the wheel's digest) and carry it out over SSH."""
+        try:
+            host, op = subjects.parse_ssh_agent_op(msg.subject)
+            request = decode_model(OP_MODELS[op], msg.data)
+        except (InvalidIdError, ProtocolError) as exc:
+            return error(ErrorCode.BAD_REQUEST, str(exc))
+        try:
+            op_plan = plan(request)
+            log.info("%s of the agent on %s (prefix %s) starting", op, host, request.prefix)
+            result = await run_agent_op(self.pool, request.target, op_plan, self.settings.agent_op_timeout)
+        except SshError as exc:
+            log.info("%s of the agent on %s: %s: %s", op, host, exc.code, exc.description)
+            return error(exc.code, exc.description)
+        log.info(
+            "%s of the agent on %s: %s (systemd %s, %d steps)",
+            op,
+            host,
+            result.state,
+            "yes" if result.systemd else "no",
+            len(result.steps),
+        )
+        return result
 
     # ------------------------------------------------------------------------- shutdown
 
