@@ -105,15 +105,16 @@ if [ "$MODE" = systemd ]; then
     stop_direct && step stop ok "stopped the agent that ran without systemd"
     mkdir -p "$(dirname "$UNIT")" || fail unit "cannot create $(dirname "$UNIT")"
     UNIT_TMP="$UNIT.tmp.$$"
-    # The hardening keeps what does not stop the agent managing the host (it runs commands as root):
+    # The hardening keeps only what does not stop the agent managing the host (its commands must behave
+    # as they would over SSH as root):
     #  - NoNewPrivileges: setuid binaries run by commands gain nothing (the agent is root already).
-    #  - ProtectSystem=full: /usr, /boot and /etc are read-only for the agent and its commands; its own
-    #    config directory stays writable (token rotation). Trade-off: commands that install packages or
-    #    edit /etc fail under it; "strict" would also freeze /var and is not used.
-    #  - PrivateTmp: a private /tmp and /var/tmp for the agent and its commands.
     #  - ProtectControlGroups: services are managed through systemctl (PID 1), not by writing cgroupfs.
-    #  - Not set: ProtectHome (commands manage files in /root and /home), ProtectKernelTunables (sysctl)
-    #    and ProtectKernelModules (modprobe): each would stop ordinary host management.
+    #  - LockPersonality, RestrictRealtime: nothing an admin command needs.
+    #  - Not set, each because it would break ordinary host management: ProtectSystem (read-only /usr and
+    #    /etc: no package installs, no config edits), PrivateTmp (commands would see another /tmp),
+    #    ProtectHome (/root, /home), ProtectKernelTunables (sysctl), ProtectKernelModules (modprobe),
+    #    UMask=0077 (files that commands create would differ from SSH's 0022). The agent's own files get
+    #    their modes explicitly (config 0600, directories 0700).
     cat >"$UNIT_TMP" <<EOF_UNIT
 [Unit]
 Description=Warlock agent (dials out to the Warlock gateways)
@@ -125,12 +126,10 @@ Type=simple
 ExecStart=${AGENT_BIN} run --config ${CONF}
 Restart=on-failure
 RestartSec=5
-UMask=0077
 NoNewPrivileges=yes
-ProtectSystem=full
-ReadWritePaths=-${CONF_DIR} -${STATE_DIR}
-PrivateTmp=yes
 ProtectControlGroups=yes
+LockPersonality=yes
+RestrictRealtime=yes
 
 [Install]
 WantedBy=multi-user.target
