@@ -107,17 +107,48 @@ async def issue_agent_token(session: AsyncSession, host_id: str) -> str:
 
     Any previous token of the host stops being valid.
     """
+    return (await replace_agent_token(session, host_id))[0]
+
+
+async def replace_agent_token(session: AsyncSession, host_id: str) -> tuple[str, str | None]:
+    """As `issue_agent_token`, also returning the hash it replaced (None: the host had no token)."""
     if await session.get(Host, host_id) is None:
         raise NotFound(f"unknown host {host_id[:100]!r}")
     token = generate_token()
     agent = await session.get(AgentConnection, host_id)
     if agent is None:
         agent = AgentConnection(host_id=host_id, status=AgentStatus.DISCONNECTED)
+    previous = agent.token_hash
     agent.token_hash = hash_token(token)
     agent.updated_at = utcnow()
     session.add(agent)
     await session.commit()
-    return token
+    return token, previous
+
+
+async def restore_agent_token(
+    session: AsyncSession, host_id: str, current_hash: str, previous_hash: str | None
+) -> bool:
+    """Put `previous_hash` back if the stored hash is still `current_hash`; commit; return whether it did."""
+    result = await session.exec(
+        update(AgentConnection)
+        .where(col(AgentConnection.host_id) == host_id)
+        .where(col(AgentConnection.token_hash) == current_hash)
+        .values(token_hash=previous_hash, updated_at=utcnow())
+    )
+    await session.commit()
+    return bool(result.rowcount)
+
+
+async def delete_agent(session: AsyncSession, host_id: str) -> tuple[bool, str | None]:
+    """Delete the host's agent record and commit; return whether one existed and its token hash."""
+    agent = await session.get(AgentConnection, host_id)
+    if agent is None:
+        return False, None
+    token_hash = agent.token_hash
+    await session.delete(agent)
+    await session.commit()
+    return True, token_hash
 
 
 async def host_for_token_hash(session: AsyncSession, token_hash: str) -> str | None:

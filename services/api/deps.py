@@ -15,6 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import crud
 from services.api.errors import DatabaseUnavailable, Unauthorized
+from services.api.lifecycle import AgentLifecycle
 from services.api.runner import Runner
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
@@ -57,6 +58,7 @@ class ApiState:
     runner: Runner
     tasks: TaskTracker
     auth_cache: AuthCache
+    lifecycle: AgentLifecycle
     db_ready: bool = False
     db_error: str | None = field(default="not initialised yet")
 
@@ -113,3 +115,11 @@ def get_runner(state: StateDep) -> Runner:
 
 
 RunnerDep = Annotated[Runner, Depends(get_runner)]
+
+
+def get_lifecycle(state: StateDep) -> AgentLifecycle:
+    """The app's agent lifecycle (install, uninstall, health, regenerate-token)."""
+    return state.lifecycle
+
+
+LifecycleDep = Annotated[AgentLifecycle, Depends(get_lifecycle)]

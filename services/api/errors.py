@@ -2,17 +2,22 @@
 
     ApiError (a WarlockError)            status, detail
     ├── NotFound                         404: unknown host or command
-    ├── Conflict                         409: duplicate host id or address
-    ├── SshCheckFailed                   422: the SSH probe reached the worker, the host refused (code)
+    ├── Conflict                         409: duplicate host id or address; no pinned key; no systemd
+    ├── SshCheckFailed                   422: the SSH worker could not reach or log in to the host (code)
+    ├── RemoteFailed                     502: the SSH worker answered with another typed error (code)
+    ├── RemoteTimeout                    504: the SSH worker took too long; the operation may have run
     ├── DependencyUnavailable            503
     │   ├── DatabaseUnavailable          the database cannot be reached or is not initialised
-    │   └── WorkerUnavailable            no SSH worker answered the probe
+    │   ├── WorkerUnavailable            no SSH worker answered
+    │   └── WheelUnavailable (wheel.py)  the agent wheel could not be read or built
     └── Unauthorized                     401: missing or unknown API key
 
 Database driver errors are translated to DatabaseUnavailable by the exception handlers in `main`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from shared.errors import WarlockError
 
@@ -22,10 +27,11 @@ class ApiError(WarlockError):
 
     status = 500
 
-    def __init__(self, detail: str, code: str | None = None) -> None:
+    def __init__(self, detail: str, code: str | None = None, extra: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.code = code
+        self.extra = extra or {}  # more JSON fields of the error body (e.g. install steps)
 
 
 class NotFound(ApiError):
@@ -44,6 +50,18 @@ class SshCheckFailed(ApiError):
     """The worker reached (or failed to reach) the host and said why."""
 
     status = 422
+
+
+class RemoteFailed(ApiError):
+    """The SSH worker reached the host but the operation failed there (typed error code)."""
+
+    status = 502
+
+
+class RemoteTimeout(ApiError):
+    """No answer in time: the operation may have run."""
+
+    status = 504
 
 
 class Unauthorized(ApiError):

@@ -27,10 +27,12 @@ from services.api.bus import Bus
 from services.api.db import SchemaMismatch, initialise, make_engine, sessionmaker
 from services.api.deps import ApiState, AuthCache
 from services.api.errors import ApiError, Unauthorized
+from services.api.lifecycle import AgentLifecycle
 from services.api.routes import api_router
 from services.api.runner import Runner
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
+from services.api.wheel import WheelSource
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.settings import load_settings
@@ -95,7 +97,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
         runner = Runner(nc, sessions, settings, tasks)
-        state = ApiState(settings, engine, sessions, nc, runner, tasks, AuthCache(settings.auth_cache_ttl))
+        lifecycle = AgentLifecycle(
+            nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir)
+        )
+        auth = AuthCache(settings.auth_cache_ttl)
+        state = ApiState(settings, engine, sessions, nc, runner, tasks, auth, lifecycle)
         bus = Bus(nc, sessions, tasks, settings.max_output_chars, ready=lambda: state.db_ready)
         try:
             if not await _try_initialise(state):
@@ -127,6 +133,7 @@ def _error_body(exc: ApiError) -> dict[str, Any]:
     body: dict[str, Any] = {"detail": exc.detail}
     if exc.code is not None:
         body["code"] = exc.code
+    body.update((k, v) for k, v in exc.extra.items() if k not in body)
     return body
 
 

@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import StringConstraints, computed_field
+from pydantic import StringConstraints, computed_field, model_validator
 from sqlalchemy import JSON, Dialect, Index, String, Text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models declare
 
 from shared.ids import HOST_ID_PATTERN
-from shared.protocol import DEFAULT_TIMEOUT_S, MAX_COMMAND_CHARS, MAX_TIMEOUT_S
+from shared.protocol import DEFAULT_TIMEOUT_S, MAX_COMMAND_CHARS, MAX_TIMEOUT_S, AgentInstallMode
 
 SCHEMA_VERSION = 1
 
@@ -104,6 +104,18 @@ class HostCreate(HostBase):
     ssh_check: bool = Field(
         default=True, description="probe the host over SSH and pin its host key (trust on first use)"
     )
+    install_agent: bool = Field(
+        default=False, description="after adding the host, install the agent over SSH (needs ssh_check)"
+    )
+    install_mode: AgentInstallMode = Field(
+        default="auto", description="with install_agent: auto, systemd or direct (no systemd)"
+    )
+
+    @model_validator(mode="after")
+    def _install_needs_check(self) -> HostCreate:
+        if self.install_agent and not self.ssh_check:
+            raise ValueError("install_agent needs ssh_check: the install goes over SSH to a pinned host key")
+        return self
 
 
 class Host(HostBase, table=True):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import NatsSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///.warlock/warlock.db"
+_GATEWAY_URL = re.compile(r"^wss?://\S+$")  # as shared.protocol.AgentInstallRequest.gateway_urls
+MAX_GATEWAY_URLS = 16
+MAX_URL_CHARS = 2048
 
 
 class ApiSettings(NatsSettings):
@@ -51,3 +55,48 @@ class ApiSettings(NatsSettings):
     shutdown_timeout: float = Field(
         default=10.0, ge=0, description="seconds in-flight commands may finish at shutdown (then: pending)"
     )
+    agent_wheel: Path | None = Field(
+        default=None,
+        description="a prebuilt agent wheel to install on hosts; unset: built from this source tree on "
+        "first use (pip wheel) into wheel_dir",
+    )
+    wheel_dir: Path = Field(
+        default=Path(".warlock/wheels"),
+        description="where the agent wheel is built when agent_wheel is unset",
+    )
+    gateway_urls: str = Field(
+        default="ws://127.0.0.1:8765/agent",
+        description="gateway URLs written into installed agents' config, comma-separated",
+    )
+    install_timeout: float = Field(
+        default=300.0, gt=0, description="seconds the SSH worker may take to install the agent on a host"
+    )
+    agent_op_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds the SSH worker may take to uninstall or reconfigure an agent",
+    )
+    health_timeout: float = Field(
+        default=5.0, gt=0, description="seconds a health ping through the gateway may take"
+    )
+    ssh_health_timeout: float = Field(
+        default=20.0, gt=0, description="seconds the SSH reachability check of a health request may take"
+    )
+    rotate_timeout: float = Field(
+        default=10.0, gt=0, description="seconds the live agent may take to store a regenerated token"
+    )
+
+    @field_validator("gateway_urls")
+    @classmethod
+    def _gateway_urls_valid(cls, value: str) -> str:
+        urls = [u.strip() for u in value.split(",") if u.strip()]
+        if not urls or len(urls) > MAX_GATEWAY_URLS:
+            raise ValueError(f"give 1 to {MAX_GATEWAY_URLS} comma-separated ws:// or wss:// URLs")
+        for url in urls:
+            if not _GATEWAY_URL.fullmatch(url) or len(url) > MAX_URL_CHARS:
+                raise ValueError(f"not a ws:// or wss:// URL: {url[:100]!r}")
+        return value
+
+    def gateway_url_list(self) -> list[str]:
+        """The gateway URLs as a list."""
+        return [u.strip() for u in self.gateway_urls.split(",") if u.strip()]

@@ -1,11 +1,11 @@
-"""HTTP routes: ``/api/...`` (API key required) and ``/healthz`` (open)."""
+"""HTTP routes: ``/api/...`` (API key required), ``/healthz`` and ``/agent/...`` downloads (open)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
 from services.api.deps import require_api_key
-from services.api.routes import agents, commands, health, hosts
+from services.api.routes import agents, commands, downloads, health, hosts
 
 
 def api_router() -> APIRouter:
@@ -17,4 +17,5 @@ def api_router() -> APIRouter:
     protected.include_router(commands.router)
     router.include_router(protected)
     router.include_router(health.router)
+    router.include_router(downloads.router)
     return router

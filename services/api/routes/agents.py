@@ -1,4 +1,7 @@
-"""``/api/agents``: the AgentConnection records."""
+"""``/api/agents``: the AgentConnection records and the agent lifecycle (install, uninstall, health, re-key).
+
+Tokens appear only in the answers of install and regenerate-token, once; only their SHA-256 is stored.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,36 @@ from typing import Any
 from fastapi import APIRouter
 
 from services.api import crud
-from services.api.deps import SessionDep
-from services.api.models import AgentConnection, AgentPublic, AgentStatus
+from services.api.agent_models import (
+    AgentHealthPublic,
+    AgentInstallBody,
+    AgentInstallPublic,
+    AgentPrefixBody,
+    AgentRegenerateBody,
+    AgentUninstallPublic,
+    TokenRegeneratedPublic,
+)
+from services.api.deps import LifecycleDep, SessionDep
+from services.api.models import AgentConnection, AgentPublic, AgentStatus, Host
 
 router = APIRouter(prefix="/agents", tags=["agents"])
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host"}}
+Responses = dict[int | str, dict[str, Any]]
+NOT_FOUND: Responses = {404: {"description": "unknown host"}}
+SSH_OP: Responses = {
+    **NOT_FOUND,
+    422: {"description": "bad body, or the worker could not reach / log in to the host (code)"},
+    502: {"description": "the SSH worker reported another typed error (code, description)"},
+    503: {"description": "no SSH worker is running (nothing changed), or no agent wheel"},
+    504: {"description": "the SSH worker did not finish in time; it may still be running"},
+}
+
+
+async def _host(session: SessionDep, ref: str) -> Host:
+    """The host by id or address, with the request's database connection released (NATS work follows)."""
+    found = await crud.get_host(session, ref)
+    await session.commit()
+    return found
 
 
 @router.get("", response_model=list[AgentPublic])
@@ -29,3 +56,46 @@ async def get_agent(host: str, session: SessionDep) -> AgentPublic:
     if agent is None:
         agent = AgentConnection(host_id=found.id, status=AgentStatus.DISCONNECTED)
     return AgentPublic.model_validate(agent, from_attributes=True)
+
+
+@router.post(
+    "/{host}/install",
+    response_model=AgentInstallPublic,
+    responses={
+        **SSH_OP,
+        409: {
+            "description": "no pinned host key (add the host with ssh_check), or no systemd: retry with "
+            '{"mode": "direct"} (body has the steps and a hint; the new token is revoked)'
+        },
+    },
+)
+async def install_agent(
+    host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentInstallBody | None = None
+) -> AgentInstallPublic:
+    """Install or upgrade the agent over SSH with a new token (returned once; the old one is revoked)."""
+    return await lifecycle.install(await _host(session, host), body or AgentInstallBody())
+
+
+@router.post("/{host}/uninstall", response_model=AgentUninstallPublic, responses=SSH_OP)
+async def uninstall_agent(
+    host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentPrefixBody | None = None
+) -> AgentUninstallPublic:
+    """Stop and remove the agent over SSH, revoke its token, delete its record; a clean host is fine."""
+    return await lifecycle.uninstall(await _host(session, host), body or AgentPrefixBody())
+
+
+@router.post("/{host}/health", response_model=AgentHealthPublic, responses=NOT_FOUND)
+async def agent_health(host: str, session: SessionDep, lifecycle: LifecycleDep) -> AgentHealthPublic:
+    """Ping the agent through its gateway (latency on the API's clock); else check SSH reachability."""
+    return await lifecycle.health(await _host(session, host))
+
+
+@router.post("/{host}/regenerate-token", response_model=TokenRegeneratedPublic, responses=NOT_FOUND)
+async def regenerate_token(
+    host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentRegenerateBody | None = None
+) -> TokenRegeneratedPublic:
+    """New token (returned once), old one revoked and its session closed; delivered live, else over SSH.
+
+    `delivered` null means neither path worked: the new token is valid, put it in the agent's config.
+    """
+    return await lifecycle.regenerate(await _host(session, host), body or AgentRegenerateBody())

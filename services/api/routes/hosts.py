@@ -1,4 +1,4 @@
-"""``/api/hosts``: add (SSH check, key pinned), list, show, delete, exec, command history."""
+"""``/api/hosts``: add (SSH check, key pinned, agent install), list, show, delete, exec, command history."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response, status
 
 from services.api import crud
-from services.api.deps import ApiKeyDep, RunnerDep, SessionDep, StateDep
+from services.api.agent_models import AgentInstallBody, HostAddPublic, InstallFailedPublic
+from services.api.deps import ApiKeyDep, LifecycleDep, RunnerDep, SessionDep, StateDep
+from services.api.errors import ApiError
 from services.api.models import CommandRunPublic, ExecBody, HostCreate, HostPublic
 from services.api.probe import probe_host
 
@@ -18,7 +20,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host
 
 @router.post(
     "",
-    response_model=HostPublic,
+    response_model=HostAddPublic,
     status_code=status.HTTP_201_CREATED,
     responses={
         409: {"description": "a host with this id or address exists"},
@@ -26,8 +28,14 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host
         503: {"description": "no SSH worker answered the check"},
     },
 )
-async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> HostPublic:
-    """Register a host; with ``ssh_check`` (default) probe it over SSH and pin its host key."""
+async def add_host(
+    body: HostCreate, state: StateDep, session: SessionDep, lifecycle: LifecycleDep
+) -> HostAddPublic:
+    """Register a host; with ``ssh_check`` (default) probe it over SSH and pin its host key.
+
+    With ``install_agent`` the agent is installed next; its outcome (the token, shown once, or why it
+    failed) is under ``install``: the host stays added either way.
+    """
     await crud.check_new_host(session, body.id, body.address)
     await session.commit()  # release the connection while the probe runs
     host_key = fingerprint = None
@@ -37,7 +45,15 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
         )
         host_key, fingerprint = ok.host_key, ok.fingerprint
     host = await crud.create_host(session, body, host_key, fingerprint)
-    return HostPublic.model_validate(host, from_attributes=True)
+    added = HostAddPublic.model_validate(host, from_attributes=True)
+    if body.install_agent:
+        try:
+            added.install = await lifecycle.install(host, AgentInstallBody(mode=body.install_mode))
+        except ApiError as exc:
+            added.install = InstallFailedPublic.model_validate(
+                {**exc.extra, "status": exc.status, "detail": exc.detail, "code": exc.code}
+            )
+    return added
 
 
 @router.get("", response_model=list[HostPublic])

@@ -1,0 +1,132 @@
+"""Bodies and answers of the agent lifecycle endpoints (install, uninstall, health, regenerate-token)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import StringConstraints
+from sqlmodel import Field, SQLModel
+from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models declare
+
+from services.api.models import HostPublic, Via
+from shared.protocol import AgentInstallMode, InstallStep
+
+PREFIX_PATTERN = r"^/[A-Za-z0-9_./-]*$"  # as shared.protocol.AgentInstallRequest.prefix
+GatewayUrl = Annotated[str, StringConstraints(pattern=r"^wss?://\S+$", max_length=2048)]
+
+PREFIX_DESCRIPTION = (
+    "root the agent's files live under on the host: '/' in production; a scratch directory lets tests "
+    "(or a chroot) install without touching the host's real /etc and /opt"
+)
+GATEWAY_URLS_DESCRIPTION = "gateway URLs for the agent's config; default: the API's WARLOCK_API_GATEWAY_URLS"
+
+
+class AgentPrefixBody(SQLModel):
+    """Body of ``POST /api/agents/{host}/uninstall``; unknown fields are refused (422)."""
+
+    model_config = SQLModelConfig(extra="forbid")
+
+    prefix: str = Field(
+        default="/", max_length=1024, schema_extra={"pattern": PREFIX_PATTERN}, description=PREFIX_DESCRIPTION
+    )
+
+
+class AgentInstallBody(AgentPrefixBody):
+    """Body of ``POST /api/agents/{host}/install``."""
+
+    mode: AgentInstallMode = Field(
+        default="auto",
+        description="systemd: require systemd; direct: start the agent without systemd (containers); "
+        "auto: systemd where the host runs it, else answer 409 and change nothing",
+    )
+    gateway_urls: list[GatewayUrl] | None = Field(
+        default=None, min_length=1, max_length=16, description=GATEWAY_URLS_DESCRIPTION
+    )
+
+
+class AgentRegenerateBody(AgentPrefixBody):
+    """Body of ``POST /api/agents/{host}/regenerate-token``."""
+
+    gateway_urls: list[GatewayUrl] | None = Field(
+        default=None, min_length=1, max_length=16, description=GATEWAY_URLS_DESCRIPTION
+    )
+
+
+class StepPublic(SQLModel):
+    """One step the SSH worker took on the host."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+def steps_of(steps: tuple[InstallStep, ...]) -> list[StepPublic]:
+    """The worker's steps as the API returns them."""
+    return [StepPublic(name=s.name, ok=s.ok, detail=s.detail) for s in steps]
+
+
+def steps_json(steps: tuple[InstallStep, ...]) -> list[dict[str, Any]]:
+    """The worker's steps as plain JSON (for error bodies)."""
+    return [s.model_dump() for s in steps_of(steps)]
+
+
+class AgentInstallPublic(SQLModel):
+    """Answer of install: the token is shown here once and never again."""
+
+    host_id: str
+    token: str = Field(description="the agent's token; shown once, only its SHA-256 is stored")
+    state: str
+    systemd: bool
+    steps: list[StepPublic]
+
+
+class InstallFailedPublic(SQLModel):
+    """Why the install that followed adding a host failed (the host itself was added)."""
+
+    status: int = Field(description="the HTTP status POST /api/agents/{host}/install would have answered")
+    detail: str
+    code: str | None = None
+    steps: list[StepPublic] | None = None
+    hint: str | None = None
+
+
+class HostAddPublic(HostPublic):
+    """Answer of ``POST /api/hosts``: the host, and the install result when install_agent was set."""
+
+    install: AgentInstallPublic | InstallFailedPublic | None = None
+
+
+class AgentUninstallPublic(SQLModel):
+    """Answer of uninstall."""
+
+    host_id: str
+    state: str | None = Field(description="removed, not_installed (already clean), or null (not asked)")
+    steps: list[StepPublic]
+    token_revoked: bool
+    note: str | None = None
+
+
+class AgentHealthPublic(SQLModel):
+    """Answer of health: a ping through the gateway, else an SSH reachability check."""
+
+    connected: bool
+    via: Via | None
+    reachable: bool
+    latency_ms: float | None = Field(default=None, description="round trip on the API's clock")
+    agent_rtt_ms: float | None = Field(
+        default=None, description="gateway ⇄ agent leg, on the gateway's clock"
+    )
+    gateway_id: str | None = None
+    error: str | None = None
+
+
+class TokenRegeneratedPublic(SQLModel):
+    """Answer of regenerate-token: the new token (shown once) and how it reached the agent."""
+
+    host_id: str
+    token: str = Field(description="the new token; shown once, only its SHA-256 is stored")
+    delivered: Literal["session", "ssh"] | None = Field(
+        description="session: handed to the live agent; ssh: config rewritten over SSH; null: not delivered"
+    )
+    steps: list[StepPublic] = Field(default_factory=list)
+    note: str | None = None

@@ -1,0 +1,24 @@
+"""API settings of the agent lifecycle: gateway URLs for installed agents."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.api.settings import ApiSettings
+from shared.errors import ConfigError
+from shared.settings import load_settings
+
+
+def test_gateway_urls_are_comma_separated_ws_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WARLOCK_API_GATEWAY_URLS splits on commas; the default is the local gateway."""
+    assert ApiSettings().gateway_url_list() == ["ws://127.0.0.1:8765/agent"]
+    monkeypatch.setenv("WARLOCK_API_GATEWAY_URLS", "ws://a:8765/agent, wss://b/agent")
+    assert load_settings(ApiSettings).gateway_url_list() == ["ws://a:8765/agent", "wss://b/agent"]
+
+
+@pytest.mark.parametrize("value", ["http://a/agent", "", " , ", "ws://a b"])
+def test_bad_gateway_urls_are_a_config_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """Anything but ws:// or wss:// URLs stops the API at start, naming the variable."""
+    monkeypatch.setenv("WARLOCK_API_GATEWAY_URLS", value)
+    with pytest.raises(ConfigError, match="WARLOCK_API_GATEWAY_URLS"):
+        load_settings(ApiSettings)

@@ -1,0 +1,66 @@
+"""The agent wheel source: a configured file, a real build from this source tree, and clear failures."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from services.api.wheel import AgentWheel, WheelSource, WheelUnavailable, source_root
+
+
+async def test_configured_wheel_is_read_once_with_its_hash(tmp_path: Path) -> None:
+    """A configured wheel is served with its SHA-256; later calls reuse the first read."""
+    path = tmp_path / "warlock-0.1.0-py3-none-any.whl"
+    path.write_bytes(b"wheel bytes")
+    source = WheelSource(path, tmp_path / "wheels")
+    first, second = await asyncio.gather(source.get(), source.get())
+    assert first is second
+    assert first == AgentWheel(path.name, b"wheel bytes", hashlib.sha256(b"wheel bytes").hexdigest())
+    path.unlink()
+    assert await source.get() is first
+
+
+async def test_missing_or_misnamed_wheel_is_unavailable(tmp_path: Path) -> None:
+    """A missing file or a name that is not *.whl is a 503-class error naming the problem."""
+    with pytest.raises(WheelUnavailable, match="unreadable"):
+        await WheelSource(tmp_path / "gone-1.0-py3-none-any.whl", tmp_path).get()
+    (tmp_path / "agent.zip").write_bytes(b"x")
+    with pytest.raises(WheelUnavailable, match=r"\*\.whl"):
+        await WheelSource(tmp_path / "agent.zip", tmp_path).get()
+
+
+async def test_failed_build_says_what_to_do(tmp_path: Path) -> None:
+    """A source tree pip cannot build gives WheelUnavailable pointing at WARLOCK_API_AGENT_WHEEL."""
+    root = tmp_path / "src"
+    (root / "services").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("this is not toml [\n")
+    with pytest.raises(WheelUnavailable, match="WARLOCK_API_AGENT_WHEEL"):
+        await WheelSource(None, tmp_path / "wheels", root=root).get()
+
+
+def test_source_root_is_the_project_directory() -> None:
+    """The source root holds pyproject.toml and services/; outside a source tree there is none."""
+    root = source_root()
+    assert root is not None
+    assert (root / "pyproject.toml").is_file()
+    assert (root / "services" / "api" / "wheel.py").is_file()
+    assert source_root(Path("/usr/lib/python3/x.py")) is None
+
+
+async def test_real_wheel_builds_from_this_source_tree(tmp_path: Path) -> None:
+    """Unconfigured, the wheel is built once with pip from this tree and holds the agent package."""
+    source = WheelSource(None, tmp_path / "wheels")
+    wheel = await source.get()
+    assert wheel.name.startswith("warlock-")
+    assert wheel.name.endswith(".whl")
+    assert hashlib.sha256(wheel.data).hexdigest() == wheel.sha256
+    assert (tmp_path / "wheels" / wheel.name).read_bytes() == wheel.data
+    with zipfile.ZipFile(tmp_path / "wheels" / wheel.name) as archive:
+        names = archive.namelist()
+    assert "services/agent/cli.py" in names
+    assert "shared/protocol.py" in names
+    assert await source.get() is wheel
