@@ -215,8 +215,11 @@ class DevStack:
         nats = self._spawn("nats-server", [_nats_binary(), "-c", str(nats_conf)], env)
         nats.wait_for(r"Server is ready")
 
+        gw_port = pick_port(self.settings.gateway_port)
         key_file = self.dir / "api-key"
         api_env = {
+            "WARLOCK_API_GATEWAY_URLS": f"ws://127.0.0.1:{gw_port}/agent",  # written into installed agents
+            "WARLOCK_API_WHEEL_DIR": str(self.dir / "wheels"),
             **env,
             "WARLOCK_API_PORT": str(pick_port(self.settings.api_port)),
             "WARLOCK_API_DATABASE_URL": f"sqlite+aiosqlite:///{self.dir / 'warlock.db'}",
@@ -229,7 +232,6 @@ class DevStack:
         ssh_env = {**env, "WARLOCK_SSH_KEY_FILE": str(ssh_key)}
         self._spawn("fallback-ssh", [str(BIN / "warlock-fallback-ssh")], ssh_env).wait_for("ready")
 
-        gw_port = pick_port(self.settings.gateway_port)
         gw_env = {**env, "WARLOCK_GATEWAY_PORT": str(gw_port), "WARLOCK_GATEWAY_GATEWAY_ID": "dev-gw1"}
         gateway = self._spawn("gateway", [str(BIN / "warlock-gateway")], gw_env)
         gateway_url = gateway.wait_for(r"listening on (ws://\S+/agent)").group(1)
