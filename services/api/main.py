@@ -17,6 +17,7 @@ from typing import Any
 
 import nats
 import uvicorn
+import uvloop
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -234,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     try:
-        return asyncio.run(serve(settings))
+        # uvloop: measured here to cut the network path's CPU by 25-40 % (not used by the agent, where it
+        # made spawning a subprocess ~3x slower)
+        return uvloop.run(serve(settings))
     except KeyboardInterrupt:
         return 130
 

@@ -186,8 +186,11 @@ class Runner:
     async def _record(self, run: CommandRun, values: dict[str, Any]) -> CommandRunPublic:
         try:
             async with self.sessions() as session:
-                if not await crud.update_run(session, run.command_id, values, when=OPEN):
-                    log.info("command %s was settled by a late result first", run.command_id)
+                if await crud.update_run(session, run.command_id, values, when=OPEN):
+                    data = run.model_dump()
+                    data.update(values)  # what was just written: no second read
+                    return CommandRunPublic.model_validate(data)
+                log.info("command %s was settled by a late result first", run.command_id)
                 return CommandRunPublic.model_validate(await crud.get_run(session, run.command_id))
         except (SQLAlchemyError, OSError) as exc:
             log.error("command %s: outcome not recorded (row stays pending): %s", run.command_id, exc)
