@@ -15,6 +15,7 @@ import time
 
 from shared.errors import ErrorCode
 from shared.ids import CommandId
+from shared.output import OutputCap
 from shared.protocol import ExecError, ExecResult
 
 log = logging.getLogger(__name__)
@@ -24,27 +25,7 @@ CHUNK = 64 * 1024
 REAP_TIMEOUT_S = 5.0  # after SIGKILL, how long to wait for the group to let go of the pipes
 
 
-class _Capture:
-    """Keeps the first `limit` bytes of a stream and counts the rest."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
-        self.dropped = 0
-
-    def feed(self, chunk: bytes) -> None:
-        """Keep what fits under the cap; count what does not."""
-        room = self.limit - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
-        self.dropped += max(0, len(chunk) - max(room, 0))
-
-    def text(self) -> str:
-        """The kept bytes as text (invalid UTF-8 replaced)."""
-        return self.data.decode("utf-8", errors="replace")
-
-
-async def _drain(stream: asyncio.StreamReader | None, capture: _Capture) -> None:
+async def _drain(stream: asyncio.StreamReader | None, capture: OutputCap) -> None:
     """Read `stream` to its end, feeding `capture` (keeps reading past the cap)."""
     if stream is None:
         return
@@ -78,7 +59,7 @@ async def run_command(
         return ExecError(
             command_id=command_id, code=ErrorCode.EXEC_FAILED, description=f"could not start {SHELL}: {exc}"
         )
-    out, err = _Capture(max_output_bytes), _Capture(max_output_bytes)
+    out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
     io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait())
     timed_out = False
     try:

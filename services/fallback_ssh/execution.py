@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass
 
 from shared.ids import CommandId
+from shared.output import OutputCap
 from shared.protocol import ExecResult, encode
 
 SHELL = "/bin/sh"
@@ -29,26 +30,6 @@ def wrap_command(command: str, timeout_s: float) -> str:
     """
     secs = f"{max(timeout_s, MIN_TIMEOUT_S):.3f}"
     return f"exec timeout -s KILL {secs} {SHELL} -c {shlex.quote(command)}"
-
-
-class OutputCap:
-    """Keeps the first `limit` bytes of a stream and counts the rest."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
-        self.dropped = 0
-
-    def feed(self, chunk: bytes) -> None:
-        """Keep what fits under the cap; count what does not."""
-        room = self.limit - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
-        self.dropped += max(0, len(chunk) - max(room, 0))
-
-    def text(self) -> str:
-        """The kept bytes as text (invalid UTF-8 replaced)."""
-        return self.data.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import asyncssh
 
 from services.fallback_ssh.agent_ops import TEMP_DIR, OpPlan, parse_report
 from services.fallback_ssh.errors import Disconnected, OpTimedOut, ScriptFailed, SshError
-from services.fallback_ssh.execution import OutputCap
 from services.fallback_ssh.pool import Pool
+from shared.output import OutputCap
 from shared.protocol import AgentOpResult, InstallStep, SshTarget
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,10 @@ import time
 import asyncssh
 
 from services.fallback_ssh.errors import Disconnected
-from services.fallback_ssh.execution import OutputCap, build_result, exit_outcome, wrap_command
+from services.fallback_ssh.execution import build_result, exit_outcome, wrap_command
 from services.fallback_ssh.pool import Pool
 from shared.ids import CommandId
+from shared.output import OutputCap
 from shared.protocol import ExecResult, SshTarget
 
 log = logging.getLogger(__name__)

@@ -20,24 +20,11 @@ import pytest
 
 from shared.install import paths
 from tests.support.db import fresh_database
+from tests.support.install import agent_pids
 from tests.support.sshd import Sshd
 from tests.support.stack import Api, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
-
-
-def agent_pids(prefix: Path) -> list[int]:
-    """Pids of agents running from `prefix`'s virtual environment."""
-    needle = f"{paths(str(prefix))['AGENT_BIN']} run".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 async def agent_state(http: httpx.AsyncClient) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from shared.protocol import (
     encode,
 )
 from tests.integration.test_fallback_exec import StartWorker, sshd, start_worker, target_of
+from tests.support.install import agent_pids
 from tests.support.sshd import Sshd
 
 __all__ = ["sshd", "start_worker"]  # fixtures shared with test_fallback_exec.py
@@ -65,20 +66,6 @@ def agent_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         done = subprocess.run([*base, str(src)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return next(out.glob("warlock-*.whl"))
-
-
-def agent_pids(prefix: Path) -> list[int]:
-    """Pids of agents running from `prefix`'s virtual environment."""
-    needle = f"{paths(str(prefix))['AGENT_BIN']} run".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture

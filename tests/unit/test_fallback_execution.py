@@ -11,7 +11,6 @@ import pytest
 from services.fallback_ssh.execution import (
     KILL,
     Outcome,
-    OutputCap,
     build_result,
     exit_outcome,
     fit_result,
@@ -19,6 +18,7 @@ from services.fallback_ssh.execution import (
     wrap_command,
 )
 from shared.ids import CommandId
+from shared.output import OutputCap
 from shared.protocol import encode
 
 NASTY = [
