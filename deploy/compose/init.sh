@@ -1,17 +1,10 @@
 #!/usr/bin/env bash
-# Create config/ for docker compose: a token for the demo host (hash for the authority, token for the agent).
+# Create config/ for docker compose: the SSH fallback worker's key pair (the demo host trusts its public key).
 set -euo pipefail
 cd "$(dirname "$0")"
-mkdir -p config && chmod 700 config
-token=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
-hash=$(printf '%s' "$token" | python3 -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
-printf '{"hosts": {"demo-host": "%s"}}\n' "$hash" > config/tokens.json
-umask 077
-cat > config/demo-agent.conf <<CONF
-host_id = "demo-host"
-token = "$token"
-gateway_urls = ["ws://gateway-lb:8765/agent"]
-ledger_path = "/tmp/warlock-ledger.jsonl"
-CONF
-chmod 644 config/tokens.json   # hashes only; the agent config stays 0600
-echo "wrote config/tokens.json and config/demo-agent.conf (demo-host)"
+mkdir -p config/ssh && chmod 700 config config/ssh
+if [ ! -f config/ssh/id_ed25519 ]; then
+  ssh-keygen -q -t ed25519 -N '' -C warlock-fallback-ssh -f config/ssh/id_ed25519
+fi
+chmod 600 config/ssh/id_ed25519 && chmod 644 config/ssh/id_ed25519.pub
+echo "wrote config/ssh/id_ed25519(.pub)"
