@@ -59,7 +59,7 @@ async def _ssh_blocks(sshd: Sshd, user: str, pooled_n: int, fresh_n: int) -> dic
     key = asyncssh.read_private_key(str(sshd.client_key_path))
     host_key = asyncssh.import_public_key(sshd.host_key_line)
 
-    async def connect() -> asyncssh.SSHClientConnection:  # the pinned key, never known_hosts=None
+    async def connect() -> asyncssh.SSHClientConnection:  # verified against the pinned key only
         return await asyncssh.connect(
             "127.0.0.1",
             sshd.port,

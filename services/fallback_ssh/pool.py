@@ -6,7 +6,7 @@
   then gets `Busy`.
 - A sweeper closes connections unused for `idle_timeout`; a connection with channels in flight (or
   requests waiting for one) is never closed.
-- Every connection verifies the server against the pinned key (never ``known_hosts=None``); the
+- Every connection verifies the server against the pinned key (an unpinned host is refused); the
   machine's ssh config, known_hosts and agent are not used.
 """
 
