@@ -35,7 +35,6 @@ class FallbackSettings(NatsSettings):
     model_config = SettingsConfigDict(env_prefix="WARLOCK_SSH_")
 
     key_file: Path = Field(description="private key the worker authenticates with (never sent or logged)")
-    default_username: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_.-]*$", max_length=32)
     connect_timeout: float = Field(default=10.0, gt=0, description="TCP connect + SSH handshake + auth")
     idle_timeout: float = Field(default=60.0, gt=0, description="a pooled connection unused this long closes")
     max_channels_per_host: int = Field(default=8, ge=1, le=64, description="concurrent commands per host")

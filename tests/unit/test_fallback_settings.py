@@ -33,11 +33,7 @@ def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch, key_file: Path) -> No
     assert settings.key_file == key_file
     assert settings.max_channels_per_host == 3
     assert settings.nats_servers() == ["nats://127.0.0.1:4999"]
-    assert (settings.default_username, settings.connect_timeout, settings.idle_timeout) == (
-        "root",
-        10.0,
-        60.0,
-    )
+    assert (settings.connect_timeout, settings.idle_timeout) == (10.0, 60.0)
     assert (settings.max_output_bytes, settings.target_lookup_timeout) == (1024 * 1024, 2.0)
 
 
