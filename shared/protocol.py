@@ -31,6 +31,10 @@ MAX_TIMEOUT_S = 24 * 3600.0
 DEFAULT_TIMEOUT_S = 30.0
 
 ShortText = Annotated[str, Field(max_length=255)]
+SshAddress = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")]
+SshUser = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_.-]*$")]
+GatewayUrl = Annotated[str, Field(pattern=r"^wss?://\S+$", max_length=2048)]
+InstallPrefix = Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)]  # "/" in production
 
 
 class Message(BaseModel):
@@ -296,9 +300,9 @@ class SshTarget(Message):
     """Where and how to reach a host over SSH; `host_key` is the pinned OpenSSH public key line."""
 
     type: Literal["ssh_target"] = "ssh_target"
-    address: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")]
+    address: SshAddress
     port: int = Field(default=22, ge=1, le=65535)
-    username: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_.-]*$")]
+    username: SshUser
     host_key: Annotated[str, Field(max_length=16384)] | None = None
 
 
@@ -315,9 +319,9 @@ class SshProbeRequest(Message):
     """Request on ``warlock.ssh.probe``: is this host reachable with the worker's key, and what is its key?"""
 
     type: Literal["ssh_probe"] = "ssh_probe"
-    address: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")]
+    address: SshAddress
     port: int = Field(default=22, ge=1, le=65535)
-    username: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_.-]*$")]
+    username: SshUser
 
 
 class SshProbeOk(Message):
@@ -378,13 +382,11 @@ class AgentInstallRequest(Message):
     target: SshTarget
     host_id: HostIdField
     token: TokenField
-    gateway_urls: tuple[Annotated[str, Field(pattern=r"^wss?://\S+$", max_length=2048)], ...] = Field(
-        min_length=1, max_length=16
-    )
+    gateway_urls: tuple[GatewayUrl, ...] = Field(min_length=1, max_length=16)
     wheel_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+\.whl$", max_length=255)]
     wheel_b64: str
     wheel_sha256: Sha256Field
-    prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)] = "/"
+    prefix: InstallPrefix = "/"
     mode: AgentInstallMode = "auto"
 
     def __repr__(self) -> str:  # never print the token
@@ -398,7 +400,7 @@ class AgentUninstallRequest(Message):
 
     type: Literal["agent_uninstall"] = "agent_uninstall"
     target: SshTarget
-    prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)] = "/"
+    prefix: InstallPrefix = "/"
 
 
 class AgentConfigureRequest(Message):
@@ -408,10 +410,8 @@ class AgentConfigureRequest(Message):
     target: SshTarget
     host_id: HostIdField
     token: TokenField
-    gateway_urls: tuple[Annotated[str, Field(pattern=r"^wss?://\S+$", max_length=2048)], ...] = Field(
-        min_length=1, max_length=16
-    )
-    prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)] = "/"
+    gateway_urls: tuple[GatewayUrl, ...] = Field(min_length=1, max_length=16)
+    prefix: InstallPrefix = "/"
 
     def __repr__(self) -> str:  # never print the token
         return f"AgentConfigureRequest(host_id={self.host_id!r}, prefix={self.prefix!r})"
