@@ -1,15 +1,22 @@
-"""REST exec of `true` via agent, via pooled SSH, and the SSH baselines, measured side by side.
+"""REST exec of `true` via agent, via pooled SSH, and the baselines, measured side by side.
 
 Two hosts share one real sshd on loopback: `bench-agent` (agent connected; answers `via: agent`) and
 `bench-ssh` (no agent; answers `via: ssh` over the worker's pooled connection). The SSH account has a
 plain `/bin/sh` login shell (user `warlockbench`, created when running as root): a heavy `.bashrc` would be
 paid on every SSH command, pooled or not, and would flatter the agent path.
+
+The raw chain (bench/raw_chain.py) runs on the same NATS server, and every round measures a block of each
+path in turn, so the ratios compare numbers taken minutes, not phases, apart. The REST client is the
+standard library's `http.client` on one keep-alive connection, so the figures are the server's; a block
+with httpx's blocking client shows what a heavier client library adds (about 0.5 ms here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
+import http.client
+import json
 import os
 import pwd
 import subprocess
@@ -19,11 +26,19 @@ from pathlib import Path
 import asyncssh
 import httpx
 
+from bench.common import RAW_SUBJECT, TRUE, start_raw_chain, timed_requests
 from tests.support.natsserver import NatsServer
 from tests.support.sshd import Sshd
 from tests.support.stack import Stack
 
 BENCH_USER = "warlockbench"
+REST_RAW = "raw chain (nats-py + websockets + subprocess)"
+REST_AGENT = "REST → agent"
+REST_AGENT_HTTPX = "REST → agent, httpx client"
+REST_SSH = "REST → SSH worker (pooled)"
+FRESH_SSH = "raw asyncssh, fresh connection per command"
+POOLED_SSH = "raw asyncssh, pooled connection"
+EXEC_TRUE = {"command": "true", "timeout": 10}
 
 
 def plain_shell_user() -> str:
@@ -41,17 +56,47 @@ def plain_shell_user() -> str:
     return getpass.getuser()
 
 
-def _rest_block(http: httpx.Client, host: str, n: int, via: str) -> list[float]:
-    # a blocking client on purpose: httpx's async client adds ~3 ms per request here, which would be
-    # the benchmark measuring itself (nothing else runs in this process meanwhile)
+class KeepAlive:
+    """One keep-alive HTTP/1.1 connection from the standard library: the leanest Python client."""
+
+    def __init__(self, api_url: str, auth: dict[str, str]) -> None:
+        host, port = api_url.removeprefix("http://").rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        self.headers = {**auth, "Content-Type": "application/json"}
+
+    def post(self, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+        """POST `body` as JSON; the status and the decoded answer."""
+        self.conn.request("POST", path, body=json.dumps(body), headers=self.headers)
+        response = self.conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+def _check(host: str, via: str, status: int, body: dict[str, object]) -> None:
+    if status != 200 or body["via"] != via or body["exit_code"] != 0:
+        raise RuntimeError(f"bad answer for {host}: {status} {body}")
+
+
+def _rest_block(client: KeepAlive, host: str, n: int, via: str) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        answer = http.post(f"/api/hosts/{host}/exec", json={"command": "true", "timeout": 10})
+        status, body = client.post(f"/api/hosts/{host}/exec", EXEC_TRUE)
         out.append((time.perf_counter() - t0) * 1000)
-        body = answer.json()
-        if answer.status_code != 200 or body["via"] != via or body["exit_code"] != 0:
-            raise RuntimeError(f"bad answer for {host}: {answer.status_code} {body}")
+        _check(host, via, status, body)
+    return out
+
+
+def _httpx_block(http: httpx.Client, host: str, n: int, via: str) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        answer = http.post(f"/api/hosts/{host}/exec", json=EXEC_TRUE)
+        out.append((time.perf_counter() - t0) * 1000)
+        _check(host, via, answer.status_code, answer.json())
     return out
 
 
@@ -82,27 +127,35 @@ async def _ssh_blocks(sshd: Sshd, user: str, pooled_n: int, fresh_n: int) -> dic
             t0 = time.perf_counter()
             await conn.run("true", check=True)
             pooled.append((time.perf_counter() - t0) * 1000)
-    return {"raw asyncssh, pooled connection": pooled, "raw asyncssh, fresh connection per command": fresh}
+    return {POOLED_SSH: pooled, FRESH_SSH: fresh}
 
 
 async def _measure(
-    api_url: str, auth: dict[str, str], sshd: Sshd, user: str, rounds: int, block: int
+    api_url: str, auth: dict[str, str], nats_url: str, sshd: Sshd, user: str, rounds: int, block: int
 ) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"REST → agent": [], "REST → SSH worker (pooled)": []}
-    ssh: dict[str, list[float]] = {}
-    with httpx.Client(base_url=api_url, headers=auth, timeout=60) as http:
-        _rest_block(http, "bench-agent", 20, "agent")
-        _rest_block(http, "bench-ssh", 20, "ssh")
-        for _ in range(rounds):
-            results["REST → agent"] += _rest_block(http, "bench-agent", block, "agent")
-            results["REST → SSH worker (pooled)"] += _rest_block(http, "bench-ssh", block, "ssh")
-            for name, values in (await _ssh_blocks(sshd, user, block, max(2, block // 10))).items():
-                ssh.setdefault(name, []).extend(values)
-    return {**results, **ssh}
+    results: dict[str, list[float]] = {REST_RAW: [], REST_AGENT: [], REST_AGENT_HTTPX: [], REST_SSH: []}
+    client = KeepAlive(api_url, auth)
+    try:
+        with httpx.Client(base_url=api_url, headers=auth, timeout=60) as http:
+            await timed_requests(nats_url, RAW_SUBJECT, TRUE, 50)  # warm up every path
+            _rest_block(client, "bench-agent", 50, "agent")
+            _httpx_block(http, "bench-agent", 20, "agent")
+            _rest_block(client, "bench-ssh", 20, "ssh")
+            for _ in range(rounds):
+                results[REST_RAW] += await timed_requests(nats_url, RAW_SUBJECT, TRUE, block)
+                results[REST_AGENT] += _rest_block(client, "bench-agent", block, "agent")
+                results[REST_AGENT_HTTPX] += _httpx_block(http, "bench-agent", block, "agent")
+                results[REST_SSH] += _rest_block(client, "bench-ssh", block, "ssh")
+                for name, values in (await _ssh_blocks(sshd, user, block, max(2, block // 10))).items():
+                    results.setdefault(name, []).extend(values)
+    finally:
+        client.close()
+    return results
 
 
 def rest_latency(root: Path, rounds: int, block: int) -> dict[str, list[float]]:
-    """Run the REST stack (API, worker, gateway, agent, sshd) and measure every path in alternating blocks."""
+    """Run the REST stack (API, worker, gateway, agent, sshd) beside the raw chain; measure every path in
+    alternating blocks."""
     user = plain_shell_user()
     server = NatsServer(root, "nats-rest")
     sshd = Sshd(root / "sshd")
@@ -120,8 +173,9 @@ def rest_latency(root: Path, rounds: int, block: int) -> dict[str, list[float]]:
                 raise RuntimeError(f"could not add {host}: {answer.text}")
         token = stack.agent_token(api, "bench-agent")
         stack.start_agent("rest-agent", "bench-agent", token, [gw.url])
+        start_raw_chain(stack, server.url)
         time.sleep(1)
-        return asyncio.run(_measure(api.url, api.auth, sshd, user, rounds, block))
+        return asyncio.run(_measure(api.url, api.auth, server.url, sshd, user, rounds, block))
     finally:
         stack.close()
         sshd.stop()

@@ -8,6 +8,7 @@ prefix whatever the subclass's sub-prefix is.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError
@@ -44,19 +45,33 @@ class NatsSettings(WarlockSettings):
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
-    """The environment variable that sets `field` of `cls`."""
+    """The environment variable that sets `field` of `cls`: of several names, the one that is set."""
     info = cls.model_fields.get(field)
     if info is not None and isinstance(info.validation_alias, AliasChoices):
-        return str(info.validation_alias.choices[-1])
+        names = [str(c) for c in info.validation_alias.choices]
+        environ = {k.upper() for k in os.environ}
+        return next((n for n in names if n.upper() in environ), names[-1])
     return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _field_of(cls: type[BaseSettings], loc: str) -> str | None:
+    """The field that `loc` (a field name or one of its variable names) belongs to."""
+    if loc in cls.model_fields:
+        return loc
+    for name, info in cls.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and loc in [str(c) for c in alias.choices]:
+            return name
+    return None
 
 
 def config_error(exc: ValidationError, cls: type[BaseSettings], source: str = "") -> ConfigError:
     """Turn a pydantic ValidationError into a ConfigError naming the first bad field and its variable."""
     first = exc.errors(include_url=False, include_input=False)[0]
     field = ".".join(str(p) for p in first["loc"]) or "(settings)"
-    top = str(first["loc"][0]) if first["loc"] else ""
-    if top in cls.model_fields:
+    top = _field_of(cls, str(first["loc"][0])) if first["loc"] else None
+    if top is not None:
+        field = ".".join([top, *(str(p) for p in first["loc"][1:])])
         field = f"{field} ({env_name(cls, top)})"
     where = f" (in {source})" if source else ""
     return ConfigError(field, f"{first['msg']}{where}")

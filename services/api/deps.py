@@ -63,8 +63,9 @@ class ApiState:
     db_error: str | None = field(default="not initialised yet")
 
 
-def get_state(request: Request) -> ApiState:
-    """The app's state (set by the lifespan)."""
+async def get_state(request: Request) -> ApiState:
+    """The app's state (set by the lifespan); async, as every dependency here: FastAPI runs a sync one in a
+    thread pool, a thread hop per request."""
     state: ApiState = request.app.state.api
     return state
 
@@ -109,7 +110,7 @@ async def require_api_key(
 ApiKeyDep = Annotated[str, Depends(require_api_key)]
 
 
-def get_runner(state: StateDep) -> Runner:
+async def get_runner(state: StateDep) -> Runner:
     """The app's hybrid runner."""
     return state.runner
 
@@ -117,7 +118,7 @@ def get_runner(state: StateDep) -> Runner:
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 
 
-def get_lifecycle(state: StateDep) -> AgentLifecycle:
+async def get_lifecycle(state: StateDep) -> AgentLifecycle:
     """The app's agent lifecycle (install, uninstall, health, regenerate-token)."""
     return state.lifecycle
 

@@ -31,6 +31,7 @@ from services.api.errors import ApiError, Unauthorized
 from services.api.lifecycle import AgentLifecycle
 from services.api.routes import api_router
 from services.api.runner import Runner
+from services.api.runstore import open_store
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
 from services.api.wheel import WheelSource
@@ -97,7 +98,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
-        runner = Runner(nc, sessions, settings, tasks)
+        store = open_store(settings.database_url)
+        runner = Runner(nc, store, sessions, settings, tasks)
         lifecycle = AgentLifecycle(
             nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir)
         )
@@ -116,6 +118,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await tasks.close(settings.shutdown_timeout)
             with contextlib.suppress(Exception):
                 await nc.close()
+            await store.close()
             await engine.dispose()
 
     app = FastAPI(

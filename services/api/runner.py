@@ -29,7 +29,9 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import crud
+from services.api.errors import DatabaseUnavailable, NotFound
 from services.api.models import CommandRun, CommandRunPublic, CommandStatus, ExecBody, Host, Via, utcnow
+from services.api.runstore import HostTarget, NewRun, RunStore
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
 from shared import subjects
@@ -131,71 +133,69 @@ def undeliverable(description: str) -> Outcome:
     )
 
 
-def ssh_target(host: Host) -> SshTarget:
+def ssh_target(host: Host | HostTarget) -> SshTarget:
     """The SSH target of a host, with its pinned key (None: the worker refuses the host)."""
     return SshTarget(address=host.address, port=host.ssh_port, username=host.ssh_user, host_key=host.host_key)
 
 
 class Runner:
-    """Runs commands for the REST API; one per app."""
+    """Runs commands for the REST API; one per app.
+
+    The two writes of every command go through `store` (plain SQL, see services.api.runstore); the
+    rare read after a lost race with a late result goes through the ORM sessions.
+    """
 
     def __init__(
         self,
         nc: NATS,
+        store: RunStore,
         sessions: async_sessionmaker[AsyncSession],
         settings: ApiSettings,
         tasks: TaskTracker,
     ) -> None:
         self.nc = nc
+        self.store = store
         self.sessions = sessions
         self.settings = settings
         self.tasks = tasks
 
-    async def run(self, host: Host, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
-        """Record the command (committed), deliver it, record and return the outcome.
+    async def run(self, ref: str, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
+        """Record the command as pending (committed) for the host `ref` names, deliver it, record and
+        return the outcome.
 
-        A database error before the commit propagates (the caller answers 503) and nothing is sent.
-        Delivery runs in a tracked task shielded from the request, so a client that goes away does not
-        leave the row pending.
+        An unknown host is NotFound; a database error before the commit is DatabaseUnavailable (503):
+        either way nothing is sent. Delivery runs in a tracked task shielded from the request, so a client
+        that goes away does not leave the row pending.
         """
-        run = CommandRun(
-            command_id=new_command_id(),
-            host_id=host.id,
-            command=body.command,
-            timeout=body.timeout,
-            requested_by=requested_by,
-            status=CommandStatus.PENDING,
-        )
-        async with self.sessions() as session:
-            await crud.create_run(session, run)
-        target = ssh_target(host)
-        task = self.tasks.spawn(self._deliver(run, target), name=f"exec-{run.command_id}")
+        run = NewRun(new_command_id(), body.command, body.timeout, requested_by, utcnow())
+        host = await self.store.start(ref, run)
+        if host is None:
+            raise NotFound(f"unknown host {ref[:100]!r}")
+        task = self.tasks.spawn(self._deliver(run, host), name=f"exec-{run.command_id}")
         return await asyncio.shield(task)
 
-    async def _deliver(self, run: CommandRun, target: SshTarget) -> CommandRunPublic:
+    async def _deliver(self, run: NewRun, host: HostTarget) -> CommandRunPublic:
         started = utcnow()
         t0 = time.monotonic()
-        outcome = await self.send(run.host_id, CommandId(run.command_id), run.command, run.timeout, target)
+        command_id = CommandId(run.command_id)
+        outcome = await self.send(host.id, command_id, run.command, run.timeout, ssh_target(host))
         wall_ms = (time.monotonic() - t0) * 1000
         values = outcome.values()
         values.update(started_at=started, finished_at=utcnow())
         if values["duration_ms"] is None:
             values["duration_ms"] = round(wall_ms, 3)
-        return await self._record(run, values)
+        return await self._record(run, host.id, values)
 
-    async def _record(self, run: CommandRun, values: dict[str, Any]) -> CommandRunPublic:
+    async def _record(self, run: NewRun, host_id: str, values: dict[str, Any]) -> CommandRunPublic:
+        data = {**asdict(run), "host_id": host_id, **values}  # what was just written: no second read
         try:
+            if await self.store.finish(run.command_id, values):
+                return CommandRunPublic.model_validate(data)
+            log.info("command %s was settled by a late result first", run.command_id)
             async with self.sessions() as session:
-                if await crud.update_run(session, run.command_id, values, when=OPEN):
-                    data = run.model_dump()
-                    data.update(values)  # what was just written: no second read
-                    return CommandRunPublic.model_validate(data)
-                log.info("command %s was settled by a late result first", run.command_id)
                 return CommandRunPublic.model_validate(await crud.get_run(session, run.command_id))
-        except (SQLAlchemyError, OSError) as exc:
+        except (DatabaseUnavailable, SQLAlchemyError, OSError) as exc:
             log.error("command %s: outcome not recorded (row stays pending): %s", run.command_id, exc)
-            data = run.model_dump()
-            data.update(values)
             return CommandRunPublic.model_validate(data)
 
     async def send(

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.api.runstore import check_database_url
 from shared.settings import NatsSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///.warlock/warlock.db"
@@ -85,6 +86,12 @@ class ApiSettings(NatsSettings):
     rotate_timeout: float = Field(
         default=10.0, gt=0, description="seconds the live agent may take to store a regenerated token"
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_valid(cls, value: str) -> str:
+        check_database_url(value)
+        return value
 
     @field_validator("gateway_urls")
     @classmethod

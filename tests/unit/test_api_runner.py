@@ -11,6 +11,7 @@ from nats.aio.client import Client as NATS
 from sqlalchemy.exc import OperationalError
 
 from services.api.deps import AuthCache
+from services.api.errors import DatabaseUnavailable, NotFound
 from services.api.models import CommandStatus, ExecBody, Host, UtcDateTime, Via
 from services.api.runner import (
     Runner,
@@ -19,6 +20,7 @@ from services.api.runner import (
     timed_out,
     undeliverable,
 )
+from services.api.runstore import HostTarget, NewRun
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
 from shared import subjects
@@ -99,9 +101,9 @@ class FakeNats:
         return Reply()
 
 
-def _runner(fake: FakeNats, sessions: Any = None) -> Runner:
+def _runner(fake: FakeNats, store: Any = None) -> Runner:
     settings = ApiSettings(exec_grace=1.0, max_output_chars=100)
-    return Runner(cast(NATS, fake), sessions, settings, TaskTracker())
+    return Runner(cast(NATS, fake), store, cast(Any, None), settings, TaskTracker())
 
 
 def _host() -> Host:
@@ -140,29 +142,32 @@ def _target() -> Any:
     return ssh_target(_host())
 
 
-class BrokenSession:
-    """A session whose commit fails like a database that went away."""
+class ScriptedStore:
+    """A run store whose `start` answers from a script: a host, None (unknown) or an exception."""
 
-    async def __aenter__(self) -> BrokenSession:
-        return self
+    def __init__(self, answer: HostTarget | Exception | None) -> None:
+        self.answer = answer
 
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    def add(self, _row: object) -> None:
-        """Accept the row."""
-
-    async def commit(self) -> None:
-        """Fail as an unreachable database does."""
-        raise OperationalError("INSERT", {}, ConnectionRefusedError("db down"))
+    async def start(self, ref: str, run: NewRun) -> HostTarget | None:
+        """Play the scripted answer."""
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
 
 
-async def test_run_sends_nothing_when_the_pending_row_cannot_be_committed() -> None:
-    """If the pending CommandRun cannot be committed, the error propagates and no request is sent."""
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [(DatabaseUnavailable("database unavailable: down"), DatabaseUnavailable), (None, NotFound)],
+    ids=["database-down", "unknown-host"],
+)
+async def test_run_sends_nothing_without_a_committed_pending_row(
+    answer: Exception | None, error: type[Exception]
+) -> None:
+    """No pending row (database down, or no such host): the error propagates and no request is sent."""
     fake = FakeNats({"agent": _result(), "ssh": _result()})
-    runner = _runner(fake, sessions=BrokenSession)
-    with pytest.raises(OperationalError):
-        await runner.run(_host(), ExecBody(command="true"), requested_by="k")
+    runner = _runner(fake, store=ScriptedStore(answer))
+    with pytest.raises(error):
+        await runner.run("h1", ExecBody(command="true"), requested_by="k")
     assert fake.requests == []
 
 

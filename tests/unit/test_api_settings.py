@@ -1,4 +1,4 @@
-"""API settings of the agent lifecycle: gateway URLs for installed agents."""
+"""API settings: gateway URLs for installed agents, the database URL."""
 
 from __future__ import annotations
 
@@ -22,3 +22,30 @@ def test_bad_gateway_urls_are_a_config_error(monkeypatch: pytest.MonkeyPatch, va
     monkeypatch.setenv("WARLOCK_API_GATEWAY_URLS", value)
     with pytest.raises(ConfigError, match="WARLOCK_API_GATEWAY_URLS"):
         load_settings(ApiSettings)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("sqlite+aiosqlite:///:memory:", "file path"),
+        ("sqlite+aiosqlite://", "file path"),
+        ("sqlite:///x.db", "unsupported driver"),
+        ("postgresql+psycopg2://db/warlock", "unsupported driver"),
+        ("not a url", "not a database URL"),
+    ],
+)
+def test_bad_database_urls_are_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+) -> None:
+    """Only a SQLite file or PostgreSQL with the async drivers; the error names the variable and why."""
+    monkeypatch.setenv("WARLOCK_DATABASE_URL", value)
+    with pytest.raises(ConfigError, match="WARLOCK_DATABASE_URL") as caught:
+        load_settings(ApiSettings)
+    assert reason in str(caught.value)
+
+
+def test_good_database_urls_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default SQLite file and a PostgreSQL URL with asyncpg load as given."""
+    assert ApiSettings().database_url.startswith("sqlite+aiosqlite:///")
+    monkeypatch.setenv("WARLOCK_DATABASE_URL", "postgresql+asyncpg://warlock:pw@db:5432/warlock")
+    assert load_settings(ApiSettings).database_url == "postgresql+asyncpg://warlock:pw@db:5432/warlock"

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 from services.api import crud
 from services.api.agent_models import AgentInstallBody, HostAddPublic, InstallFailedPublic
 from services.api.deps import ApiKeyDep, LifecycleDep, RunnerDep, SessionDep, StateDep
-from services.api.errors import ApiError
+from services.api.errors import ApiError, DatabaseUnavailable
 from services.api.models import CommandRunPublic, ExecBody, HostCreate, HostPublic
 from services.api.probe import probe_host
 
@@ -81,12 +81,12 @@ async def delete_host(host: str, session: SessionDep) -> Response:
     responses={**NOT_FOUND, 503: {"description": "database unavailable: nothing was sent"}},
 )
 async def exec_command(
-    host: str, body: ExecBody, session: SessionDep, runner: RunnerDep, key_name: ApiKeyDep
+    host: str, body: ExecBody, state: StateDep, runner: RunnerDep, key_name: ApiKeyDep
 ) -> CommandRunPublic:
     """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
-    found = await crud.get_host(session, host)
-    await session.commit()  # release the connection before the command runs
-    return await runner.run(found, body, requested_by=key_name)
+    if not state.db_ready:
+        raise DatabaseUnavailable(f"database unavailable: {state.db_error}")
+    return await runner.run(host, body, requested_by=key_name)
 
 
 @router.get("/{host}/commands", response_model=list[CommandRunPublic], responses=NOT_FOUND)

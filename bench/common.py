@@ -1,0 +1,45 @@
+"""What every part of `make bench` shares: percentiles, the raw chain's processes and timed NATS requests."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import nats
+
+from tests.support.procs import BIN, free_port
+from tests.support.stack import Stack
+
+RAW = [str(BIN / "python"), "-m", "bench.raw_chain"]
+RAW_SUBJECT = "raw.0.exec"
+TRUE = json.dumps({"command": "true"}).encode()
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_raw_chain(stack: Stack, nats_url: str) -> None:
+    """Start the raw bridge and one raw agent (bench/raw_chain.py); it answers on RAW_SUBJECT."""
+    port = free_port()
+    stack.start("raw-bridge", [*RAW, "bridge", nats_url, str(port)], {}).wait_for("ready")
+    stack.start("raw-agent", [*RAW, "agent", f"ws://127.0.0.1:{port}"], {}).wait_for("connected")
+
+
+async def timed_requests(url: str, subject: str, body: bytes, n: int) -> list[float]:
+    """Milliseconds of `n` sequential requests of `body` on `subject`; each reply must say exit code 0."""
+    nc = await nats.connect(url)
+    try:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            reply = await nc.request(subject, body, timeout=10)
+            out.append((time.perf_counter() - t0) * 1000)
+            data = json.loads(reply.data)
+            if data.get("exit_code") != 0:
+                raise RuntimeError(f"bad reply on {subject}: {data}")
+        return out
+    finally:
+        await nc.close()
