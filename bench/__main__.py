@@ -5,8 +5,9 @@
    requests alternate between the two so machine noise hits both alike; p50/p99 and the ratio.
 2. Memory per idle agent on one gateway at 1,000 and 5,000 simulated agents (`warlock-agent swarm`),
    against the raw bridge holding the same number of websockets with one NATS subscription each.
-3. REST exec of `true` via agent and via the SSH worker's pooled connection, beside raw asyncssh on a
-   pooled and on a fresh connection per command (bench/rest.py).
+3. REST exec of `true` via agent and via the SSH worker's pooled connection, beside the raw chain and raw
+   asyncssh on a pooled and on a fresh connection per command (bench/rest.py): with the API on SQLite,
+   then again on PostgreSQL (127.0.0.1:5432; skipped if unreachable, or with --no-postgresql).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from shared.tokens import generate_token
+from tests.support.db import PG_HOST, PG_PORT, create_pg_database, drop_pg_database, pg_url
 from tests.support.natsserver import NatsServer
 from tests.support.procs import BIN, Proc, free_port, rss_kib
 from tests.support.stack import Stack
@@ -107,6 +111,12 @@ def main() -> None:
     parser.add_argument("--agents", type=int, nargs="*", default=[1000, 5000])
     parser.add_argument("--rest-rounds", type=int, default=5, help="alternating blocks of REST requests")
     parser.add_argument("--rest-block", type=int, default=100, help="REST requests per block")
+    parser.add_argument(
+        "--no-postgresql",
+        dest="postgresql",
+        action="store_false",
+        help="skip the REST rows with the API on PostgreSQL (127.0.0.1:5432)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
         root = Path(tmp)
@@ -131,12 +141,10 @@ def main() -> None:
             r = memory_raw(root, count)
             print(f"| {count} | {w:.1f} | {r:.1f} | {w / r:.2f}× |", flush=True)
         print("\nTarget: ≤ 25 KiB per idle agent.")
-        rest = rest_latency(root, args.rest_rounds, args.rest_block)
-        print("\n## REST exec of `true` (alternating blocks; SSH account with a plain /bin/sh)\n")
-        print("| path | n | p50 ms | p99 ms |")
-        print("| --- | ---: | ---: | ---: |")
-        for label, values in rest.items():
-            print(f"| {label} | {len(values)} | {pct(values, 0.5):.2f} | {pct(values, 0.99):.2f} |")
+        sqlite_url = f"sqlite+aiosqlite:///{root / 'rest.db'}"
+        rest = rest_latency(root / "rest-sqlite", args.rest_rounds, args.rest_block, sqlite_url)
+        print("\n## REST exec of `true`, API on SQLite (alternating blocks; SSH account with /bin/sh)\n")
+        _rest_table(rest)
         raw50 = pct(rest[REST_RAW], 0.5)
         agent50 = pct(rest[REST_AGENT], 0.5)
         httpx50 = pct(rest[REST_AGENT_HTTPX], 0.5)
@@ -148,6 +156,32 @@ def main() -> None:
         print(f"fresh SSH per command p50 / REST → agent p50: **{ssh_ratio:.1f}×** (target ≥ 50×;", end=" ")
         print(f"the raw chain alone: {fresh50 / raw50:.1f}×)")
         print(f"REST → SSH worker p50 / REST → agent p50: **{pooled50 / agent50:.2f}×** (target ≥ 1×)")
+        if args.postgresql:
+            _rest_postgresql(root, args.rest_rounds, args.rest_block)
+
+
+def _rest_table(rest: dict[str, list[float]]) -> None:
+    print("| path | n | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, values in rest.items():
+        print(f"| {label} | {len(values)} | {pct(values, 0.5):.2f} | {pct(values, 0.99):.2f} |", flush=True)
+
+
+def _rest_postgresql(root: Path, rounds: int, block: int) -> None:
+    """The REST rows again with the API on a fresh PostgreSQL database (127.0.0.1:5432), if reachable."""
+    print("\n## REST exec of `true`, API on PostgreSQL\n")
+    try:
+        name = asyncio.run(create_pg_database())
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"skipped: PostgreSQL on {PG_HOST}:{PG_PORT} not reachable ({type(exc).__name__})")
+        return
+    try:
+        rest = rest_latency(root / "rest-postgresql", rounds, block, pg_url(name))
+    finally:
+        asyncio.run(drop_pg_database(name))
+    _rest_table(rest)
+    raw50, agent50 = pct(rest[REST_RAW], 0.5), pct(rest[REST_AGENT], 0.5)
+    print(f"\nREST → agent p50 / raw chain p50: **{agent50 / raw50:.2f}×** (every commit durable)")
 
 
 if __name__ == "__main__":

@@ -153,17 +153,23 @@ async def _measure(
     return results
 
 
-def rest_latency(root: Path, rounds: int, block: int) -> dict[str, list[float]]:
-    """Run the REST stack (API, worker, gateway, agent, sshd) beside the raw chain; measure every path in
-    alternating blocks."""
+def rest_latency(root: Path, rounds: int, block: int, database_url: str) -> dict[str, list[float]]:
+    """Run the REST stack (API on `database_url`, worker, gateway, agent, sshd) beside the raw chain in
+    `root` (created); measure every path in alternating blocks."""
     user = plain_shell_user()
+    root.mkdir()
     server = NatsServer(root, "nats-rest")
     sshd = Sshd(root / "sshd")
-    for path, mode in ((root, 0o711), (root / "sshd", 0o711), (sshd.authorized_keys_path, 0o644)):
+    for path, mode in (
+        (root.parent, 0o711),
+        (root, 0o711),
+        (root / "sshd", 0o711),
+        (sshd.authorized_keys_path, 0o644),
+    ):
         path.chmod(mode)  # sshd reads authorized_keys as the (unprivileged) bench user
     stack = Stack(root, server.url)
     try:
-        api = stack.start_api(f"sqlite+aiosqlite:///{root / 'bench.db'}")
+        api = stack.start_api(database_url)
         stack.start_fallback(sshd.client_key_path)
         gw = stack.start_gateway("rest-gw")
         for host, address in (("bench-agent", "127.0.0.1"), ("bench-ssh", "localhost")):

@@ -29,7 +29,7 @@ from services.api.db import SchemaMismatch, initialise, make_engine, sessionmake
 from services.api.deps import ApiState, AuthCache
 from services.api.errors import ApiError, Unauthorized
 from services.api.lifecycle import AgentLifecycle
-from services.api.routes import api_router
+from services.api.routes import include_routes
 from services.api.runner import Runner
 from services.api.runstore import open_store
 from services.api.settings import ApiSettings
@@ -127,7 +127,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         description="Fleet control plane: run commands by agent, or over SSH when no agent is connected.",
         lifespan=lifespan,
     )
-    app.include_router(api_router())
+    include_routes(app)
     install_error_handlers(app)
     app.add_middleware(JsonServerErrors)
     return app

@@ -187,7 +187,15 @@ class Runner:
         return await self._record(run, host.id, values)
 
     async def _record(self, run: NewRun, host_id: str, values: dict[str, Any]) -> CommandRunPublic:
-        data = {**asdict(run), "host_id": host_id, **values}  # what was just written: no second read
+        data = {  # what was just written: no second read
+            "command_id": run.command_id,
+            "host_id": host_id,
+            "command": run.command,
+            "timeout": run.timeout,
+            "requested_by": run.requested_by,
+            "created_at": run.created_at,
+            **values,
+        }
         try:
             if await self.store.finish(run.command_id, values):
                 return CommandRunPublic.model_validate(data)

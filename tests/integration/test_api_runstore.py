@@ -19,7 +19,7 @@ from services.api import crud
 from services.api.db import initialise, make_engine, sessionmaker
 from services.api.errors import DatabaseUnavailable
 from services.api.models import CommandStatus, Host, Via
-from services.api.runstore import HostTarget, NewRun, RunStore, SqliteRunStore, open_store
+from services.api.runstore import HostTarget, NewRun, PgRunStore, RunStore, SqliteRunStore, open_store
 from services.api.settings import ApiSettings
 from tests.support.db import BACKENDS, fresh_database
 
@@ -183,3 +183,12 @@ async def test_lost_connection_is_retried_then_unavailable(
             await gone.start("web-1", _run("never"))
     finally:
         await gone.close()
+
+
+async def test_pending_rows_commit_durably(backend: str, store: RunStore) -> None:
+    """On PostgreSQL the pending row's pool commits synchronously; only the outcome's does not."""
+    if backend != "postgresql":
+        pytest.skip("SQLite commits both writes alike (WAL, synchronous=NORMAL)")
+    assert isinstance(store, PgRunStore)
+    assert await (await store.pool(durable=True)).fetchval("SHOW synchronous_commit") == "on"
+    assert await (await store.pool(durable=False)).fetchval("SHOW synchronous_commit") == "off"
