@@ -185,10 +185,18 @@ async def test_lost_connection_is_retried_then_unavailable(
         await gone.close()
 
 
-async def test_pending_rows_commit_durably(backend: str, store: RunStore) -> None:
-    """On PostgreSQL the pending row's pool commits synchronously; only the outcome's does not."""
-    if backend != "postgresql":
-        pytest.skip("SQLite commits both writes alike (WAL, synchronous=NORMAL)")
-    assert isinstance(store, PgRunStore)
-    assert await (await store.pool(durable=True)).fetchval("SHOW synchronous_commit") == "on"
-    assert await (await store.pool(durable=False)).fetchval("SHOW synchronous_commit") == "off"
+async def test_commit_settings(backend: str, store: RunStore) -> None:
+    """PostgreSQL: the pending row's pool commits synchronously, only the outcome's does not. SQLite: the
+    event loop's connection never waits for a lock and never checkpoints (both would block the loop)."""
+    if isinstance(store, PgRunStore):
+        assert await (await store.pool(durable=True)).fetchval("SHOW synchronous_commit") == "on"
+        assert await (await store.pool(durable=False)).fetchval("SHOW synchronous_commit") == "off"
+        return
+    assert isinstance(store, SqliteRunStore)
+    assert backend == "sqlite"
+    await store.start("web-1", _run())
+    conn = store._loop_conn  # the connection used on the event loop
+    assert conn is not None
+    assert conn.execute("PRAGMA busy_timeout").fetchone() == (0,)
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
