@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -83,31 +82,57 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
-bearer = HTTPBearer(auto_error=False, description="an API key (`warlock api-key create`)")
+SECURITY_SCHEME = "ApiKey"  # the OpenAPI name of the bearer scheme (see `document_api_key`)
 
 
-async def require_api_key(
-    state: StateDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """The name of the request's API key; 401 when it is missing or unknown."""
-    if credentials is None or not credentials.credentials:
+async def require_api_key(request: Request) -> str:
+    """The name of the request's API key (also left in ``request.state.api_key``); 401 when it is
+    missing or unknown.
+
+    It reads the header itself and takes no sub-dependencies: FastAPI resolves every dependency of every
+    request, and on the exec path each one cost more than the database writes.
+    """
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-    key_hash = hash_token(credentials.credentials)
+    state: ApiState = request.app.state.api
+    key_hash = hash_token(key)
     name = state.auth_cache.get(key_hash)
     if name is None:
         if not state.db_ready:
             raise DatabaseUnavailable(f"database unavailable: {state.db_error}")
         async with state.sessions() as session:  # its own short session: no connection held after
-            key = await crud.api_key_by_hash(session, key_hash)
-        if key is None:
+            found = await crud.api_key_by_hash(session, key_hash)
+        if found is None:
             raise Unauthorized("invalid API key")
-        name = key.name
+        name = found.name
         state.auth_cache.put(key_hash, name)
+    request.state.api_key = name
     return name
 
 
-ApiKeyDep = Annotated[str, Depends(require_api_key)]
+def api_key_name(request: Request) -> str:
+    """The key name `require_api_key` verified for this request (routes under ``/api`` only)."""
+    name = getattr(request.state, "api_key", None)
+    if not isinstance(name, str):
+        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+    return name
+
+
+def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
+    """Declare the bearer scheme in an OpenAPI `schema` and require it on every ``/api`` operation."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[SECURITY_SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key (`warlock api-key create`)",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        if path.startswith("/api/"):
+            for operation in operations.values():
+                operation["security"] = [{SECURITY_SCHEME: []}]
+    return schema
 
 
 async def get_runner(state: StateDep) -> Runner:

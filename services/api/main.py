@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.api import __version__
 from services.api.bus import Bus
 from services.api.db import SchemaMismatch, initialise, make_engine, sessionmaker
-from services.api.deps import ApiState, AuthCache
+from services.api.deps import ApiState, AuthCache, document_api_key
 from services.api.errors import ApiError, Unauthorized
 from services.api.lifecycle import AgentLifecycle
 from services.api.routes import include_routes
@@ -128,9 +128,22 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     include_routes(app)
+    _document_api_key(app)
     install_error_handlers(app)
     app.add_middleware(JsonServerErrors)
     return app
+
+
+def _document_api_key(app: FastAPI) -> None:
+    """Generate the OpenAPI schema with the API key scheme declared (see `deps.document_api_key`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_api_key(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _error_body(exc: ApiError) -> dict[str, Any]:

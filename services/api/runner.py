@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -68,8 +68,11 @@ class Outcome:
     duration_ms: float | None = None
 
     def values(self) -> dict[str, Any]:
-        """The CommandRun columns this outcome sets."""
-        return asdict(self)
+        """The CommandRun columns this outcome sets (by hand: `dataclasses.asdict` deep-copies)."""
+        return {f: getattr(self, f) for f in _OUTCOME_FIELDS}
+
+
+_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))
 
 
 def cap(text: str, max_chars: int) -> tuple[str, bool]:

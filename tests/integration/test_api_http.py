@@ -229,7 +229,15 @@ async def test_healthz_reports_nats_and_database(api: RunningApi, nats_server: N
 
 
 async def test_openapi_docs_are_served(api: RunningApi) -> None:
-    """/docs and /openapi.json are served and list the exec route."""
+    """/docs and /openapi.json are served, list the exec route and declare the bearer key on /api only."""
     assert (await api.client.get("/docs")).status_code == 200
     spec = (await api.client.get("/openapi.json")).json()
     assert "/api/hosts/{host}/exec" in spec["paths"]
+    assert spec["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key (`warlock api-key create`)",
+    }
+    assert spec["paths"]["/api/hosts/{host}/exec"]["post"]["security"] == [{"ApiKey": []}]
+    assert spec["paths"]["/api/agents"]["get"]["security"] == [{"ApiKey": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]

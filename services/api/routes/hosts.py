@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 from services.api import crud
 from services.api.agent_models import AgentInstallBody, HostAddPublic, InstallFailedPublic
-from services.api.deps import ApiKeyDep, LifecycleDep, RunnerDep, SessionDep, StateDep
+from services.api.deps import ApiState, LifecycleDep, SessionDep, StateDep, api_key_name
 from services.api.errors import ApiError, DatabaseUnavailable
 from services.api.models import CommandRunPublic, ExecBody, HostCreate, HostPublic
 from services.api.probe import probe_host
@@ -80,13 +80,13 @@ async def delete_host(host: str, session: SessionDep) -> Response:
     response_model=CommandRunPublic,
     responses={**NOT_FOUND, 503: {"description": "database unavailable: nothing was sent"}},
 )
-async def exec_command(
-    host: str, body: ExecBody, state: StateDep, runner: RunnerDep, key_name: ApiKeyDep
-) -> CommandRunPublic:
+async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic:
     """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
+    # no further dependencies (state, runner, key name): FastAPI resolves each on every command
+    state: ApiState = request.app.state.api
     if not state.db_ready:
         raise DatabaseUnavailable(f"database unavailable: {state.db_error}")
-    return await runner.run(host, body, requested_by=key_name)
+    return await state.runner.run(host, body, requested_by=api_key_name(request))
 
 
 @router.get("/{host}/commands", response_model=list[CommandRunPublic], responses=NOT_FOUND)
