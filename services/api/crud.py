@@ -236,11 +236,7 @@ async def api_key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None
 # ----------------------------------------------------------------------------- command runs
 
 
-async def create_run(session: AsyncSession, run: CommandRun) -> CommandRun:
-    """Insert a run and commit: it exists in the database before anything is sent."""
-    session.add(run)
-    await session.commit()
-    return run
+# new runs are inserted by services.api.runstore (the exec path's plain-SQL writes)
 
 
 async def get_run(session: AsyncSession, command_id: str) -> CommandRun:
