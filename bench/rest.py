@@ -21,6 +21,7 @@ import os
 import pwd
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
@@ -75,28 +76,25 @@ class KeepAlive:
         self.conn.close()
 
 
-def _check(host: str, via: str, status: int, body: dict[str, object]) -> None:
-    if status != 200 or body["via"] != via or body["exit_code"] != 0:
-        raise RuntimeError(f"bad answer for {host}: {status} {body}")
+Post = Callable[[str, dict[str, object]], tuple[int, dict[str, object]]]  # path, body → status, answer
 
 
-def _rest_block(client: KeepAlive, host: str, n: int, via: str) -> list[float]:
+def _httpx_post(http: httpx.Client) -> Post:
+    def post(path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+        answer = http.post(path, json=body)
+        return answer.status_code, answer.json()
+
+    return post
+
+
+def _rest_block(post: Post, host: str, n: int, via: str) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        status, body = client.post(f"/api/hosts/{host}/exec", EXEC_TRUE)
+        status, body = post(f"/api/hosts/{host}/exec", EXEC_TRUE)
         out.append((time.perf_counter() - t0) * 1000)
-        _check(host, via, status, body)
-    return out
-
-
-def _httpx_block(http: httpx.Client, host: str, n: int, via: str) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        answer = http.post(f"/api/hosts/{host}/exec", json=EXEC_TRUE)
-        out.append((time.perf_counter() - t0) * 1000)
-        _check(host, via, answer.status_code, answer.json())
+        if status != 200 or body["via"] != via or body["exit_code"] != 0:
+            raise RuntimeError(f"bad answer for {host}: {status} {body}")
     return out
 
 
@@ -138,14 +136,15 @@ async def _measure(
     try:
         with httpx.Client(base_url=api_url, headers=auth, timeout=60) as http:
             await timed_requests(nats_url, RAW_SUBJECT, TRUE, 50)  # warm up every path
-            _rest_block(client, "bench-agent", 50, "agent")
-            _httpx_block(http, "bench-agent", 20, "agent")
-            _rest_block(client, "bench-ssh", 20, "ssh")
+            lean, heavy = client.post, _httpx_post(http)
+            _rest_block(lean, "bench-agent", 50, "agent")
+            _rest_block(heavy, "bench-agent", 20, "agent")
+            _rest_block(lean, "bench-ssh", 20, "ssh")
             for _ in range(rounds):
                 results[REST_RAW] += await timed_requests(nats_url, RAW_SUBJECT, TRUE, block)
-                results[REST_AGENT] += _rest_block(client, "bench-agent", block, "agent")
-                results[REST_AGENT_HTTPX] += _httpx_block(http, "bench-agent", block, "agent")
-                results[REST_SSH] += _rest_block(client, "bench-ssh", block, "ssh")
+                results[REST_AGENT] += _rest_block(lean, "bench-agent", block, "agent")
+                results[REST_AGENT_HTTPX] += _rest_block(heavy, "bench-agent", block, "agent")
+                results[REST_SSH] += _rest_block(lean, "bench-ssh", block, "ssh")
                 for name, values in (await _ssh_blocks(sshd, user, block, max(2, block // 10))).items():
                     results.setdefault(name, []).extend(values)
     finally:

@@ -61,12 +61,22 @@ class ApiState:
     db_ready: bool = False
     db_error: str | None = field(default="not initialised yet")
 
+    def require_db(self) -> None:
+        """Raise DatabaseUnavailable (503) while the schema is not initialised."""
+        if not self.db_ready:
+            raise DatabaseUnavailable(f"database unavailable: {self.db_error}")
 
-async def get_state(request: Request) -> ApiState:
-    """The app's state (set by the lifespan); async, as every dependency here: FastAPI runs a sync one in a
-    thread pool, a thread hop per request."""
+
+def app_state(request: Request) -> ApiState:
+    """The app's state (set by the lifespan)."""
     state: ApiState = request.app.state.api
     return state
+
+
+async def get_state(request: Request) -> ApiState:
+    """`app_state` as a dependency; async, as every dependency here: FastAPI runs a sync one in a thread
+    pool, a thread hop per request."""
+    return app_state(request)
 
 
 StateDep = Annotated[ApiState, Depends(get_state)]
@@ -74,8 +84,7 @@ StateDep = Annotated[ApiState, Depends(get_state)]
 
 async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
     """A session for this request; 503 while the schema is not initialised."""
-    if not state.db_ready:
-        raise DatabaseUnavailable(f"database unavailable: {state.db_error}")
+    state.require_db()
     async with state.sessions() as session:
         yield session
 
@@ -83,6 +92,7 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 SECURITY_SCHEME = "ApiKey"  # the OpenAPI name of the bearer scheme (see `document_api_key`)
+MISSING_KEY = "missing API key: send Authorization: Bearer <key>"
 
 
 async def require_api_key(request: Request) -> str:
@@ -95,13 +105,12 @@ async def require_api_key(request: Request) -> str:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
-        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-    state: ApiState = request.app.state.api
+        raise Unauthorized(MISSING_KEY)
+    state = app_state(request)
     key_hash = hash_token(key)
     name = state.auth_cache.get(key_hash)
     if name is None:
-        if not state.db_ready:
-            raise DatabaseUnavailable(f"database unavailable: {state.db_error}")
+        state.require_db()
         async with state.sessions() as session:  # its own short session: no connection held after
             found = await crud.api_key_by_hash(session, key_hash)
         if found is None:
@@ -116,7 +125,7 @@ def api_key_name(request: Request) -> str:
     """The key name `require_api_key` verified for this request (routes under ``/api`` only)."""
     name = getattr(request.state, "api_key", None)
     if not isinstance(name, str):
-        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+        raise Unauthorized(MISSING_KEY)
     return name
 
 
@@ -133,14 +142,6 @@ def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
             for operation in operations.values():
                 operation["security"] = [{SECURITY_SCHEME: []}]
     return schema
-
-
-async def get_runner(state: StateDep) -> Runner:
-    """The app's hybrid runner."""
-    return state.runner
-
-
-RunnerDep = Annotated[Runner, Depends(get_runner)]
 
 
 async def get_lifecycle(state: StateDep) -> AgentLifecycle:

@@ -12,9 +12,10 @@ Everything else in the API uses sqlmodel. Rows written here must read back throu
 values go in as the ORM stores them: enums as their string values, datetimes in UTC (naive text in
 SQLAlchemy's format on SQLite, timestamptz on PostgreSQL); tests check the round trip on both backends.
 
-Driver errors become `DatabaseUnavailable` (503). A statement that failed because the connection was
-lost is retried once on a fresh one: both statements are safe to repeat (the insert is keyed by command
-id and skips an existing row; the update is guarded by status), and neither has sent anything yet.
+Driver errors become `DatabaseUnavailable` (503). On PostgreSQL a statement that failed because the
+connection was lost is retried once on a fresh one: both statements are safe to repeat (the insert is
+keyed by command id and skips an existing row; the update is guarded by status). SQLite reopens its
+connection on the next call instead.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from services.api.errors import DatabaseUnavailable
+from services.api.models import UtcDateTime
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -153,13 +156,14 @@ def outcome_params(values: dict[str, Any], when: Callable[[datetime | None], Any
     return params
 
 
+_UTC_DATETIME = UtcDateTime()
+_SQLITE_DIALECT = sqlite_dialect.dialect()
+
+
 def sqlite_datetime(value: datetime | None) -> str | None:
-    """`value` as SQLAlchemy stores a DateTime on SQLite: naive UTC text with microseconds."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise ValueError("naive datetime: store timezone-aware datetimes only")
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    """`value` as the ORM stores a `UtcDateTime` on SQLite: naive UTC text with microseconds."""
+    naive = _UTC_DATETIME.process_bind_param(value, _SQLITE_DIALECT)  # refuses naive datetimes
+    return None if naive is None else naive.isoformat(" ", "microseconds")
 
 
 class SqliteRunStore:

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query, Request, Response, status
 
 from services.api import crud
 from services.api.agent_models import AgentInstallBody, HostAddPublic, InstallFailedPublic
-from services.api.deps import ApiState, LifecycleDep, SessionDep, StateDep, api_key_name
-from services.api.errors import ApiError, DatabaseUnavailable
+from services.api.deps import LifecycleDep, SessionDep, StateDep, api_key_name, app_state
+from services.api.errors import ApiError
 from services.api.models import CommandRunPublic, ExecBody, HostCreate, HostPublic
 from services.api.probe import probe_host
 
@@ -83,9 +83,8 @@ async def delete_host(host: str, session: SessionDep) -> Response:
 async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic:
     """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
     # no further dependencies (state, runner, key name): FastAPI resolves each on every command
-    state: ApiState = request.app.state.api
-    if not state.db_ready:
-        raise DatabaseUnavailable(f"database unavailable: {state.db_error}")
+    state = app_state(request)
+    state.require_db()
     return await state.runner.run(host, body, requested_by=api_key_name(request))
 
 
