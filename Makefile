@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# the distribution was called warlock before 0.1.0 (a name PyPI gives to an unrelated project)
+	@$(BIN)/python -m pip uninstall --quiet --yes warlock >/dev/null 2>&1 || true
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 

@@ -6,4 +6,6 @@ decisions), `metrics` (psutil samples), `client` (the connection loop), `swarm` 
 for the benchmark), `cli` (the ``warlock-agent`` entrypoint).
 """
 
-__version__ = "0.1.0"
+from shared.version import __version__
+
+__all__ = ["__version__"]

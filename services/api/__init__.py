@@ -1,3 +1,5 @@
 """Warlock API service: REST API, persistence, token authority, hybrid runner; and the `warlock` CLI."""
 
-__version__ = "0.1.0"
+from shared.version import __version__
+
+__all__ = ["__version__"]

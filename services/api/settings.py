@@ -58,8 +58,8 @@ class ApiSettings(NatsSettings):
     )
     agent_wheel: Path | None = Field(
         default=None,
-        description="a prebuilt agent wheel to install on hosts; unset: built from this source tree on "
-        "first use (pip wheel) into wheel_dir",
+        description="a prebuilt agent wheel to install on hosts, or a directory holding this version's "
+        "wheel; unset: built from this source tree on first use (pip wheel) into wheel_dir",
     )
     wheel_dir: Path = Field(
         default=Path(".warlock/wheels"),

@@ -28,10 +28,11 @@ from shared.ids import HostId, HostIdField
 from shared.natsx import error, respond
 from shared.protocol import TokenOk, TokenVerifyRequest, decode_model
 from shared.tokens import fingerprint, hashes_equal
+from shared.version import __version__
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "warlock-token-authority"
-SERVICE_VERSION = "0.1.0"
+SERVICE_VERSION = __version__
 
 TokenHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 

@@ -1,5 +1,7 @@
 """The agent wheel the API ships to hosts: a prebuilt file (``WARLOCK_API_AGENT_WHEEL``) or built once.
 
+``WARLOCK_API_AGENT_WHEEL`` may also name a directory: the API takes the wheel of its own distribution
+and version from it (`shared.version.wheel_name`, e.g. ``warlock_fleet-0.1.0-py3-none-any.whl``).
 Without a configured wheel, the first request that needs it runs
 ``<python> -m pip wheel --no-deps --no-build-isolation -w <wheel_dir>/<tmp> <source root>`` in a thread,
 where the source root is the directory holding ``pyproject.toml`` above ``services/``. The bytes, SHA-256
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.api.errors import DependencyUnavailable
+from shared.version import wheel_name
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,9 @@ class WheelSource:
         return self._wheel
 
     def _load(self) -> AgentWheel:
+        if self.configured is not None and self.configured.is_dir():
+            # a directory (the Docker image's dist/): the wheel of this very distribution and version
+            return AgentWheel.read(self.configured / wheel_name())
         if self.configured is not None:
             return AgentWheel.read(self.configured)
         if self.root is None:

@@ -7,4 +7,6 @@ host), `worker` (NATS subscriptions, micro service, shutdown), `cli` (the ``warl
 entrypoint).
 """
 
-__version__ = "0.1.0"
+from shared.version import __version__
+
+__all__ = ["__version__"]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from shared.version import __version__
 
 
 def gateway_version() -> str:
-    """The installed Warlock version (``0.0.0`` when running from an uninstalled tree)."""
-    try:
-        return version("warlock")
-    except PackageNotFoundError:
-        return "0.0.0"
+    """This build's version (`shared.version`, which the package metadata is made from)."""
+    return __version__

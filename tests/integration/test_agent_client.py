@@ -36,6 +36,7 @@ from shared.protocol import (
     encode,
 )
 from shared.tokens import generate_token
+from shared.version import __version__
 
 Behaviour = Callable[[ServerConnection, Hello], Awaitable[None]]
 
@@ -185,7 +186,7 @@ async def test_exec_round_trip_with_ack(
     hello = gateway.hellos[0]
     assert hello.host_id == "web-1"
     assert set(hello.capabilities) == {"exec", "metrics", "ledger"}
-    assert hello.agent_version == "0.1.0"
+    assert hello.agent_version == __version__
     assert results[0].command_id == "c1"
     assert results[0].stdout == "hi\n"
     assert results[0].exit_code == 4

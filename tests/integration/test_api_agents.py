@@ -40,11 +40,12 @@ from shared.protocol import (
     decode_model,
 )
 from shared.tokens import hash_token
+from shared.version import __version__, wheel_name
 from tests.support.db import BACKENDS, RunningApi, api_settings, eventually, fresh_database, running_api
 from tests.support.natsserver import NatsServer
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFnZW50c3Rlc3RrZXkwMTIzNDU2Nzg5YWJjZGVmZ2g"
-WHEEL_NAME = "warlock-0.1.0-py3-none-any.whl"
+WHEEL_NAME = wheel_name()
 WHEEL_BYTES = b"PK\x03\x04 not really a wheel, but bytes with a hash"
 WHEEL_SHA = hashlib.sha256(WHEEL_BYTES).hexdigest()
 STEPS = (InstallStep(name="sha256", ok=True, detail=WHEEL_SHA), InstallStep(name="unit", ok=True))
@@ -346,7 +347,7 @@ async def test_health_via_agent_measures_latency(api: RunningApi, peers: Peers) 
             "host_id": "h1",
             "session_id": "s1",
             "gateway_id": "gw1",
-            "agent_version": "0.1.0",
+            "agent_version": __version__,
             "agent_rtt_ms": 0.4,
         }
     )

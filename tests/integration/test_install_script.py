@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.install import script
+from shared.version import wheel_name
 
 TOKEN = "5e" * 32
 HAS_SYSTEMD = Path("/run/systemd/system").is_dir()
@@ -38,7 +39,7 @@ def run_script(
 
 def fake_wheel(tmp_path: Path) -> tuple[Path, str]:
     """A file named like a wheel and its SHA-256 (enough for the checks that run before pip)."""
-    wheel = tmp_path / "warlock-0.1.0-py3-none-any.whl"
+    wheel = tmp_path / wheel_name()
     wheel.write_bytes(b"PK\x03\x04 a wheel")
     return wheel, hashlib.sha256(wheel.read_bytes()).hexdigest()
 

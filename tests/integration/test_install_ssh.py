@@ -37,6 +37,7 @@ from shared.protocol import (
     decode_agent_op_reply,
     encode,
 )
+from shared.version import wheel_name
 from tests.integration.test_fallback_exec import StartWorker, sshd, start_worker, target_of
 from tests.support.install import agent_pids
 from tests.support.sshd import Sshd
@@ -65,7 +66,9 @@ def agent_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if done.returncode != 0:  # the venv's setuptools may lack bdist_wheel: build in isolation instead
         done = subprocess.run([*base, str(src)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    return next(out.glob("warlock-*.whl"))
+    wheel = out / wheel_name()  # the name the metadata gives: distribution and version
+    assert wheel.is_file(), sorted(p.name for p in out.iterdir())
+    return wheel
 
 
 @pytest.fixture

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from services.api.wheel import AgentWheel, WheelSource, WheelUnavailable, source_root
+from shared.version import wheel_name
 
 
 async def test_configured_wheel_is_read_once_with_its_hash(tmp_path: Path) -> None:
     """A configured wheel is served with its SHA-256; later calls reuse the first read."""
-    path = tmp_path / "warlock-0.1.0-py3-none-any.whl"
+    path = tmp_path / wheel_name()
     path.write_bytes(b"wheel bytes")
     source = WheelSource(path, tmp_path / "wheels")
     first, second = await asyncio.gather(source.get(), source.get())
@@ -55,8 +56,7 @@ async def test_real_wheel_builds_from_this_source_tree(tmp_path: Path) -> None:
     """Unconfigured, the wheel is built once with pip from this tree and holds the agent package."""
     source = WheelSource(None, tmp_path / "wheels")
     wheel = await source.get()
-    assert wheel.name.startswith("warlock-")
-    assert wheel.name.endswith(".whl")
+    assert wheel.name == wheel_name()  # distribution and version from the metadata, not a literal
     assert hashlib.sha256(wheel.data).hexdigest() == wheel.sha256
     assert (tmp_path / "wheels" / wheel.name).read_bytes() == wheel.data
     with zipfile.ZipFile(tmp_path / "wheels" / wheel.name) as archive:
