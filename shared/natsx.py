@@ -6,8 +6,12 @@ Request/reply workers are shaped like NATS micro: every reply is a protocol mode
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro.request import Request
@@ -61,3 +65,124 @@ async def respond(request: Request, message: Message) -> None:
 def error(code: ErrorCode, description: str, command_id: str | None = None) -> ErrorReply:
     """Build a typed error reply."""
     return ErrorReply.model_validate({"code": code, "description": description, "command_id": command_id})
+
+
+# ----------------------------------------------------------------------------- the connection
+
+RETRY_WAIT_S = 2  # between connection attempts (nats-py's reconnect_time_wait)
+CONNECT_TIMEOUT_S = 2  # one attempt's TCP connect + handshake
+REPEAT_LOG_S = 30.0  # the same failure again is logged at most this often
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an exception: its class and message (never a traceback)."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class NatsLink:
+    """A service's NATS connection, made without blocking anyone's shutdown.
+
+    `connect` retries until NATS answers or `stop` is set; every failed attempt, disconnect and reconnect
+    is one log line (a failure that repeats is logged again every `REPEAT_LOG_S` with its count, so a
+    long outage does not flood the log), and `problem` keeps the last reason for health endpoints.
+    Once connected, nats-py reconnects by itself forever.
+    """
+
+    def __init__(self, servers: list[str], name: str, logger: logging.Logger) -> None:
+        self.nc = NATS()
+        self.servers = servers
+        self.name = name
+        self.log = logger
+        self.problem: str | None = "not connected yet"
+        self.failures = 0
+        self.failed = asyncio.Event()  # set by the first failed attempt (start-up waits for it, or success)
+        self._logged: tuple[str, float] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now."""
+        return self.nc.is_connected
+
+    def state(self) -> str:
+        """``ok``, or ``unavailable: <why>`` (for health endpoints)."""
+        return "ok" if self.nc.is_connected else f"unavailable: {self.problem or 'reconnecting'}"
+
+    async def connect(self, stop: asyncio.Event | None = None) -> bool:
+        """Connect, retrying every `RETRY_WAIT_S`, until connected (True) or `stop` is set (False)."""
+        attempt = asyncio.ensure_future(
+            self.nc.connect(
+                servers=self.servers,
+                name=self.name,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                reconnect_time_wait=RETRY_WAIT_S,
+                max_reconnect_attempts=-1,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+        )
+        waiters: set[asyncio.Future[Any]] = {attempt}
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        if stopped is not None:
+            waiters.add(stopped)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        if attempt.cancelled() or attempt.exception() is not None:
+            if not attempt.cancelled():
+                self.problem = describe(attempt.exception())  # type: ignore[arg-type]
+                self.log.error("NATS at %s: %s", ", ".join(self.servers), self.problem)
+            await self.nc.close()
+            return False
+        self.problem = None
+        self.log.info("NATS connected to %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+        return True
+
+    async def close(self, drain_s: float = 5.0) -> None:
+        """Drain the connection if it is up (at most `drain_s` seconds), else just close it."""
+        if self.nc.is_closed:
+            return
+        if self.nc.is_connected:
+            try:
+                async with asyncio.timeout(drain_s):
+                    await self.nc.drain()
+                return
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                self.log.warning("NATS drain failed (%s); closing", describe(exc))
+        try:
+            await self.nc.close()
+        except Exception as exc:  # nats-py flushes into a transport that may be gone (uvloop: RuntimeError)
+            self.log.info("NATS connection closed (%s)", describe(exc))
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.failures += 1
+        self.failed.set()
+        reason = describe(exc)
+        self.problem = reason
+        now = time.monotonic()
+        if self._logged is None or self._logged[0] != reason or now - self._logged[1] >= REPEAT_LOG_S:
+            self._logged = (reason, now)
+            self.log.warning(
+                "NATS at %s: %s (%d failed attempt%s; retrying every %gs)",
+                ", ".join(self.servers),
+                reason,
+                self.failures,
+                "" if self.failures == 1 else "s",
+                RETRY_WAIT_S,
+            )
+
+    async def _on_disconnected(self) -> None:
+        if self.problem is None:
+            self.problem = "disconnected; reconnecting"
+        if self.nc.is_reconnecting:
+            self.log.warning("NATS disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.problem, self.failures, self._logged = None, 0, None
+        url = self.nc.connected_url
+        self.log.info("NATS reconnected to %s", url.netloc if url else "?")

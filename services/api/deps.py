@@ -13,11 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import crud
-from services.api.errors import DatabaseUnavailable, Unauthorized
+from services.api.errors import DatabaseUnavailable, NatsUnavailable, Unauthorized
 from services.api.lifecycle import AgentLifecycle
 from services.api.runner import Runner
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
+from shared.natsx import NatsLink
 from shared.tokens import hash_token
 
 
@@ -53,7 +54,7 @@ class ApiState:
     settings: ApiSettings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    nc: NATS
+    link: NatsLink
     runner: Runner
     tasks: TaskTracker
     auth_cache: AuthCache
@@ -61,10 +62,21 @@ class ApiState:
     db_ready: bool = False
     db_error: str | None = field(default="not initialised yet")
 
+    @property
+    def nc(self) -> NATS:
+        """The NATS client (connected or not: see `require_nats`)."""
+        return self.link.nc
+
     def require_db(self) -> None:
         """Raise DatabaseUnavailable (503) while the schema is not initialised."""
         if not self.db_ready:
             raise DatabaseUnavailable(f"database unavailable: {self.db_error}")
+
+    def require_nats(self) -> None:
+        """Raise NatsUnavailable (503) while NATS is not connected: nothing is sent, nothing recorded."""
+        if not self.link.connected:
+            why = self.link.problem or "reconnecting"
+            raise NatsUnavailable(f"NATS unavailable ({why}): nothing was sent")
 
 
 def app_state(request: Request) -> ApiState:
@@ -145,7 +157,8 @@ def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 async def get_lifecycle(state: StateDep) -> AgentLifecycle:
-    """The app's agent lifecycle (install, uninstall, health, regenerate-token)."""
+    """The app's agent lifecycle (install, uninstall, health, regenerate-token); 503 without NATS."""
+    state.require_nats()
     return state.lifecycle
 
 

@@ -9,6 +9,7 @@
     ├── DependencyUnavailable            503
     │   ├── DatabaseUnavailable          the database cannot be reached or is not initialised
     │   ├── WorkerUnavailable            no SSH worker answered
+    │   ├── NatsUnavailable              NATS is not connected (at start, or reconnecting)
     │   └── WheelUnavailable (wheel.py)  the agent wheel could not be read or built
     └── Unauthorized                     401: missing or unknown API key
 
@@ -82,3 +83,7 @@ class DatabaseUnavailable(DependencyUnavailable):
 
 class WorkerUnavailable(DependencyUnavailable):
     """No worker answered on NATS."""
+
+
+class NatsUnavailable(DependencyUnavailable):
+    """NATS is not connected: nothing was sent."""

@@ -8,6 +8,7 @@ until the API takes the role. No token is ever read or logged here: only hashes,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared import subjects
 from shared.errors import ConfigError, ErrorCode, ProtocolError
 from shared.ids import HostId, HostIdField
-from shared.natsx import error, respond
+from shared.natsx import NatsLink, error, respond
 from shared.protocol import TokenOk, TokenVerifyRequest, decode_model
 from shared.tokens import fingerprint, hashes_equal
 from shared.version import __version__
@@ -139,22 +140,21 @@ async def run_token_authority(
         log.error("%s", exc)
         return 2
     servers = [u.strip() for u in nats_url.split(",") if u.strip()]
-    try:
-        nc = await nats.connect(servers=servers, name="warlock-token-authority", max_reconnect_attempts=-1)
-    except (OSError, nats.errors.Error) as exc:
-        log.error("cannot connect to NATS at %s: %s", nats_url, exc or type(exc).__name__)
-        return 1
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    link = NatsLink(servers, "warlock-token-authority", log)
     try:
-        service = await serve_token_file(nc, path)
+        if not await link.connect(stop):
+            return 0
+        service = await serve_token_file(link.nc, path)
         log.info("token authority ready")
         await stop.wait()
-        await service.stop()
+        with contextlib.suppress(nats.errors.Error):
+            await service.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await nc.drain()
+        await link.close()
     return 0

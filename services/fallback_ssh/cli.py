@@ -2,8 +2,9 @@
 
 ``warlock-fallback-ssh [--version]``. Reads ``WARLOCK_NATS_URL``, ``WARLOCK_LOG_LEVEL`` and
 ``WARLOCK_SSH_*`` (see `settings`). Logs ``ssh fallback worker <worker_id> ready`` once at INFO when it
-serves. Exit codes: 0 after SIGTERM/SIGINT (requests in flight finish first, up to the drain timeout),
-1 if NATS cannot be reached at start, 2 for a configuration error (one line on stderr:
+serves; until NATS answers it retries every 2 s, one log line per failed attempt. Exit codes: 0 after
+SIGTERM/SIGINT in any state (requests in flight finish first, up to the drain timeout), 2 for a
+configuration error (one line on stderr:
 ``warlock-fallback-ssh: config error: <field>: <message>``).
 """
 
@@ -17,14 +18,13 @@ import sys
 from collections.abc import Sequence
 
 import asyncssh
-import nats
-import nats.errors
 
 from services.fallback_ssh import __version__
 from services.fallback_ssh.settings import FallbackSettings, load_client_key
 from services.fallback_ssh.worker import Worker
 from shared.errors import ConfigError
 from shared.logs import setup_logging
+from shared.natsx import NatsLink
 from shared.settings import load_settings
 
 log = logging.getLogger("services.fallback_ssh")
@@ -43,15 +43,17 @@ def _parser() -> argparse.ArgumentParser:
 async def serve(
     settings: FallbackSettings, client_key: asyncssh.SSHKey, stop: asyncio.Event | None = None
 ) -> None:
-    """Connect to NATS and serve until `stop` is set (or forever), then shut down cleanly."""
+    """Wait for NATS, serve until `stop` is set (or forever), then shut down cleanly.
+
+    `stop` ends it in every state: while it still waits for NATS, while serving, and while NATS is down
+    (requests in flight get the drain timeout; the NATS drain is bounded too).
+    """
     stop = stop or asyncio.Event()
-    nc = await nats.connect(
-        servers=settings.nats_servers(),
-        name=f"{PROG}-{settings.worker_id}",
-        connect_timeout=settings.connect_timeout,
-        max_reconnect_attempts=-1,
-    )
-    worker = Worker(nc, settings, client_key)
+    link = NatsLink(settings.nats_servers(), f"{PROG}-{settings.worker_id}", log)
+    if not await link.connect(stop):
+        log.info("ssh fallback worker %s stopped before NATS was reachable", settings.worker_id)
+        return
+    worker = Worker(link.nc, settings, client_key)
     try:
         await worker.start()
         log.info("ssh fallback worker %s ready", settings.worker_id)
@@ -60,8 +62,7 @@ async def serve(
         await worker.stop()
     finally:
         await worker.pool.close()
-        if not nc.is_closed:
-            await nc.drain()
+        await link.close()
     log.info("ssh fallback worker %s stopped", settings.worker_id)
 
 
@@ -89,11 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     logging.getLogger("asyncssh").setLevel(max(logging.WARNING, logging.getLogger().level))
-    try:
-        asyncio.run(_run(settings, client_key))
-    except (OSError, nats.errors.Error) as exc:
-        log.error("cannot reach NATS at %s: %s", settings.nats_url, exc)
-        return 1
+    asyncio.run(_run(settings, client_key))
     return 0
 
 

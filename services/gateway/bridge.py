@@ -99,8 +99,11 @@ class Bridge:
         """Return once the server has processed everything sent so far (a NATS failure is ignored).
 
         nats-py 2.16 writes flush()'s PING straight to the socket, ahead of commands still buffered,
-        so one PONG does not prove a fresh SUB arrived; after a second round trip it has.
+        so one PONG does not prove a fresh SUB arrived; after a second round trip it has. While NATS is
+        down there is nothing to wait for (and waiting would stall a shutdown 4 s per session).
         """
+        if not self.nc.is_connected:
+            return
         with contextlib.suppress(nats.errors.Error):
             await self.nc.flush(timeout=2)
             await self.nc.flush(timeout=2)

@@ -3,7 +3,9 @@
     warlock-gateway [run]        serve (the default command)
     warlock-gateway --version
 
-Exit codes: 0 after a clean shutdown, 1 when NATS or the port is unavailable, 2 for a configuration error.
+It waits for NATS at start (one log line per failed attempt, retrying every 2 s) and listens once NATS
+answers. Exit codes: 0 after SIGTERM/SIGINT (in any state, waiting for NATS included), 1 when the port is
+unavailable, 2 for a configuration error.
 """
 
 from __future__ import annotations
@@ -14,56 +16,36 @@ import logging
 import signal
 import sys
 
-import nats
-import nats.errors
 import uvloop
-from nats.aio.client import Client as NATS
 
 from services.gateway import gateway_version
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from shared.errors import ConfigError
 from shared.logs import setup_logging
+from shared.natsx import NatsLink
 from shared.settings import load_settings
 
 log = logging.getLogger("services.gateway")
 
 
-async def connect_nats(settings: GatewaySettings) -> NATS:
-    """Connect to NATS, reconnecting forever once connected; connection events are logged."""
-
-    async def on_error(exc: Exception) -> None:
-        log.warning("NATS error: %s", exc)
-
-    async def on_disconnected() -> None:
-        log.warning("NATS disconnected")
-
-    async def on_reconnected() -> None:
-        log.info("NATS reconnected")
-
-    return await nats.connect(
-        servers=settings.nats_servers(),
-        name=f"warlock-gateway-{settings.gateway_id}",
-        max_reconnect_attempts=-1,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-    )
-
-
 async def run(settings: GatewaySettings) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; return the exit code."""
-    try:
-        nc = await connect_nats(settings)
-    except (OSError, nats.errors.Error) as exc:
-        log.error("cannot connect to NATS at %s: %s", settings.nats_url, exc or type(exc).__name__)
-        return 1
+    """Wait for NATS, serve until SIGTERM or SIGINT, then shut down gracefully; return the exit code.
+
+    A signal stops it in every state: while it still waits for NATS (exit 0 at once), while serving, and
+    while NATS is down (the drain is bounded by the drain timeout).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(nc, settings)
+    link = NatsLink(settings.nats_servers(), f"warlock-gateway-{settings.gateway_id}", log)
+    gateway: Gateway | None = None
     try:
+        if not await link.connect(stop):
+            log.info("stopped before NATS was reachable")
+            return 0
+        gateway = Gateway(link.nc, settings)
         try:
             await gateway.start()
         except OSError as exc:
@@ -72,11 +54,9 @@ async def run(settings: GatewaySettings) -> int:
         await stop.wait()
         log.info("signal received: shutting down")
     finally:
-        await gateway.stop()
-        try:
-            await nc.drain()
-        except nats.errors.Error as exc:
-            log.warning("NATS drain failed: %s", type(exc).__name__)
+        if gateway is not None:
+            await gateway.stop()
+        await link.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0

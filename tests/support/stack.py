@@ -154,5 +154,4 @@ class Stack:
     def close(self) -> None:
         """Stop every process, newest first."""
         for proc in reversed(self.procs):
-            if proc.popen.poll() is None:
-                proc.stop(timeout=5)
+            proc.stop(timeout=5)  # also closes the log of a process that already exited

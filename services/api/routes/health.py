@@ -18,8 +18,8 @@ DB_CHECK_TIMEOUT = 5.0
 
 @router.get("/healthz", responses={503: {"description": "NATS or the database is unavailable"}})
 async def healthz(state: StateDep) -> JSONResponse:
-    """200 when NATS is connected and the database answers; 503 naming what failed."""
-    nats_state = "ok" if state.nc.is_connected else "disconnected"
+    """200 when NATS is connected and the database answers; 503 naming what failed, and why."""
+    nats_state = state.link.state()  # "ok" or "unavailable: <why>"
     if not state.db_ready:
         db_state = f"error: {state.db_error}"
     else:

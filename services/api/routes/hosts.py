@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 
 from services.api import crud
 from services.api.agent_models import AgentInstallBody, HostAddPublic, InstallFailedPublic
-from services.api.deps import LifecycleDep, SessionDep, StateDep, api_key_name, app_state
+from services.api.deps import SessionDep, StateDep, api_key_name, app_state
 from services.api.errors import ApiError
 from services.api.models import CommandRunPublic, ExecBody, HostCreate, HostPublic
 from services.api.probe import probe_host
@@ -25,17 +25,17 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host
     responses={
         409: {"description": "a host with this id or address exists"},
         422: {"description": "bad body, or the SSH check failed (connect_failed, auth_failed ...)"},
-        503: {"description": "no SSH worker answered the check"},
+        503: {"description": "no SSH worker answered the check, or NATS is unavailable"},
     },
 )
-async def add_host(
-    body: HostCreate, state: StateDep, session: SessionDep, lifecycle: LifecycleDep
-) -> HostAddPublic:
+async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> HostAddPublic:
     """Register a host; with ``ssh_check`` (default) probe it over SSH and pin its host key.
 
     With ``install_agent`` the agent is installed next; its outcome (the token, shown once, or why it
     failed) is under ``install``: the host stays added either way.
     """
+    if body.ssh_check:  # the probe (and an install) go over NATS: refuse before anything is written
+        state.require_nats()
     await crud.check_new_host(session, body.id, body.address)
     await session.commit()  # release the connection while the probe runs
     host_key = fingerprint = None
@@ -48,7 +48,7 @@ async def add_host(
     added = HostAddPublic.model_validate(host, from_attributes=True)
     if body.install_agent:
         try:
-            added.install = await lifecycle.install(host, AgentInstallBody(mode=body.install_mode))
+            added.install = await state.lifecycle.install(host, AgentInstallBody(mode=body.install_mode))
         except ApiError as exc:
             added.install = InstallFailedPublic.model_validate(
                 {**exc.extra, "status": exc.status, "detail": exc.detail, "code": exc.code}
@@ -78,13 +78,14 @@ async def delete_host(host: str, session: SessionDep) -> Response:
 @router.post(
     "/{host}/exec",
     response_model=CommandRunPublic,
-    responses={**NOT_FOUND, 503: {"description": "database unavailable: nothing was sent"}},
+    responses={**NOT_FOUND, 503: {"description": "database or NATS unavailable: nothing was sent"}},
 )
 async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic:
     """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
     # no further dependencies (state, runner, key name): FastAPI resolves each on every command
     state = app_state(request)
     state.require_db()
+    state.require_nats()
     return await state.runner.run(host, body, requested_by=api_key_name(request))
 
 
