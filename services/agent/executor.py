@@ -43,6 +43,14 @@ async def run_command(
     command_id: CommandId, command: str, timeout_s: float, max_output_bytes: int
 ) -> ExecResult | ExecError:
     """Run `command` with ``/bin/sh -c`` in a new session; return its result or an EXEC_FAILED error."""
+    if "\0" in command:
+        # exec() takes C strings: a NUL cannot reach the shell (spawning would raise ValueError).
+        log.warning("command %s: refused, it contains a NUL byte", command_id)
+        return ExecError(
+            command_id=command_id,
+            code=ErrorCode.EXEC_FAILED,
+            description="the command contains a NUL byte, which no process argument can hold; nothing ran",
+        )
     started = time.perf_counter()
     try:
         proc = await asyncio.create_subprocess_exec(
