@@ -15,6 +15,7 @@ import time
 
 from shared.errors import ErrorCode
 from shared.ids import CommandId
+from shared.limits import AGENT_REAP_S
 from shared.output import OutputCap
 from shared.protocol import ExecError, ExecResult
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SHELL = "/bin/sh"
 CHUNK = 64 * 1024
-REAP_TIMEOUT_S = 5.0  # after SIGKILL, how long to wait for the group to let go of the pipes
+REAP_TIMEOUT_S = AGENT_REAP_S  # after SIGKILL, how long to wait for the group to let go of the pipes
 
 
 async def _drain(stream: asyncio.StreamReader | None, capture: OutputCap) -> None:
