@@ -10,17 +10,20 @@ flushed to the kernel but not fsynced per command: the ledger survives an agent 
 At open and every `COMPACT_EVERY_S` the file is rewritten without expired ids (temp file + os.replace).
 
 A repeated id is answered from the ledger: its recorded result if done; ``UNKNOWN_RESULT`` if it started
-but never finished (the agent died mid-run; it is never run again); the same result if it is running now.
+but never finished (the agent died mid-run; it is never run again); the same result if it is running now
+(or waiting for the right to run: see `Ledger.run`'s `admit`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 
 Result = ExecResult | ExecError
 Runner = Callable[[Exec], Awaitable[Result]]
+# Waits for the right to run: yields the request to run (its timeout perhaps shortened) or the error
+# after which nothing ran; the right is held until the context exits.
+Admit = Callable[[Exec], AbstractAsyncContextManager[Exec | ExecError]]
 
 RETENTION_S = 600.0
 COMPACT_EVERY_S = 60.0
@@ -153,8 +159,12 @@ class Ledger:
             description="this command id started before the agent restarted; its result was lost",
         )
 
-    async def run(self, request: Exec, runner: Runner) -> Result:
-        """Run `request` with `runner` at most once per id; a repeated id gets the recorded answer."""
+    async def run(self, request: Exec, runner: Runner, admit: Admit | None = None) -> Result:
+        """Run `request` with `runner` at most once per id; a repeated id gets the recorded answer.
+
+        With `admit`, the command runs only once admitted, as the request admit yields. An ExecError from
+        `admit` answers this id's waiting requests and is not recorded: nothing ran, the id stays unused.
+        """
         command_id = request.command_id
         if (running := self._running.get(command_id)) is not None:
             log.info("command %s is already running; waiting for its result", command_id)
@@ -162,27 +172,37 @@ class Ledger:
         if (known := self.lookup(command_id)) is not None:
             log.info("command %s seen before; answered from the ledger", command_id)
             return known
-        if self.clock() - self._compacted_at > COMPACT_EVERY_S:
-            self.compact()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._running[command_id] = future
-        self._entries[command_id] = Entry(at=self.clock())
         try:
-            self._append({"id": command_id, "at": self.clock(), "state": "started"})
-            try:
-                result = await runner(request)
-            except Exception as exc:
-                log.exception("command %s: runner failed", command_id)
-                result = ExecError(command_id=command_id, code=ErrorCode.INTERNAL, description=str(exc)[:500])
-            now = self.clock()
-            self._entries[command_id] = Entry(at=now, result=result)
-            self._append({"id": command_id, "at": now, "state": "done", "result": _dump(result)})
+            async with admit(request) if admit is not None else contextlib.nullcontext(request) as admitted:
+                if isinstance(admitted, ExecError):
+                    future.set_result(admitted)
+                    return admitted
+                result = await self._record_run(admitted, runner)
             future.set_result(result)
             return result
         finally:
             del self._running[command_id]
             if not future.done():
                 future.cancel()
+
+    async def _record_run(self, request: Exec, runner: Runner) -> Result:
+        """Record the id as started (flushed), run the command, record its result."""
+        command_id = request.command_id
+        if self.clock() - self._compacted_at > COMPACT_EVERY_S:
+            self.compact()
+        self._entries[command_id] = Entry(at=self.clock())
+        self._append({"id": command_id, "at": self.clock(), "state": "started"})
+        try:
+            result = await runner(request)
+        except Exception as exc:
+            log.exception("command %s: runner failed", command_id)
+            result = ExecError(command_id=command_id, code=ErrorCode.INTERNAL, description=str(exc)[:500])
+        now = self.clock()
+        self._entries[command_id] = Entry(at=now, result=result)
+        self._append({"id": command_id, "at": now, "state": "done", "result": _dump(result)})
+        return result
 
     def running(self) -> list[asyncio.Future[Result]]:
         """Futures of the commands running now."""
