@@ -104,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         settings, store = load_agent_config(args.config)
         setup_logging(settings.log_level)
-        ledger = Ledger(settings.ledger_path)
+        ledger = Ledger(
+            settings.ledger_path,
+            output_bytes=settings.ledger_output_bytes,
+            max_bytes=settings.ledger_max_bytes,
+        )
         try:
             ledger.open()
         except OSError as exc:

@@ -26,6 +26,9 @@ from shared.ids import HostIdField
 from shared.settings import WarlockSettings, config_error
 from shared.tokens import is_well_formed
 
+from .ledger import MAX_BYTES as LEDGER_MAX_BYTES
+from .ledger import OUTPUT_BYTES as LEDGER_OUTPUT_BYTES
+from .results import OUTBOX_MAX_BYTES
 from .tokenstore import TokenStore, token_from_env
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class AgentSettings(WarlockSettings):
     max_output_bytes: int = Field(default=MIB, gt=0)
     max_concurrent_commands: int = Field(default=8, ge=1)
     ledger_path: Path = DEFAULT_LEDGER_PATH
+    ledger_output_bytes: int = Field(default=LEDGER_OUTPUT_BYTES, ge=0)
+    ledger_max_bytes: int = Field(default=LEDGER_MAX_BYTES, ge=0)
+    outbox_max_bytes: int = Field(default=OUTBOX_MAX_BYTES, ge=0)
     backoff_initial: float = Field(default=0.5, gt=0)
     backoff_max: float = Field(default=30.0, gt=0)
     superseded_backoff: float = Field(default=60.0, ge=0)
