@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.agent.allocator import pin_mmap_threshold
 from services.agent.ledger import Ledger, Result
 from services.agent.results import Outbox, OutputBudget, cap_output, output_bytes, strip_output
 from shared.ids import CommandId
@@ -144,3 +145,9 @@ def test_outbox_is_bounded_by_bytes_and_keeps_every_outcome() -> None:
     assert pending[-1] == big("c9")
     assert outbox.ack("c9")
     assert outbox.output_bytes() <= 3 * MIB
+
+
+def test_mmap_threshold_is_pinned_unless_the_operator_set_it() -> None:
+    """On glibc the agent fixes the mmap threshold (big freed buffers go back); an operator's setting wins."""
+    assert pin_mmap_threshold({}) is True
+    assert pin_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
