@@ -1,8 +1,9 @@
 """The agent's own memory, beside the Python interpreter's floor, and what big outputs leave behind.
 
 Rows (resident set size from /proc/<pid>/status, VmRSS, after the process settled):
-- the bare interpreter (`python -c` that sleeps) and the interpreter with pydantic imported: the floor any
-  Python agent pays before doing anything;
+- floors: the bare interpreter (`python -c` that sleeps), then with the agent's libraries imported one
+  after the other: asyncio (which loads OpenSSL), the websockets client and psutil, pydantic's BaseModel.
+  The last is what any agent built on these libraries pays before its own code;
 - a real agent connected to a real gateway, idle, after its first metrics sample;
 - the same agent after ten commands that each print 1 MiB (the default output cap), with the size of its
   ledger file: what a burst of big outputs leaves in memory and on disk.
@@ -28,9 +29,12 @@ SETTLE_S = 2.0
 BIG_COMMANDS = 10
 # 768 KiB of random bytes in base64: just over 1 MiB of text per command, cut at the 1 MiB cap
 BIG_OUTPUT = "head -c 786432 /dev/urandom | base64 -w 76"
+_LIBS = ["asyncio", "websockets.asyncio.client, psutil", "pydantic.main"]
 FLOORS = {
-    "python -c (bare interpreter)": "import time; time.sleep(3600)",
-    "python -c 'import pydantic'": "import pydantic, time; time.sleep(3600)",
+    "python -c (bare interpreter)": "",
+    "+ import asyncio (loads OpenSSL)": "import " + ", ".join(_LIBS[:1]),
+    "+ websockets client, psutil": "import " + ", ".join(_LIBS[:2]),
+    "+ pydantic BaseModel: the libraries' floor": "import " + ", ".join(_LIBS),
 }
 
 
@@ -53,7 +57,8 @@ def floor_rss(root: Path) -> dict[str, int]:
     """RSS (KiB) of the interpreter doing nothing, bare and with pydantic imported."""
     out: dict[str, int] = {}
     for i, (label, code) in enumerate(FLOORS.items()):
-        proc = Proc(f"floor-{i}", [str(BIN / "python"), "-c", f"print('ready', flush=True); {code}"], root)
+        script = f"{code}\nimport time\nprint('ready', flush=True)\ntime.sleep(3600)"
+        proc = Proc(f"floor-{i}", [str(BIN / "python"), "-c", script], root)
         try:
             proc.wait_for("ready")
             out[label] = _settled_rss(proc.pid)
@@ -108,7 +113,7 @@ def agent_memory(root: Path) -> AgentMemory:
 
 def print_agent_memory(m: AgentMemory) -> None:
     """Print the block as a Markdown table."""
-    bare = next(iter(m.floors.values()))
+    bare, floor = next(iter(m.floors.values())), list(m.floors.values())[-1]
     print("\n## Agent memory (RSS)\n")
     print("| process | RSS MiB | × bare interpreter |")
     print("| --- | ---: | ---: |")
@@ -116,5 +121,8 @@ def print_agent_memory(m: AgentMemory) -> None:
     rows.append((f"agent after {BIG_COMMANDS} commands printing 1 MiB each", m.after_big_kib))
     for label, kib in rows:
         print(f"| {label} | {kib / 1024:.1f} | {kib / bare:.2f}× |")
-    print(f"\nLedger file after those commands: {m.ledger_bytes / 1024 / 1024:.2f} MiB.")
+    print(
+        f"\nThe agent's own code and models over its libraries' floor: {(m.idle_kib - floor) / 1024:.1f} MiB."
+    )
+    print(f"Ledger file after those commands: {m.ledger_bytes / 1024 / 1024:.2f} MiB.")
     print("Target: idle agent ≤ 25 MiB.")
