@@ -8,6 +8,10 @@
 3. REST exec of `true` via agent and via the SSH worker's pooled connection, beside the raw chain and raw
    asyncssh on a pooled and on a fresh connection per command (bench/rest.py): with the API on SQLite,
    then again on PostgreSQL (127.0.0.1:5432; skipped if unreachable, or with --no-postgresql).
+4. The agent's own RSS, idle and after ten 1 MiB-output commands (with its ledger file's size), beside
+   the bare interpreter's and `import pydantic`'s (bench/agent_memory.py).
+
+`--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from shared.tokens import generate_token
@@ -103,6 +108,9 @@ def memory_raw(root: Path, count: int) -> float:
         server.stop()
 
 
+BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory")
+
+
 def main() -> None:
     """Run the benchmark and print a Markdown table with ratios."""
     parser = argparse.ArgumentParser(prog="python -m bench")
@@ -117,47 +125,66 @@ def main() -> None:
         action="store_false",
         help="skip the REST rows with the API on PostgreSQL (127.0.0.1:5432)",
     )
+    parser.add_argument("--only", nargs="+", choices=BLOCKS, default=list(BLOCKS), help="blocks to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
         root = Path(tmp)
-        lat = latency(root, args.rounds, args.block)
-        raw50, raw99 = pct(lat["raw"], 0.5), pct(lat["raw"], 0.99)
-        w50, w99 = pct(lat["warlock"], 0.5), pct(lat["warlock"], 0.99)
-        print(f"\n## Exec round trip of `true` ({len(lat['warlock'])} requests each, alternating blocks)\n")
-        print("| chain | p50 ms | p99 ms | mean ms |")
-        print("| --- | ---: | ---: | ---: |")
-        for label, key in (("raw nats-py + websockets + subprocess", "raw"), ("Warlock", "warlock")):
-            values = lat[key]
-            p50, p99, mean = pct(values, 0.5), pct(values, 0.99), statistics.mean(values)
-            print(f"| {label} | {p50:.2f} | {p99:.2f} | {mean:.2f} |")
-        print(
-            f"\np50 ratio Warlock / raw: **{w50 / raw50:.2f}×** (target ≤ 1.5×); p99 ratio {w99 / raw99:.2f}×"
-        )
-        print("\n## Gateway memory per idle agent\n")
-        print("| agents | Warlock gateway KiB/agent | raw bridge KiB/conn | ratio |")
-        print("| ---: | ---: | ---: | ---: |")
-        for count in args.agents:
-            w = memory_warlock(root, count)
-            r = memory_raw(root, count)
-            print(f"| {count} | {w:.1f} | {r:.1f} | {w / r:.2f}× |", flush=True)
-        print("\nTarget: ≤ 25 KiB per idle agent.")
-        sqlite_url = f"sqlite+aiosqlite:///{root / 'rest.db'}"
-        rest = rest_latency(root / "rest-sqlite", args.rest_rounds, args.rest_block, sqlite_url)
-        print("\n## REST exec of `true`, API on SQLite (alternating blocks; SSH account with /bin/sh)\n")
-        _rest_table(rest)
-        raw50 = pct(rest[REST_RAW], 0.5)
-        agent50 = pct(rest[REST_AGENT], 0.5)
-        httpx50 = pct(rest[REST_AGENT_HTTPX], 0.5)
-        pooled50 = pct(rest[REST_SSH], 0.5)
-        fresh50 = pct(rest[FRESH_SSH], 0.5)
-        print(f"\nREST → agent p50 / raw chain p50: **{agent50 / raw50:.2f}×** (target ≤ 2×;", end=" ")
-        print(f"with the httpx client {httpx50 / raw50:.2f}×)")
-        ssh_ratio = fresh50 / agent50
-        print(f"fresh SSH per command p50 / REST → agent p50: **{ssh_ratio:.1f}×** (target ≥ 50×;", end=" ")
-        print(f"the raw chain alone: {fresh50 / raw50:.1f}×)")
-        print(f"REST → SSH worker p50 / REST → agent p50: **{pooled50 / agent50:.2f}×** (target ≥ 1×)")
-        if args.postgresql:
-            _rest_postgresql(root, args.rest_rounds, args.rest_block)
+        if "latency" in args.only:
+            _latency_block(root, args.rounds, args.block)
+        if "gateway-memory" in args.only:
+            _gateway_memory_block(root, args.agents)
+        if "rest" in args.only:
+            _rest_block(root, args.rest_rounds, args.rest_block, args.postgresql)
+        if "agent-memory" in args.only:
+            print_agent_memory(agent_memory(root))
+
+
+def _latency_block(root: Path, rounds: int, block: int) -> None:
+    """Exec round trip of `true`, Warlock against the raw chain."""
+    lat = latency(root, rounds, block)
+    raw50, raw99 = pct(lat["raw"], 0.5), pct(lat["raw"], 0.99)
+    w50, w99 = pct(lat["warlock"], 0.5), pct(lat["warlock"], 0.99)
+    print(f"\n## Exec round trip of `true` ({len(lat['warlock'])} requests each, alternating blocks)\n")
+    print("| chain | p50 ms | p99 ms | mean ms |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, key in (("raw nats-py + websockets + subprocess", "raw"), ("Warlock", "warlock")):
+        values = lat[key]
+        p50, p99, mean = pct(values, 0.5), pct(values, 0.99), statistics.mean(values)
+        print(f"| {label} | {p50:.2f} | {p99:.2f} | {mean:.2f} |")
+    print(f"\np50 ratio Warlock / raw: **{w50 / raw50:.2f}×** (target ≤ 1.5×); p99 ratio {w99 / raw99:.2f}×")
+
+
+def _gateway_memory_block(root: Path, counts: list[int]) -> None:
+    """Gateway RSS per idle agent against the raw bridge."""
+    print("\n## Gateway memory per idle agent\n")
+    print("| agents | Warlock gateway KiB/agent | raw bridge KiB/conn | ratio |")
+    print("| ---: | ---: | ---: | ---: |")
+    for count in counts:
+        w = memory_warlock(root, count)
+        r = memory_raw(root, count)
+        print(f"| {count} | {w:.1f} | {r:.1f} | {w / r:.2f}× |", flush=True)
+    print("\nTarget: ≤ 25 KiB per idle agent.")
+
+
+def _rest_block(root: Path, rounds: int, block: int, postgresql: bool) -> None:
+    """REST exec rows on SQLite, then on PostgreSQL unless skipped."""
+    sqlite_url = f"sqlite+aiosqlite:///{root / 'rest.db'}"
+    rest = rest_latency(root / "rest-sqlite", rounds, block, sqlite_url)
+    print("\n## REST exec of `true`, API on SQLite (alternating blocks; SSH account with /bin/sh)\n")
+    _rest_table(rest)
+    raw50 = pct(rest[REST_RAW], 0.5)
+    agent50 = pct(rest[REST_AGENT], 0.5)
+    httpx50 = pct(rest[REST_AGENT_HTTPX], 0.5)
+    pooled50 = pct(rest[REST_SSH], 0.5)
+    fresh50 = pct(rest[FRESH_SSH], 0.5)
+    print(f"\nREST → agent p50 / raw chain p50: **{agent50 / raw50:.2f}×** (target ≤ 2×;", end=" ")
+    print(f"with the httpx client {httpx50 / raw50:.2f}×)")
+    ssh_ratio = fresh50 / agent50
+    print(f"fresh SSH per command p50 / REST → agent p50: **{ssh_ratio:.1f}×** (target ≥ 50×;", end=" ")
+    print(f"the raw chain alone: {fresh50 / raw50:.1f}×)")
+    print(f"REST → SSH worker p50 / REST → agent p50: **{pooled50 / agent50:.2f}×** (target ≥ 1×)")
+    if postgresql:
+        _rest_postgresql(root, rounds, block)
 
 
 def _rest_table(rest: dict[str, list[float]]) -> None:

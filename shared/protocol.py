@@ -38,9 +38,13 @@ InstallPrefix = Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=
 
 
 class Message(BaseModel):
-    """Base of every frame and payload: frozen, no extra fields, versioned."""
+    """Base of every frame and payload: frozen, no extra fields, versioned.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Validators and serializers are built on first use (`defer_build`), not at import: a process builds
+    only the messages it handles (the agent, on every host, about a third of them).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     v: Literal[1] = PROTOCOL_VERSION
 
 
@@ -450,16 +454,17 @@ AgentOpReply = Annotated[AgentOpResult | ErrorReply, Field(discriminator="type")
 ProbeReply = Annotated[SshProbeOk | ErrorReply, Field(discriminator="type")]
 TargetReply = Annotated[SshTarget | ErrorReply, Field(discriminator="type")]
 
-_agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame)
-_gateway_frames: TypeAdapter[GatewayFrame] = TypeAdapter(GatewayFrame)
-_exec_replies: TypeAdapter[ExecReply] = TypeAdapter(ExecReply)
-_ping_replies: TypeAdapter[PingReplyMsg] = TypeAdapter(PingReplyMsg)
-_token_replies: TypeAdapter[TokenReply] = TypeAdapter(TokenReply)
-_presence_events: TypeAdapter[PresenceEvent] = TypeAdapter(PresenceEvent)
-_probe_replies: TypeAdapter[ProbeReply] = TypeAdapter(ProbeReply)
-_rotate_replies: TypeAdapter[RotateReply] = TypeAdapter(RotateReply)
-_agent_op_replies: TypeAdapter[AgentOpReply] = TypeAdapter(AgentOpReply)
-_target_replies: TypeAdapter[TargetReply] = TypeAdapter(TargetReply)
+_LAZY = ConfigDict(defer_build=True)  # built on first decode, like the models
+_agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame, config=_LAZY)
+_gateway_frames: TypeAdapter[GatewayFrame] = TypeAdapter(GatewayFrame, config=_LAZY)
+_exec_replies: TypeAdapter[ExecReply] = TypeAdapter(ExecReply, config=_LAZY)
+_ping_replies: TypeAdapter[PingReplyMsg] = TypeAdapter(PingReplyMsg, config=_LAZY)
+_token_replies: TypeAdapter[TokenReply] = TypeAdapter(TokenReply, config=_LAZY)
+_presence_events: TypeAdapter[PresenceEvent] = TypeAdapter(PresenceEvent, config=_LAZY)
+_probe_replies: TypeAdapter[ProbeReply] = TypeAdapter(ProbeReply, config=_LAZY)
+_rotate_replies: TypeAdapter[RotateReply] = TypeAdapter(RotateReply, config=_LAZY)
+_agent_op_replies: TypeAdapter[AgentOpReply] = TypeAdapter(AgentOpReply, config=_LAZY)
+_target_replies: TypeAdapter[TargetReply] = TypeAdapter(TargetReply, config=_LAZY)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)

@@ -61,7 +61,7 @@ class Agent:
         )
         self.clock = clock
         self.shutdown_grace = shutdown_grace
-        self.outbox = Outbox()
+        self.outbox = Outbox(max_bytes=settings.outbox_max_bytes)
         self.stopping = asyncio.Event()
         self.commands = Commands(
             ledger,

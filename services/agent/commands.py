@@ -1,17 +1,22 @@
 """Commands owned by the agent, not by a connection: run through the ledger under a concurrency cap.
 
 A dropped connection does not cancel a command; its result goes to the outbox and is delivered when (and
-if) a session is up, and re-sent after each welcome until acked.
+if) a session is up, and re-sent after each welcome until acked. A command's timeout counts from when the
+agent received it: the wait for a free slot uses it up, and one whose budget ran out is answered ``busy``
+without running (`budget`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from shared.protocol import Exec
+from shared.protocol import Exec, ExecError
 
+from . import budget
 from .executor import run_command
 from .ledger import Ledger, Result
 from .results import Outbox
@@ -25,12 +30,21 @@ class Commands:
     """Tracks every running command task; `finish` bounds how long shutdown waits for them."""
 
     def __init__(
-        self, ledger: Ledger, outbox: Outbox, deliver: Deliver, *, limit: int, max_output: int
+        self,
+        ledger: Ledger,
+        outbox: Outbox,
+        deliver: Deliver,
+        *,
+        limit: int,
+        max_output: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ledger = ledger
         self.outbox = outbox
         self.deliver = deliver
         self.max_output = max_output
+        self.limit = limit
+        self.clock = clock
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -39,21 +53,50 @@ class Commands:
         return len(self._tasks)
 
     def start(self, request: Exec) -> None:
-        """Run `request` in a tracked task."""
-        task = asyncio.create_task(self._run(request), name=f"command-{request.command_id}")
+        """Run `request` in a tracked task; its timeout counts from now."""
+        received = self.clock()
+        task = asyncio.create_task(self._run(request, received), name=f"command-{request.command_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, request: Exec) -> None:
+    async def _run(self, request: Exec, received: float) -> None:
         """Ledger first (a repeated id does not run), then keep the result until acked and deliver it."""
-        result = await self.ledger.run(request, self._execute)
+
+        def admit(request: Exec) -> contextlib.AbstractAsyncContextManager[Exec | ExecError]:
+            return self._slot(request, received)
+
+        result = await self.ledger.run(request, self._execute, admit)
         self.outbox.add(result)
         await self.deliver(result)
 
+    @contextlib.asynccontextmanager
+    async def _slot(self, request: Exec, received: float) -> AsyncIterator[Exec | ExecError]:
+        """Hold a slot while the context runs, yielding the request with its timeout's rest, or `busy`."""
+        try:
+            async with asyncio.timeout(budget.slot_wait(request.timeout, self.clock() - received)):
+                await self._slots.acquire()
+        except TimeoutError:
+            waited = self.clock() - received
+            log.warning(
+                "command %s: no free slot within its %gs timeout; not run",
+                request.command_id,
+                request.timeout,
+            )
+            yield budget.no_slot(request.command_id, request.timeout, waited, self.limit)
+            return
+        try:
+            waited = self.clock() - received
+            timeout = budget.start_timeout(request.timeout, waited)
+            if timeout is None:
+                yield budget.no_slot(request.command_id, request.timeout, waited, self.limit)
+            else:
+                yield request.model_copy(update={"timeout": timeout})
+        finally:
+            self._slots.release()
+
     async def _execute(self, request: Exec) -> Result:
-        """Run the command under the concurrency cap."""
-        async with self._slots:
-            return await run_command(request.command_id, request.command, request.timeout, self.max_output)
+        """Run the admitted command (it holds a slot) with what is left of its timeout."""
+        return await run_command(request.command_id, request.command, request.timeout, self.max_output)
 
     async def wait(self, grace: float) -> None:
         """Wait up to `grace` seconds for the running commands to finish."""

@@ -1,11 +1,15 @@
 """Agent settings: a TOML config file (default ``/etc/warlock/agent.conf``) plus environment overrides.
 
-Environment variables (``WARLOCK_AGENT_<FIELD>``) beat the file.
+Environment variables (``WARLOCK_AGENT_<FIELD>``, any case; ``WARLOCK_LOG_LEVEL``) beat the file.
 The file holds flat keys named like the fields::
 
     host_id = "web-1"
     token = "<64 hex>"
     gateway_urls = ["wss://gw1.example:8443/agent", "wss://gw2.example:8443/agent"]
+
+The agent runs on every host, so it reads both sources itself into a plain pydantic model rather than
+through pydantic-settings like the other services (whose import alone costs the agent ~3.5 MiB of RSS);
+names, precedence and the errors naming a field and its variable are the same.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ import logging
 import os
 import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from shared.errors import ConfigError
 from shared.ids import HostIdField
-from shared.settings import WarlockSettings, config_error
 from shared.tokens import is_well_formed
 
+from .ledger import MAX_BYTES as LEDGER_MAX_BYTES
+from .ledger import OUTPUT_BYTES as LEDGER_OUTPUT_BYTES
+from .results import OUTBOX_MAX_BYTES
 from .tokenstore import TokenStore, token_from_env
 
 log = logging.getLogger(__name__)
@@ -33,16 +39,20 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG_PATH = Path("/etc/warlock/agent.conf")
 DEFAULT_LEDGER_PATH = Path("/var/lib/warlock-agent/ledger.jsonl")
 MIB = 1024 * 1024
+ENV_PREFIX = "WARLOCK_AGENT_"
+LOG_LEVEL_ENV = "WARLOCK_LOG_LEVEL"  # shared by every service
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]  # as shared.settings.LogLevel
 
 
-class AgentSettings(WarlockSettings):
+class AgentSettings(BaseModel):
     """Everything the agent needs to run; built once by `load_config` and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="WARLOCK_AGENT_")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    log_level: LogLevel = "INFO"
     host_id: HostIdField
     token: SecretStr
-    gateway_urls: Annotated[list[str], NoDecode] = Field(min_length=1)
+    gateway_urls: list[str] = Field(min_length=1)
     metrics_interval: float = Field(default=30.0, gt=0)
     ping_interval: float = Field(default=20.0, gt=0)
     ping_timeout: float = Field(default=10.0, gt=0)
@@ -50,6 +60,9 @@ class AgentSettings(WarlockSettings):
     max_output_bytes: int = Field(default=MIB, gt=0)
     max_concurrent_commands: int = Field(default=8, ge=1)
     ledger_path: Path = DEFAULT_LEDGER_PATH
+    ledger_output_bytes: int = Field(default=LEDGER_OUTPUT_BYTES, ge=0)
+    ledger_max_bytes: int = Field(default=LEDGER_MAX_BYTES, ge=0)
+    outbox_max_bytes: int = Field(default=OUTBOX_MAX_BYTES, ge=0)
     backoff_initial: float = Field(default=0.5, gt=0)
     backoff_max: float = Field(default=30.0, gt=0)
     superseded_backoff: float = Field(default=60.0, ge=0)
@@ -83,18 +96,6 @@ class AgentSettings(WarlockSettings):
                 raise ValueError(f"not a ws:// or wss:// URL: {url[:200]!r}")
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment first, then the config file's values (passed as init kwargs)."""
-        return env_settings, init_settings
-
 
 def _read_toml(path: Path) -> dict[str, Any]:
     """Read the config file, warning when others may read the token in it."""
@@ -124,14 +125,37 @@ def config_file(path: Path | None) -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return LOG_LEVEL_ENV if field == "log_level" else f"{ENV_PREFIX}{field.upper()}"
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The fields set by `environ` (variable names compared without case), as raw strings."""
+    names = {env_name(field): field for field in AgentSettings.model_fields}
+    return {names[key.upper()]: value for key, value in environ.items() if key.upper() in names}
+
+
+def settings_error(exc: ValidationError, source: str = "") -> ConfigError:
+    """A ConfigError naming the first bad field and its variable (like shared.settings.config_error)."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = [str(p) for p in first["loc"]]
+    field = ".".join(loc) or "(settings)"
+    if loc and loc[0] in AgentSettings.model_fields:
+        field = f"{field} ({env_name(loc[0])})"
+    where = f" (in {source})" if source else ""
+    return ConfigError(field, f"{first['msg']}{where}")
+
+
 def load_agent_config(path: Path | None = None) -> tuple[AgentSettings, TokenStore]:
     """The agent settings (`load_config`) and where a rotated token must be stored."""
     file = config_file(path)
     values: dict[str, Any] = _read_toml(file) if file is not None else {}
+    values.update(from_env(os.environ))
     try:
         settings = AgentSettings(**values)
     except ValidationError as exc:
-        raise config_error(exc, AgentSettings, str(file or "")) from exc
+        raise settings_error(exc, str(file or "")) from exc
     return settings, TokenStore(config_path=file, from_env=token_from_env(os.environ))
 
 

@@ -15,6 +15,7 @@ import time
 
 from shared.errors import ErrorCode
 from shared.ids import CommandId
+from shared.limits import AGENT_REAP_S
 from shared.output import OutputCap
 from shared.protocol import ExecError, ExecResult
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SHELL = "/bin/sh"
 CHUNK = 64 * 1024
-REAP_TIMEOUT_S = 5.0  # after SIGKILL, how long to wait for the group to let go of the pipes
+REAP_TIMEOUT_S = AGENT_REAP_S  # after SIGKILL, how long to wait for the group to let go of the pipes
 
 
 async def _drain(stream: asyncio.StreamReader | None, capture: OutputCap) -> None:
@@ -43,6 +44,14 @@ async def run_command(
     command_id: CommandId, command: str, timeout_s: float, max_output_bytes: int
 ) -> ExecResult | ExecError:
     """Run `command` with ``/bin/sh -c`` in a new session; return its result or an EXEC_FAILED error."""
+    if "\0" in command:
+        # exec() takes C strings: a NUL cannot reach the shell (spawning would raise ValueError).
+        log.warning("command %s: refused, it contains a NUL byte", command_id)
+        return ExecError(
+            command_id=command_id,
+            code=ErrorCode.EXEC_FAILED,
+            description="the command contains a NUL byte, which no process argument can hold; nothing ran",
+        )
     started = time.perf_counter()
     try:
         proc = await asyncio.create_subprocess_exec(

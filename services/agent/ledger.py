@@ -1,26 +1,36 @@
 """On-disk ledger of the command ids run in the last 10 minutes, so no command runs twice.
 
-File format: JSON lines, one record per event::
+File format: JSON lines (UTF-8), one record per event::
 
     {"id": "<command id>", "at": <unix time>, "state": "started"}
     {"id": "<command id>", "at": <unix time>, "state": "done", "result": {...ExecResult or ExecError...}}
 
 A "started" record is appended (and flushed) before the command runs, a "done" record after. Records are
 flushed to the kernel but not fsynced per command: the ledger survives an agent crash, not a power loss.
-At open and every `COMPACT_EVERY_S` the file is rewritten without expired ids (temp file + os.replace).
+At open, every `COMPACT_EVERY_S`, and whenever more than `max_bytes` were appended since the last time,
+the file is rewritten from memory without expired ids (temp file + os.replace).
 
 A repeated id is answered from the ledger: its recorded result if done; ``UNKNOWN_RESULT`` if it started
-but never finished (the agent died mid-run; it is never run again); the same result if it is running now.
+but never finished (the agent died mid-run; it is never run again); the same result if it is running now
+(or waiting for the right to run: see `Ledger.run`'s `admit`).
+
+Bounds: every id of the retention is kept, however many (that is the guarantee); the output recorded for
+a repeat is not. Each stream of a recorded result is cut to `output_bytes` (64 KiB, what the API keeps),
+and all recorded output together to `max_bytes` (4 MiB): past it, the oldest results keep their exit
+status and timing with empty output and ``truncated: true``. Memory holds at most `max_bytes` of output
+plus a small entry per id; the file at most about twice that, plus a record per id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -31,17 +41,24 @@ from shared.errors import ErrorCode
 from shared.ids import CommandId
 from shared.protocol import Exec, ExecError, ExecResult
 
+from .results import OutputBudget, cap_output, output_bytes, strip_output
+
 log = logging.getLogger(__name__)
 
 Result = ExecResult | ExecError
 Runner = Callable[[Exec], Awaitable[Result]]
+# Waits for the right to run: yields the request to run (its timeout perhaps shortened) or the error
+# after which nothing ran; the right is held until the context exits.
+Admit = Callable[[Exec], AbstractAsyncContextManager[Exec | ExecError]]
 
 RETENTION_S = 600.0
 COMPACT_EVERY_S = 60.0
+OUTPUT_BYTES = 64 * 1024
+MAX_BYTES = 4 * 1024 * 1024
 _results: TypeAdapter[Result] = TypeAdapter(Annotated[Result, Field(discriminator="type")])
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """What the ledger knows about one command id."""
 
@@ -53,15 +70,24 @@ class Ledger:
     """Run-at-most-once record of command ids, kept in a JSON-lines file."""
 
     def __init__(
-        self, path: Path, *, retention: float = RETENTION_S, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        *,
+        retention: float = RETENTION_S,
+        output_bytes: int = OUTPUT_BYTES,
+        max_bytes: int = MAX_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self.retention = retention
+        self.output_bytes = output_bytes
         self.clock = clock
         self._entries: dict[str, Entry] = {}
         self._running: dict[str, asyncio.Future[Result]] = {}
-        self._file: IO[str] | None = None
+        self._budget = OutputBudget(max_bytes)
+        self._file: IO[bytes] | None = None
         self._compacted_at = 0.0
+        self._appended = 0  # bytes appended since the last compaction
 
     # ------------------------------------------------------------------ file handling
 
@@ -81,6 +107,7 @@ class Ledger:
     def _load(self) -> None:
         """Read every record in the file, skipping corrupt lines with a warning."""
         self._entries.clear()
+        self._budget = OutputBudget(self._budget.max_bytes)
         try:
             with self.path.open(encoding="utf-8", errors="replace") as fh:
                 for lineno, line in enumerate(fh, 1):
@@ -97,39 +124,54 @@ class Ledger:
             if state == "started":
                 self._entries.setdefault(command_id, Entry(at=at))
             elif state == "done":
-                self._entries[command_id] = Entry(at=at, result=_results.validate_python(record["result"]))
+                self._remember(command_id, at, _results.validate_python(record["result"]))
             else:
                 raise ValueError(f"unknown state {state!r}")
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
             log.warning("ledger %s: skipping corrupt line %d: %s", self.path, lineno, str(exc)[:200])
+
+    def _remember(self, command_id: str, at: float, result: Result) -> Result:
+        """Record `result` as the answer for `command_id`, within the output bounds; return what is kept."""
+        kept = cap_output(result, self.output_bytes)
+        entry = Entry(at=at, result=kept)
+        self._entries[command_id] = entry
+        for older in self._budget.add(command_id, output_bytes(kept)):
+            stale = self._entries.get(older)
+            if stale is not None and stale.result is not None:
+                stale.result = strip_output(stale.result)
+        assert entry.result is not None
+        return entry.result
 
     def _append(self, record: dict[str, Any]) -> None:
         """Append one record and flush it to the kernel."""
         if self._file is None:
             self.open()
         assert self._file is not None
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        line = _line(record)
+        self._file.write(line)
         self._file.flush()
+        self._appended += len(line)
 
     def compact(self) -> None:
         """Drop expired ids and rewrite the file atomically (temp file + os.replace)."""
         self.prune()
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") as fh:
             for command_id, entry in self._entries.items():
-                fh.write(json.dumps({"id": command_id, "at": entry.at, "state": "started"}) + "\n")
+                fh.write(_line({"id": command_id, "at": entry.at, "state": "started"}))
                 if entry.result is not None:
                     done = {"id": command_id, "at": entry.at, "state": "done", "result": _dump(entry.result)}
-                    fh.write(json.dumps(done, separators=(",", ":")) + "\n")
+                    fh.write(_line(done))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
         if self._file is not None:
             self._file.close()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._file = os.fdopen(fd, "ab")
         self._compacted_at = self.clock()
+        self._appended = 0
 
     def prune(self) -> None:
         """Forget ids last touched more than `retention` seconds ago (never one that is running)."""
@@ -137,6 +179,11 @@ class Ledger:
         expired = [k for k, e in self._entries.items() if e.at < horizon and k not in self._running]
         for command_id in expired:
             del self._entries[command_id]
+            self._budget.discard(command_id)
+
+    def output_held(self) -> int:
+        """UTF-8 bytes of output the recorded results hold (at most `max_bytes`)."""
+        return self._budget.total
 
     # ------------------------------------------------------------------ lookups and runs
 
@@ -153,8 +200,12 @@ class Ledger:
             description="this command id started before the agent restarted; its result was lost",
         )
 
-    async def run(self, request: Exec, runner: Runner) -> Result:
-        """Run `request` with `runner` at most once per id; a repeated id gets the recorded answer."""
+    async def run(self, request: Exec, runner: Runner, admit: Admit | None = None) -> Result:
+        """Run `request` with `runner` at most once per id; a repeated id gets the recorded answer.
+
+        With `admit`, the command runs only once admitted, as the request admit yields. An ExecError from
+        `admit` answers this id's waiting requests and is not recorded: nothing ran, the id stays unused.
+        """
         command_id = request.command_id
         if (running := self._running.get(command_id)) is not None:
             log.info("command %s is already running; waiting for its result", command_id)
@@ -162,27 +213,39 @@ class Ledger:
         if (known := self.lookup(command_id)) is not None:
             log.info("command %s seen before; answered from the ledger", command_id)
             return known
-        if self.clock() - self._compacted_at > COMPACT_EVERY_S:
-            self.compact()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._running[command_id] = future
-        self._entries[command_id] = Entry(at=self.clock())
         try:
-            self._append({"id": command_id, "at": self.clock(), "state": "started"})
-            try:
-                result = await runner(request)
-            except Exception as exc:
-                log.exception("command %s: runner failed", command_id)
-                result = ExecError(command_id=command_id, code=ErrorCode.INTERNAL, description=str(exc)[:500])
-            now = self.clock()
-            self._entries[command_id] = Entry(at=now, result=result)
-            self._append({"id": command_id, "at": now, "state": "done", "result": _dump(result)})
+            async with admit(request) if admit is not None else contextlib.nullcontext(request) as admitted:
+                if isinstance(admitted, ExecError):
+                    future.set_result(admitted)
+                    return admitted
+                result = await self._record_run(admitted, runner)
             future.set_result(result)
             return result
         finally:
             del self._running[command_id]
             if not future.done():
                 future.cancel()
+
+    async def _record_run(self, request: Exec, runner: Runner) -> Result:
+        """Record the id as started (flushed), run the command, record its result."""
+        command_id = request.command_id
+        if self.clock() - self._compacted_at > COMPACT_EVERY_S:
+            self.compact()
+        self._entries[command_id] = Entry(at=self.clock())
+        self._append({"id": command_id, "at": self.clock(), "state": "started"})
+        try:
+            result = await runner(request)
+        except Exception as exc:
+            log.exception("command %s: runner failed", command_id)
+            result = ExecError(command_id=command_id, code=ErrorCode.INTERNAL, description=str(exc)[:500])
+        now = self.clock()
+        kept = self._remember(command_id, now, result)
+        self._append({"id": command_id, "at": now, "state": "done", "result": _dump(kept)})
+        if self._appended > self._budget.max_bytes:
+            self.compact()
+        return result
 
     def running(self) -> list[asyncio.Future[Result]]:
         """Futures of the commands running now."""
@@ -192,3 +255,8 @@ class Ledger:
 def _dump(result: Result) -> dict[str, Any]:
     """A result as a JSON-ready dict."""
     return result.model_dump(mode="json")
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    """One record as a line of UTF-8 JSON (non-ASCII output is not inflated to \\u escapes)."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"

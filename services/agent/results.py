@@ -1,4 +1,9 @@
-"""Results on their way to the gateway: fitting them into one frame, and keeping them until acked."""
+"""Results kept by the agent: fitting them into one frame, bounding the output kept, holding them until acked.
+
+Output kept beyond the first answer is bounded twice: per result (`cap_output`, each stream cut to a
+number of UTF-8 bytes) and in total (`OutputBudget`: past its bytes, the oldest results lose their output
+and keep their outcome, flagged ``truncated``). The ledger and the outbox each keep one budget.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,73 @@ log = logging.getLogger(__name__)
 
 Result = ExecResult | ExecError
 MAX_UNACKED = 10_000
+OUTBOX_MAX_BYTES = 16 * 1024 * 1024
+
+
+def output_bytes(result: Result) -> int:
+    """UTF-8 bytes of a result's stdout and stderr (0 for an error)."""
+    if isinstance(result, ExecError):
+        return 0
+    return _utf8_len(result.stdout) + _utf8_len(result.stderr)
+
+
+def _utf8_len(text: str) -> int:
+    """UTF-8 length of `text`, without encoding it when it is ASCII."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, on a character boundary."""
+    if len(text) <= limit // 4 or _utf8_len(text) <= limit:
+        return text
+    return text.encode()[:limit].decode("utf-8", errors="ignore")
+
+
+def cap_output(result: Result, per_stream: int) -> Result:
+    """`result` with stdout and stderr each cut to `per_stream` UTF-8 bytes (sets `truncated` if cut)."""
+    if isinstance(result, ExecError):
+        return result
+    stdout, stderr = _cut(result.stdout, per_stream), _cut(result.stderr, per_stream)
+    if stdout is result.stdout and stderr is result.stderr:
+        return result
+    return result.model_copy(update={"stdout": stdout, "stderr": stderr, "truncated": True})
+
+
+def strip_output(result: Result) -> Result:
+    """`result` without its output: the outcome (exit status, signal, timing) stays, `truncated` is set."""
+    if isinstance(result, ExecError) or not (result.stdout or result.stderr):
+        return result
+    return result.model_copy(update={"stdout": "", "stderr": "", "truncated": True})
+
+
+class OutputBudget:
+    """Output bytes of the newest results within `max_bytes`: says whose output to drop, oldest first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+
+    def add(self, key: str, size: int) -> list[str]:
+        """Count `size` bytes for `key` (the newest); return the keys whose output must go to fit."""
+        self.discard(key)
+        if size > 0:
+            self._sizes[key] = size
+            self.total += size
+        over: list[str] = []
+        while self.total > self.max_bytes and self._sizes:
+            oldest, dropped = self._sizes.popitem(last=False)
+            self.total -= dropped
+            over.append(oldest)
+        return over
+
+    def discard(self, key: str) -> None:
+        """Stop counting `key` (its result is gone or lost its output)."""
+        self.total -= self._sizes.pop(key, 0)
+
+    def __len__(self) -> int:
+        """How many results still hold output."""
+        return len(self._sizes)
 
 
 def fit_result(result: Result, max_bytes: int) -> Result:
@@ -37,23 +109,39 @@ def fit_result(result: Result, max_bytes: int) -> Result:
 
 
 class Outbox:
-    """Results sent (or not yet sent) and not yet acknowledged by the gateway, oldest first."""
+    """Results sent (or not yet sent) and not yet acknowledged by the gateway, oldest first.
 
-    def __init__(self, limit: int = MAX_UNACKED) -> None:
+    At most `limit` results and `max_bytes` of their output: past that, the oldest lose their output
+    (their outcome is still re-sent), then the oldest are dropped (the ledger still answers their id).
+    """
+
+    def __init__(self, limit: int = MAX_UNACKED, max_bytes: int = OUTBOX_MAX_BYTES) -> None:
         self.limit = limit
         self._pending: OrderedDict[str, Result] = OrderedDict()
+        self._budget = OutputBudget(max_bytes)
 
     def add(self, result: Result) -> None:
         """Keep `result` until `ack` names its command id."""
         self._pending[result.command_id] = result
         self._pending.move_to_end(result.command_id)
+        for key in self._budget.add(result.command_id, output_bytes(result)):
+            log.warning(
+                "un-acked results over %d bytes: dropping the output of %s", self._budget.max_bytes, key
+            )
+            self._pending[key] = strip_output(self._pending[key])
         while len(self._pending) > self.limit:
             dropped, _ = self._pending.popitem(last=False)
+            self._budget.discard(dropped)
             log.warning("too many un-acked results; dropping the oldest (%s); the ledger keeps it", dropped)
 
     def ack(self, command_id: str) -> bool:
         """Forget the result of `command_id`; return whether it was pending."""
+        self._budget.discard(command_id)
         return self._pending.pop(command_id, None) is not None
+
+    def output_bytes(self) -> int:
+        """Output bytes the un-acked results hold."""
+        return self._budget.total
 
     def pending(self) -> list[Result]:
         """Every un-acked result, oldest first."""

@@ -6,10 +6,11 @@ import re
 import secrets
 import socket
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.ids import HOST_ID_PATTERN
+from shared.limits import AGENT_AFTER_TIMEOUT_S, DEFAULT_EXEC_GRACE_S, MIN_EXEC_GRACE_S
 from shared.settings import NatsSettings
 
 MIB = 1024 * 1024
@@ -39,8 +40,23 @@ class GatewaySettings(NatsSettings):
     verify_timeout: float = Field(default=2.0, gt=0, description="token authority request timeout")
     token_cache_ttl: float = Field(default=30.0, ge=0)
     token_cache_size: int = Field(default=10_000, ge=0)
-    exec_grace: float = Field(default=5.0, ge=0, description="beyond a command's timeout")
+    exec_grace: float = Field(
+        default=DEFAULT_EXEC_GRACE_S,
+        description="seconds beyond a command's timeout; covers the agent's reap wait and report",
+    )
     agent_ping_timeout: float = Field(default=5.0, gt=0, description="health ping round trip")
     rotate_timeout: float = Field(default=5.0, gt=0, description="token rotation round trip")
     drain_timeout: float = Field(default=10.0, ge=0)
     close_timeout: float = Field(default=5.0, gt=0, description="WebSocket closing handshake")
+
+    @field_validator("exec_grace")
+    @classmethod
+    def _grace_covers_the_agent(cls, value: float) -> float:
+        """Refuse a grace the agent's answer after a timeout may outlast (the caller would hear `timeout`)."""
+        if value < MIN_EXEC_GRACE_S:
+            raise ValueError(
+                f"must be at least {MIN_EXEC_GRACE_S:g}s: an agent may answer up to "
+                f"{AGENT_AFTER_TIMEOUT_S:g}s after a command's timeout (it waits for the killed command's "
+                "pipes to close), and a shorter grace would answer `timeout` while its result is on the way"
+            )
+        return value

@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from services.gateway.server import Gateway
 from shared import subjects
 from shared.errors import CloseCode, ErrorCode
+from shared.limits import MIN_EXEC_GRACE_S
 from shared.protocol import (
     Ack,
     ErrorReply,
@@ -64,10 +65,12 @@ def fleet(tmp_path: Path) -> Fleet:
 
 @pytest.fixture
 async def gw(nats_url: str, fleet: Fleet) -> AsyncIterator[Gateway]:
-    """A gateway with a token authority, in-flight limit 2, short exec grace."""
+    """A gateway with a token authority, in-flight limit 2, the shortest exec grace it accepts."""
     async with (
         token_authority(nats_url, fleet.path),
-        running_gateway(nats_url, gateway_id="gw-bridge", max_in_flight=2, exec_grace=0.2) as gateway,
+        running_gateway(
+            nats_url, gateway_id="gw-bridge", max_in_flight=2, exec_grace=MIN_EXEC_GRACE_S
+        ) as gateway,
     ):
         yield gateway
 
@@ -142,7 +145,7 @@ async def test_timeout_then_late_result_is_published(gw: Gateway, fleet: Fleet, 
     await synced(api)
     async with agent(gw, "web-1", fleet.tokens["web-1"]) as fake:
         body = encode(ExecRequest(command="sleep 9", timeout=0.2, command_id="slow-1"))
-        msg = await api.request(subjects.agent_exec("web-1"), body, timeout=5)
+        msg = await api.request(subjects.agent_exec("web-1"), body, timeout=0.2 + MIN_EXEC_GRACE_S + 5)
         reply = decode_exec_reply(msg.data)
         assert isinstance(reply, ErrorReply)
         assert (reply.code, reply.command_id) == (ErrorCode.TIMEOUT, "slow-1")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,22 @@ def test_repr_hides_token() -> None:
     """The token never shows in the settings' repr."""
     settings = AgentSettings(host_id="h", token=TOKEN, gateway_urls=["ws://x:1/agent"])
     assert TOKEN not in repr(settings)
+
+
+def test_log_level_and_variable_names_in_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WARLOCK_LOG_LEVEL sets the log level; agent variables match whatever their case."""
+    monkeypatch.setenv("WARLOCK_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("warlock_agent_ping_interval", "3")
+    settings = load_config(write_conf(tmp_path, GOOD + 'log_level = "ERROR"\n'))
+    assert (settings.log_level, settings.ping_interval) == ("DEBUG", 3)
+    monkeypatch.setenv("WARLOCK_LOG_LEVEL", "LOUD")
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, GOOD))
+    assert info.value.field == "log_level (WARLOCK_LOG_LEVEL)"
+
+
+def test_agent_does_not_import_pydantic_settings() -> None:
+    """The agent's entrypoint loads without pydantic-settings (its import alone costs ~3.5 MiB of RSS)."""
+    code = "import sys, services.agent.cli; print('pydantic_settings' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"

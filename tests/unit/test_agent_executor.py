@@ -120,3 +120,14 @@ async def test_spawn_failure_is_exec_failed(monkeypatch: pytest.MonkeyPatch) -> 
     assert isinstance(result, ExecError)
     assert result.code == ErrorCode.EXEC_FAILED
     assert result.command_id == CID
+
+
+async def test_nul_byte_is_exec_failed_and_nothing_runs(tmp_path: Path) -> None:
+    """A command holding a NUL byte is answered EXEC_FAILED (nothing ran), never a traceback."""
+    marker = tmp_path / "ran"
+    result = await run_command(CID, f"touch {marker}; echo a\x00b", 5, MIB)
+    assert isinstance(result, ExecError), result
+    assert result.code == ErrorCode.EXEC_FAILED
+    assert result.command_id == CID
+    assert "nothing ran" in result.description
+    assert not marker.exists()
