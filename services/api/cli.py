@@ -20,6 +20,7 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.logs import setup_logging
+from shared.natsx import describe
 from shared.settings import NatsSettings, load_settings
 
 from . import __version__, devcontrol
@@ -84,10 +85,25 @@ def _admin(args: argparse.Namespace) -> int:
 
 async def _request(server: str, subject: str, data: str, wait_s: float) -> int:
     import nats
+    import nats.errors
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
-    nc = await nats.connect(server, max_reconnect_attempts=1, connect_timeout=5)
+    failures: list[str] = []
+
+    async def failed(exc: Exception) -> None:  # one line, not nats-py's default traceback
+        failures.append(describe(exc))
+
+    try:
+        nc = await nats.connect(
+            server, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=5, error_cb=failed
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        print(
+            f"warlock: cannot reach NATS at {server}: {failures[0] if failures else describe(exc)}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         msg = await nc.request(subject, data.encode(), timeout=wait_s)
     except NoRespondersError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -60,3 +61,16 @@ def test_version_exits_0_with_the_distribution_version(script: str, tmp_path: Pa
     done = run_in_empty_dir([script, "--version"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{script} {__version__}"
+
+
+def test_req_without_nats_says_so_in_one_line(tmp_path: Path) -> None:
+    """`warlock req` to a NATS that is not there: exit 1 and one line naming the server, no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+        done = run_in_empty_dir(["warlock", "req", "--server", url, "warlock.agent.h1.ping", ""], tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"warlock: cannot reach NATS at {url}: ConnectionRefusedError: "
+        f"[Errno 111] Connect call failed ('127.0.0.1', {url.rsplit(':', 1)[1]})"
+    ]
