@@ -19,6 +19,7 @@ import nats
 import uvicorn
 import uvloop
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +35,7 @@ from services.api.runner import Runner
 from services.api.runstore import open_store
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
+from services.api.validation import request_validation_error
 from services.api.wheel import WheelSource
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -176,8 +178,10 @@ async def _os_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Typed errors → their status; database and connection errors → 503; all as JSON."""
+    """Typed errors → their status; bad input → 422 (`validation`); database and connection errors → 503;
+    all as JSON."""
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(SQLAlchemyError, _database_error)
     app.add_exception_handler(OSError, _os_error)

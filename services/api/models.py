@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import StringConstraints, computed_field, model_validator
+from pydantic import AllowInfNan, StringConstraints, computed_field, model_validator
 from sqlalchemy import JSON, Dialect, Index, String, Text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -26,6 +26,7 @@ SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.usern
 
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
 LabelValue = Annotated[str, StringConstraints(max_length=255)]
+FiniteFloat = Annotated[float, AllowInfNan(False)]  # NaN and ±Infinity (Python's JSON accepts them) → 422
 
 
 def utcnow() -> datetime:
@@ -183,7 +184,7 @@ class ExecBody(SQLModel):
     model_config = SQLModelConfig(extra="forbid")
 
     command: str = Field(min_length=1, max_length=MAX_COMMAND_CHARS)
-    timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
+    timeout: FiniteFloat = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
 
 
 class CommandRunBase(SQLModel):
