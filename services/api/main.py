@@ -28,7 +28,8 @@ from services.api import __version__
 from services.api.bus import Bus
 from services.api.db import SchemaMismatch, initialise, make_engine, sessionmaker
 from services.api.deps import ApiState, AuthCache, document_api_key
-from services.api.errors import ApiError, Unauthorized
+from services.api.edge import ApiEdge, error_response
+from services.api.errors import ApiError
 from services.api.lifecycle import AgentLifecycle
 from services.api.routes import include_routes
 from services.api.runner import Runner
@@ -132,6 +133,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     include_routes(app)
     _document_api_key(app)
     install_error_handlers(app)
+    app.add_middleware(ApiEdge, max_body_bytes=settings.max_body_bytes)  # key and size before the body
     app.add_middleware(JsonServerErrors)
     return app
 
@@ -148,18 +150,9 @@ def _document_api_key(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _error_body(exc: ApiError) -> dict[str, Any]:
-    body: dict[str, Any] = {"detail": exc.detail}
-    if exc.code is not None:
-        body["code"] = exc.code
-    body.update((k, v) for k, v in exc.extra.items() if k not in body)
-    return body
-
-
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse(_error_body(exc), status_code=exc.status, headers=headers)
+    return error_response(exc)
 
 
 async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
