@@ -17,7 +17,7 @@ from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models declare
 
 from shared.ids import HOST_ID_PATTERN
-from shared.protocol import DEFAULT_TIMEOUT_S, MAX_COMMAND_CHARS, MAX_TIMEOUT_S, AgentInstallMode
+from shared.protocol import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, AgentInstallMode, CommandText
 
 SCHEMA_VERSION = 1
 
@@ -183,7 +183,7 @@ class ExecBody(SQLModel):
 
     model_config = SQLModelConfig(extra="forbid")
 
-    command: str = Field(min_length=1, max_length=MAX_COMMAND_CHARS)
+    command: CommandText
     timeout: FiniteFloat = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
 
 

@@ -126,3 +126,17 @@ async def test_echo_of_rejected_input_is_capped(api: RunningApi) -> None:
     )
     assert response.status_code == 422
     assert len(response.content) < 3_000, len(response.content)
+
+
+async def test_nul_in_command_is_422_and_nothing_runs(api: RunningApi, nc: NATS) -> None:
+    """A NUL character in the command is refused at the API (422 naming it): no row, no request sent."""
+    seen = await sent_requests(nc)
+    response = await api.client.post(
+        "/api/hosts/h1/exec", json={"command": "echo a\x00b", "timeout": 5}, headers=api.auth
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["body", "command"]
+    assert "NUL" in error["msg"]
+    assert (await api.client.get("/api/hosts/h1/commands", headers=api.auth)).json() == []
+    assert seen == []
