@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AllowInfNan, StringConstraints, computed_field, model_validator
+from pydantic import AllowInfNan, StrictBool, StringConstraints, computed_field, model_validator
 from sqlalchemy import JSON, Dialect, Index, String, Text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -102,10 +102,12 @@ class HostCreate(HostBase):
     model_config = SQLModelConfig(extra="forbid")
 
     id: str = Field(schema_extra={"pattern": HOST_ID_PATTERN}, description="host id, [a-z0-9_-]{1,63}")
-    ssh_check: bool = Field(
+    # strict booleans: only JSON true / false (422 otherwise). Lax pydantic reads 0, "no" and "false" as
+    # False: a mistyped value would silently decide whether the host key gets pinned
+    ssh_check: StrictBool = Field(
         default=True, description="probe the host over SSH and pin its host key (trust on first use)"
     )
-    install_agent: bool = Field(
+    install_agent: StrictBool = Field(
         default=False, description="after adding the host, install the agent over SSH (needs ssh_check)"
     )
     install_mode: AgentInstallMode = Field(

@@ -140,3 +140,24 @@ async def test_nul_in_command_is_422_and_nothing_runs(api: RunningApi, nc: NATS)
     assert "NUL" in error["msg"]
     assert (await api.client.get("/api/hosts/h1/commands", headers=api.auth)).json() == []
     assert seen == []
+
+
+@pytest.mark.parametrize("value", [0, 1, "false", "true", "no"])
+@pytest.mark.parametrize("field", ["ssh_check", "install_agent"])
+async def test_request_booleans_are_strict(api: RunningApi, field: str, value: object) -> None:
+    """ssh_check and install_agent take only JSON true/false: 0, 1, "false", "true", "no" → 422, nothing
+    registered (lax parsing registered a host without a pinned key on `"ssh_check": 0`)."""
+    body = {"id": "h2", "address": "10.0.0.2", field: value}
+    response = await api.client.post("/api/hosts", json=body, headers=api.auth)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", field]
+    assert response.json()["detail"][0]["type"] == "bool_type"
+    assert (await api.client.get("/api/hosts/h2", headers=api.auth)).status_code == 404
+
+
+async def test_json_booleans_still_work(api: RunningApi) -> None:
+    """JSON false registers a host without a key check."""
+    body = {"id": "h2", "address": "10.0.0.2", "ssh_check": False, "install_agent": False}
+    response = await api.client.post("/api/hosts", json=body, headers=api.auth)
+    assert response.status_code == 201, response.text
+    assert response.json()["host_key"] is None
