@@ -69,9 +69,13 @@ async def get_host(host: str, session: SessionDep) -> HostPublic:
 
 
 @router.delete("/{host}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
-async def delete_host(host: str, session: SessionDep) -> Response:
-    """Remove a host and its agent record (its token stops working); command history is kept."""
-    await crud.delete_host(session, await crud.get_host(session, host))
+async def delete_host(host: str, session: SessionDep, lifecycle: LifecycleDep) -> Response:
+    """Remove a host and its agent record, then revoke every token of the host: a live agent session is
+    closed (4003) and cannot come back. Command history is kept."""
+    found = await crud.get_host(session, host)
+    host_id = found.id
+    await crud.delete_host(session, found)  # first: an agent reconnecting after the close finds no token
+    await lifecycle.revoke(host_id, None)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
