@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from shared.errors import CloseCode, ErrorCode, ProtocolError
 from shared.ids import CommandIdField, GatewayIdField, HostIdField, SessionIdField
@@ -35,6 +35,16 @@ SshAddress = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za
 SshUser = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_.-]*$")]
 GatewayUrl = Annotated[str, Field(pattern=r"^wss?://\S+$", max_length=2048)]
 InstallPrefix = Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$", max_length=1024)]  # "/" in production
+
+
+def _no_nul(command: str) -> str:
+    if "\x00" in command:
+        raise ValueError("command contains a NUL character (\\u0000), which no command line can hold")
+    return command
+
+
+# every command field (NATS requests, exec frames, the REST body): a NUL is refused before anything runs
+CommandText = Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_CHARS), AfterValidator(_no_nul)]
 
 
 class Message(BaseModel):
@@ -171,7 +181,7 @@ class Exec(Message):
 
     type: Literal["exec"] = "exec"
     command_id: CommandIdField
-    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_CHARS)]
+    command: CommandText
     timeout: float = Field(gt=0, le=MAX_TIMEOUT_S)
 
 
@@ -220,7 +230,7 @@ class ExecRequest(Message):
     """Request on an exec subject. ``{"command": "uptime"}`` is a complete request."""
 
     type: Literal["exec"] = "exec"
-    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_CHARS)]
+    command: CommandText
     timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S)
     command_id: CommandIdField | None = None
 

@@ -17,6 +17,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -24,6 +25,9 @@ from shared.natsx import describe
 from shared.settings import NatsSettings, load_settings
 
 from . import __version__, devcontrol
+
+if TYPE_CHECKING:
+    from services.api.admin import IssuedToken
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,15 +76,37 @@ def _admin(args: argparse.Namespace) -> int:
     try:
         if args.cmd == "api-key":
             print(asyncio.run(admin.create_api_key(settings, args.name)))
-        else:
-            print(asyncio.run(admin.issue_agent_token(settings, args.host)))
+            return 0
+        issued = asyncio.run(admin.issue_agent_token(settings, args.host))
     except ApiError as exc:
         print(f"warlock: {exc.detail}", file=sys.stderr)
         return 1
     except (OSError, SQLAlchemyError) as exc:
         print(f"warlock: database unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    print(issued.token, flush=True)  # first: the token is valid now, whatever happens next
+    return _revoke_previous(issued)
+
+
+def _revoke_previous(issued: IssuedToken) -> int:
+    """`warlock agent-token`, after printing the new token: close the host's live sessions, which use a
+    replaced token (published on NATS: WARLOCK_NATS_URL, else .warlock/dev.json; gateways close them with
+    4003). Exit status 3 (the token is printed and valid, the old one no longer verifies, but its session
+    stays up) when NATS cannot be reached."""
+    from services.api.admin import revoke_sessions
+
+    if issued.previous_hash is None:
+        return 0  # the host had no token: no session can be using one
+    problem = asyncio.run(revoke_sessions(_server_for_req(None), issued.host_id))
+    if problem is None:
+        return 0
+    print(
+        f"warlock: the new token is valid and the old one no longer verifies, but the live session of "
+        f"{issued.host_id} was not closed: {problem}. Run this again with NATS reachable (WARLOCK_NATS_URL), "
+        "or restart the gateway holding the session",
+        file=sys.stderr,
+    )
+    return 3
 
 
 async def _request(server: str, subject: str, data: str, wait_s: float) -> int:

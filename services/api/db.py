@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def make_engine(url: str) -> AsyncEngine:
         path = parsed.database
         if path and path != ":memory:" and not path.startswith("file:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_sqlite_file(Path(path))
     elif parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"timeout": 5}
         kwargs["pool_timeout"] = 10
@@ -53,6 +55,28 @@ def make_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the SQLite file 0600 before the first connection (it holds command output; SQLite gives its
+    ``-wal`` and ``-shm`` files the main file's mode), and tighten an existing one readable by others."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # empty: a valid database
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.warning("cannot create %s 0600: %s", path, exc)  # the engine reports it on first connect
+        return
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+            if mode & 0o077:
+                file.chmod(0o600)
+                log.warning("%s was readable by others (mode %04o): tightened to 0600", file, mode)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot tighten %s to 0600: %s", file, exc)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,4 +1,5 @@
-"""Request dependencies, as ``Annotated`` aliases: the app state, a database session, the API key."""
+"""Request dependencies, as ``Annotated`` aliases (app state, database session, lifecycle), and the API key
+check that `services.api.edge` runs before the app reads a request."""
 
 from __future__ import annotations
 
@@ -107,18 +108,16 @@ SECURITY_SCHEME = "ApiKey"  # the OpenAPI name of the bearer scheme (see `docume
 MISSING_KEY = "missing API key: send Authorization: Bearer <key>"
 
 
-async def require_api_key(request: Request) -> str:
-    """The name of the request's API key (also left in ``request.state.api_key``); 401 when it is
-    missing or unknown.
+async def verify_api_key(state: ApiState, authorization: str) -> str:
+    """The name of the API key in an ``Authorization`` header value; Unauthorized (401) when it is missing
+    or unknown, DatabaseUnavailable (503) when it is not cached and the database is not ready.
 
-    It reads the header itself and takes no sub-dependencies: FastAPI resolves every dependency of every
-    request, and on the exec path each one cost more than the database writes.
+    Called by `services.api.edge.ApiEdge` before the app reads anything of the request.
     """
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    scheme, _, key = authorization.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise Unauthorized(MISSING_KEY)
-    state = app_state(request)
     key_hash = hash_token(key)
     name = state.auth_cache.get(key_hash)
     if name is None:
@@ -129,12 +128,11 @@ async def require_api_key(request: Request) -> str:
             raise Unauthorized("invalid API key")
         name = found.name
         state.auth_cache.put(key_hash, name)
-    request.state.api_key = name
     return name
 
 
 def api_key_name(request: Request) -> str:
-    """The key name `require_api_key` verified for this request (routes under ``/api`` only)."""
+    """The key name the edge verified for this request (``request.state.api_key``; ``/api`` routes only)."""
     name = getattr(request.state, "api_key", None)
     if not isinstance(name, str):
         raise Unauthorized(MISSING_KEY)

@@ -132,19 +132,19 @@ class AgentLifecycle:
         """Ping the agent through its gateway; without a session, check SSH reachability instead."""
         return await check_health(self.nc, self.sessions, self.settings, host)
 
-    async def revoke(self, host_id: str, token_hash: str) -> bool:
-        """Publish the revocation of `token_hash`: gateways close its sessions (4003) and forget it."""
+    async def revoke(self, host_id: str, token_hash: str | None) -> bool:
+        """Publish the revocation of `token_hash` (None: every token of the host): gateways close the
+        sessions opened with it (4003) and forget it. False when it could not be published."""
+        which = "every token" if token_hash is None else f"token {fingerprint(token_hash)}"
         try:
             await self.nc.publish(
                 subjects.TOKEN_REVOKED, encode(TokenRevoked(host_id=host_id, token_sha256=token_hash))
             )
             await self.nc.flush(timeout=5)
         except (nats.errors.Error, TimeoutError) as exc:
-            log.warning(
-                "revocation of token %s of %s not published: %s", fingerprint(token_hash), host_id, exc
-            )
+            log.warning("revocation of %s of %s not published: %s", which, host_id, exc)
             return False
-        log.info("token %s of %s revoked", fingerprint(token_hash), host_id)
+        log.info("%s of %s revoked", which, host_id)
         return True
 
     async def _undo_token(self, host_id: str, new_hash: str, previous: str | None) -> None:

@@ -21,6 +21,7 @@ import nats.errors
 import uvicorn
 import uvloop
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,13 +30,15 @@ from services.api import __version__
 from services.api.bus import Bus
 from services.api.db import SchemaMismatch, initialise, make_engine, sessionmaker
 from services.api.deps import ApiState, AuthCache, document_api_key
-from services.api.errors import ApiError, Unauthorized
+from services.api.edge import ApiEdge, error_response
+from services.api.errors import ApiError
 from services.api.lifecycle import AgentLifecycle
 from services.api.routes import include_routes
 from services.api.runner import Runner
 from services.api.runstore import open_store
 from services.api.settings import ApiSettings
 from services.api.tasks import TaskTracker
+from services.api.validation import request_validation_error
 from services.api.wheel import WheelSource
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -135,6 +138,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     include_routes(app)
     _document_api_key(app)
     install_error_handlers(app)
+    app.add_middleware(ApiEdge, max_body_bytes=settings.max_body_bytes)  # key and size before the body
     app.add_middleware(JsonServerErrors)
     return app
 
@@ -151,18 +155,9 @@ def _document_api_key(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _error_body(exc: ApiError) -> dict[str, Any]:
-    body: dict[str, Any] = {"detail": exc.detail}
-    if exc.code is not None:
-        body["code"] = exc.code
-    body.update((k, v) for k, v in exc.extra.items() if k not in body)
-    return body
-
-
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse(_error_body(exc), status_code=exc.status, headers=headers)
+    return error_response(exc)
 
 
 async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -181,8 +176,10 @@ async def _os_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Typed errors → their status; database and connection errors → 503; all as JSON."""
+    """Typed errors → their status; bad input → 422 (`validation`); database and connection errors → 503;
+    all as JSON."""
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(SQLAlchemyError, _database_error)
     app.add_exception_handler(OSError, _os_error)

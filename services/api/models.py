@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import StringConstraints, computed_field, model_validator
+from pydantic import AllowInfNan, StrictBool, StringConstraints, computed_field, model_validator
 from sqlalchemy import JSON, Dialect, Index, String, Text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models declare
 
 from shared.ids import HOST_ID_PATTERN
-from shared.protocol import DEFAULT_TIMEOUT_S, MAX_COMMAND_CHARS, MAX_TIMEOUT_S, AgentInstallMode
+from shared.protocol import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, AgentInstallMode, CommandText
 
 SCHEMA_VERSION = 1
 
@@ -26,6 +26,7 @@ SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.usern
 
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
 LabelValue = Annotated[str, StringConstraints(max_length=255)]
+FiniteFloat = Annotated[float, AllowInfNan(False)]  # NaN and ±Infinity (Python's JSON accepts them) → 422
 
 
 def utcnow() -> datetime:
@@ -101,10 +102,12 @@ class HostCreate(HostBase):
     model_config = SQLModelConfig(extra="forbid")
 
     id: str = Field(schema_extra={"pattern": HOST_ID_PATTERN}, description="host id, [a-z0-9_-]{1,63}")
-    ssh_check: bool = Field(
+    # strict booleans: only JSON true / false (422 otherwise). Lax pydantic reads 0, "no" and "false" as
+    # False: a mistyped value would silently decide whether the host key gets pinned
+    ssh_check: StrictBool = Field(
         default=True, description="probe the host over SSH and pin its host key (trust on first use)"
     )
-    install_agent: bool = Field(
+    install_agent: StrictBool = Field(
         default=False, description="after adding the host, install the agent over SSH (needs ssh_check)"
     )
     install_mode: AgentInstallMode = Field(
@@ -182,8 +185,8 @@ class ExecBody(SQLModel):
 
     model_config = SQLModelConfig(extra="forbid")
 
-    command: str = Field(min_length=1, max_length=MAX_COMMAND_CHARS)
-    timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
+    command: CommandText
+    timeout: FiniteFloat = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
 
 
 class CommandRunBase(SQLModel):

@@ -86,6 +86,12 @@ class ApiSettings(NatsSettings):
     rotate_timeout: float = Field(
         default=10.0, gt=0, description="seconds the live agent may take to store a regenerated token"
     )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="largest request body accepted (bytes); larger → 413 without reading it. 1 MiB holds "
+        "the longest command (65,536 characters) even written entirely as JSON \\u escapes",
+    )
 
     @field_validator("database_url")
     @classmethod

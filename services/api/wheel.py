@@ -5,8 +5,11 @@ and version from it (`shared.version.wheel_name`, e.g. ``warlock_fleet-0.1.0-py3
 Without a configured wheel, the first request that needs it runs
 ``<python> -m pip wheel --no-deps --no-build-isolation -w <wheel_dir>/<tmp> <source root>`` in a thread,
 where the source root is the directory holding ``pyproject.toml`` above ``services/``. The bytes, SHA-256
-and file name are kept in memory for the life of the process; a failed build is retried on the next
-request. Any failure is `WheelUnavailable` (503) with a message saying what to do.
+and file name are kept in memory for the life of the process. At most one read or build runs at a time,
+and a failure is remembered for `FAILURE_TTL` seconds: requests meanwhile get the same `WheelUnavailable`
+(503, with a message saying what to do) without running pip again, so an anonymous client of
+``GET /agent/warlock_agent.whl`` cannot make the API run ``pip wheel`` at will. The file name the API serves
+(`WheelSource.file_name`) is known without reading or building anything.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from shared.version import wheel_name
 log = logging.getLogger(__name__)
 
 BUILD_TIMEOUT = 300.0
+FAILURE_TTL = 60.0  # seconds a failed read or build is answered from memory
 WHEEL_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\.whl$")
 
 
@@ -91,24 +96,59 @@ def build_wheel(root: Path, out_dir: Path, timeout: float = BUILD_TIMEOUT) -> Ag
 
 
 class WheelSource:
-    """Provides the agent wheel, reading or building it once per process."""
+    """Provides the agent wheel, reading or building it once per process (a failure: once a minute)."""
 
-    def __init__(self, configured: Path | None, wheel_dir: Path, root: Path | None = None) -> None:
+    def __init__(
+        self,
+        configured: Path | None,
+        wheel_dir: Path,
+        root: Path | None = None,
+        failure_ttl: float = FAILURE_TTL,
+    ) -> None:
         self.configured = configured
         self.wheel_dir = wheel_dir
         self.root = root if root is not None else source_root()
+        self.failure_ttl = failure_ttl
         self._wheel: AgentWheel | None = None
+        self._failure: tuple[WheelUnavailable, float] | None = None  # the error and when it expires
         self._lock = asyncio.Lock()
 
+    def file_name(self) -> str:
+        """The wheel's file name, without reading or building it: a configured file's own name, else this
+        distribution's and version's (`shared.version.wheel_name`)."""
+        if self._wheel is not None:
+            return self._wheel.name
+        if self.configured is not None and not self.configured.is_dir():
+            return self.configured.name
+        return wheel_name()
+
     async def get(self) -> AgentWheel:
-        """The wheel; the first call reads or builds it (in a thread), later calls reuse it."""
+        """The wheel; the first call reads or builds it (in a thread), later calls reuse it. A failure is
+        raised again without retrying for `failure_ttl` seconds."""
         if self._wheel is not None:
             return self._wheel
         async with self._lock:
             if self._wheel is None:
-                self._wheel = await asyncio.to_thread(self._load)
+                self._raise_remembered()
+                try:
+                    self._wheel = await asyncio.to_thread(self._load)
+                except WheelUnavailable as exc:
+                    log.warning("agent wheel unavailable (not retried for %gs): %s", self.failure_ttl, exc)
+                    self._failure = (exc, time.monotonic() + self.failure_ttl)
+                    raise
+                self._failure = None
                 log.info("agent wheel %s ready (sha256 %s)", self._wheel.name, self._wheel.sha256)
         return self._wheel
+
+    def _raise_remembered(self) -> None:
+        if self._failure is None:
+            return
+        exc, until = self._failure
+        left = until - time.monotonic()
+        if left <= 0:
+            self._failure = None
+            return
+        raise WheelUnavailable(f"{exc.detail} (not retried for another {left:.0f}s)")
 
     def _load(self) -> AgentWheel:
         if self.configured is not None and self.configured.is_dir():

@@ -94,3 +94,36 @@ async def test_warlock_api_process_logs_its_contract_lines(tmp_path: Path, nats_
     assert f"api key written to {key_file}" in log
     assert proc.count("api listening on") == 1
     assert key not in log
+
+
+async def test_agent_token_without_nats_prints_the_token_and_exits_3(
+    tmp_path: Path,
+    nats_server: NatsServer,
+    database: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A first token needs no NATS (exit 0). Replacing one with NATS unreachable still prints the new,
+    valid token, but says on stderr that the live session was not closed, and exits 3."""
+    from tests.support.procs import free_port
+
+    monkeypatch.setenv("WARLOCK_API_DATABASE_URL", database)
+    monkeypatch.setenv("WARLOCK_NATS_URL", f"nats://127.0.0.1:{free_port()}")  # nothing listens there
+    async with running_api(api_settings(tmp_path, nats_server.url, database)) as api:
+        created = await api.client.post(
+            "/api/hosts", json={"id": "h1", "address": "10.1.1.1", "ssh_check": False}, headers=api.auth
+        )
+        assert created.status_code == 201
+        code, first, err = await _cli(["agent-token", "h1"], capsys)
+        assert (code, err) == (0, "")
+        code, second, err = await _cli(["agent-token", "h1"], capsys)
+        assert code == 3
+        assert len(second) == 64
+        assert second != first
+        assert "was not closed" in err
+        assert "unreachable" in err
+        assert first not in err
+        assert second not in err
+        async with api.state.sessions() as session:
+            assert await crud.host_for_token_hash(session, hash_token(second)) == "h1"
+            assert await crud.host_for_token_hash(session, hash_token(first)) is None

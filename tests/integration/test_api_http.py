@@ -16,7 +16,7 @@ from shared import subjects
 from shared.errors import ErrorCode
 from shared.natsx import error, reply
 from shared.protocol import SshProbeOk, SshProbeRequest, decode_model
-from tests.support.db import BACKENDS, RunningApi, api_settings, fresh_database, running_api
+from tests.support.db import BACKENDS, RunningApi, api_settings, eventually, fresh_database, running_api
 from tests.support.natsserver import NatsServer
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ0ZXN0a2V5MDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1u"
@@ -241,3 +241,29 @@ async def test_openapi_docs_are_served(api: RunningApi) -> None:
     assert spec["paths"]["/api/hosts/{host}/exec"]["post"]["security"] == [{"ApiKey": []}]
     assert spec["paths"]["/api/agents"]["get"]["security"] == [{"ApiKey": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
+
+
+async def test_routes_that_need_nats_answer_503_and_change_nothing_while_it_is_down(
+    api: RunningApi, nats_server: NatsServer
+) -> None:
+    """NATS gone: exec, SSH-checked add, DELETE (it must close the live session), health: 503, no change."""
+    body = {"id": "h1", "address": "10.0.0.1", "ssh_check": False}
+    assert (await api.client.post("/api/hosts", json=body, headers=api.auth)).status_code == 201
+    nats_server.stop()
+    await eventually(lambda: _true(not api.state.link.connected))
+    refused = [
+        await api.client.post("/api/hosts/h1/exec", json={"command": "true"}, headers=api.auth),
+        await api.client.post("/api/hosts", json={"id": "h2", "address": "10.0.0.2"}, headers=api.auth),
+        await api.client.delete("/api/hosts/h1", headers=api.auth),
+        await api.client.post("/api/agents/h1/health", headers=api.auth),
+    ]
+    for answer in refused:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["detail"].startswith("NATS unavailable"), answer.text
+    assert (await api.client.get("/api/hosts/h1", headers=api.auth)).status_code == 200
+    assert (await api.client.get("/api/hosts/h2", headers=api.auth)).status_code == 404
+    assert (await api.client.get("/api/hosts/h1/commands", headers=api.auth)).json() == []
+
+
+async def _true(value: bool) -> bool:
+    return value

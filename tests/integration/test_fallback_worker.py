@@ -86,7 +86,14 @@ async def test_lookup_without_api_is_unavailable(nc: NATS, sshd: Sshd, worker: W
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"{}", b'{"command": ""}', b'{"command": "true", "timeout": -1}', b'{"command": 1}'],
+    [
+        b"not json",
+        b"{}",
+        b'{"command": ""}',
+        b'{"command": "true", "timeout": -1}',
+        b'{"command": 1}',
+        b'{"command": "echo a\\u0000b"}',
+    ],
 )
 async def test_bad_body_is_bad_request(nc: NATS, sshd: Sshd, worker: Worker, body: bytes) -> None:
     """A body that does not validate gets bad_request with the micro error header; the worker goes on."""

@@ -127,6 +127,7 @@ async def test_bad_body_and_unknown_verb_get_bad_request(gw: Gateway, fleet: Fle
     async with agent(gw, "web-1", fleet.tokens["web-1"]) as fake:
         for subject, body in (
             (subjects.agent_exec("web-1"), b'{"command": ""}'),
+            (subjects.agent_exec("web-1"), b'{"command": "echo a\\u0000b"}'),  # NUL: never forwarded
             (subjects.agent_exec("web-1"), b"not json"),
             ("warlock.agent.web-1.reboot", b"{}"),
         ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import zipfile
 from pathlib import Path
 
@@ -64,3 +65,47 @@ async def test_real_wheel_builds_from_this_source_tree(tmp_path: Path) -> None:
     assert "services/agent/cli.py" in names
     assert "shared/protocol.py" in names
     assert await source.get() is wheel
+
+
+def broken_tree(tmp_path: Path) -> Path:
+    """A source tree pip cannot build (its pyproject.toml is not TOML)."""
+    root = tmp_path / "src"
+    (root / "services").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("this is not toml [\n")
+    return root
+
+
+async def test_failed_build_is_remembered_and_pip_runs_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failed build, callers (at once or later) get the same error without pip running again."""
+    source = WheelSource(None, tmp_path / "wheels", root=broken_tree(tmp_path), failure_ttl=60)
+    with caplog.at_level(logging.INFO, logger="services.api.wheel"):
+        together = await asyncio.gather(source.get(), source.get(), return_exceptions=True)
+        with pytest.raises(WheelUnavailable, match="not retried for another"):
+            await source.get()
+    assert all(isinstance(e, WheelUnavailable) for e in together)
+    assert caplog.text.count("building the agent wheel from") == 1
+
+
+async def test_failure_is_retried_after_its_ttl(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Once the remembered failure expires, the next caller builds again."""
+    source = WheelSource(None, tmp_path / "wheels", root=broken_tree(tmp_path), failure_ttl=0.1)
+    with caplog.at_level(logging.INFO, logger="services.api.wheel"):
+        with pytest.raises(WheelUnavailable):
+            await source.get()
+        await asyncio.sleep(0.2)
+        with pytest.raises(WheelUnavailable, match="building the agent wheel failed"):
+            await source.get()
+    assert caplog.text.count("building the agent wheel from") == 2
+
+
+def test_file_name_is_known_without_reading_or_building(tmp_path: Path) -> None:
+    """The served name comes from the configuration (or the version), not from a read or a build."""
+    assert (
+        WheelSource(tmp_path / "gone-2.0-py3-none-any.whl", tmp_path).file_name()
+        == "gone-2.0-py3-none-any.whl"
+    )
+    assert WheelSource(tmp_path, tmp_path / "wheels").file_name() == wheel_name()  # a directory
+    assert WheelSource(None, tmp_path / "wheels", root=broken_tree(tmp_path)).file_name() == wheel_name()
+    assert not (tmp_path / "wheels").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from shared import protocol as p
@@ -97,3 +99,19 @@ def test_messages_are_frozen() -> None:
     ping = p.Ping(id="a")
     with pytest.raises(ValueError, match="frozen"):
         ping.id = "b"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("decode", "body"),
+    [
+        (lambda b: p.decode_model(p.ExecRequest, b), b'{"command":"echo a\\u0000b"}'),
+        (lambda b: p.decode_model(p.SshExecRequest, b), b'{"command":"\\u0000"}'),
+        (p.decode_gateway_frame, b'{"type":"exec","command_id":"c1","command":"true\\u0000","timeout":5}'),
+    ],
+)
+def test_nul_in_a_command_is_refused(decode: Callable[[bytes], object], body: bytes) -> None:
+    """A NUL character in any command field (NATS exec requests, the exec frame) is refused by name."""
+    with pytest.raises(ProtocolError) as info:
+        decode(body)
+    assert "command" in info.value.message
+    assert "NUL" in info.value.message

@@ -63,12 +63,15 @@ async def install_script() -> Response:
     },
 )
 async def agent_wheel(name: str, state: StateDep) -> Response:
-    """The agent wheel, as ``warlock_agent.whl`` or by its real file name, with its SHA-256 in a header."""
-    if not name.endswith(".whl"):
-        raise NotFound(f"unknown file {name[:100]!r}")
-    wheel = await state.lifecycle.wheels.get()
-    if name not in (WHEEL_ALIAS, wheel.name):
-        raise NotFound(f"unknown wheel {name[:100]!r}; this API serves {wheel.name} (or {WHEEL_ALIAS})")
+    """The agent wheel, as ``warlock_agent.whl`` or by its real file name, with its SHA-256 in a header.
+
+    The name is checked before anything is read or built: any other name is 404 at no cost.
+    """
+    wheels = state.lifecycle.wheels
+    expected = wheels.file_name()
+    if name not in (WHEEL_ALIAS, expected):
+        raise NotFound(f"unknown file {name[:100]!r}; this API serves {expected} (or {WHEEL_ALIAS})")
+    wheel = await wheels.get()
     headers = {
         SHA_HEADER: wheel.sha256,
         NAME_HEADER: wheel.name,

@@ -68,10 +68,19 @@ async def get_host(host: str, session: SessionDep) -> HostPublic:
     return HostPublic.model_validate(await crud.get_host(session, host), from_attributes=True)
 
 
-@router.delete("/{host}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
-async def delete_host(host: str, session: SessionDep) -> Response:
-    """Remove a host and its agent record (its token stops working); command history is kept."""
-    await crud.delete_host(session, await crud.get_host(session, host))
+@router.delete(
+    "/{host}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**NOT_FOUND, 503: {"description": "NATS unavailable: the live session could not be closed"}},
+)
+async def delete_host(host: str, state: StateDep, session: SessionDep) -> Response:
+    """Remove a host and its agent record, then revoke every token of the host: a live agent session is
+    closed (4003) and cannot come back. Command history is kept. Without NATS nothing is deleted (503)."""
+    state.require_nats()
+    found = await crud.get_host(session, host)
+    host_id = found.id
+    await crud.delete_host(session, found)  # first: an agent reconnecting after the close finds no token
+    await state.lifecycle.revoke(host_id, None)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
