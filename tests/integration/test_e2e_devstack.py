@@ -138,6 +138,7 @@ async def test_dev_stack_runs_a_command_and_stops_on_ctrl_c(tmp_path: Path) -> N
         for log in (state / "logs").iterdir():  # logs show hosts and commands: private
             assert stat.S_IMODE(log.stat().st_mode) == 0o600, log
         assert stat.S_IMODE((state / "logs").stat().st_mode) == 0o700
+        assert stat.S_IMODE((state / "warlock.db").stat().st_mode) == 0o600  # it holds command output
         children = [int(p) for p in _children(run.proc.pid)]
         assert len(children) == 5  # nats-server, API, SSH fallback worker, gateway, agent
 
