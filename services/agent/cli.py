@@ -24,7 +24,6 @@ from shared.errors import ConfigError
 from shared.logs import setup_logging
 
 from . import __version__
-from .allocator import pin_mmap_threshold
 from .client import Agent
 from .config import AgentSettings, load_agent_config
 from .ledger import Ledger
@@ -105,7 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         settings, store = load_agent_config(args.config)
         setup_logging(settings.log_level)
-        pin_mmap_threshold()
         ledger = Ledger(
             settings.ledger_path,
             output_bytes=settings.ledger_output_bytes,

@@ -14,9 +14,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from shared.protocol import Exec, ExecError
+from shared.protocol import Exec, ExecError, ExecResult
 
 from . import budget
+from .allocator import release_after
 from .executor import run_command
 from .ledger import Ledger, Result
 from .results import Outbox
@@ -68,6 +69,8 @@ class Commands:
         result = await self.ledger.run(request, self._execute, admit)
         self.outbox.add(result)
         await self.deliver(result)
+        if isinstance(result, ExecResult):
+            release_after(len(result.stdout) + len(result.stderr))
 
     @contextlib.asynccontextmanager
     async def _slot(self, request: Exec, received: float) -> AsyncIterator[Exec | ExecError]:

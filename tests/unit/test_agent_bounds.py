@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.agent.allocator import pin_mmap_threshold
+from services.agent.allocator import release_after
 from services.agent.ledger import Ledger, Result
 from services.agent.results import Outbox, OutputBudget, cap_output, output_bytes, strip_output
 from shared.ids import CommandId
@@ -147,7 +147,7 @@ def test_outbox_is_bounded_by_bytes_and_keeps_every_outcome() -> None:
     assert outbox.output_bytes() <= 3 * MIB
 
 
-def test_mmap_threshold_is_pinned_unless_the_operator_set_it() -> None:
-    """On glibc the agent fixes the mmap threshold (big freed buffers go back); an operator's setting wins."""
-    assert pin_mmap_threshold({}) is True
-    assert pin_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+def test_heap_is_trimmed_only_after_a_big_output() -> None:
+    """malloc_trim runs after a result over 256 KiB (glibc here), never after small ones (the hot path)."""
+    assert release_after(10 * 1024) is False
+    assert release_after(1024 * 1024) is True
