@@ -41,7 +41,7 @@ from shared.protocol import (
 )
 from shared.tokens import hash_token
 from shared.version import __version__, wheel_name
-from tests.support.db import BACKENDS, RunningApi, api_settings, eventually, fresh_database, running_api
+from tests.support.db import RunningApi, api_settings, eventually, running_api
 from tests.support.natsserver import NatsServer
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFnZW50c3Rlc3RrZXkwMTIzNDU2Nzg5YWJjZGVmZ2g"
@@ -50,13 +50,6 @@ WHEEL_BYTES = b"PK\x03\x04 not really a wheel, but bytes with a hash"
 WHEEL_SHA = hashlib.sha256(WHEEL_BYTES).hexdigest()
 STEPS = (InstallStep(name="sha256", ok=True, detail=WHEEL_SHA), InstallStep(name="unit", ok=True))
 RUNNING = AgentOpResult(steps=STEPS, state="running", systemd=True)
-
-
-@pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL, once per backend."""
-    async with fresh_database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

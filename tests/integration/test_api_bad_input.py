@@ -14,17 +14,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from tests.support.db import BACKENDS, RunningApi, api_settings, fresh_database, running_api
+from tests.support.db import RunningApi, api_settings, running_api
 from tests.support.natsserver import NatsServer
 
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL, once per backend."""
-    async with fresh_database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

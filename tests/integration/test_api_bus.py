@@ -29,15 +29,8 @@ from shared.protocol import (
     encode,
 )
 from shared.tokens import hash_token
-from tests.support.db import BACKENDS, RunningApi, api_settings, eventually, fresh_database, running_api
+from tests.support.db import RunningApi, api_settings, eventually, running_api
 from tests.support.natsserver import NatsServer
-
-
-@pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL, once per backend."""
-    async with fresh_database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture

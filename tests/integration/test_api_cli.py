@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,8 @@ import pytest
 from services.api import crud
 from services.api.cli import main
 from shared.tokens import hash_token
-from tests.support.db import BACKENDS, api_settings, fresh_database, running_api
+from tests.support.db import api_settings, running_api
 from tests.support.natsserver import NatsServer
-
-
-@pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL, once per backend."""
-    async with fresh_database(request.param, tmp_path) as url:
-        yield url
 
 
 async def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

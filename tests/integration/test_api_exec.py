@@ -32,13 +32,6 @@ from tests.support.natsserver import NatsServer
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHBpbm5lZGtleTAxMjM0NTY3ODlhYmNkZWZnaGlqa2xt"
 
 
-@pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL, once per backend."""
-    async with fresh_database(request.param, tmp_path) as url:
-        yield url
-
-
 @pytest.fixture
 async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIterator[RunningApi]:
     """The API on the test's NATS and database, with a short grace so timeouts are quick."""

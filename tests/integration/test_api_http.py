@@ -16,18 +16,11 @@ from shared import subjects
 from shared.errors import ErrorCode
 from shared.natsx import error, reply
 from shared.protocol import SshProbeOk, SshProbeRequest, decode_model
-from tests.support.db import BACKENDS, RunningApi, api_settings, eventually, fresh_database, running_api
+from tests.support.db import RunningApi, api_settings, eventually, running_api
 from tests.support.natsserver import NatsServer
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ0ZXN0a2V5MDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1u"
 FINGERPRINT = "SHA256:dGVzdGZpbmdlcnByaW50"
-
-
-@pytest.fixture(params=BACKENDS)
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL, once per backend."""
-    async with fresh_database(request.param, tmp_path) as url:
-        yield url
 
 
 @pytest.fixture
