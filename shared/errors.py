@@ -44,6 +44,13 @@ class ErrorCode(StrEnum):
     CONNECT_FAILED = "connect_failed"  # SSH: host unreachable or refused; nothing ran
     AUTH_FAILED = "auth_failed"  # SSH: authentication refused; nothing ran
     HOST_KEY_MISMATCH = "host_key_mismatch"  # SSH: host key is not the pinned one; nothing ran
+    UNSIGNED = "unsigned"  # a command that changes a host came without a signature; nothing ran
+    UNKNOWN_KEY = "unknown_key"  # signed by a key the host (or the API) does not trust; nothing ran
+    BAD_SIGNATURE = "bad_signature"  # the signature does not cover what arrived (tampered); nothing ran
+    WRONG_HOST = "wrong_host"  # signed for another host; nothing ran
+    EXPIRED = "expired"  # past its not-after (or valid for too long); nothing ran
+    REPLAY = "replay"  # this command id already ran here; nothing ran again
+    FORBIDDEN = "forbidden"  # the signer may not do this (e.g. a revoked operator key); nothing ran
     INTERNAL = "internal"
 
 
@@ -60,6 +67,13 @@ NOTHING_RAN = frozenset(
         ErrorCode.CONNECT_FAILED,
         ErrorCode.AUTH_FAILED,
         ErrorCode.HOST_KEY_MISMATCH,
+        ErrorCode.UNSIGNED,
+        ErrorCode.UNKNOWN_KEY,
+        ErrorCode.BAD_SIGNATURE,
+        ErrorCode.WRONG_HOST,
+        ErrorCode.EXPIRED,
+        ErrorCode.REPLAY,
+        ErrorCode.FORBIDDEN,
         ErrorCode.INTERNAL,
     }
 )

@@ -38,6 +38,13 @@ _NUMERIC = {
     ErrorCode.CONNECT_FAILED: "502",
     ErrorCode.AUTH_FAILED: "403",
     ErrorCode.HOST_KEY_MISMATCH: "495",
+    ErrorCode.UNSIGNED: "401",
+    ErrorCode.UNKNOWN_KEY: "401",
+    ErrorCode.BAD_SIGNATURE: "401",
+    ErrorCode.WRONG_HOST: "403",
+    ErrorCode.EXPIRED: "401",
+    ErrorCode.REPLAY: "409",
+    ErrorCode.FORBIDDEN: "403",
     ErrorCode.INTERNAL: "500",
 }
 

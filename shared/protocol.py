@@ -60,6 +60,25 @@ class Message(BaseModel):
 
 # ----------------------------------------------------------------------------- shared bodies
 
+KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+Signature64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{86}$")]  # an Ed25519 signature, base64url
+PublicKeyText = Annotated[str, Field(pattern=r"^ed25519:[A-Za-z0-9_-]{43}$")]
+TrustedKeyList = tuple[PublicKeyText, ...]
+
+
+class CommandSignature(Message):
+    """The API's (or an operator's) signature over a command: `shared.signing.command_bytes`.
+
+    It covers the command's kind and every field of its message, `host_id`, the signer's `key_id` and the
+    validity window; the host verifies it against keys pinned at install before running anything.
+    """
+
+    host_id: HostIdField
+    key_id: KeyId
+    issued_at: float
+    not_after: float
+    sig: Signature64
+
 
 class ExecResult(Message):
     """A command's outcome; sent agent → gateway and as the NATS exec reply."""
@@ -74,6 +93,7 @@ class ExecResult(Message):
     timed_out: bool = False  # the timeout killed the process group
     duration_ms: float = Field(ge=0)
     via: Literal["agent", "ssh"] = "agent"
+    signature: Signature64 | None = None  # the agent's, over `shared.signing.result_bytes`
 
 
 class ErrorReply(Message):
@@ -131,6 +151,8 @@ class Hello(Message):
     platform: ShortText
     agent_version: Annotated[str, Field(max_length=64)]
     capabilities: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=32)
+    signed_at: float | None = None  # the agent's clock when it signed this hello
+    signature: Signature64 | None = None  # the agent's, over `shared.signing.hello_values`
 
 
 class ExecError(Message):
@@ -183,6 +205,7 @@ class Exec(Message):
     command_id: CommandIdField
     command: CommandText
     timeout: float = Field(gt=0, le=MAX_TIMEOUT_S)
+    signature: CommandSignature | None = None  # passed through from the ExecRequest, verified by the agent
 
 
 class Ack(Message):
@@ -197,25 +220,26 @@ Sha256Field = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class RotateToken(Message):
-    """Gateway → agent: from now on use `token`; write it to the config file, then answer TokenRotated."""
+    """Gateway → agent: make yourself a new token, store it, answer TokenRotated with its hash.
+
+    The token is made on the host and never travels; `signature` (kind ``rotate``, fields
+    ``{"command_id": rotation_id}``) is the API's, passed through from the RotateRequest.
+    """
 
     type: Literal["rotate_token"] = "rotate_token"
-    rotation_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    token: TokenField
-
-    def __repr__(self) -> str:  # never print the token
-        return f"RotateToken(rotation_id={self.rotation_id!r}, token=<hidden>)"
-
-    __str__ = __repr__
+    rotation_id: CommandIdField
+    signature: CommandSignature | None = None
 
 
 class TokenRotated(Message):
     """Agent → gateway: whether the new token was stored (ok=False: e.g. the token is set by environment)."""
 
     type: Literal["token_rotated"] = "token_rotated"
-    rotation_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    rotation_id: CommandIdField
     ok: bool
     description: Annotated[str, Field(max_length=1024)] = ""
+    token_sha256: Sha256Field | None = None  # of the new token (ok=True)
+    signature: Signature64 | None = None  # the agent's, over `shared.signing.rotated_values`
 
 
 AgentFrame = Annotated[
@@ -233,6 +257,7 @@ class ExecRequest(Message):
     command: CommandText
     timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S)
     command_id: CommandIdField | None = None
+    signature: CommandSignature | None = None  # kind "exec" (agent) / "ssh_exec" / "ops_exec"
 
 
 class PingRequest(Message):
@@ -277,6 +302,8 @@ class PresenceConnected(Message):
     platform: ShortText
     agent_version: str
     at: float
+    signed_at: float | None = None  # the hello's, passed through: the API checks the agent's signature
+    signature: Signature64 | None = None
 
 
 class PresenceDisconnected(Message):
@@ -333,9 +360,11 @@ class SshProbeRequest(Message):
     """Request on ``warlock.ssh.probe``: is this host reachable with the worker's key, and what is its key?"""
 
     type: Literal["ssh_probe"] = "ssh_probe"
+    host_id: HostIdField  # the id the host is being added as (the signature is for it)
     address: SshAddress
     port: int = Field(default=22, ge=1, le=65535)
     username: SshUser
+    signature: CommandSignature | None = None  # kind "probe"
 
 
 class SshProbeOk(Message):
@@ -353,22 +382,23 @@ class HostTargetRequest(Message):
 
 
 class RotateRequest(Message):
-    """Request on ``warlock.agent.<host>.rotate``: hand the live agent a new token over its session."""
+    """Request on ``warlock.agent.<host>.rotate``: the live agent makes itself a new token.
+
+    Signed by the API (kind ``rotate``, fields ``{"command_id"}``); no token travels.
+    """
 
     type: Literal["rotate"] = "rotate"
-    token: TokenField
-
-    def __repr__(self) -> str:  # never print the token
-        return "RotateRequest(token=<hidden>)"
-
-    __str__ = __repr__
+    command_id: CommandIdField
+    signature: CommandSignature | None = None
 
 
 class RotateOk(Message):
-    """The agent stored the new token; it will use it on its next connection."""
+    """The agent stored its new token; it will use it on its next connection. The hash is signed by it."""
 
     type: Literal["rotate_ok"] = "rotate_ok"
     host_id: HostIdField
+    token_sha256: Sha256Field
+    signature: Signature64  # the agent's, over `shared.signing.rotated_values`
 
 
 class TokenRevoked(Message):
@@ -393,44 +423,42 @@ class AgentInstallRequest(Message):
     """
 
     type: Literal["agent_install"] = "agent_install"
+    command_id: CommandIdField
     target: SshTarget
     host_id: HostIdField
-    token: TokenField
     gateway_urls: tuple[GatewayUrl, ...] = Field(min_length=1, max_length=16)
+    trusted_keys: TrustedKeyList = Field(min_length=1, max_length=8)  # the API's signing keys
+    ca_pem: Annotated[str, Field(max_length=65536)] | None = None  # CA the agent pins for wss://
     wheel_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+\.whl$", max_length=255)]
-    wheel_b64: str
+    wheel_b64: str  # not signed itself: `wheel_sha256` is, and the host checks it
     wheel_sha256: Sha256Field
     prefix: InstallPrefix = "/"
     mode: AgentInstallMode = "auto"
-
-    def __repr__(self) -> str:  # never print the token
-        return f"AgentInstallRequest(host_id={self.host_id!r}, prefix={self.prefix!r}, mode={self.mode!r})"
-
-    __str__ = __repr__
+    signature: CommandSignature | None = None  # kind "install", every field but wheel_b64
 
 
 class AgentUninstallRequest(Message):
     """Request on ``warlock.ssh.<host>.uninstall``: stop and remove the agent (a clean host is fine)."""
 
     type: Literal["agent_uninstall"] = "agent_uninstall"
+    command_id: CommandIdField
     target: SshTarget
     prefix: InstallPrefix = "/"
+    signature: CommandSignature | None = None  # kind "uninstall"
 
 
 class AgentConfigureRequest(Message):
     """Request on ``warlock.ssh.<host>.configure``: rewrite the agent's config (new token) and restart it."""
 
     type: Literal["agent_configure"] = "agent_configure"
+    command_id: CommandIdField
     target: SshTarget
     host_id: HostIdField
-    token: TokenField
     gateway_urls: tuple[GatewayUrl, ...] = Field(min_length=1, max_length=16)
+    trusted_keys: TrustedKeyList = Field(min_length=1, max_length=8)
+    ca_pem: Annotated[str, Field(max_length=65536)] | None = None
     prefix: InstallPrefix = "/"
-
-    def __repr__(self) -> str:  # never print the token
-        return f"AgentConfigureRequest(host_id={self.host_id!r}, prefix={self.prefix!r})"
-
-    __str__ = __repr__
+    signature: CommandSignature | None = None  # kind "configure"
 
 
 class InstallStep(Message):
@@ -452,6 +480,8 @@ class AgentOpResult(Message):
     steps: tuple[InstallStep, ...]
     state: Literal["running", "stopped", "removed", "not_installed", "no_systemd"]
     systemd: bool
+    agent_public_key: PublicKeyText | None = None  # made on the host by install (read back by configure)
+    token_sha256: Sha256Field | None = None  # of the token install / configure made on the host
 
 
 ExecReply = Annotated[ExecResult | ErrorReply, Field(discriminator="type")]

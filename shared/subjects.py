@@ -22,6 +22,9 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.ssh.<host>.configure     | request          | SSH worker: rewrite the agent config (new token) |
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
 | warlock.host.<host>.target       | request          | the API: SSH target (address, user, pinned key) |
+| warlock.ops.<host>.exec          | request          | the API: a command signed with an operator key  |
+
+Who may publish and subscribe to each is declared once, in `shared/permissions.py`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
 
 AGENT_VERBS = ("exec", "ping", "rotate")
+SRV_PREFIX = "$SRV"  # NATS micro discovery ($SRV.PING, $SRV.INFO.<name>, ...)
 
 
 def host_id(value: str) -> HostId:
@@ -191,3 +195,24 @@ def session_claim(host: str) -> str:
 def parse_session_claim(subject: str) -> HostId:
     """Return the host of a ``warlock.session.<host>.claim`` subject; raise InvalidIdError otherwise."""
     return _host_of(subject, "session", "claim")[0]
+
+
+def ops_exec(host: str) -> str:
+    """Subject on which the API runs a command an operator signed (``warlock req``) on `host`."""
+    return f"{PREFIX}.ops.{host_id(host)}.exec"
+
+
+def ops_exec_wildcard() -> str:
+    """Wildcard covering every host's operator exec subject (the API's one subscription)."""
+    return f"{PREFIX}.ops.*.exec"
+
+
+def parse_ops_exec(subject: str) -> HostId:
+    """Return the host of a ``warlock.ops.<host>.exec`` subject; raise InvalidIdError otherwise."""
+    return _host_of(subject, "ops", "exec")[0]
+
+
+def inbox_prefix(role: str) -> str:
+    """The reply-inbox prefix of a service role (``_INBOX_<role>``): replies to one role's requests are
+    never delivered to another's subscription. The operator (NATS CLI) keeps the default ``_INBOX``."""
+    return "_INBOX" if role == "operator" else f"_INBOX_{role.replace('-', '_')}"

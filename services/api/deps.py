@@ -18,6 +18,7 @@ from services.api.errors import DatabaseUnavailable, NatsUnavailable, Unauthoriz
 from services.api.lifecycle import AgentLifecycle
 from services.api.runner import Runner
 from services.api.settings import ApiSettings
+from services.api.signer import ApiSigner
 from services.api.tasks import TaskTracker
 from shared.natsx import NatsLink
 from shared.tokens import hash_token
@@ -60,6 +61,7 @@ class ApiState:
     tasks: TaskTracker
     auth_cache: AuthCache
     lifecycle: AgentLifecycle
+    signer: ApiSigner
     db_ready: bool = False
     db_error: str | None = field(default="not initialised yet")
 

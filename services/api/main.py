@@ -37,6 +37,7 @@ from services.api.routes import include_routes
 from services.api.runner import Runner
 from services.api.runstore import open_store
 from services.api.settings import ApiSettings
+from services.api.signer import ApiSigner
 from services.api.tasks import TaskTracker
 from services.api.validation import request_validation_error
 from services.api.wheel import WheelSource
@@ -87,6 +88,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        signer = ApiSigner(settings.signing_key_file, settings.extra_trusted_keys, settings.command_ttl)
         engine = make_engine(settings.database_url)
         link = NatsLink(settings.nats_servers(), "warlock-api", log)
         nc = link.nc
@@ -98,7 +100,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir)
         )
         auth = AuthCache(settings.auth_cache_ttl)
-        state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle)
+        state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)
         bus = Bus(nc, sessions, tasks, settings.max_output_chars, ready=lambda: state.db_ready)
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []

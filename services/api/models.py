@@ -19,7 +19,7 @@ from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models d
 from shared.ids import HOST_ID_PATTERN
 from shared.protocol import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, AgentInstallMode, CommandText
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: agent public keys, operator keys, requested_by on every run
 
 ADDRESS_PATTERN = r"^[A-Za-z0-9.:_-]+$"  # as shared.protocol.SshTarget.address
 SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.username
@@ -154,6 +154,8 @@ class AgentConnectionBase(SQLModel):
     hostname: str | None = Field(default=None, max_length=255)
     platform: str | None = Field(default=None, max_length=255)
     status: AgentStatus = Field(default=AgentStatus.DISCONNECTED, sa_type=String(16))
+    # the agent's own Ed25519 key (made on the host at install): its hello and results must verify with it
+    public_key: str | None = Field(default=None, max_length=64)
     connected_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     last_ping: datetime | None = Field(default=None, sa_type=UtcDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
@@ -241,6 +243,21 @@ class ApiKey(SQLModel, table=True):
     name: str = Field(max_length=255, unique=True)
     key_hash: str = Field(max_length=64, unique=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class OperatorKey(SQLModel, table=True):
+    """A public key an operator signs NATS commands with (``warlock req``); the private key stays with them.
+
+    Commands it signs run only while `revoked_at` is None, and are recorded with `name` as requested_by.
+    """
+
+    __tablename__ = "operator_key"
+
+    key_id: str = Field(primary_key=True, max_length=16)
+    name: str = Field(max_length=255, unique=True)
+    public_key: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class SchemaVersion(SQLModel, table=True):

@@ -86,6 +86,23 @@ class ApiSettings(NatsSettings):
     rotate_timeout: float = Field(
         default=10.0, gt=0, description="seconds the live agent may take to store a regenerated token"
     )
+    signing_key_file: Path = Field(
+        default=Path(".warlock/signing.key"),
+        description="the API's Ed25519 command-signing key (PEM, 0600); made at first start if missing. "
+        "Every API instance of one deployment uses the same key",
+    )
+    extra_trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="more public keys (ed25519:...) installed agents trust besides the signing key's own: "
+        "the next or previous key while the signing key is rotated (JSON list)",
+    )
+    command_ttl: float = Field(
+        default=120.0,
+        gt=0,
+        le=600.0,
+        description="seconds a signed command stays valid for delivery (its not-after); at most the "
+        "agent ledger's 600 s, so a replay cannot outlive the record of ids that ran",
+    )
     max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
