@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
 
 from tests.support.procs import BIN, Proc
 
@@ -20,6 +24,10 @@ class NatsServer:
         match = self.proc.wait_for(r"Listening for client connections on [\d.]+:(\d+)")
         self.port = int(match.group(1))
         self.url = f"nats://127.0.0.1:{self.port}"
+
+    async def connect(self, role: str = "api", **options: Any) -> NATS:
+        """A nats-py client connected as `role` (api, gateway, ssh-worker, operator)."""
+        return await nats.connect(self.url, **options)
 
     def stop(self) -> None:
         """Stop the server."""

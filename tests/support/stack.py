@@ -59,8 +59,8 @@ class Stack:
         self.tokens_file.write_text(json.dumps({"hosts": {}}))
         self.procs: list[Proc] = []
 
-    def env(self, **extra: str) -> dict[str, str]:
-        """Environment for a child: the NATS URL plus `extra`."""
+    def env(self, role: str = "api", **extra: str) -> dict[str, str]:
+        """Environment for a child connecting to NATS as `role`: the NATS URL plus `extra`."""
         return {"WARLOCK_NATS_URL": self.nats_url, "WARLOCK_LOG_LEVEL": "INFO", **extra}
 
     def add_host(self, host_id: str, token: str | None = None) -> str:
