@@ -1,17 +1,23 @@
-"""Admin actions on the database, for `warlock api-key create` and `warlock agent-token`."""
+"""Admin actions on the database, for `warlock api-key create`, `warlock agent-token` and `warlock keys`."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 import nats.errors
 
 from services.api import crud
 from services.api.db import initialise, make_engine, sessionmaker
+from services.api.errors import Conflict
+from services.api.models import OperatorKey
 from services.api.settings import ApiSettings
-from shared import subjects
+from shared import signing, subjects
 from shared.protocol import TokenRevoked, encode
 
 REVOKE_TIMEOUT = 5  # seconds (nats-py types flush timeouts as int)
@@ -24,6 +30,92 @@ async def create_api_key(settings: ApiSettings, name: str) -> str:
         await initialise(engine, settings, bootstrap_key=False)
         async with sessionmaker(engine)() as session:
             return await crud.create_api_key(session, name)
+    finally:
+        await engine.dispose()
+
+
+OPERATOR_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a file name
+
+
+def default_operator_key_path(name: str) -> Path:
+    """Where `warlock keys create NAME` writes the private key: ``$XDG_CONFIG_HOME/warlock/NAME.key``
+    (``~/.config/warlock/NAME.key``)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "warlock" / f"{name}.key"
+
+
+@dataclass(frozen=True)
+class CreatedOperatorKey:
+    """A new operator key: where its private half was written, and its public half's id."""
+
+    name: str
+    path: Path
+    key_id: str
+    public_key: str
+
+
+async def create_operator_key(settings: ApiSettings, name: str, out: Path | None) -> CreatedOperatorKey:
+    """Make an Ed25519 key pair for operator `name`: the private key goes to `out` (0600, never
+    overwritten), the public key into `OperatorKey`. Conflict on a taken name or an existing file."""
+    if not OPERATOR_KEY_NAME.fullmatch(name):
+        raise Conflict(f"bad key name {name[:80]!r}: 1-64 of A-Z a-z 0-9 _ . - (starting alphanumeric)")
+    path = out if out is not None else default_operator_key_path(name)
+    if path.exists():
+        raise Conflict(f"{path} exists; choose another --out (a key file is never overwritten)")
+    key = signing.generate()
+    public, kid = signing.public_text(key), signing.key_id(key)
+    engine = make_engine(settings.database_url)
+    try:
+        await initialise(engine, settings, bootstrap_key=False)
+        async with sessionmaker(engine)() as session:
+            if await crud.get_operator_key(session, kid) is not None:  # 2^-64: never, but cheap to say
+                raise Conflict("key id clash; run again")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                signing.save_private(path, key)
+            except FileExistsError as exc:
+                raise Conflict(f"{path} exists; choose another --out") from exc
+            try:
+                await crud.create_operator_key(session, name, public, kid)
+            except BaseException:
+                path.unlink(missing_ok=True)  # no key file without its row
+                raise
+    finally:
+        await engine.dispose()
+    return CreatedOperatorKey(name, path, kid, public)
+
+
+async def list_operator_keys(settings: ApiSettings) -> Sequence[OperatorKey]:
+    """Every operator key, revoked ones too."""
+    engine = make_engine(settings.database_url)
+    try:
+        await initialise(engine, settings, bootstrap_key=False)
+        async with sessionmaker(engine)() as session:
+            return await crud.list_operator_keys(session)
+    finally:
+        await engine.dispose()
+
+
+async def revoke_operator_key(settings: ApiSettings, name: str) -> OperatorKey:
+    """Revoke the operator key `name`: the API refuses what it signs from now on (`forbidden`)."""
+    engine = make_engine(settings.database_url)
+    try:
+        await initialise(engine, settings, bootstrap_key=False)
+        async with sessionmaker(engine)() as session:
+            return await crud.revoke_operator_key(session, name)
+    finally:
+        await engine.dispose()
+
+
+async def register_agent_key(settings: ApiSettings, host: str, public_key: str) -> None:
+    """Record `public_key` (``ed25519:...``) as the agent key of a registered host (by id or address)."""
+    signing.parse_public(public_key)  # ValueError if it is not one
+    engine = make_engine(settings.database_url)
+    try:
+        await initialise(engine, settings, bootstrap_key=False)
+        async with sessionmaker(engine)() as session:
+            found = await crud.get_host(session, host)
+            await crud.set_agent_public_key(session, found.id, public_key)
     finally:
         await engine.dispose()
 

@@ -1,4 +1,9 @@
-"""NATS side of the API: the token authority, host targets, presence, metrics and late results.
+"""NATS side of the API: the token authority, host targets, operator exec, presence, metrics, late results.
+
+Nothing here believes a gateway: a presence ``connected`` counts only if the hello it passes through is
+signed by the host's agent key, a late result only if the agent signed it (`services.api.verify`); what
+does not verify is counted and logged once per source. ``warlock.ops.<host>.exec`` runs a command an
+operator signed with a key in `OperatorKey` (``warlock req``), recorded and delivered like a REST exec.
 
 Every subscription is in a queue group, so each message is handled by exactly one API instance, however
 many run. nats-py runs one subscription's callbacks one at a time, so a callback only decodes (logging
@@ -26,13 +31,18 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import __version__, crud
+from services.api.errors import Conflict, DatabaseUnavailable
 from services.api.models import CommandStatus, Host, utcnow
-from services.api.runner import late_result_values, ssh_target
+from services.api.runner import Outcome, Runner, late_result_values, ssh_target
+from services.api.runstore import NewRun
 from services.api.tasks import TaskTracker
-from shared import subjects
+from services.api.verify import Rejections, hello_problem, result_problem
+from shared import signing, subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
 from shared.natsx import error, respond
 from shared.protocol import (
+    ErrorReply,
+    ExecRequest,
     ExecResult,
     Message,
     MetricsEvent,
@@ -48,7 +58,12 @@ from shared.tokens import fingerprint
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "warlock-api"
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
+OPS_HOWTO = (
+    "commands on warlock.ops.<host>.exec must be signed with an operator key the API authorised: "
+    "create one with `warlock keys create NAME`, then send `warlock req warlock.ops.<host>.exec "
+    '\'{"command": "uptime"}\' --key FILE` (or set WARLOCK_OPERATOR_KEY); nothing ran'
+)
 
 
 class Bus:
@@ -61,12 +76,17 @@ class Bus:
         tasks: TaskTracker,
         max_output_chars: int,
         ready: Callable[[], bool],
+        runner: Runner,
+        command_ttl: float,
     ) -> None:
         self.nc = nc
         self.sessions = sessions
         self.tasks = tasks
         self.max_output_chars = max_output_chars
         self.ready = ready
+        self.runner = runner
+        self.command_ttl = command_ttl
+        self.rejections: Rejections = runner.rejections
         self._subs: list[Subscription] = []
         self._service: Service | None = None
         self._host_locks: dict[str, asyncio.Lock] = {}
@@ -93,6 +113,12 @@ class Bus:
             subject=subjects.host_target_wildcard(),
             queue_group=subjects.API_QUEUE,
             handler=self._on_host_target,
+        )
+        await self._service.add_endpoint(
+            name="ops-exec",
+            subject=subjects.ops_exec_wildcard(),
+            queue_group=subjects.API_QUEUE,
+            handler=self._on_ops_exec,
         )
         await self.nc.flush()
 
@@ -159,6 +185,54 @@ class Bus:
             return error(ErrorCode.NOT_FOUND, f"unknown host {host_id}")
         return ssh_target(host)
 
+    async def _on_ops_exec(self, req: Request) -> None:
+        self._spawn(self._answer(req, lambda: self._ops_exec(req.subject, req.data), "ops-exec"), "ops-exec")
+
+    async def _ops_exec(self, subject: str, data: bytes) -> Message:
+        """Verify an operator-signed exec, record it (refusing a used id), run it like a REST exec."""
+        try:
+            host_id = subjects.parse_ops_exec(subject)
+        except InvalidIdError as exc:
+            return error(ErrorCode.BAD_REQUEST, str(exc))
+        request = decode_model(ExecRequest, data)
+        signature = request.signature
+        if signature is None:
+            return error(ErrorCode.UNSIGNED, OPS_HOWTO, request.command_id)
+        async with self.sessions() as session:
+            key = await crud.get_operator_key(session, signature.key_id)
+        if key is None:
+            why = f"key {signature.key_id} is not an operator key of this API (warlock keys list)"
+            why += "; nothing ran"
+            return self._refuse(ErrorCode.UNKNOWN_KEY, why, request, host_id)
+        if key.revoked_at is not None:
+            why = f"operator key {key.name} was revoked at {key.revoked_at.isoformat()}; nothing ran"
+            return self._refuse(ErrorCode.FORBIDDEN, why, request, host_id)
+        fields = signing.signed_fields(request)
+        try:
+            trusted = signing.TrustedKeys([key.public_key])
+            signing.verify_command("ops_exec", fields, signature, trusted, host_id, self.command_ttl)
+        except signing.CommandRefused as exc:
+            return self._refuse(exc.code, f"{exc.description}; nothing ran", request, host_id)
+        if request.command_id is None:
+            why = "an operator command needs a command_id (warlock req makes one); nothing ran"
+            return error(ErrorCode.BAD_REQUEST, why)
+        run = NewRun(request.command_id, request.command, request.timeout, f"operator:{key.name}", utcnow())
+        try:
+            async with self.sessions() as session:
+                host = await crud.start_run(session, host_id, run)
+        except Conflict:
+            why = f"command id {run.command_id} was already used; nothing ran again"
+            return error(ErrorCode.REPLAY, why, run.command_id)
+        if host is None:
+            return error(ErrorCode.NOT_FOUND, f"unknown host {host_id}; nothing ran", run.command_id)
+        log.info("operator %s: command %s on %s", key.name, run.command_id, host_id)
+        _, outcome = await self.runner.deliver(run, host)
+        return reply_of(outcome, run.command_id)
+
+    def _refuse(self, code: ErrorCode, why: str, request: ExecRequest, host_id: str) -> ErrorReply:
+        self.rejections.reject("operator exec", f"key {request.signature and request.signature.key_id}", why)
+        return error(code, why, request.command_id)
+
     # ------------------------------------------------------------------------- events
 
     async def _on_presence(self, msg: Msg) -> None:
@@ -173,6 +247,12 @@ class Bus:
     async def _presence(self, event: PresenceConnected | PresenceDisconnected, lock: asyncio.Lock) -> None:
         async with lock, self.sessions() as session:
             if isinstance(event, PresenceConnected):
+                agent = await crud.get_agent(session, event.host_id)
+                problem = hello_problem(None if agent is None else agent.public_key, event)
+                if problem is not None:
+                    source = f"gateway {event.gateway_id} for {event.host_id}"
+                    self.rejections.reject("presence connected", source, problem)
+                    return
                 applied = await crud.record_connected(session, event)
             else:
                 applied = await crud.record_disconnected(session, event)
@@ -210,6 +290,11 @@ class Bus:
     async def _late_result(self, host: str, result: ExecResult) -> None:
         values = late_result_values(result, self.max_output_chars, utcnow())
         async with self.sessions() as session:
+            agent = await crud.get_agent(session, host)
+            problem = result_problem(None if agent is None else agent.public_key, host, result)
+            if problem is not None:
+                self.rejections.reject("late result", host, f"command {result.command_id}: {problem}")
+                return
             changed = await crud.update_run(
                 session,
                 result.command_id,
@@ -218,3 +303,22 @@ class Bus:
                 host_id=host,
             )
         log.info("late result for command %s %s", result.command_id, "recorded" if changed else "ignored")
+
+
+def reply_of(outcome: Outcome, command_id: str) -> Message:
+    """The NATS answer of an operator exec: the result as recorded (via agent or ssh), or a typed error."""
+    if outcome.is_result:
+        return ExecResult(
+            command_id=command_id,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            truncated=outcome.truncated,
+            timed_out=outcome.status == CommandStatus.TIMED_OUT,
+            duration_ms=outcome.duration_ms or 0.0,
+            via="ssh" if outcome.via == "ssh" else "agent",
+        )
+    codes = {str(c) for c in ErrorCode}
+    code = ErrorCode(outcome.error_code) if outcome.error_code in codes else ErrorCode.INTERNAL
+    return error(code, outcome.error_description or str(code), command_id)

@@ -3,11 +3,14 @@
 warlock run                       start NATS, API, SSH worker, gateway and a local agent (make run)
 warlock agent stop|start|status   stop or start the local agent of a running `warlock run`
 warlock token-authority --file F  answer gateways' token checks from a JSON file of token hashes
-warlock req SUBJECT [JSON]        send a NATS request and print the reply (like `nats req`)
+warlock req SUBJECT [JSON]        send a NATS request and print the reply (like `nats req`); an exec
+                                  is signed with an operator key and sent to warlock.ops.<host>.exec
 warlock api-key create --name N   create an API key in the API's database; print it once
 warlock agent-token HOST          issue a new agent token for a registered host; print it once
+warlock keys create NAME          make an operator signing key (private key to a 0600 file, public
+                                  key into the API's database); `keys list`, `keys revoke NAME`
 
-`api-key` and `agent-token` use the API's database (WARLOCK_API_DATABASE_URL).
+`api-key`, `agent-token` and `keys` use the API's database (WARLOCK_API_DATABASE_URL).
 """
 
 from __future__ import annotations
@@ -44,14 +47,33 @@ def _parser() -> argparse.ArgumentParser:
     req = sub.add_parser("req", help="send a NATS request and print the reply")
     req.add_argument("subject")
     req.add_argument("data", nargs="?", default="")
-    req.add_argument("--timeout", type=float, default=35.0, help="seconds to wait for the reply")
+    req.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for the reply (default 35; for an exec, its timeout + 45)",
+    )
     req.add_argument("--server", help="NATS URL (default: WARLOCK_NATS_URL, else .warlock/dev.json)")
+    req.add_argument(
+        "--key",
+        type=Path,
+        help="operator signing key for exec (default: WARLOCK_OPERATOR_KEY, else .warlock/dev.json's "
+        "operator_key); make one with `warlock keys create NAME`",
+    )
     keys = sub.add_parser("api-key", help="manage API keys (in WARLOCK_API_DATABASE_URL)")
     keys_sub = keys.add_subparsers(dest="key_cmd", required=True)
     create = keys_sub.add_parser("create", help="create an API key and print it once")
     create.add_argument("--name", required=True, help="a unique name; recorded as requested_by")
     token = sub.add_parser("agent-token", help="issue a new agent token for a host and print it once")
     token.add_argument("host", help="host id or address (the host must be registered)")
+    opkeys = sub.add_parser("keys", help="operator signing keys for `warlock req` (API database)")
+    opkeys_sub = opkeys.add_subparsers(dest="keys_cmd", required=True)
+    opcreate = opkeys_sub.add_parser("create", help="make a key pair; print where the private key went")
+    opcreate.add_argument("name", help="a unique name, recorded as requested_by operator:NAME")
+    opcreate.add_argument("--out", type=Path, help="private key file (default ~/.config/warlock/NAME.key)")
+    opkeys_sub.add_parser("list", help="list operator keys (name, key id, created, revoked)")
+    oprevoke = opkeys_sub.add_parser("revoke", help="revoke a key: the API refuses what it signs")
+    oprevoke.add_argument("name")
     return parser
 
 
@@ -86,6 +108,43 @@ def _admin(args: argparse.Namespace) -> int:
         return 1
     print(issued.token, flush=True)  # first: the token is valid now, whatever happens next
     return _revoke_previous(issued)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """`warlock keys create|list|revoke`: operator signing keys in the API's database."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.api import admin
+    from services.api.errors import ApiError
+    from services.api.settings import ApiSettings
+
+    settings = load_settings(ApiSettings)
+    try:
+        if args.keys_cmd == "create":
+            made = asyncio.run(admin.create_operator_key(settings, args.name, args.out))
+            print(f"operator key {made.name} (key id {made.key_id}) created")
+            print(f"private key: {made.path} (0600; keep it secret: whoever holds it runs commands)")
+            print(f"public key: {made.public_key}")
+            example = """'{"command":"uptime"}'"""
+            print(f"use it: warlock req warlock.ops.<host>.exec {example} --key {made.path}")
+        elif args.keys_cmd == "list":
+            rows = asyncio.run(admin.list_operator_keys(settings))
+            print(f"{'name':<24} {'key id':<16}  {'created':<25}  revoked")
+            for row in rows:
+                revoked = row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "-"
+                created = row.created_at.isoformat(timespec="seconds")
+                print(f"{row.name:<24} {row.key_id:<16}  {created:<25}  {revoked}")
+        else:
+            key = asyncio.run(admin.revoke_operator_key(settings, args.name))
+            when = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "?"
+            print(f"operator key {key.name} ({key.key_id}) revoked at {when}")
+    except ApiError as exc:
+        print(f"warlock: {exc.detail}", file=sys.stderr)
+        return 1
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"warlock: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _revoke_previous(issued: IssuedToken) -> int:
@@ -144,6 +203,80 @@ async def _request(server: str, subject: str, data: str, wait_s: float) -> int:
     return 0
 
 
+REQ_WAIT_S = 35.0  # default wait of `warlock req`
+EXEC_EXTRA_WAIT_S = 45.0  # an exec's reply may take its timeout plus the API's agent and SSH graces
+OPERATOR_TTL_S = 60.0  # an operator-signed command must reach the API within this
+EXEC_KINDS = (("agent", "exec"), ("ops", "exec"))
+
+
+def _dev_json() -> dict[str, object]:
+    dev = Path(".warlock/dev.json")
+    if not dev.exists():
+        return {}
+    data = json.loads(dev.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _operator_key_file(explicit: Path | None) -> Path | None:
+    """--key, else WARLOCK_OPERATOR_KEY, else .warlock/dev.json's operator_key."""
+    import os
+
+    if explicit is not None:
+        return explicit
+    if os.environ.get("WARLOCK_OPERATOR_KEY"):
+        return Path(os.environ["WARLOCK_OPERATOR_KEY"])
+    named = _dev_json().get("operator_key")
+    return Path(named) if isinstance(named, str) else None
+
+
+class ReqError(Exception):
+    """`warlock req` cannot build its request; the message says why (exit 2)."""
+
+
+def signed_exec(subject: str, data: str, key_file: Path | None) -> tuple[str, str, float | None]:
+    """For an exec subject (``warlock.ops.<host>.exec``, or ``warlock.agent.<host>.exec``, which the
+    operator identity may not publish: rewritten to the ops subject, said on stderr), the JSON wrapped in
+    a request signed with the operator key (kind ``ops_exec``, command id generated if absent). Other
+    subjects are returned unchanged. Returns (subject, data, the exec's timeout or None)."""
+    from shared import signing, subjects
+    from shared.errors import InvalidIdError, ProtocolError
+    from shared.ids import new_command_id
+    from shared.protocol import ExecRequest, decode_model, encode
+
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != subjects.PREFIX or (parts[1], parts[3]) not in EXEC_KINDS:
+        return subject, data, None
+    try:
+        host = subjects.host_id(parts[2])
+    except InvalidIdError as exc:
+        raise ReqError(str(exc)) from exc
+    ops_subject = subjects.ops_exec(host)
+    if parts[1] == "agent":
+        print(
+            f"warlock: {subject} takes only API-signed commands; sending to {ops_subject} instead "
+            "(the API checks your operator key, records the command and runs it)",
+            file=sys.stderr,
+        )
+    if key_file is None:
+        raise ReqError(
+            "an exec must be signed with an operator key: pass --key FILE or set WARLOCK_OPERATOR_KEY "
+            "(make one with `warlock keys create NAME`)"
+        )
+    key = signing.load_private(key_file, "--key / WARLOCK_OPERATOR_KEY")
+    try:
+        request = decode_model(ExecRequest, data or "{}")
+    except ProtocolError as exc:
+        raise ReqError(f"not an exec request: {exc.message}") from exc
+    if request.signature is not None:
+        raise ReqError("the request is already signed; give the plain JSON")
+    if request.command_id is None:
+        request = request.model_copy(update={"command_id": new_command_id()})
+    fields = signing.signed_fields(request)
+    signature = signing.sign_command(key, "ops_exec", fields, host, OPERATOR_TTL_S)
+    signed = request.model_copy(update={"signature": signature})
+    return ops_subject, encode(signed).decode(), request.timeout
+
+
 def _server_for_req(explicit: str | None) -> str:
     if explicit:
         return explicit
@@ -175,7 +308,17 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run_token_authority(settings.nats_url, args.file))
         if args.cmd in ("api-key", "agent-token"):
             return _admin(args)
-        return asyncio.run(_request(_server_for_req(args.server), args.subject, args.data, args.timeout))
+        if args.cmd == "keys":
+            return _keys(args)
+        try:
+            subject, data, exec_timeout = signed_exec(args.subject, args.data, _operator_key_file(args.key))
+        except ReqError as exc:
+            print(f"warlock: {exc}", file=sys.stderr)
+            return 2
+        wait = args.timeout
+        if wait is None:
+            wait = REQ_WAIT_S if exec_timeout is None else exec_timeout + EXEC_EXTRA_WAIT_S
+        return asyncio.run(_request(_server_for_req(args.server), subject, data, wait))
     except ConfigError as exc:
         print(f"warlock: {exc}", file=sys.stderr)
         return 2

@@ -21,8 +21,10 @@ from services.api.models import (
     CommandStatus,
     Host,
     HostCreate,
+    OperatorKey,
     utcnow,
 )
+from services.api.runstore import HostTarget, NewRun
 from shared.ids import is_host_id
 from shared.protocol import PresenceConnected, PresenceDisconnected
 from shared.tokens import generate_token, hash_token, hashes_equal
@@ -233,10 +235,93 @@ async def api_key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None
     return key
 
 
+# ----------------------------------------------------------------------------- operator keys
+
+
+async def create_operator_key(session: AsyncSession, name: str, public_key: str, key_id: str) -> OperatorKey:
+    """Store an operator's public key under `name` and commit; Conflict if the name or key is taken
+    (revoked names included: a name always means one key)."""
+    taken = (await session.exec(select(OperatorKey).where(OperatorKey.name == name))).first()
+    if taken is not None:
+        raise Conflict(f"an operator key named {name!r} exists")
+    key = OperatorKey(key_id=key_id, name=name, public_key=public_key)
+    session.add(key)
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        await session.rollback()
+        raise Conflict(f"an operator key named {name!r} (or this key) exists") from exc
+    return key
+
+
+async def list_operator_keys(session: AsyncSession) -> Sequence[OperatorKey]:
+    """Every operator key (revoked ones too), by name."""
+    return (await session.exec(select(OperatorKey).order_by(col(OperatorKey.name)))).all()
+
+
+async def get_operator_key(session: AsyncSession, key_id: str) -> OperatorKey | None:
+    """The operator key with this key id, revoked or not."""
+    return await session.get(OperatorKey, key_id)
+
+
+async def revoke_operator_key(session: AsyncSession, name: str) -> OperatorKey:
+    """Mark the key named `name` revoked (commands it signs are refused from now on) and commit; NotFound
+    if there is none. Revoking a revoked key keeps its first revocation time."""
+    key = (await session.exec(select(OperatorKey).where(OperatorKey.name == name))).first()
+    if key is None:
+        raise NotFound(f"no operator key named {name[:100]!r}")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        await session.commit()
+        await session.refresh(key)
+    return key
+
+
+async def set_agent_public_key(session: AsyncSession, host_id: str, public_key: str) -> None:
+    """Record the public key of `host_id`'s agent (its hello and results must verify with it); commit."""
+    if await session.get(Host, host_id) is None:
+        raise NotFound(f"unknown host {host_id[:100]!r}")
+    agent = await session.get(AgentConnection, host_id)
+    if agent is None:
+        agent = AgentConnection(host_id=host_id, status=AgentStatus.DISCONNECTED)
+    agent.public_key = public_key
+    agent.updated_at = utcnow()
+    session.add(agent)
+    await session.commit()
+
+
 # ----------------------------------------------------------------------------- command runs
 
 
-# new runs are inserted by services.api.runstore (the exec path's plain-SQL writes)
+# REST runs are inserted by services.api.runstore (the exec path's plain-SQL writes)
+
+
+async def start_run(session: AsyncSession, host_id: str, run: NewRun) -> HostTarget | None:
+    """Insert `run` as pending for host `host_id` and commit (an operator's command: its id is the
+    operator's); None if the host is unknown, Conflict if the command id was used before (a replay)."""
+    host = await session.get(Host, host_id)
+    if host is None:
+        return None
+    agent = await session.get(AgentConnection, host_id)
+    public_key = None if agent is None else agent.public_key
+    target = HostTarget(host.id, host.address, host.ssh_port, host.ssh_user, host.host_key, public_key)
+    row = CommandRun(
+        command_id=run.command_id,
+        host_id=host.id,
+        command=run.command,
+        timeout=run.timeout,
+        requested_by=run.requested_by,
+        status=CommandStatus.PENDING,
+        created_at=run.created_at,
+    )
+    session.add(row)
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        await session.rollback()
+        raise Conflict(f"command id {run.command_id} was used before") from exc
+    return target
 
 
 async def get_run(session: AsyncSession, command_id: str) -> CommandRun:

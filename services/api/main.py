@@ -95,13 +95,21 @@ def create_app(settings: ApiSettings) -> FastAPI:
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
         store = open_store(settings.database_url)
-        runner = Runner(nc, store, sessions, settings, tasks)
+        runner = Runner(nc, store, sessions, settings, tasks, signer)
         lifecycle = AgentLifecycle(
             nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir)
         )
         auth = AuthCache(settings.auth_cache_ttl)
         state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)
-        bus = Bus(nc, sessions, tasks, settings.max_output_chars, ready=lambda: state.db_ready)
+        bus = Bus(
+            nc,
+            sessions,
+            tasks,
+            settings.max_output_chars,
+            ready=lambda: state.db_ready,
+            runner=runner,
+            command_ttl=settings.command_ttl,
+        )
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
         try:

@@ -4,11 +4,18 @@ Decisions are plain functions of what NATS answered (`outcome_of_reply`, `timed_
 so the rules are tested without I/O; `Runner` only writes rows, sends requests and awaits.
 
     agent request ── ExecResult ─────────────▶ succeeded / failed / timed_out   (via agent)
+                  ├─ ExecResult not signed by the host's agent key ─▶ timed_out + bad_signature
                   ├─ ErrorReply nothing-ran ─▶ failed + code                    (no fallback)
                   ├─ ErrorReply may-have-run ▶ timed_out + code                 (no fallback)
                   ├─ NATS timeout ───────────▶ timed_out                        (never re-sent)
                   └─ no responders ──▶ SSH request, same command id ─▶ same rules (via ssh)
                                                  └─ no responders ──▶ undeliverable
+
+Every request leaves signed by the API (`ApiSigner`): kind ``exec`` on the agent subject, ``ssh_exec`` on
+the SSH subject with the target (address, port, user, pinned key) inside the signed fields. An agent's
+result counts only if it verifies with the host's agent key (`services.api.verify`); the SSH worker's are
+authenticated by NATS itself: only the ssh-worker identity may subscribe to ``warlock.ssh.>``
+(`shared.permissions`), so nobody else receives the request it answers.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from services.api.errors import DatabaseUnavailable, NotFound
 from services.api.models import CommandRun, CommandRunPublic, CommandStatus, ExecBody, Host, Via, utcnow
 from services.api.runstore import HostTarget, NewRun, RunStore
 from services.api.settings import ApiSettings
+from services.api.signer import ApiSigner
 from services.api.tasks import TaskTracker
+from services.api.verify import Rejections, result_problem
 from shared import subjects
 from shared.errors import MAY_HAVE_RUN, ErrorCode, ProtocolError
 from shared.ids import CommandId, new_command_id
@@ -66,13 +75,14 @@ class Outcome:
     error_code: str | None = None
     error_description: str | None = None
     duration_ms: float | None = None
+    is_result: bool = False  # a result (the host answered), not a typed error; not a column
 
     def values(self) -> dict[str, Any]:
         """The CommandRun columns this outcome sets (by hand: `dataclasses.asdict` deep-copies)."""
         return {f: getattr(self, f) for f in _OUTCOME_FIELDS}
 
 
-_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))
+_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome) if f.name != "is_result")
 
 
 def cap(text: str, max_chars: int) -> tuple[str, bool]:
@@ -101,6 +111,7 @@ def outcome_of_result(result: ExecResult, via: Via, max_chars: int) -> Outcome:
         error_code=code,
         error_description=text,
         duration_ms=result.duration_ms,
+        is_result=True,
     )
 
 
@@ -121,6 +132,22 @@ def outcome_of_reply(data: bytes, via: Via, max_chars: int) -> Outcome:
     if isinstance(reply, ExecResult):
         return outcome_of_result(reply, via, max_chars)
     return outcome_of_error(reply, via)
+
+
+def unverified(problem: str) -> Outcome:
+    """An agent reply that claims to be a result but is not the agent's: the outcome stays unknown."""
+    text = f"{problem}; the command may have run: its outcome is unknown and it is not re-sent"
+    code = ErrorCode.BAD_SIGNATURE
+    return Outcome(CommandStatus.TIMED_OUT, Via.AGENT, error_code=code, error_description=text)
+
+
+def agent_result_problem(
+    reply: ExecResult, host_id: str, command_id: str, public_key: str | None
+) -> str | None:
+    """None when `reply` is the result of `command_id` signed by `host_id`'s agent key; else why not."""
+    if reply.command_id != command_id:
+        return f"the reply is the result of another command ({reply.command_id})"
+    return result_problem(public_key, host_id, reply)
 
 
 def timed_out(via: Via, waited: float) -> Outcome:
@@ -155,12 +182,16 @@ class Runner:
         sessions: async_sessionmaker[AsyncSession],
         settings: ApiSettings,
         tasks: TaskTracker,
+        signer: ApiSigner,
+        rejections: Rejections | None = None,
     ) -> None:
         self.nc = nc
         self.store = store
         self.sessions = sessions
         self.settings = settings
         self.tasks = tasks
+        self.signer = signer
+        self.rejections = rejections or Rejections()
 
     async def run(self, ref: str, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
         """Record the command as pending (committed) for the host `ref` names, deliver it, record and
@@ -175,19 +206,27 @@ class Runner:
         if host is None:
             raise NotFound(f"unknown host {ref[:100]!r}")
         task = self.tasks.spawn(self._deliver(run, host), name=f"exec-{run.command_id}")
+        return (await asyncio.shield(task))[0]
+
+    async def deliver(self, run: NewRun, host: HostTarget) -> tuple[CommandRunPublic, Outcome]:
+        """Deliver a run already recorded as pending, in a tracked task shielded from the caller; return
+        what was recorded and the outcome itself (the operator exec path answers with the latter)."""
+        task = self.tasks.spawn(self._deliver(run, host), name=f"exec-{run.command_id}")
         return await asyncio.shield(task)
 
-    async def _deliver(self, run: NewRun, host: HostTarget) -> CommandRunPublic:
+    async def _deliver(self, run: NewRun, host: HostTarget) -> tuple[CommandRunPublic, Outcome]:
         started = utcnow()
         t0 = time.monotonic()
         command_id = CommandId(run.command_id)
-        outcome = await self.send(host.id, command_id, run.command, run.timeout, ssh_target(host))
+        outcome = await self.send(
+            host.id, command_id, run.command, run.timeout, ssh_target(host), host.public_key
+        )
         wall_ms = (time.monotonic() - t0) * 1000
         values = outcome.values()
         values.update(started_at=started, finished_at=utcnow())
         if values["duration_ms"] is None:
             values["duration_ms"] = round(wall_ms, 3)
-        return await self._record(run, host.id, values)
+        return await self._record(run, host.id, values), outcome
 
     async def _record(self, run: NewRun, host_id: str, values: dict[str, Any]) -> CommandRunPublic:
         data = {  # what was just written: no second read
@@ -210,12 +249,20 @@ class Runner:
             return CommandRunPublic.model_validate(data)
 
     async def send(
-        self, host_id: str, command_id: CommandId, command: str, command_timeout: float, target: SshTarget
+        self,
+        host_id: str,
+        command_id: CommandId,
+        command: str,
+        command_timeout: float,
+        target: SshTarget,
+        public_key: str | None,
     ) -> Outcome:
-        """Deliver one command: agent subject first, the SSH subject only if the agent had no responders."""
+        """Deliver one command, signed: agent subject first, the SSH subject only if the agent had no
+        responders. An agent result counts only if it verifies with `public_key` (the host's agent key)."""
         wait = command_timeout + self.settings.exec_grace
         max_chars = self.settings.max_output_chars
         request = ExecRequest(command=command, timeout=command_timeout, command_id=command_id)
+        request = self.signer.sign("exec", request, host_id)
         try:
             msg = await self.nc.request(subjects.agent_exec(host_id), encode(request), timeout=wait)
         except nats.errors.NoRespondersError:
@@ -225,10 +272,11 @@ class Runner:
         except nats.errors.Error as exc:
             return undeliverable(f"NATS unavailable: {type(exc).__name__}")
         else:
-            return outcome_of_reply(msg.data, Via.AGENT, max_chars)
+            return self._agent_outcome(msg.data, host_id, command_id, public_key)
         ssh_request = SshExecRequest(
             command=command, timeout=command_timeout, command_id=command_id, target=target
         )
+        ssh_request = self.signer.sign("ssh_exec", ssh_request, host_id)
         wait = command_timeout + self.settings.ssh_grace
         try:
             msg = await self.nc.request(subjects.ssh_exec(host_id), encode(ssh_request), timeout=wait)
@@ -239,6 +287,21 @@ class Runner:
         except nats.errors.Error as exc:
             return undeliverable(f"NATS unavailable: {type(exc).__name__}")
         return outcome_of_reply(msg.data, Via.SSH, max_chars)
+
+    def _agent_outcome(self, data: bytes, host_id: str, command_id: str, public_key: str | None) -> Outcome:
+        """The outcome of an agent reply: a result only if it is the agent's own (else counted, logged
+        once per host, and recorded as `unverified`); typed errors as they are."""
+        try:
+            reply = decode_exec_reply(data)
+        except ProtocolError:
+            return outcome_of_reply(data, Via.AGENT, self.settings.max_output_chars)  # the same failure
+        if isinstance(reply, ErrorReply):
+            return outcome_of_error(reply, Via.AGENT)
+        problem = agent_result_problem(reply, host_id, command_id, public_key)
+        if problem is not None:
+            self.rejections.reject("result", host_id, problem)
+            return unverified(problem)
+        return outcome_of_result(reply, Via.AGENT, self.settings.max_output_chars)
 
 
 def late_result_values(result: ExecResult, max_chars: int, now: datetime) -> dict[str, Any]:

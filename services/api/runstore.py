@@ -1,7 +1,8 @@
 """The exec path's two writes, in plain SQL on the database driver.
 
-    start(ref, run)   look the host up by id (else address) and insert the pending row: tens of
-                      microseconds on SQLite, one round trip on PostgreSQL; None when the host is unknown
+    start(ref, run)   look the host (and its agent's public key) up by id (else address) and insert the
+                      pending row: tens of microseconds on SQLite, one round trip on PostgreSQL; None
+                      when the host is unknown
     finish(id, ...)   set the outcome if the row is still pending or running; False if it was not
 
 Why not the ORM here: every REST command pays for these writes, and SQLAlchemy's ORM over the async
@@ -61,13 +62,15 @@ OUTCOME_COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class HostTarget:
-    """What the runner needs of a host: its id (the NATS subject) and its SSH target."""
+    """What the runner needs of a host: its id (the NATS subject), its SSH target, and its agent's public
+    key (results must verify with it; None: no agent key registered, so no agent result counts)."""
 
     id: str
     address: str
     ssh_port: int
     ssh_user: str
     host_key: str | None
+    public_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +132,9 @@ def open_store(database_url: str) -> RunStore:
 # ----------------------------------------------------------------------------- SQLite
 
 _SQLITE_HOST = (
-    "SELECT id, address, ssh_port, ssh_user, host_key FROM host"
-    " WHERE id = ?1 OR address = ?1 ORDER BY id = ?1 DESC LIMIT 1"
+    "SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key FROM host h"
+    " LEFT JOIN agent_connection a ON a.host_id = h.id"
+    " WHERE h.id = ?1 OR h.address = ?1 ORDER BY h.id = ?1 DESC LIMIT 1"
 )
 _SQLITE_INSERT = (
     "INSERT OR IGNORE INTO command_run (command_id, host_id, command, timeout, requested_by, status, stdout,"
@@ -271,8 +275,9 @@ class SqliteRunStore:
 
 _PG_START = """
 WITH h AS (
-    SELECT id, address, ssh_port, ssh_user, host_key FROM host
-    WHERE id = $1 OR address = $1 ORDER BY id = $1 DESC LIMIT 1
+    SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key FROM host h
+    LEFT JOIN agent_connection a ON a.host_id = h.id
+    WHERE h.id = $1 OR h.address = $1 ORDER BY h.id = $1 DESC LIMIT 1
 ), ins AS (
     INSERT INTO command_run (command_id, host_id, command, timeout, requested_by, status, stdout, stderr,
                              truncated, created_at)
@@ -280,7 +285,7 @@ WITH h AS (
     ON CONFLICT (command_id) DO NOTHING
     RETURNING host_id
 )
-SELECT id, address, ssh_port, ssh_user, host_key FROM h
+SELECT id, address, ssh_port, ssh_user, host_key, public_key FROM h
 """
 _PG_UPDATE = (  # OUTCOME_COLUMNS, in order
     "UPDATE command_run SET status = $1, via = $2, exit_code = $3, signal = $4, stdout = $5, stderr = $6,"

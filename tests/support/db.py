@@ -72,8 +72,10 @@ async def fresh_database(backend: str, tmp_path: Path) -> AsyncIterator[str]:
 
 
 def api_settings(tmp_path: Path, nats_url: str, database_url: str, **values: Any) -> ApiSettings:
-    """Settings for an in-process API: the test's NATS and database, the key file under `tmp_path`."""
+    """Settings for an in-process API: the test's NATS and database, the key files under `tmp_path` (the
+    signing key is `tests.support.trust.TestSigner(tmp_path)`'s file)."""
     values.setdefault("api_key_file", tmp_path / "state" / "api-key")
+    values.setdefault("signing_key_file", tmp_path / "signing.key")
     return ApiSettings(nats_url=nats_url, database_url=database_url, **values)
 
 

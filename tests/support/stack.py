@@ -105,6 +105,7 @@ class Stack:
             WARLOCK_API_PORT=str(port),
             WARLOCK_API_DATABASE_URL=database_url,
             WARLOCK_API_API_KEY_FILE=str(key_file),
+            WARLOCK_API_SIGNING_KEY_FILE=str(self.root / "signing.key"),  # TestSigner(root)'s key
         )
         return Api(self.start(name, [str(BIN / "warlock-api")], env), database_url, key_file)
 

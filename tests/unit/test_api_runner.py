@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, cast
 
 import nats.errors
@@ -22,11 +23,12 @@ from services.api.runner import (
 )
 from services.api.runstore import HostTarget, NewRun
 from services.api.settings import ApiSettings
+from services.api.signer import ApiSigner
 from services.api.tasks import TaskTracker
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import MAY_HAVE_RUN, NOTHING_RAN, ErrorCode, InvalidIdError
 from shared.natsx import error
-from shared.protocol import ExecResult, SshExecRequest, decode_model, encode
+from shared.protocol import ExecRequest, ExecResult, SshExecRequest, decode_model, encode
 
 
 def _result(**fields: Any) -> bytes:
@@ -101,36 +103,122 @@ class FakeNats:
         return Reply()
 
 
-def _runner(fake: FakeNats, store: Any = None) -> Runner:
+@pytest.fixture
+def signer(tmp_path: Path) -> ApiSigner:
+    """The API's signer with a key in the test's directory."""
+    return ApiSigner(tmp_path / "signing.key", [], 120.0)
+
+
+def _runner(fake: FakeNats, signer: ApiSigner, store: Any = None) -> Runner:
     settings = ApiSettings(exec_grace=1.0, max_output_chars=100)
-    return Runner(cast(NATS, fake), store, cast(Any, None), settings, TaskTracker())
+    return Runner(cast(NATS, fake), store, cast(Any, None), settings, TaskTracker(), signer)
 
 
 def _host() -> Host:
     return Host(id="h1", address="10.0.0.1", ssh_port=2222, ssh_user="ops", host_key="ssh-ed25519 AAAA")
 
 
-async def test_send_falls_back_only_on_no_responders() -> None:
+async def test_send_falls_back_only_on_no_responders(signer: ApiSigner) -> None:
     """Agent no responders → SSH with the same id and target; SSH no responders → undeliverable."""
     fake = FakeNats({"agent": nats.errors.NoRespondersError(), "ssh": _result(exit_code=0)})
-    outcome = await _runner(fake).send("h1", "c1", "true", 5, _target())  # type: ignore[arg-type]
+    outcome = await _runner(fake, signer).send("h1", "c1", "true", 5, _target(), None)  # type: ignore[arg-type]
     assert outcome.via == Via.SSH
+    assert outcome.status == CommandStatus.SUCCEEDED  # the worker's result: NATS permissions vouch for it
     assert [s for s, _ in fake.requests] == ["warlock.agent.h1.exec", "warlock.ssh.h1.exec"]
     ssh = decode_model(SshExecRequest, fake.requests[1][1])
     assert ssh.command_id == "c1"
     assert ssh.target == _target()
     fake = FakeNats({"agent": nats.errors.NoRespondersError(), "ssh": nats.errors.NoRespondersError()})
-    outcome = await _runner(fake).send("h1", "c1", "true", 5, _target())  # type: ignore[arg-type]
+    outcome = await _runner(fake, signer).send("h1", "c1", "true", 5, _target(), None)  # type: ignore[arg-type]
     assert outcome.status == CommandStatus.UNDELIVERABLE
+
+
+async def test_both_requests_are_signed_and_the_ssh_target_is_covered(signer: ApiSigner) -> None:
+    """The agent request verifies as kind exec for its host; the SSH request as ssh_exec with the target
+    inside the signed fields: a changed address (or another host) does not verify."""
+    fake = FakeNats({"agent": nats.errors.NoRespondersError(), "ssh": _result()})
+    await _runner(fake, signer).send("h1", "c1", "true", 5, _target(), None)  # type: ignore[arg-type]
+    trusted = signing.TrustedKeys(signer.trusted_keys)
+    agent = decode_model(ExecRequest, fake.requests[0][1])
+    fields = signing.signed_fields(agent)
+    assert fields == {"command_id": "c1", "command": "true", "timeout": 5.0}
+    assert signing.verify_command("exec", fields, agent.signature, trusted, "h1", 120) == signer.key_id
+    ssh = decode_model(SshExecRequest, fake.requests[1][1])
+    assert ssh.target is not None
+    ssh_fields = signing.signed_fields(ssh)
+    assert signing.verify_command("ssh_exec", ssh_fields, ssh.signature, trusted, "h1", 120) == signer.key_id
+    moved = ssh.model_copy(update={"target": ssh.target.model_copy(update={"address": "6.6.6.6"})})
+    with pytest.raises(signing.CommandRefused) as refused:
+        signing.verify_command("ssh_exec", signing.signed_fields(moved), ssh.signature, trusted, "h1", 120)
+    assert refused.value.code == ErrorCode.BAD_SIGNATURE
+    with pytest.raises(signing.CommandRefused) as other:
+        signing.verify_command("ssh_exec", ssh_fields, ssh.signature, trusted, "h2", 120)
+    assert other.value.code == ErrorCode.WRONG_HOST
+    with pytest.raises(signing.CommandRefused) as kind:
+        signing.verify_command("exec", ssh_fields, ssh.signature, trusted, "h1", 120)
+    assert kind.value.code == ErrorCode.BAD_SIGNATURE
+
+
+AGENT_KEY = signing.generate()
+AGENT_PUB = signing.public_text(AGENT_KEY)
+
+
+def _signed(key: signing.Ed25519PrivateKey = AGENT_KEY, host: str = "h1", **fields: Any) -> bytes:
+    values: dict[str, Any] = {"command_id": "c1", "exit_code": 0, "duration_ms": 2.0, "stdout": "ok"}
+    values.update(fields)
+    return encode(signing.sign_result(key, host, ExecResult.model_validate(values)))
+
+
+def _edited_stdout() -> bytes:
+    result = decode_model(ExecResult, _signed())
+    return encode(result.model_copy(update={"stdout": "forged"}))
+
+
+@pytest.mark.parametrize(
+    ("reply", "public_key", "why"),
+    [
+        (_result(), AGENT_PUB, "not signed"),
+        (_signed(key=signing.generate()), AGENT_PUB, "does not verify"),
+        (_edited_stdout(), AGENT_PUB, "does not verify"),
+        (_signed(host="h2"), AGENT_PUB, "does not verify"),
+        (_signed(command_id="c2"), AGENT_PUB, "another command"),
+        (_signed(), None, "no public key"),
+    ],
+    ids=["unsigned", "other-key", "edited-stdout", "other-host", "other-command", "no-key-registered"],
+)
+async def test_agent_result_that_does_not_verify_never_settles(
+    signer: ApiSigner, reply: bytes, public_key: str | None, why: str
+) -> None:
+    """An agent reply that is not the host agent's own result of this command: timed_out (outcome
+    unknown) with bad_signature, no exit code or output taken from it, counted."""
+    fake = FakeNats({"agent": reply, "ssh": _result()})
+    runner = _runner(fake, signer)
+    outcome = await runner.send("h1", "c1", "true", 5, _target(), public_key)  # type: ignore[arg-type]
+    assert outcome.status == CommandStatus.TIMED_OUT
+    assert outcome.error_code == ErrorCode.BAD_SIGNATURE
+    assert outcome.error_description is not None
+    assert why in outcome.error_description
+    assert (outcome.exit_code, outcome.stdout, outcome.is_result) == (None, "", False)
+    assert runner.rejections.count("result", "h1") == 1
+    assert len(fake.requests) == 1  # never re-sent over SSH
+
+
+async def test_agent_result_signed_by_its_key_settles(signer: ApiSigner) -> None:
+    """The agent's own signed result is recorded as it says."""
+    fake = FakeNats({"agent": _signed(exit_code=3), "ssh": _result()})
+    runner = _runner(fake, signer)
+    outcome = await runner.send("h1", "c1", "true", 5, _target(), AGENT_PUB)  # type: ignore[arg-type]
+    assert (outcome.status, outcome.exit_code, outcome.stdout, outcome.via) == ("failed", 3, "ok", "agent")
+    assert runner.rejections.total == 0
 
 
 @pytest.mark.parametrize(
     "failure", [nats.errors.TimeoutError(), nats.errors.ConnectionClosedError()], ids=["timeout", "closed"]
 )
-async def test_send_never_falls_back_on_other_failures(failure: BaseException) -> None:
+async def test_send_never_falls_back_on_other_failures(failure: BaseException, signer: ApiSigner) -> None:
     """A timeout (timed_out) or a closed connection (undeliverable) never reaches the SSH subject."""
     fake = FakeNats({"agent": failure, "ssh": _result()})
-    outcome = await _runner(fake).send("h1", "c1", "true", 5, _target())  # type: ignore[arg-type]
+    outcome = await _runner(fake, signer).send("h1", "c1", "true", 5, _target(), None)  # type: ignore[arg-type]
     assert [s for s, _ in fake.requests] == ["warlock.agent.h1.exec"]
     expected = CommandStatus.TIMED_OUT if isinstance(failure, nats.errors.TimeoutError) else "undeliverable"
     assert outcome.status == expected
@@ -161,11 +249,11 @@ class ScriptedStore:
     ids=["database-down", "unknown-host"],
 )
 async def test_run_sends_nothing_without_a_committed_pending_row(
-    answer: Exception | None, error: type[Exception]
+    answer: Exception | None, error: type[Exception], signer: ApiSigner
 ) -> None:
     """No pending row (database down, or no such host): the error propagates and no request is sent."""
     fake = FakeNats({"agent": _result(), "ssh": _result()})
-    runner = _runner(fake, store=ScriptedStore(answer))
+    runner = _runner(fake, signer, store=ScriptedStore(answer))
     with pytest.raises(error):
         await runner.run("h1", ExecBody(command="true"), requested_by="k")
     assert fake.requests == []

@@ -95,7 +95,7 @@ async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRu
     state = app_state(request)
     state.require_db()
     state.require_nats()
-    return await state.runner.run(host, body, requested_by=api_key_name(request))
+    return await state.runner.run(host, body, requested_by=f"api-key:{api_key_name(request)}")
 
 
 @router.get("/{host}/commands", response_model=list[CommandRunPublic], responses=NOT_FOUND)
