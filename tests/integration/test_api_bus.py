@@ -30,7 +30,10 @@ from shared.protocol import (
 )
 from shared.tokens import hash_token
 from tests.support.db import RunningApi, api_settings, eventually, running_api
+from tests.support.fakeagent import AgentKey, register_agent_key
 from tests.support.natsserver import NatsServer
+
+AGENT = AgentKey()  # h1's agent
 
 
 @pytest.fixture
@@ -43,21 +46,12 @@ async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIt
             headers=running.auth,
         )
         assert response.status_code == 201
+        await register_agent_key(running, "h1", AGENT.public_key)
         yield running
 
 
 def _connected(session: str, at: float, version: str = "1.0") -> PresenceConnected:
-    return PresenceConnected.model_validate(
-        {
-            "host_id": "h1",
-            "session_id": session,
-            "gateway_id": "gw-1",
-            "hostname": "box",
-            "platform": "linux",
-            "agent_version": version,
-            "at": at,
-        }
-    )
+    return AGENT.connected("h1", session, at, agent_version=version)
 
 
 def _disconnected(session: str) -> PresenceDisconnected:
@@ -106,6 +100,7 @@ async def test_api_registers_as_a_micro_service(api: RunningApi, nc: NATS) -> No
     endpoints = {e["name"]: (e["subject"], e["queue_group"]) for e in info["endpoints"]}
     assert endpoints["token-verify"] == (subjects.TOKEN_VERIFY, subjects.AUTH_QUEUE)
     assert endpoints["host-target"] == (subjects.host_target_wildcard(), subjects.API_QUEUE)
+    assert endpoints["ops-exec"] == (subjects.ops_exec_wildcard(), subjects.API_QUEUE)
 
 
 async def test_host_target_answers_target_or_not_found(api: RunningApi, nc: NATS) -> None:
@@ -166,7 +161,7 @@ async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(
 
 async def test_presence_for_unknown_host_is_skipped(api: RunningApi, nc: NATS) -> None:
     """A host that is not registered gets no agent record (and the API keeps serving)."""
-    event = _connected("s1", time.time()).model_copy(update={"host_id": "ghost"})
+    event = AGENT.connected("ghost", "s1", time.time())
     await nc.publish(subjects.presence("ghost"), encode(event))
     await nc.publish(subjects.presence("h1"), encode(_connected("s1", time.time())))
 
@@ -208,3 +203,39 @@ async def test_metrics_update_last_ping(api: RunningApi, nc: NATS) -> None:
 
     last_ping = await eventually(pinged)
     assert isinstance(last_ping, str)
+
+
+@pytest.mark.parametrize("how", ["unsigned", "other-key", "edited-version", "stale", "other-host"])
+async def test_unverified_presence_is_not_recorded(
+    api: RunningApi, nc: NATS, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """A connected event whose hello is not signed by h1's agent key (or signed too long ago) does not
+    mark the agent connected; it is counted and logged once per gateway and host, however many come."""
+    caplog.set_level(logging.WARNING, logger="services.api.verify")
+    now = time.time()
+    if how == "unsigned":
+        bad = _connected("s-bad", now).model_copy(update={"signature": None, "signed_at": None})
+    elif how == "other-key":
+        bad = AgentKey().connected("h1", "s-bad", now)
+    elif how == "edited-version":
+        bad = _connected("s-bad", now).model_copy(update={"agent_version": "6.6.6"})
+    elif how == "stale":
+        bad = AGENT.connected("h1", "s-bad", now, signed_at=now - 3600)  # an old hello, replayed
+    else:
+        bad = AGENT.connected("ghost", "s-bad", now).model_copy(update={"host_id": "h1"})
+    for _ in range(3):
+        await nc.publish(subjects.presence("h1"), encode(bad))
+
+    async def counted() -> bool:
+        return api.state.runner.rejections.count("presence connected") == 3
+
+    await eventually(counted)
+    agent = await _agent(api)
+    assert (agent["connected"], agent["session_id"]) == (False, None)
+    assert caplog.text.count("presence connected from gateway gw-1 for h1 not accepted") == 1
+    await nc.publish(subjects.presence("h1"), encode(_connected("s-good", time.time())))
+
+    async def good() -> bool:
+        return (await _agent(api))["session_id"] == "s-good"
+
+    await eventually(good)  # the API kept serving, and a genuine hello still counts

@@ -1,11 +1,14 @@
 """The hybrid runner through REST: agent first, SSH only on no responders, never re-sent after a timeout.
 
-The gateway and the SSH worker are played by plain nats-py responders that count what they receive.
+The gateway and the SSH worker are played by plain nats-py responders that count what they receive; they
+check the API's signature as a real agent and worker do, and the agent's results are signed with an agent
+key the API knows (`tests.support.fakeagent`). Forged results never settle a row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from services.api.models import CommandRun
 from shared import subjects
 from shared.errors import ErrorCode
 from shared.natsx import error, reply
-from shared.protocol import ExecRequest, ExecResult, SshExecRequest, SshProbeOk, decode_model, encode
+from shared.protocol import ExecRequest, ExecResult, SshExecRequest, decode_model, encode
 from tests.support.db import (
     BACKENDS,
     RunningApi,
@@ -27,8 +30,10 @@ from tests.support.db import (
     fresh_database,
     running_api,
 )
+from tests.support.fakeagent import AgentKey, checked_request, register_agent_key
 from tests.support.natsserver import NatsServer
 
+AGENT = AgentKey()  # h1's agent
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHBpbm5lZGtleTAxMjM0NTY3ODlhYmNkZWZnaGlqa2xt"
 
 
@@ -38,23 +43,28 @@ async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIt
     settings = api_settings(tmp_path, nats_server.url, database, exec_grace=0.5, max_output_chars=100)
     async with running_api(settings) as running:
         await _add_host(running, nats_server)
+        await register_agent_key(running, "h1", AGENT.public_key)
+        _API.append(running)
         yield running
+        _API.remove(running)
+
+
+_API: list[RunningApi] = []  # the API under test, for `_result`'s signature check
 
 
 async def _add_host(api: RunningApi, nats_server: NatsServer) -> None:
-    """Register host h1 (10.0.0.7) with a pinned key through a one-off probe worker."""
-    import nats
+    """Register host h1 (10.0.0.7) and pin its key as an SSH check would (the probe is not this test's)."""
+    from services.api.models import Host
 
-    worker = await nats.connect(nats_server.url)
-
-    async def probe(msg: Msg) -> None:
-        await reply(worker, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:x"))
-
-    await worker.subscribe(subjects.SSH_PROBE, cb=probe)
-    await worker.flush()
-    response = await api.client.post("/api/hosts", json={"id": "h1", "address": "10.0.0.7"}, headers=api.auth)
+    body = {"id": "h1", "address": "10.0.0.7", "ssh_check": False}
+    response = await api.client.post("/api/hosts", json=body, headers=api.auth)
     assert response.status_code == 201, response.text
-    await worker.close()
+    async with api.state.sessions() as session:
+        host = await session.get(Host, "h1")
+        assert host is not None
+        host.host_key = HOST_KEY
+        session.add(host)
+        await session.commit()
 
 
 Handler = Callable[[Msg], Awaitable[None]]
@@ -73,12 +83,10 @@ async def _responder(nc: NATS, subject: str, seen: list[bytes], answer: Handler 
 
 
 def _result(data: bytes, **fields: object) -> ExecResult:
-    request = (
-        decode_model(ExecRequest, data) if b'"target"' not in data else decode_model(SshExecRequest, data)
-    )
-    values: dict[str, object] = {"command_id": request.command_id, "exit_code": 0, "duration_ms": 3.5}
-    values.update(fields)
-    return ExecResult.model_validate(values)
+    """The answer of a fake agent or worker to `data`, after checking the API signed it (else raise:
+    the fake then never answers, and the test sees a timeout). The agent's result is signed by AGENT."""
+    request = checked_request(_API[0], "h1", data)
+    return AGENT.result("h1", command_id=request.command_id, **fields)
 
 
 async def _exec(api: RunningApi, host: str = "h1", **body: object) -> dict[str, object]:
@@ -115,7 +123,7 @@ async def test_exec_via_agent_records_pending_before_sending(api: RunningApi, nc
     assert data["exit_code"] == 0
     assert data["stdout"] == "up 3 days\n"
     assert data["timed_out"] is False
-    assert data["requested_by"] == "bootstrap"
+    assert data["requested_by"] == "api-key:bootstrap"
     assert ssh_seen == []
     stored = await api.client.get(f"/api/commands/{data['command_id']}", headers=api.auth)
     assert stored.json()["status"] == "succeeded"
@@ -232,11 +240,9 @@ async def test_late_result_settles_a_timed_out_run(api: RunningApi, nc: NATS) ->
     data = await _exec(api, timeout=0.2)
     assert data["status"] == "timed_out"
     command_id = str(data["command_id"])
-    wrong_host = ExecResult.model_validate({"command_id": command_id, "exit_code": 9, "duration_ms": 1})
+    wrong_host = AGENT.result("other", command_id=command_id, exit_code=9)
     await nc.publish(subjects.result("other"), encode(wrong_host))
-    late = ExecResult.model_validate(
-        {"command_id": command_id, "exit_code": 0, "stdout": "done", "duration_ms": 900.0}
-    )
+    late = AGENT.result("h1", command_id=command_id, stdout="done", duration_ms=900.0)
     await nc.publish(subjects.result("h1"), encode(late))
     await nc.publish(subjects.result("h1"), b"{not json")
 
@@ -301,3 +307,72 @@ async def test_unreachable_database_at_start_is_503(
     assert health.json()["nats"] == "ok"
     assert health.json()["database"].startswith("error")
     assert [s for s in seen if b'"command"' in s] == []
+
+
+def _forged(command_id: str | None, how: str) -> ExecResult:
+    genuine = AGENT.result("h1", command_id=command_id, stdout="real")
+    if how == "unsigned":
+        return genuine.model_copy(update={"signature": None})
+    if how == "edited-stdout":
+        return genuine.model_copy(update={"stdout": "forged"})
+    if how == "edited-exit-code":
+        return genuine.model_copy(update={"exit_code": 1})
+    assert how == "other-key"
+    return AgentKey().result("h1", command_id=command_id, stdout="forged")
+
+
+@pytest.mark.parametrize("how", ["unsigned", "edited-stdout", "edited-exit-code", "other-key"])
+async def test_forged_result_never_settles_the_row(
+    api: RunningApi, nc: NATS, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply that is not the agent's own signed result: the row is timed_out with bad_signature (the
+    command may have run; nothing of the forged output is kept), counted, logged once per host, and
+    never re-sent over SSH. A genuine late result still settles it afterwards."""
+    caplog.set_level(logging.WARNING, logger="services.api.verify")
+    ssh_seen: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        await reply(nc, msg, _forged(checked_request(api, "h1", msg.data).command_id, how))
+
+    await _responder(nc, subjects.agent_exec("h1"), [], answer)
+    await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, None)
+    first = await _exec(api, command="echo real")
+    second = await _exec(api, command="echo real")
+    for data in (first, second):
+        assert (data["status"], data["error_code"], data["via"]) == ("timed_out", "bad_signature", "agent")
+        assert (data["exit_code"], data["stdout"]) == (None, "")
+        stored = (await api.client.get(f"/api/commands/{data['command_id']}", headers=api.auth)).json()
+        assert (stored["status"], stored["stdout"]) == ("timed_out", "")
+    assert ssh_seen == []
+    assert api.state.runner.rejections.count("result", "h1") == 2
+    assert caplog.text.count("result from h1 not accepted") == 1  # once per source, not per message
+
+    forged_late = _forged(str(first["command_id"]), how)
+    await nc.publish(subjects.result("h1"), encode(forged_late))
+    late = AGENT.result("h1", command_id=str(first["command_id"]), stdout="late and real")
+    await nc.publish(subjects.result("h1"), encode(late))
+
+    async def settled() -> dict[str, object] | None:
+        body = (await api.client.get(f"/api/commands/{first['command_id']}", headers=api.auth)).json()
+        return body if body["status"] != "timed_out" else None
+
+    final = await eventually(settled)
+    assert (final["status"], final["stdout"]) == ("succeeded", "late and real")
+    assert api.state.runner.rejections.count("late result", "h1") == 1
+
+
+async def test_result_of_an_agent_without_a_registered_key_is_not_taken(
+    api: RunningApi, nc: NATS, nats_server: NatsServer
+) -> None:
+    """A host whose agent key the API does not know: even a well-formed signed result does not count."""
+    async with api.state.sessions() as session:
+        from services.api import crud
+
+        await crud.set_agent_public_key(session, "h1", AgentKey().public_key)  # re-installed elsewhere
+
+    async def answer(msg: Msg) -> None:
+        await reply(nc, msg, _result(msg.data, stdout="from the old key"))
+
+    await _responder(nc, subjects.agent_exec("h1"), [], answer)
+    data = await _exec(api)
+    assert (data["status"], data["error_code"], data["stdout"]) == ("timed_out", "bad_signature", "")

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import nats.errors
 import pytest
+from nacl.signing import SigningKey
 from nats.aio.client import Client as NATS
 from sqlalchemy.exc import OperationalError
 
@@ -163,7 +164,7 @@ AGENT_KEY = signing.generate()
 AGENT_PUB = signing.public_text(AGENT_KEY)
 
 
-def _signed(key: signing.Ed25519PrivateKey = AGENT_KEY, host: str = "h1", **fields: Any) -> bytes:
+def _signed(key: SigningKey = AGENT_KEY, host: str = "h1", **fields: Any) -> bytes:
     values: dict[str, Any] = {"command_id": "c1", "exit_code": 0, "duration_ms": 2.0, "stdout": "ok"}
     values.update(fields)
     return encode(signing.sign_result(key, host, ExecResult.model_validate(values)))
