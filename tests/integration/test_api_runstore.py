@@ -98,6 +98,23 @@ async def test_rows_read_back_through_the_orm(store: RunStore, database: Db) -> 
     assert done.finished_at.tzinfo is not None
 
 
+async def test_start_returns_the_agent_public_key(store: RunStore, database: Db) -> None:
+    """The pending-row write also reads the host's agent key (results must verify with it); None until
+    one is registered."""
+    assert (await store.start("web-1", _run("k0"))) == HostTarget(
+        "web-1", "10.0.0.1", 2222, "ops", "k1", None
+    )
+    public = "ed25519:" + "A" * 43
+    async with sessionmaker(database[1])() as session:
+        await crud.set_agent_public_key(session, "web-1", public)
+    found = await store.start("10.0.0.1", _run("k1"))
+    assert found is not None
+    assert found.public_key == public
+    other = await store.start("other", _run("k2"))
+    assert other is not None
+    assert other.public_key is None
+
+
 async def test_host_is_found_by_id_before_address(store: RunStore) -> None:
     """`web-1` is one host's id and another's address: the id wins, as in the ORM's lookup."""
     by_id = await store.start("web-1", _run("a"))
