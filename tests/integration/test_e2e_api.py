@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from services.api import admin
+from services.api.settings import ApiSettings
+from shared import signing
 from tests.support.db import fresh_database
 from tests.support.procs import Proc
 from tests.support.sshd import Sshd
@@ -72,7 +75,15 @@ async def fleet(stack: Stack, tmp_path: Path) -> AsyncIterator[Fleet]:
                 assert added.json()["host_key"].split()[:2] == sshd.host_key_line.split()[:2]
                 assert added.json()["host_key_fingerprint"] == sshd.fingerprint()
                 token = stack.agent_token(api, "box")
-                agent = stack.start_agent("box-agent", "box", token, [gw.url])
+                # the agent's own key, registered with the API as an install would: its hello and
+                # results count only if they verify with it
+                identity = tmp_path / "box-agent.key"
+                agent_key, _ = signing.ensure_private(identity)
+                settings = ApiSettings(database_url=db_url, api_key_file=tmp_path / "unused-api-key")
+                await admin.register_agent_key(settings, "box", signing.public_text(agent_key))
+                agent = stack.start_agent(
+                    "box-agent", "box", token, [gw.url], identity_key_file=str(identity)
+                )
                 fleet = Fleet(stack, api, http, sshd, agent, gw.url)
                 await fleet.wait_agent(True)
                 yield fleet
