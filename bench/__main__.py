@@ -8,6 +8,7 @@
 3. REST exec of `true` via agent and via the SSH worker's pooled connection, beside the raw chain and raw
    asyncssh on a pooled and on a fresh connection per command (bench/rest.py): with the API on SQLite,
    then again on PostgreSQL (127.0.0.1:5432; skipped if unreachable, or with --no-postgresql).
+   Before them, the sign and verify cost per command (bench/signing_cost.py).
 4. The agent's own RSS, idle and after ten 1 MiB-output commands (with its ledger file's size), beside
    the bare interpreter's and `import pydantic`'s (bench/agent_memory.py).
 
@@ -29,29 +30,48 @@ from sqlalchemy.exc import SQLAlchemyError
 from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
+from bench.signing_cost import print_signing_cost
+from shared import signing
+from shared.protocol import ExecResult, decode_model
 from shared.tokens import generate_token
 from tests.support.db import PG_HOST, PG_PORT, create_pg_database, drop_pg_database, pg_url
 from tests.support.natsserver import NatsServer
 from tests.support.procs import BIN, Proc, free_port, rss_kib
 from tests.support.stack import Stack
+from tests.support.trust import TestSigner
 
 
 def latency(root: Path, rounds: int, block: int) -> dict[str, list[float]]:
-    """Alternate blocks of `true` round trips through the raw chain and through Warlock."""
+    """Alternate blocks of `true` round trips through the raw chain and through Warlock.
+
+    Warlock's requests are signed as the API signs them (a fresh command id each: the agent refuses a
+    replay), and each result's agent signature is verified, both inside the timed span."""
     server = NatsServer(root, "nats-latency")
     stack = Stack(root, server.url)
+    signer = TestSigner(root)  # the key the stack's agents trust
+    identity = root / "bench-agent-identity.key"
+    agent_public = signing.ensure_private(identity)[0].verify_key
+
+    def signed() -> bytes:
+        return signer.exec_body("bench", TRUE)
+
+    def verified(data: bytes) -> None:
+        if not signing.verify_result(agent_public, "bench", decode_model(ExecResult, data)):
+            raise RuntimeError(f"the agent's result does not verify: {data[:200]!r}")
+
     try:
         start_raw_chain(stack, server.url)
         stack.start_authority()
         gw = stack.start_gateway("bench-gw")
         token = stack.add_host("bench")
-        stack.start_agent("bench-agent", "bench", token, [gw.url])
+        stack.start_agent("bench-agent", "bench", token, [gw.url], identity_key_file=str(identity))
         results: dict[str, list[float]] = {"raw": [], "warlock": []}
-        for subject in (RAW_SUBJECT, "warlock.agent.bench.exec"):
-            asyncio.run(timed_requests(server.url, subject, TRUE, 50))  # warm up
+        warlock = "warlock.agent.bench.exec"
+        asyncio.run(timed_requests(server.url, RAW_SUBJECT, TRUE, 50))  # warm up
+        asyncio.run(timed_requests(server.url, warlock, signed, 50, verified))
         for _ in range(rounds):
-            for name, subject in (("raw", RAW_SUBJECT), ("warlock", "warlock.agent.bench.exec")):
-                results[name] += asyncio.run(timed_requests(server.url, subject, TRUE, block))
+            results["raw"] += asyncio.run(timed_requests(server.url, RAW_SUBJECT, TRUE, block))
+            results["warlock"] += asyncio.run(timed_requests(server.url, warlock, signed, block, verified))
         return results
     finally:
         stack.close()
@@ -129,6 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
         root = Path(tmp)
+        if "latency" in args.only or "rest" in args.only:
+            print_signing_cost()
         if "latency" in args.only:
             _latency_block(root, args.rounds, args.block)
         if "gateway-memory" in args.only:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import nats
 
@@ -28,14 +29,25 @@ def start_raw_chain(stack: Stack, nats_url: str) -> None:
     stack.start("raw-agent", [*RAW, "agent", f"ws://127.0.0.1:{port}"], {}).wait_for("connected")
 
 
-async def timed_requests(url: str, subject: str, body: bytes, n: int) -> list[float]:
-    """Milliseconds of `n` sequential requests of `body` on `subject`; each reply must say exit code 0."""
+Body = bytes | Callable[[], bytes]  # a fixed body, or one made per request (signed, with a fresh id)
+
+
+async def timed_requests(
+    url: str, subject: str, body: Body, n: int, check: Callable[[bytes], None] | None = None
+) -> list[float]:
+    """Milliseconds of `n` sequential requests of `body` on `subject`; each reply must say exit code 0.
+
+    A callable `body` is called inside the timed span (signing is part of the path), as is `check` on
+    the reply (verifying the agent's signature, as the API does)."""
     nc = await nats.connect(url)
     try:
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
-            reply = await nc.request(subject, body, timeout=10)
+            payload = body() if callable(body) else body
+            reply = await nc.request(subject, payload, timeout=10)
+            if check is not None:
+                check(reply.data)
             out.append((time.perf_counter() - t0) * 1000)
             data = json.loads(reply.data)
             if data.get("exit_code") != 0:

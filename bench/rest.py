@@ -5,6 +5,9 @@ Two hosts share one real sshd on loopback: `bench-agent` (agent connected; answe
 plain `/bin/sh` login shell (user `warlockbench`, created when running as root): a heavy `.bashrc` would be
 paid on every SSH command, pooled or not, and would flatter the agent path.
 
+The API signs every command and verifies every agent result, as in production: the agent gets its own
+identity key, registered with the API as an install would.
+
 The raw chain (bench/raw_chain.py) runs on the same NATS server, and every round measures a block of each
 path in turn, so the ratios compare numbers taken minutes, not phases, apart. The REST client is the
 standard library's `http.client` on one keep-alive connection, so the figures are the server's; a block
@@ -28,6 +31,9 @@ import asyncssh
 import httpx
 
 from bench.common import RAW_SUBJECT, TRUE, start_raw_chain, timed_requests
+from services.api import admin
+from services.api.settings import ApiSettings
+from shared import signing
 from tests.support.natsserver import NatsServer
 from tests.support.sshd import Sshd
 from tests.support.stack import Stack
@@ -177,7 +183,11 @@ def rest_latency(root: Path, rounds: int, block: int, database_url: str) -> dict
             if answer.status_code != 201:
                 raise RuntimeError(f"could not add {host}: {answer.text}")
         token = stack.agent_token(api, "bench-agent")
-        stack.start_agent("rest-agent", "bench-agent", token, [gw.url])
+        identity = root / "rest-agent-identity.key"  # the agent's own key; the API verifies its results
+        public = signing.public_text(signing.ensure_private(identity)[0])
+        settings = ApiSettings(database_url=database_url, api_key_file=root / "api-key")
+        asyncio.run(admin.register_agent_key(settings, "bench-agent", public))
+        stack.start_agent("rest-agent", "bench-agent", token, [gw.url], identity_key_file=str(identity))
         start_raw_chain(stack, server.url)
         time.sleep(1)
         return asyncio.run(_measure(api.url, api.auth, server.url, sshd, user, rounds, block))
