@@ -12,11 +12,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import ErrorCode
 from shared.natsx import error, reply
 from shared.protocol import SshProbeOk, SshProbeRequest, decode_model
 from tests.support.db import RunningApi, api_settings, eventually, running_api
+from tests.support.fakeagent import api_signer
 from tests.support.natsserver import NatsServer
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ0ZXN0a2V5MDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1u"
@@ -96,7 +97,12 @@ async def test_add_host_pins_the_probed_host_key(api: RunningApi, nc: NATS) -> N
     assert created.status_code == 201, created.text
     assert created.json()["host_key"] == HOST_KEY
     assert created.json()["host_key_fingerprint"] == FINGERPRINT
-    assert probes == [SshProbeRequest(address="10.0.0.5", port=2222, username="deploy")]
+    [probe] = probes
+    assert (probe.host_id, probe.address, probe.port, probe.username) == ("web-1", "10.0.0.5", 2222, "deploy")
+    trusted = signing.TrustedKeys([api_signer(api).public_key])  # the probe is signed by the API
+    assert signing.verify_command(
+        "probe", signing.signed_fields(probe), probe.signature, trusted, "web-1", 600
+    )
     by_address = await api.client.get("/api/hosts/10.0.0.5", headers=api.auth)
     assert by_address.status_code == 200
     assert by_address.json()["id"] == "web-1"
