@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "warlock-api"
 DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
+KEY_WAIT_S = 15.0  # a hello of a host without an agent key is checked again for this long
+KEY_POLL_S = 0.5
 OPS_HOWTO = (
     "commands on warlock.ops.<host>.exec must be signed with an operator key the API authorised: "
     "create one with `warlock keys create NAME`, then send `warlock req warlock.ops.<host>.exec "
@@ -87,6 +89,7 @@ class Bus:
         self.runner = runner
         self.command_ttl = command_ttl
         self.rejections: Rejections = runner.rejections
+        self.key_wait_s = KEY_WAIT_S
         self._subs: list[Subscription] = []
         self._service: Service | None = None
         self._host_locks: dict[str, asyncio.Lock] = {}
@@ -245,14 +248,36 @@ class Bus:
         self._spawn(self._presence(event, lock), f"presence-{event.host_id}")
 
     async def _presence(self, event: PresenceConnected | PresenceDisconnected, lock: asyncio.Lock) -> None:
-        async with lock, self.sessions() as session:
+        async with lock:
             if isinstance(event, PresenceConnected):
-                agent = await crud.get_agent(session, event.host_id)
-                problem = hello_problem(None if agent is None else agent.public_key, event)
+                problem = await self._hello_problem(event)
                 if problem is not None:
                     source = f"gateway {event.gateway_id} for {event.host_id}"
                     self.rejections.reject("presence connected", source, problem)
                     return
+            await self._record_presence(event)
+
+    async def _hello_problem(self, event: PresenceConnected) -> str | None:
+        """Why the hello in `event` does not verify with the host's agent key (None: it does).
+
+        A host with no agent key yet is looked at again for `KEY_WAIT_S`: a freshly installed agent
+        connects while its install is still returning the key to the API. Events of the host wait
+        meanwhile (the caller holds its lock), so they are still applied in order."""
+        deadline = asyncio.get_running_loop().time() + self.key_wait_s
+        while True:
+            async with self.sessions() as session:
+                agent = await crud.get_agent(session, event.host_id)
+                known = agent is not None or await session.get(Host, event.host_id) is not None
+            public_key = None if agent is None else agent.public_key
+            if not known:
+                return f"unknown host {event.host_id}"
+            if public_key is not None or asyncio.get_running_loop().time() >= deadline:
+                return hello_problem(public_key, event)
+            await asyncio.sleep(KEY_POLL_S)
+
+    async def _record_presence(self, event: PresenceConnected | PresenceDisconnected) -> None:
+        async with self.sessions() as session:
+            if isinstance(event, PresenceConnected):
                 applied = await crud.record_connected(session, event)
             else:
                 applied = await crud.record_disconnected(session, event)

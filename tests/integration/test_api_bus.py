@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -239,3 +240,23 @@ async def test_unverified_presence_is_not_recorded(
         return (await _agent(api))["session_id"] == "s-good"
 
     await eventually(good)  # the API kept serving, and a genuine hello still counts
+
+
+async def test_hello_of_a_host_whose_key_arrives_just_after_counts(api: RunningApi, nc: NATS) -> None:
+    """A freshly installed agent connects before its install has stored its key: the hello is checked
+    again for a while and counts once the key is there (a hello signed by another key still does not)."""
+    body = {"id": "h2", "address": "10.0.0.9", "ssh_check": False}
+    assert (await api.client.post("/api/hosts", json=body, headers=api.auth)).status_code == 201
+    new_agent = AgentKey()
+    await nc.publish(subjects.presence("h2"), encode(new_agent.connected("h2", "s-fresh", time.time())))
+    await nc.flush()
+    await asyncio.sleep(1.0)
+    assert (await api.client.get("/api/agents/h2", headers=api.auth)).json()["connected"] is False  # not yet
+    await register_agent_key(api, "h2", new_agent.public_key)
+
+    async def connected() -> bool:
+        agent = (await api.client.get("/api/agents/h2", headers=api.auth)).json()
+        return agent.get("session_id") == "s-fresh" and agent["connected"] is True
+
+    await eventually(connected)
+    assert api.state.runner.rejections.count("presence connected") == 0
