@@ -209,7 +209,7 @@ class Agent:
                     elif isinstance(action, dispatch.Run):
                         self.commands.start(action.request)
                     elif isinstance(action, dispatch.Rotate):
-                        await self._send(ws, await self.rotate(action.request))
+                        await self._send(ws, await self._rotate_safely(action.request))
                     else:
                         await ws.close(action.code, action.reason)
                         return Outcome.CLOSED
@@ -292,6 +292,14 @@ class Agent:
 
     # ------------------------------------------------------------------ token rotation
 
+    async def _rotate_safely(self, request: RotateToken) -> TokenRotated:
+        """`rotate`, with an unexpected failure answered ok=False (the session stays up)."""
+        try:
+            return await self.rotate(request)
+        except Exception:
+            log.exception("token rotation %s failed", request.rotation_id)
+            return TokenRotated(rotation_id=request.rotation_id, ok=False, description="internal error")
+
     async def rotate(self, request: RotateToken) -> TokenRotated:
         """Verify a signed rotation, make a new token here and store it where the current one came from.
 
@@ -303,7 +311,7 @@ class Agent:
         refused = self.trust.check_rotate(request)
         if refused is None:
             assert request.signature is not None
-            refused = self.ledger.claim(f"rotate:{rotation_id}", keep_until=request.signature.not_after)
+            refused = self.ledger.claim(rotation_id, keep_until=request.signature.not_after)
         if refused is not None:
             description = f"{refused.code}: {refused.description}"[:1024]
             return TokenRotated(rotation_id=rotation_id, ok=False, description=description)

@@ -13,8 +13,9 @@ the file is rewritten from memory without expired ids (temp file + os.replace).
 
 A repeated id is a replay: it is refused with the typed error ``replay`` and never runs again, whether it
 is done or running now (or waiting for the right to run: see `Ledger.run`'s `admit`); an id that started
-before the agent restarted and never finished is refused with ``unknown_result`` (it may have run). (Its result is not answered again: the outbox re-sends a result until the gateway acks
-it, and a replayed envelope must not fetch a command's output.) An id is kept `retention` seconds, and at
+before the agent restarted and never finished is refused with ``unknown_result`` (it may have run). (A
+result is not answered again: the outbox re-sends it until the gateway acks it, and a replayed envelope
+must not fetch a command's output.) An id is kept `retention` seconds, and at
 least until the not-after of the signed envelope that brought it (`keep_until`), so a signed command
 cannot be replayed after its id is forgotten.
 
@@ -208,23 +209,32 @@ class Ledger:
             description="this command id started before the agent restarted; its result was lost",
         )
 
-    def replay(self, command_id: str) -> ExecError | None:
-        """The typed `replay` refusal if `command_id` is running or was recorded within the retention."""
-        known = None if command_id in self._running else self.lookup(command_id)
-        entry = self._entries.get(command_id)
-        if command_id in self._running:
+    def replay(self, command_id: str, key: str | None = None) -> ExecError | None:
+        """The typed refusal if `command_id` (recorded as `key`) is running or was recorded within the
+        retention: `replay`, or `unknown_result` for a command that started before a restart (it may have
+        run)."""
+        key = key or command_id
+        entry = self._entries.get(key)
+        if key in self._running:
             why = "is running now"
-        elif known is not None and entry is not None and entry.used:
+        elif entry is None or entry.at < self.clock() - self.retention:
+            return None
+        elif entry.used:
             why = "was already used"
-        elif isinstance(known, ExecError) and known.code is ErrorCode.UNKNOWN_RESULT:
+        elif entry.result is None:
             log.warning(
                 "command %s refused: it started before the agent restarted; not run again", command_id
             )
-            return known  # it may have run: `unknown_result` says so, where `replay` would say it did not
-        elif known is not None:
-            why = "was already received"
+            return (
+                ExecError(  # it may have run: `unknown_result` says so, where `replay` would say it did not
+                    command_id=CommandId(command_id),
+                    code=ErrorCode.UNKNOWN_RESULT,
+                    description="this command id started before the agent restarted; its result was lost; "
+                    "not run again",
+                )
+            )
         else:
-            return None
+            why = "was already received"
         log.warning("command %s refused (replay): this id %s; nothing ran again", command_id, why)
         return ExecError(
             command_id=CommandId(command_id),
@@ -233,13 +243,15 @@ class Ledger:
             "nothing ran again (a result not yet acknowledged is re-sent by the agent)",
         )
 
-    def claim(self, command_id: str, keep_until: float = 0.0) -> ExecError | None:
-        """Record `command_id` as used (flushed) unless it is a replay; return the refusal if it is."""
-        if (refused := self.replay(command_id)) is not None:
+    def claim(self, command_id: str, keep_until: float = 0.0, namespace: str = "rotate") -> ExecError | None:
+        """Record `command_id` of an operation that runs no command (recorded as ``<namespace>:<id>``,
+        flushed) unless it is a replay; return the refusal if it is."""
+        key = f"{namespace}:{command_id}"
+        if (refused := self.replay(command_id, key)) is not None:
             return refused
         at = max(self.clock(), keep_until - self.retention)
-        self._entries[command_id] = Entry(at=at, used=True)
-        self._append({"id": command_id, "at": at, "state": "used"})
+        self._entries[key] = Entry(at=at, used=True)
+        self._append({"id": key, "at": at, "state": "used"})
         return None
 
     async def run(

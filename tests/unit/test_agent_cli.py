@@ -70,10 +70,12 @@ def test_keygen_creates_the_key_once_and_prints_its_public_key(tmp_path: Path) -
     )
     assert first.returncode == 0, first.stderr
     public = first.stdout.strip()
-    assert public.startswith("ed25519:") and len(first.stdout.splitlines()) == 1
+    assert public.startswith("ed25519:")
+    assert len(first.stdout.splitlines()) == 1
     assert key.stat().st_mode & 0o777 == 0o600
     assert signing.public_text(signing.load_private(key)) == public
-    assert "the API must know it" in first.stderr and "PRIVATE" not in first.stderr + first.stdout
+    assert "the API must know it" in first.stderr
+    assert "PRIVATE" not in first.stderr + first.stdout
     again = subprocess.run(
         [str(BIN), "keygen", "--key", str(key)], capture_output=True, text=True, timeout=30, check=False
     )
@@ -102,4 +104,5 @@ def test_keygen_help() -> None:
         [str(BIN), "keygen", "--help"], capture_output=True, text=True, timeout=30, check=False
     )
     assert out.returncode == 0
-    assert "--config" in out.stdout and "--key" in out.stdout
+    assert "--config" in out.stdout
+    assert "--key" in out.stdout

@@ -181,7 +181,8 @@ def test_a_trusted_key_that_does_not_parse_is_named(tmp_path: Path, bad: str) ->
     with pytest.raises(ConfigError) as info:
         load_config(write_conf(tmp_path, text))
     assert info.value.field.startswith("trusted_keys")
-    assert "key 2" in info.value.message and bad[:20] in info.value.message
+    assert "key 2" in info.value.message
+    assert bad[:20] in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -200,9 +201,11 @@ def test_plain_ws_elsewhere_needs_insecure(tmp_path: Path, url: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write_conf(tmp_path, text))
     assert info.value.field.startswith("gateway_urls")
-    assert "insecure" in info.value.message and "wss://" in info.value.message
+    assert "insecure" in info.value.message
+    assert "wss://" in info.value.message
     settings = load_config(write_conf(tmp_path, text + "insecure = true\n"))
-    assert settings.gateway_urls == [url] and settings.insecure
+    assert settings.gateway_urls == [url]
+    assert settings.insecure
 
 
 def test_ca_file_is_pinned_and_a_bad_one_is_a_config_error(tmp_path: Path) -> None:
@@ -217,7 +220,8 @@ def test_ca_file_is_pinned_and_a_bad_one_is_a_config_error(tmp_path: Path) -> No
     settings = load_config(write_conf(tmp_path, GOOD + f'ca_file = "{pem}"\n'))
     context = config.tls_context(settings)
     assert isinstance(context, ssl.SSLContext)
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
     assert len(context.get_ca_certs()) == 1
     assert config.tls_context(load_config(write_conf(tmp_path, GOOD))) is None
     junk = tmp_path / "junk.pem"

@@ -87,7 +87,8 @@ async def test_concurrent_same_id_is_a_replay(ledger: Ledger, tmp_path: Path) ->
     request = counting_exec(counter, extra="sleep 0.3;")
     a, b = await asyncio.gather(ledger.run(request, runner), ledger.run(request, runner))
     assert isinstance(a, ExecResult)
-    assert isinstance(b, ExecError) and b.code == ErrorCode.REPLAY
+    assert isinstance(b, ExecError)
+    assert b.code == ErrorCode.REPLAY
     assert runs(counter) == 1
 
 
@@ -98,7 +99,8 @@ async def test_reload_from_disk(ledger: Ledger, tmp_path: Path, opened: Callable
     ledger.close()
     again = opened(ledger.path)
     answer = await again.run(counting_exec(counter), runner)
-    assert isinstance(answer, ExecError) and answer.code == ErrorCode.REPLAY
+    assert isinstance(answer, ExecError)
+    assert answer.code == ErrorCode.REPLAY
     assert runs(counter) == 1
 
 
@@ -113,9 +115,11 @@ async def test_an_id_outlives_its_envelope(tmp_path: Path, opened: Callable[...,
     ledger.close()
     ledger = opened(ledger.path, clock)  # and across a restart
     again = await ledger.run(request, runner)
-    assert isinstance(again, ExecError) and again.code == ErrorCode.REPLAY
+    assert isinstance(again, ExecError)
+    assert again.code == ErrorCode.REPLAY
     claimed = ledger.claim("rot-1")
-    assert claimed is not None and claimed.code == ErrorCode.REPLAY
+    assert claimed is not None
+    assert claimed.code == ErrorCode.REPLAY
     clock.now += 101
     ledger.compact()
     assert ledger.claim("rot-1") is None  # its envelope has expired: the id may be forgotten

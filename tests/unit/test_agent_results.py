@@ -123,12 +123,15 @@ def test_a_changed_result_loses_its_signature_and_is_signed_again(tmp_path: Path
     trust = agent_trust(tmp_path)
     public = signing.parse_public(trust.public_key)
     signed = trust.seal(ExecResult(command_id=CID, exit_code=0, stdout="x" * 5000, duration_ms=1))
+    assert isinstance(signed, ExecResult)
     assert signing.verify_result(public, "web-1", signed)
     assert trust.seal(signed) is signed
     for changed in (cap_output(signed, 100), strip_output(signed), fit_result(signed, 2000)):
-        assert isinstance(changed, ExecResult) and changed.signature is None
+        assert isinstance(changed, ExecResult)
+        assert changed.signature is None
         resealed = trust.seal(changed)
-        assert isinstance(resealed, ExecResult) and signing.verify_result(public, "web-1", resealed)
+        assert isinstance(resealed, ExecResult)
+        assert signing.verify_result(public, "web-1", resealed)
     forged = signed.model_copy(update={"stdout": "x" * 4999 + "y"})
     assert not signing.verify_result(public, "web-1", forged)
     assert not signing.verify_result(public, "web-2", signed)

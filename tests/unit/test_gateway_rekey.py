@@ -64,10 +64,12 @@ async def test_rotation_limit_and_end_wakes_waiters() -> None:
     first = session.start_rotation(rotate_request("a"), 2)
     assert not isinstance(first, ErrorReply)
     again = session.start_rotation(rotate_request("a"), 2)
-    assert isinstance(again, ErrorReply) and again.code == ErrorCode.BUSY
+    assert isinstance(again, ErrorReply)
+    assert again.code == ErrorCode.BUSY
     assert not isinstance(session.start_rotation(rotate_request("b"), 2), ErrorReply)
     over = session.start_rotation(rotate_request("c"), 2)
-    assert isinstance(over, ErrorReply) and over.code == ErrorCode.BUSY
+    assert isinstance(over, ErrorReply)
+    assert over.code == ErrorCode.BUSY
     session.end()
     assert first[1].done()
     assert first[1].result() is None
@@ -81,7 +83,8 @@ def test_refusals_keep_the_agents_typed_code() -> None:
     assert refusal("replay: seen").code == ErrorCode.REPLAY
     assert refusal("busy: x").code == ErrorCode.EXEC_FAILED
     plain = refusal("token is set by the environment; update it there")
-    assert plain.code == ErrorCode.EXEC_FAILED and "environment" in plain.description
+    assert plain.code == ErrorCode.EXEC_FAILED
+    assert "environment" in plain.description
 
 
 def test_cache_revoke_by_hash_and_by_host() -> None:
