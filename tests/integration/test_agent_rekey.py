@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from nacl.signing import VerifyKey
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -139,7 +140,7 @@ def config_token(path: Path) -> str:
     return str(tomllib.loads(path.read_text())["token"])
 
 
-def agent_public_key(path: Path) -> signing.Ed25519PublicKey:
+def agent_public_key(path: Path) -> VerifyKey:
     """The public half of the identity key next to the config `path`."""
     return signing.parse_public(signing.public_text(signing.load_private(path.with_suffix(".key"))))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from nacl.signing import VerifyKey
 from websockets.asyncio.server import ServerConnection, serve
 
 from shared import signing, subjects
@@ -55,7 +56,7 @@ def signed_request(signer: TestSigner, command: str, host: str = HOST, ttl: floa
     return signed
 
 
-def agent_key(stack: Stack, name: str = "agent") -> signing.Ed25519PublicKey:
+def agent_key(stack: Stack, name: str = "agent") -> VerifyKey:
     """The public key of the identity the agent `name` made on its host."""
     return signing.parse_public(signing.public_text(signing.load_private(stack.root / f"{name}.key")))
 

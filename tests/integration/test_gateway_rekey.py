@@ -114,6 +114,7 @@ async def test_rotation_round_trip(
         assert await reply == RotateOk(host_id="web-1", token_sha256=hash_token(new), signature=sig)
         unsigned = asyncio.ensure_future(rotate(api, "web-1", rotate_body("rot-2")[1]))
         frame = await fake.recv()
+        assert isinstance(frame, RotateToken)
         await fake.send(TokenRotated(rotation_id=frame.rotation_id, ok=True))  # no hash: not a RotateOk
         answer = await unsigned
         assert isinstance(answer, ErrorReply)
