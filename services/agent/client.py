@@ -27,7 +27,7 @@ from shared.tokens import fingerprint, generate_token, hash_token
 from . import __version__, dispatch, metrics
 from .backoff import Outcome, ReconnectPolicy, outcome_of_close
 from .commands import Commands
-from .config import AgentSettings
+from .config import AgentSettings, is_loopback_url
 from .ledger import Ledger, Result
 from .results import Outbox
 from .tokenstore import TokenStore
@@ -98,6 +98,11 @@ class Agent:
             self.trust.public_key,
             len(self.trust.trusted),
         )
+        for url in urls:
+            if url.startswith("ws://") and not is_loopback_url(url):
+                log.warning(
+                    "insecure = true: %s is plain ws://; anyone on the path can read the traffic", url
+                )
         metrics.prime()
         try:
             while not self.stopping.is_set():

@@ -107,6 +107,12 @@ class Gateway:
         self._pinger = asyncio.create_task(self._ping_loop())
         await self.bridge.sync()
         scheme = "wss" if self.tls is not None else "ws"
+        if self.tls is None and s.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "serving plain ws:// on %s: agents refuse it unless configured insecure; set "
+                "WARLOCK_GATEWAY_TLS_CERT_FILE and WARLOCK_GATEWAY_TLS_KEY_FILE (or terminate TLS in front)",
+                s.host,
+            )
         log.info("gateway %s listening on %s://%s:%d%s", s.gateway_id, scheme, s.host, self.port, AGENT_PATH)
 
     async def stop(self) -> None:
