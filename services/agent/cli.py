@@ -1,6 +1,7 @@
 """The ``warlock-agent`` entrypoint.
 
 ``warlock-agent --version``; ``warlock-agent run [--config PATH]``;
+``warlock-agent keygen [--config PATH | --key PATH]`` (make the identity key if absent, print its public key);
 ``warlock-agent swarm --gateway URL --tokens FILE [--count N] [--concurrency 100]``.
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration error (one line on stderr:
@@ -20,15 +21,25 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from shared import signing
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 
 from . import __version__
 from .client import Agent
-from .config import AgentSettings, load_agent_config
+from .config import (
+    DEFAULT_IDENTITY_KEY_FILE,
+    AgentSettings,
+    config_file,
+    env_name,
+    load_agent_config,
+    read_toml,
+    tls_context,
+)
 from .ledger import Ledger
 from .swarm import load_tokens, run_swarm
 from .tokenstore import TokenStore
+from .trust import AgentTrust, load_identity
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", type=Path, default=None, help="config file (default /etc/warlock/agent.conf)"
     )
+    keygen = sub.add_parser(
+        "keygen", help="create the agent's identity key if absent and print its public key (ed25519:...)"
+    )
+    where = keygen.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config", type=Path, default=None, help="read identity_key_file from this config file"
+    )
+    where.add_argument("--key", type=Path, default=None, help="the identity key file itself")
     swarm = sub.add_parser("swarm", help="hold many simulated agent sessions (benchmark)")
     swarm.add_argument(
         "--gateway", required=True, help="gateway WebSocket URL, e.g. ws://127.0.0.1:8765/agent"
@@ -66,7 +85,9 @@ async def _until_signal(main: Callable[[], Coroutine[Any, Any, None]], on_stop: 
 
 async def _run_agent(settings: AgentSettings, ledger: Ledger, store: TokenStore) -> None:
     """Serve as the agent until a signal stops it; the ledger is compacted and closed on the way out."""
-    agent = Agent(settings, ledger, token_store=store)
+    key = load_identity(settings.identity_key_file)
+    trust = AgentTrust(settings.host_id, key, settings.trusted_keys, max_ttl=ledger.retention)
+    agent = Agent(settings, ledger, token_store=store, trust=trust, tls=tls_context(settings))
 
     def stop() -> None:
         log.info("signal received; stopping")
@@ -94,6 +115,29 @@ async def _run_swarm(url: str, tokens_path: Path, count: int | None, concurrency
     await _until_signal(main, stop)
 
 
+def identity_key_path(config: Path | None, key: Path | None) -> Path:
+    """Where `keygen` finds the identity key: --key; else the variable; else the config file's key; else
+    the default."""
+    if key is not None:
+        return key
+    for name, value in os.environ.items():
+        if name.upper() == env_name("identity_key_file"):
+            return Path(value)
+    file = config_file(config)
+    if file is not None:
+        configured = read_toml(file).get("identity_key_file")
+        if configured is not None:
+            return Path(str(configured))
+    return DEFAULT_IDENTITY_KEY_FILE
+
+
+def keygen(config: Path | None, key: Path | None) -> int:
+    """Create the identity key if it is absent; print its public key on stdout."""
+    path = identity_key_path(config, key)
+    print(signing.public_text(load_identity(path)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``warlock-agent``; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -102,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "swarm":
             asyncio.run(_run_swarm(args.gateway, args.tokens, args.count, args.concurrency))
             return 0
+        if args.command == "keygen":
+            return keygen(args.config, args.key)
         settings, store = load_agent_config(args.config)
         setup_logging(settings.log_level)
         ledger = Ledger(

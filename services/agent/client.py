@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -21,15 +22,16 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from shared.errors import CloseCode, ProtocolError
 from shared.protocol import Message, Metrics, Ping, RotateToken, TokenRotated, encode
-from shared.tokens import fingerprint, hash_token
+from shared.tokens import fingerprint, generate_token, hash_token
 
 from . import __version__, dispatch, metrics
 from .backoff import Outcome, ReconnectPolicy, outcome_of_close
 from .commands import Commands
-from .config import AgentSettings
+from .config import AgentSettings, is_loopback_url
 from .ledger import Ledger, Result
 from .results import Outbox
 from .tokenstore import TokenStore
+from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,12 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         shutdown_grace: float = SHUTDOWN_GRACE_S,
         token_store: TokenStore | None = None,
+        trust: AgentTrust,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings  # replaced (not mutated) when the token is rotated
+        self.trust = trust
+        self.tls = tls  # for wss:// URLs: only the pinned CA (None: the system's CAs)
         self.token_store = token_store or TokenStore(config_path=None, from_env=False)
         self.ledger = ledger
         self.policy = policy or ReconnectPolicy(
@@ -67,6 +73,7 @@ class Agent:
             ledger,
             self.outbox,
             self._deliver,
+            trust=trust,
             limit=settings.max_concurrent_commands,
             max_output=settings.max_output_bytes,
         )
@@ -83,12 +90,19 @@ class Agent:
         """Connect, serve and reconnect until `stop` is called."""
         urls = self.settings.gateway_urls
         log.info(
-            "agent %s %s starting; token fingerprint %s; gateways %s",
+            "agent %s %s starting; token fingerprint %s; gateways %s; public key %s; trusting %d key(s)",
             self.settings.host_id,
             __version__,
             self._fingerprint,
             ", ".join(urls),
+            self.trust.public_key,
+            len(self.trust.trusted),
         )
+        for url in urls:
+            if url.startswith("ws://") and not is_loopback_url(url):
+                log.warning(
+                    "insecure = true: %s is plain ws://; anyone on the path can read the traffic", url
+                )
         metrics.prime()
         try:
             while not self.stopping.is_set():
@@ -114,9 +128,11 @@ class Agent:
     async def _connect(self, url: str) -> tuple[Outcome, float]:
         """Open one connection to `url` and serve it; return how it ended and how long the session lasted."""
         headers = {"Authorization": f"Bearer {self.settings.token.get_secret_value()}"}
+        tls: dict[str, Any] = {"ssl": self.tls} if self.tls is not None and url.startswith("wss://") else {}
         try:
             async with connect(
                 url,
+                **tls,
                 additional_headers=headers,
                 compression=None,
                 ping_interval=None,
@@ -139,7 +155,7 @@ class Agent:
 
     async def _session(self, ws: ClientConnection, url: str) -> tuple[Outcome, float]:
         """Say hello, wait for the welcome, then serve until one of the session's tasks ends."""
-        await self._send(ws, dispatch.hello(self.settings.host_id))
+        await self._send(ws, dispatch.hello(self.settings.host_id, trust=self.trust))
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 welcome = dispatch.expect_welcome(await ws.recv())
@@ -162,7 +178,7 @@ class Agent:
 
     async def _serve(self, ws: ClientConnection, url: str, state: dispatch.SessionState) -> Outcome:
         """Run reader, pinger, metrics pusher and the stop watcher; the first to end cancels the rest."""
-        for action in dispatch.resend(state):
+        for action in dispatch.resend(state, self.trust):
             await self._send(ws, action.message)
         if pending := len(self.outbox):
             log.info("re-sent %d un-acked result(s)", pending)
@@ -198,7 +214,7 @@ class Agent:
                     elif isinstance(action, dispatch.Run):
                         self.commands.start(action.request)
                     elif isinstance(action, dispatch.Rotate):
-                        await self._send(ws, await self.rotate(action.request))
+                        await self._send(ws, await self._rotate_safely(action.request))
                     else:
                         await ws.close(action.code, action.reason)
                         return Outcome.CLOSED
@@ -281,24 +297,47 @@ class Agent:
 
     # ------------------------------------------------------------------ token rotation
 
+    async def _rotate_safely(self, request: RotateToken) -> TokenRotated:
+        """`rotate`, with an unexpected failure answered ok=False (the session stays up)."""
+        try:
+            return await self.rotate(request)
+        except Exception:
+            log.exception("token rotation %s failed", request.rotation_id)
+            return TokenRotated(rotation_id=request.rotation_id, ok=False, description="internal error")
+
     async def rotate(self, request: RotateToken) -> TokenRotated:
-        """Store the new token where the current one came from; on success use it from the next connection."""
-        token = request.token
-        new_fingerprint = fingerprint(hash_token(token))
+        """Verify a signed rotation, make a new token here and store it where the current one came from.
+
+        On success the new token is used from the next connection, and the answer carries its hash signed
+        by the agent (the token itself never leaves the host). A refused rotation changes nothing; its
+        description starts with the typed code (``unsigned: ...``) so the gateway can answer with it.
+        """
+        rotation_id = request.rotation_id
+        refused = self.trust.check_rotate(request)
+        if refused is None:
+            assert request.signature is not None
+            refused = self.ledger.claim(rotation_id, keep_until=request.signature.not_after)
+        if refused is not None:
+            description = f"{refused.code}: {refused.description}"[:1024]
+            return TokenRotated(rotation_id=rotation_id, ok=False, description=description)
+        token = generate_token()
+        token_sha256 = hash_token(token)
+        new_fingerprint = fingerprint(token_sha256)
         problem = await asyncio.to_thread(self.token_store.store, token)
         if problem is not None:
-            log.warning("token rotation %s refused: %s", request.rotation_id, problem)
-            return TokenRotated(rotation_id=request.rotation_id, ok=False, description=problem[:1024])
+            log.warning("token rotation %s refused: %s", rotation_id, problem)
+            return TokenRotated(rotation_id=rotation_id, ok=False, description=problem[:1024])
         self.settings = self.settings.model_copy(update={"token": SecretStr(token)})
         log.info(
             "token rotated (%s): fingerprint %s -> %s, stored in %s; used from the next connection",
-            request.rotation_id,
+            rotation_id,
             self._fingerprint,
             new_fingerprint,
             self.token_store.config_path,
         )
         self._fingerprint = new_fingerprint
-        return TokenRotated(rotation_id=request.rotation_id, ok=True)
+        signature = self.trust.sign_rotated(rotation_id, token_sha256)
+        return TokenRotated(rotation_id=rotation_id, ok=True, token_sha256=token_sha256, signature=signature)
 
     # ------------------------------------------------------------------ results
 
@@ -309,4 +348,4 @@ class Agent:
             log.info("command %s finished while disconnected; result kept for re-sending", result.command_id)
             return
         with contextlib.suppress(ConnectionClosed, TimeoutError):
-            await self._send(ws, dispatch.result_frame(state.welcome, result))
+            await self._send(ws, dispatch.result_frame(state.welcome, result, self.trust))

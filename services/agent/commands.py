@@ -4,6 +4,10 @@ A dropped connection does not cancel a command; its result goes to the outbox an
 if) a session is up, and re-sent after each welcome until acked. A command's timeout counts from when the
 agent received it: the wait for a free slot uses it up, and one whose budget ran out is answered ``busy``
 without running (`budget`).
+
+Before anything else a command's signature is checked (`services.agent.trust`), then the ledger refuses
+an id it has seen (`replay`). A refusal is sent once, straight to the gateway and not through the outbox
+(it must not replace the un-acked result of the command that did run under that id).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from shared.errors import ErrorCode
 from shared.protocol import Exec, ExecError, ExecResult
 
 from . import budget
@@ -21,6 +26,7 @@ from .allocator import release_after
 from .executor import run_command
 from .ledger import Ledger, Result
 from .results import Outbox
+from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ class Commands:
         outbox: Outbox,
         deliver: Deliver,
         *,
+        trust: AgentTrust,
         limit: int,
         max_output: int,
         clock: Callable[[], float] = time.monotonic,
@@ -43,6 +50,7 @@ class Commands:
         self.ledger = ledger
         self.outbox = outbox
         self.deliver = deliver
+        self.trust = trust
         self.max_output = max_output
         self.limit = limit
         self.clock = clock
@@ -61,12 +69,21 @@ class Commands:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, request: Exec, received: float) -> None:
-        """Ledger first (a repeated id does not run), then keep the result until acked and deliver it."""
+        """Signature, then ledger (a seen id does not run), then keep the result until acked; deliver it."""
+        refused = self.trust.check_exec(request)
+        if refused is not None:
+            await self.deliver(refused)
+            return
 
         def admit(request: Exec) -> contextlib.AbstractAsyncContextManager[Exec | ExecError]:
             return self._slot(request, received)
 
-        result = await self.ledger.run(request, self._execute, admit)
+        assert request.signature is not None  # check_exec refuses an unsigned request
+        keep_until = request.signature.not_after
+        result = await self.ledger.run(request, self._execute, admit, keep_until=keep_until)
+        if isinstance(result, ExecError) and result.code is ErrorCode.REPLAY:
+            await self.deliver(result)
+            return
         self.outbox.add(result)
         await self.deliver(result)
         if isinstance(result, ExecResult):
@@ -98,8 +115,9 @@ class Commands:
             self._slots.release()
 
     async def _execute(self, request: Exec) -> Result:
-        """Run the admitted command (it holds a slot) with what is left of its timeout."""
-        return await run_command(request.command_id, request.command, request.timeout, self.max_output)
+        """Run the admitted command (it holds a slot) with what is left of its timeout; sign its result."""
+        result = await run_command(request.command_id, request.command, request.timeout, self.max_output)
+        return self.trust.seal(result)
 
     async def wait(self, grace: float) -> None:
         """Wait up to `grace` seconds for the running commands to finish."""

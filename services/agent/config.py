@@ -6,6 +6,9 @@ The file holds flat keys named like the fields::
     host_id = "web-1"
     token = "<64 hex>"
     gateway_urls = ["wss://gw1.example:8443/agent", "wss://gw2.example:8443/agent"]
+    trusted_keys = ["ed25519:..."]          # the API's signing key(s): commands must verify against one
+    ca_file = "/etc/warlock/ca.pem"         # the CA the agent pins for wss:// (optional)
+    identity_key_file = "/etc/warlock/agent.key"   # the agent's own key (made at first start)
 
 The agent runs on every host, so it reads both sources itself into a plain pydantic model rather than
 through pydantic-settings like the other services (whose import alone costs the agent ~3.5 MiB of RSS);
@@ -14,17 +17,21 @@ names, precedence and the errors naming a field and its variable are the same.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import ssl
 import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 
+from shared import signing
 from shared.errors import ConfigError
 from shared.ids import HostIdField
 from shared.tokens import is_well_formed
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = Path("/etc/warlock/agent.conf")
 DEFAULT_LEDGER_PATH = Path("/var/lib/warlock-agent/ledger.jsonl")
+DEFAULT_IDENTITY_KEY_FILE = Path("/etc/warlock/agent.key")
 MIB = 1024 * 1024
 ENV_PREFIX = "WARLOCK_AGENT_"
 LOG_LEVEL_ENV = "WARLOCK_LOG_LEVEL"  # shared by every service
@@ -52,7 +60,11 @@ class AgentSettings(BaseModel):
     log_level: LogLevel = "INFO"
     host_id: HostIdField
     token: SecretStr
+    insecure: bool = False  # allow ws:// to a non-loopback gateway (declared before gateway_urls: it checks)
     gateway_urls: list[str] = Field(min_length=1)
+    trusted_keys: list[str] = Field(min_length=1)
+    ca_file: Path | None = None
+    identity_key_file: Path = DEFAULT_IDENTITY_KEY_FILE
     metrics_interval: float = Field(default=30.0, gt=0)
     ping_interval: float = Field(default=20.0, gt=0)
     ping_timeout: float = Field(default=10.0, gt=0)
@@ -75,7 +87,7 @@ class AgentSettings(BaseModel):
             raise ValueError("must be 64 lowercase hex characters")
         return value
 
-    @field_validator("gateway_urls", mode="before")
+    @field_validator("gateway_urls", "trusted_keys", mode="before")
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
         """Accept a JSON list or a comma-separated string (as environment variables give them)."""
@@ -88,16 +100,58 @@ class AgentSettings(BaseModel):
 
     @field_validator("gateway_urls")
     @classmethod
-    def _ws_urls(cls, value: list[str]) -> list[str]:
-        """Every gateway URL is ws:// or wss:// with a host."""
+    def _ws_urls(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Every gateway URL is ws:// or wss:// with a host; ws:// only to loopback unless `insecure`."""
         for url in value:
             scheme, sep, rest = url.partition("://")
             if not sep or scheme not in ("ws", "wss") or not rest or rest.startswith("/"):
                 raise ValueError(f"not a ws:// or wss:// URL: {url[:200]!r}")
+            if scheme == "ws" and not info.data.get("insecure", False) and not is_loopback_url(url):
+                raise ValueError(
+                    f"{url[:200]!r} is plain ws:// to a host that is not loopback: use wss:// (and ca_file), "
+                    "or set insecure = true to accept that anyone on the path can read and change the traffic"
+                )
+        return value
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _public_keys(cls, value: list[str]) -> list[str]:
+        """Each trusted key parses as ``ed25519:<base64url>``; the error names the one that does not."""
+        for index, text in enumerate(value):
+            try:
+                signing.parse_public(text)
+            except ValueError as exc:
+                raise ValueError(
+                    f"key {index + 1} ({text[:60]!r}) is not an Ed25519 public key: {exc}"
+                ) from None
         return value
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def is_loopback_url(url: str) -> bool:
+    """Whether `url`'s host is a loopback address (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_context(settings: AgentSettings) -> ssl.SSLContext | None:
+    """The TLS context for wss:// gateways: only `ca_file` is trusted when set; None: the system's CAs."""
+    if settings.ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(settings.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(
+            f"ca_file ({env_name('ca_file')})", f"cannot load {settings.ca_file} as a PEM CA: {reason}"
+        ) from exc
+
+
+def read_toml(path: Path) -> dict[str, Any]:
     """Read the config file, warning when others may read the token in it."""
     try:
         mode = path.stat().st_mode
@@ -150,7 +204,7 @@ def settings_error(exc: ValidationError, source: str = "") -> ConfigError:
 def load_agent_config(path: Path | None = None) -> tuple[AgentSettings, TokenStore]:
     """The agent settings (`load_config`) and where a rotated token must be stored."""
     file = config_file(path)
-    values: dict[str, Any] = _read_toml(file) if file is not None else {}
+    values: dict[str, Any] = read_toml(file) if file is not None else {}
     values.update(from_env(os.environ))
     try:
         settings = AgentSettings(**values)

@@ -26,7 +26,8 @@ from shared.protocol import (
 )
 
 from . import __version__
-from .results import Outbox, Result, fit_result
+from .results import SIGNATURE_ROOM, Outbox, Result, fit_result
+from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Run:
 
 @dataclass(frozen=True)
 class Rotate:
-    """Store `request.token` for later connections, then answer TokenRotated."""
+    """Verify `request`, make and store a new token for later connections, then answer TokenRotated."""
 
     request: RotateToken
 
@@ -106,22 +107,25 @@ def on_frame(state: SessionState, raw: bytes | str, now: float) -> list[Action]:
     return [Close(CloseCode.POLICY_VIOLATION, "unexpected second welcome")]
 
 
-def resend(state: SessionState) -> list[Send]:
-    """After a welcome: every un-acked result again, each trimmed to the session's frame limit."""
-    return [Send(result_frame(state.welcome, r)) for r in state.outbox.pending()]
+def resend(state: SessionState, trust: AgentTrust) -> list[Send]:
+    """After a welcome: every un-acked result again, each trimmed to the session's frame limit and signed."""
+    return [Send(result_frame(state.welcome, r, trust)) for r in state.outbox.pending()]
 
 
-def result_frame(welcome: Welcome, result: Result) -> Result:
-    """`result` as it may be sent in this session (trimmed to `max_result_bytes`)."""
-    return fit_result(result, welcome.max_result_bytes)
+def result_frame(welcome: Welcome, result: Result, trust: AgentTrust) -> Result:
+    """`result` as it may be sent in this session: trimmed to `max_result_bytes`, signed by the agent."""
+    return trust.seal(fit_result(result, welcome.max_result_bytes - SIGNATURE_ROOM))
 
 
-def hello(host_id: HostId, capabilities: tuple[str, ...] = CAPABILITIES) -> Hello:
-    """The Hello frame describing this host and agent."""
-    return Hello(
+def hello(
+    host_id: HostId, capabilities: tuple[str, ...] = CAPABILITIES, trust: AgentTrust | None = None
+) -> Hello:
+    """The Hello frame describing this host and agent, signed when `trust` holds the agent's key."""
+    frame = Hello(
         host_id=host_id,
         hostname=socket.gethostname()[:255],
         platform=platform.platform()[:255],
         agent_version=__version__,
         capabilities=capabilities,
     )
+    return trust.sign_hello(frame) if trust is not None else frame

@@ -4,15 +4,20 @@ File format: JSON lines (UTF-8), one record per event::
 
     {"id": "<command id>", "at": <unix time>, "state": "started"}
     {"id": "<command id>", "at": <unix time>, "state": "done", "result": {...ExecResult or ExecError...}}
+    {"id": "rotate:<rotation id>", "at": <unix time>, "state": "used"}      (an id that ran no command)
 
 A "started" record is appended (and flushed) before the command runs, a "done" record after. Records are
 flushed to the kernel but not fsynced per command: the ledger survives an agent crash, not a power loss.
 At open, every `COMPACT_EVERY_S`, and whenever more than `max_bytes` were appended since the last time,
 the file is rewritten from memory without expired ids (temp file + os.replace).
 
-A repeated id is answered from the ledger: its recorded result if done; ``UNKNOWN_RESULT`` if it started
-but never finished (the agent died mid-run; it is never run again); the same result if it is running now
-(or waiting for the right to run: see `Ledger.run`'s `admit`).
+A repeated id is a replay: it is refused with the typed error ``replay`` and never runs again, whether it
+is done or running now (or waiting for the right to run: see `Ledger.run`'s `admit`); an id that started
+before the agent restarted and never finished is refused with ``unknown_result`` (it may have run). (A
+result is not answered again: the outbox re-sends it until the gateway acks it, and a replayed envelope
+must not fetch a command's output.) An id is kept `retention` seconds, and at
+least until the not-after of the signed envelope that brought it (`keep_until`), so a signed command
+cannot be replayed after its id is forgotten.
 
 Bounds: every id of the retention is kept, however many (that is the guarantee); the output recorded for
 a repeat is not. Each stream of a recorded result is cut to `output_bytes` (64 KiB, what the API keeps),
@@ -64,6 +69,7 @@ class Entry:
 
     at: float
     result: Result | None = None
+    used: bool = False  # an id that names no command (a token rotation's): `claim`
 
 
 class Ledger:
@@ -123,6 +129,8 @@ class Ledger:
             command_id, at, state = str(record["id"]), float(record["at"]), record["state"]
             if state == "started":
                 self._entries.setdefault(command_id, Entry(at=at))
+            elif state == "used":
+                self._entries[command_id] = Entry(at=at, used=True)
             elif state == "done":
                 self._remember(command_id, at, _results.validate_python(record["result"]))
             else:
@@ -159,7 +167,8 @@ class Ledger:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             for command_id, entry in self._entries.items():
-                fh.write(_line({"id": command_id, "at": entry.at, "state": "started"}))
+                state = "used" if entry.used else "started"
+                fh.write(_line({"id": command_id, "at": entry.at, "state": state}))
                 if entry.result is not None:
                     done = {"id": command_id, "at": entry.at, "state": "done", "result": _dump(entry.result)}
                     fh.write(_line(done))
@@ -200,19 +209,63 @@ class Ledger:
             description="this command id started before the agent restarted; its result was lost",
         )
 
-    async def run(self, request: Exec, runner: Runner, admit: Admit | None = None) -> Result:
-        """Run `request` with `runner` at most once per id; a repeated id gets the recorded answer.
+    def replay(self, command_id: str, key: str | None = None) -> ExecError | None:
+        """The typed refusal if `command_id` (recorded as `key`) is running or was recorded within the
+        retention: `replay`, or `unknown_result` for a command that started before a restart (it may have
+        run)."""
+        key = key or command_id
+        entry = self._entries.get(key)
+        if key in self._running:
+            why = "is running now"
+        elif entry is None or entry.at < self.clock() - self.retention:
+            return None
+        elif entry.used:
+            why = "was already used"
+        elif entry.result is None:
+            log.warning(
+                "command %s refused: it started before the agent restarted; not run again", command_id
+            )
+            return (
+                ExecError(  # it may have run: `unknown_result` says so, where `replay` would say it did not
+                    command_id=CommandId(command_id),
+                    code=ErrorCode.UNKNOWN_RESULT,
+                    description="this command id started before the agent restarted; its result was lost; "
+                    "not run again",
+                )
+            )
+        else:
+            why = "was already received"
+        log.warning("command %s refused (replay): this id %s; nothing ran again", command_id, why)
+        return ExecError(
+            command_id=CommandId(command_id),
+            code=ErrorCode.REPLAY,
+            description=f"command id {command_id} {why} on this host; a command runs at most once, so "
+            "nothing ran again (a result not yet acknowledged is re-sent by the agent)",
+        )
+
+    def claim(self, command_id: str, keep_until: float = 0.0, namespace: str = "rotate") -> ExecError | None:
+        """Record `command_id` of an operation that runs no command (recorded as ``<namespace>:<id>``,
+        flushed) unless it is a replay; return the refusal if it is."""
+        key = f"{namespace}:{command_id}"
+        if (refused := self.replay(command_id, key)) is not None:
+            return refused
+        at = max(self.clock(), keep_until - self.retention)
+        self._entries[key] = Entry(at=at, used=True)
+        self._append({"id": key, "at": at, "state": "used"})
+        return None
+
+    async def run(
+        self, request: Exec, runner: Runner, admit: Admit | None = None, keep_until: float = 0.0
+    ) -> Result:
+        """Run `request` with `runner` at most once per id; a repeated id is refused as a `replay`.
 
         With `admit`, the command runs only once admitted, as the request admit yields. An ExecError from
-        `admit` answers this id's waiting requests and is not recorded: nothing ran, the id stays unused.
+        `admit` answers this request and is not recorded: nothing ran, the id stays unused. The id is
+        remembered for the retention, and at least until `keep_until` (its envelope's not-after).
         """
         command_id = request.command_id
-        if (running := self._running.get(command_id)) is not None:
-            log.info("command %s is already running; waiting for its result", command_id)
-            return await asyncio.shield(running)
-        if (known := self.lookup(command_id)) is not None:
-            log.info("command %s seen before; answered from the ledger", command_id)
-            return known
+        if (refused := self.replay(command_id)) is not None:
+            return refused
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._running[command_id] = future
         try:
@@ -220,7 +273,7 @@ class Ledger:
                 if isinstance(admitted, ExecError):
                     future.set_result(admitted)
                     return admitted
-                result = await self._record_run(admitted, runner)
+                result = await self._record_run(admitted, runner, keep_until - self.retention)
             future.set_result(result)
             return result
         finally:
@@ -228,19 +281,24 @@ class Ledger:
             if not future.done():
                 future.cancel()
 
-    async def _record_run(self, request: Exec, runner: Runner) -> Result:
-        """Record the id as started (flushed), run the command, record its result."""
+    async def _record_run(self, request: Exec, runner: Runner, at_least: float = 0.0) -> Result:
+        """Record the id as started (flushed), run the command, record its result.
+
+        Entries expire `retention` after their time, which is moved up to `at_least` so the id outlives
+        its envelope.
+        """
         command_id = request.command_id
         if self.clock() - self._compacted_at > COMPACT_EVERY_S:
             self.compact()
-        self._entries[command_id] = Entry(at=self.clock())
-        self._append({"id": command_id, "at": self.clock(), "state": "started"})
+        started = max(self.clock(), at_least)
+        self._entries[command_id] = Entry(at=started)
+        self._append({"id": command_id, "at": started, "state": "started"})
         try:
             result = await runner(request)
         except Exception as exc:
             log.exception("command %s: runner failed", command_id)
             result = ExecError(command_id=command_id, code=ErrorCode.INTERNAL, description=str(exc)[:500])
-        now = self.clock()
+        now = max(self.clock(), at_least)
         kept = self._remember(command_id, now, result)
         self._append({"id": command_id, "at": now, "state": "done", "result": _dump(kept)})
         if self._appended > self._budget.max_bytes:

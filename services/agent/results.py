@@ -1,5 +1,8 @@
 """Results kept by the agent: fitting them into one frame, bounding the output kept, holding them until acked.
 
+A result that is changed here loses the agent's signature (`services.agent.trust.AgentTrust.seal` signs
+it again before it is sent), so a signature always covers the output it travels with.
+
 Output kept beyond the first answer is bounded twice: per result (`cap_output`, each stream cut to a
 number of UTF-8 bytes) and in total (`OutputBudget`: past its bytes, the oldest results lose their output
 and keep their outcome, flagged ``truncated``). The ledger and the outbox each keep one budget.
@@ -17,6 +20,7 @@ log = logging.getLogger(__name__)
 Result = ExecResult | ExecError
 MAX_UNACKED = 10_000
 OUTBOX_MAX_BYTES = 16 * 1024 * 1024
+SIGNATURE_ROOM = 128  # bytes a result's signature adds to its frame
 
 
 def output_bytes(result: Result) -> int:
@@ -45,14 +49,16 @@ def cap_output(result: Result, per_stream: int) -> Result:
     stdout, stderr = _cut(result.stdout, per_stream), _cut(result.stderr, per_stream)
     if stdout is result.stdout and stderr is result.stderr:
         return result
-    return result.model_copy(update={"stdout": stdout, "stderr": stderr, "truncated": True})
+    return result.model_copy(
+        update={"stdout": stdout, "stderr": stderr, "truncated": True, "signature": None}
+    )
 
 
 def strip_output(result: Result) -> Result:
     """`result` without its output: the outcome (exit status, signal, timing) stays, `truncated` is set."""
     if isinstance(result, ExecError) or not (result.stdout or result.stderr):
         return result
-    return result.model_copy(update={"stdout": "", "stderr": "", "truncated": True})
+    return result.model_copy(update={"stdout": "", "stderr": "", "truncated": True, "signature": None})
 
 
 class OutputBudget:
@@ -88,6 +94,8 @@ class OutputBudget:
 def fit_result(result: Result, max_bytes: int) -> Result:
     """Return `result` trimmed so its encoded frame is at most `max_bytes` (sets `truncated`).
 
+    A trimmed result has no signature (its frame is measured without one: keep `SIGNATURE_ROOM` free).
+
     The longer of stdout/stderr is cut from its end, repeatedly, until the frame fits; an ExecError's
     description is cut the same way. Every character encodes to at least one byte, so cutting `excess`
     characters shrinks the frame by at least `excess` bytes.
@@ -104,7 +112,7 @@ def fit_result(result: Result, max_bytes: int) -> Result:
         if not text:
             break
         keep = max(0, len(text) - excess)
-        result = result.model_copy(update={field: text[:keep], "truncated": True})
+        result = result.model_copy(update={field: text[:keep], "truncated": True, "signature": None})
     return result
 
 

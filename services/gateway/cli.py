@@ -20,7 +20,7 @@ import uvloop
 
 from services.gateway import gateway_version
 from services.gateway.server import Gateway
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import GatewaySettings, tls_context
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.natsx import NatsLink
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.parse_args(argv)
     try:
         settings = load_settings(GatewaySettings)
+        tls_context(settings)  # unreadable certificate or key: exit 2 now, not after NATS answers
     except ConfigError as exc:
         print(f"warlock-gateway: config error: {exc.field}: {exc.message}", file=sys.stderr)
         sys.exit(2)

@@ -1,9 +1,12 @@
 """Token rotation and revocation, gateway side.
 
-Rotation: a request on ``warlock.agent.<host>.rotate`` hands the agent a new token over its open session
-(`RotateToken`) and answers `RotateOk` once the agent confirms it stored it (`TokenRotated`), or a typed
-error. Revocation: every gateway listens on ``warlock.auth.revoked`` (no queue group); a revoked token
-hash leaves the cache and the sessions opened with it close with 4003.
+Rotation: a request on ``warlock.agent.<host>.rotate`` ({command_id, signature}: no token) becomes a
+`RotateToken` frame with the same id and signature, unchanged (the gateway does not verify and cannot
+sign). The agent checks the API's signature, makes itself a new token, stores it and answers
+`TokenRotated` with the new token's hash signed by its own key; the gateway answers `RotateOk` with that
+hash and signature (the API checks it against the agent's pinned key), or a typed error. A token never
+passes through a gateway. Revocation: every gateway listens on ``warlock.auth.revoked`` (no queue group);
+a revoked token hash leaves the cache and the sessions opened with it close with 4003.
 
 Tokens are never logged: only `shared.tokens.fingerprint` of a hash.
 """
@@ -19,10 +22,40 @@ from services.gateway.auth import TokenCache
 from services.gateway.bridge import Bridge, GwSession, session_log
 from shared.errors import CloseCode, ErrorCode, ProtocolError
 from shared.natsx import error
-from shared.protocol import RotateOk, RotateRequest, RotateToken, TokenRevoked, TokenRotated, decode_model
-from shared.tokens import fingerprint, hash_token
+from shared.protocol import (
+    ErrorReply,
+    RotateOk,
+    RotateRequest,
+    RotateToken,
+    TokenRevoked,
+    TokenRotated,
+    decode_model,
+)
+from shared.tokens import fingerprint
 
 log = logging.getLogger("services.gateway")
+
+
+def refusal(description: str) -> ErrorReply:
+    """The typed error for a rotation the agent refused: its own code when the description starts with one
+    of the codes after which nothing changed (``unsigned: ...``), else `exec_failed`."""
+    code, sep, rest = description.partition(": ")
+    if sep and code in _REFUSAL_CODES:
+        return error(ErrorCode(code), f"the agent refused the rotation: {rest}")
+    return error(ErrorCode.EXEC_FAILED, f"the agent could not store a new token: {description}")
+
+
+_REFUSAL_CODES = frozenset(
+    code.value
+    for code in (
+        ErrorCode.UNSIGNED,
+        ErrorCode.UNKNOWN_KEY,
+        ErrorCode.BAD_SIGNATURE,
+        ErrorCode.WRONG_HOST,
+        ErrorCode.EXPIRED,
+        ErrorCode.REPLAY,
+    )
+)
 
 
 class Rekeyer:
@@ -40,9 +73,9 @@ class Rekeyer:
         except ProtocolError as exc:
             await self.bridge.answer(msg, error(ErrorCode.BAD_REQUEST, exc.message))
             return
-        started = session.start_rotation(request.token, self.bridge.settings.max_in_flight)
-        if started is None:
-            await self.bridge.answer(msg, error(ErrorCode.BUSY, "too many token rotations in flight"))
+        started = session.start_rotation(request, self.bridge.settings.max_in_flight)
+        if isinstance(started, ErrorReply):
+            await self.bridge.answer(msg, started)
             return
         frame, future = started
         self.bridge.track(session, self._await_rotation(session, msg, frame, future))
@@ -50,13 +83,9 @@ class Rekeyer:
     async def _await_rotation(
         self, session: GwSession, msg: Msg, frame: RotateToken, future: asyncio.Future[TokenRotated | None]
     ) -> None:
-        """Send the new token, wait for the agent's TokenRotated, answer RotateOk or a typed error."""
+        """Send RotateToken, wait for the agent's TokenRotated, answer RotateOk or a typed error."""
         slog = session_log(session)
-        slog.info(
-            "token rotation %s: sending new token %s",
-            frame.rotation_id,
-            fingerprint(hash_token(frame.token)),
-        )
+        slog.info("token rotation %s: asking the agent to make a new token", frame.rotation_id)
         await self.bridge.send(session, frame)
         try:
             async with asyncio.timeout(self.timeout):
@@ -71,13 +100,23 @@ class Rekeyer:
             slog.warning("token rotation %s: the agent disconnected", frame.rotation_id)
             description = "the agent disconnected before confirming the new token; it may have stored it"
             await self.bridge.answer(msg, error(ErrorCode.DISCONNECTED, description))
+        elif answer.ok and answer.token_sha256 is not None and answer.signature is not None:
+            slog.info(
+                "token rotation %s: the agent stored new token %s",
+                frame.rotation_id,
+                fingerprint(answer.token_sha256),
+            )
+            rotated = RotateOk(
+                host_id=session.host_id, token_sha256=answer.token_sha256, signature=answer.signature
+            )
+            await self.bridge.answer(msg, rotated)
         elif answer.ok:
-            slog.info("token rotation %s: the agent stored the new token", frame.rotation_id)
-            await self.bridge.answer(msg, RotateOk(host_id=session.host_id))
+            slog.warning("token rotation %s: the agent's answer has no signed token hash", frame.rotation_id)
+            description = "the agent confirmed a new token without its signed hash (an agent too old?)"
+            await self.bridge.answer(msg, error(ErrorCode.INTERNAL, description))
         else:
             slog.warning("token rotation %s: refused by the agent: %s", frame.rotation_id, answer.description)
-            description = f"the agent could not store the new token: {answer.description}"
-            await self.bridge.answer(msg, error(ErrorCode.EXEC_FAILED, description))
+            await self.bridge.answer(msg, refusal(answer.description))
 
     async def on_revoked(self, msg: Msg) -> None:
         """A token was revoked: forget it, and close with 4003 the session that authenticated with it."""

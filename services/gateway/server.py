@@ -25,7 +25,7 @@ from services.gateway.auth import Authenticator, TokenCache
 from services.gateway.bridge import Bridge, GwSession, session_log
 from services.gateway.rekey import Rekeyer
 from services.gateway.session import Session, accept_hello, is_dead, max_result_bytes
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import GatewaySettings, tls_context
 from services.gateway.upgrade import AGENT_PATH, UpgradeGate, peer_of
 from shared import subjects
 from shared.errors import CloseCode, ProtocolError
@@ -52,6 +52,7 @@ class Gateway:
     def __init__(self, nc: NATS, settings: GatewaySettings) -> None:
         self.nc = nc
         self.settings = settings
+        self.tls = tls_context(settings)  # wss:// when a certificate and key are configured
         self.bridge = Bridge(nc, settings)
         cache = TokenCache(settings.token_cache_ttl, settings.token_cache_size)
         self.auth = Authenticator(nc, cache, settings.verify_timeout)
@@ -100,11 +101,19 @@ class Gateway:
             max_size=s.max_frame_bytes,
             max_queue=4,
             close_timeout=s.close_timeout,
+            ssl=self.tls,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._pinger = asyncio.create_task(self._ping_loop())
         await self.bridge.sync()
-        log.info("gateway %s listening on ws://%s:%d%s", s.gateway_id, s.host, self.port, AGENT_PATH)
+        scheme = "wss" if self.tls is not None else "ws"
+        if self.tls is None and s.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "serving plain ws:// on %s: agents refuse it unless configured insecure; set "
+                "WARLOCK_GATEWAY_TLS_CERT_FILE and WARLOCK_GATEWAY_TLS_KEY_FILE (or terminate TLS in front)",
+                s.host,
+            )
+        log.info("gateway %s listening on %s://%s:%d%s", s.gateway_id, scheme, s.host, self.port, AGENT_PATH)
 
     async def stop(self) -> None:
         """Stop accepting, unsubscribe every host, drain in-flight requests, close agents with 1001."""
@@ -203,6 +212,8 @@ class Gateway:
             platform=hello.platform,
             agent_version=hello.agent_version,
             at=session.connected_at,
+            signed_at=hello.signed_at,  # the agent's signature, passed through: the API checks it
+            signature=hello.signature,
         )
         try:
             await nc.publish(subjects.session_claim(host), encode(session.claim()))

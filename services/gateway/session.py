@@ -8,7 +8,6 @@ or awaits: the only asyncio objects are the futures the shell's request tasks wa
 from __future__ import annotations
 
 import asyncio
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -30,6 +29,7 @@ from shared.protocol import (
     MetricsEvent,
     Ping,
     Pong,
+    RotateRequest,
     RotateToken,
     SessionClaim,
     TokenRevoked,
@@ -229,14 +229,17 @@ class Session(Generic[C]):
             return True
         return bool(self.token_sha256) and hashes_equal(revoked.token_sha256, self.token_sha256)
 
-    def start_rotation(self, token: str, max_in_flight: int) -> Rotation | None:
-        """The RotateToken frame and the future its TokenRotated resolves; None when over the limit."""
+    def start_rotation(self, request: RotateRequest, max_in_flight: int) -> Rotation | ErrorReply:
+        """The RotateToken frame (the request's id and signature, unchanged) and the future its
+        TokenRotated resolves; a typed `busy` when over the limit or that rotation is already in flight."""
+        rotation_id = request.command_id
         if len(self.rotations) >= max_in_flight:
-            return None
-        rotation_id = uuid.uuid4().hex[:16]
+            return error(ErrorCode.BUSY, "too many token rotations in flight")
+        if rotation_id in self.rotations:
+            return error(ErrorCode.BUSY, f"rotation {rotation_id} is already in flight", rotation_id)
         future: asyncio.Future[TokenRotated | None] = asyncio.get_running_loop().create_future()
         self.rotations[rotation_id] = future
-        return RotateToken(rotation_id=rotation_id, token=token), future
+        return RotateToken(rotation_id=rotation_id, signature=request.signature), future
 
     def handle(self, frame: AgentFrame) -> list[Action]:
         """Decide what a frame received after the hello leads to."""
@@ -278,7 +281,12 @@ class Session(Generic[C]):
             pending = Pending(command_id, asyncio.get_running_loop().create_future())
             self.pending[command_id] = pending
             pending.msgs.append(msg)
-            frame = Exec(command_id=command_id, command=request.command, timeout=request.timeout)
+            frame = Exec(
+                command_id=command_id,
+                command=request.command,
+                timeout=request.timeout,
+                signature=request.signature,  # passed through unchanged: the agent verifies it
+            )
             return Started(pending, frame)
         pending.msgs.append(msg)
         return Joined(pending)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 import secrets
 import socket
+import ssl
+from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.errors import ConfigError
 from shared.ids import HOST_ID_PATTERN
 from shared.limits import AGENT_AFTER_TIMEOUT_S, DEFAULT_EXEC_GRACE_S, MIN_EXEC_GRACE_S
 from shared.settings import NatsSettings
@@ -48,6 +51,23 @@ class GatewaySettings(NatsSettings):
     rotate_timeout: float = Field(default=5.0, gt=0, description="token rotation round trip")
     drain_timeout: float = Field(default=10.0, ge=0)
     close_timeout: float = Field(default=5.0, gt=0, description="WebSocket closing handshake")
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain: serve wss://")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySettings:
+        """A certificate without its key (or the reverse) is a configuration error, not plain ws://."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = (
+                "WARLOCK_GATEWAY_TLS_KEY_FILE"
+                if self.tls_key_file is None
+                else "WARLOCK_GATEWAY_TLS_CERT_FILE"
+            )
+            raise ValueError(
+                "WARLOCK_GATEWAY_TLS_CERT_FILE and WARLOCK_GATEWAY_TLS_KEY_FILE go together "
+                f"(set both for wss://, neither for ws://); {missing} is not set"
+            )
+        return self
 
     @field_validator("exec_grace")
     @classmethod
@@ -60,3 +80,23 @@ class GatewaySettings(NatsSettings):
                 "pipes to close), and a shorter grace would answer `timeout` while its result is on the way"
             )
         return value
+
+
+def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The server TLS context (TLS 1.2+) from the certificate and key files; None: plain ws://.
+
+    Raises ConfigError naming the setting when the files cannot be loaded.
+    """
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(
+            "tls_cert_file (WARLOCK_GATEWAY_TLS_CERT_FILE)",
+            f"cannot load {settings.tls_cert_file} with key {settings.tls_key_file}: {reason}",
+        ) from exc
+    return context

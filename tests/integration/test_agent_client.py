@@ -21,6 +21,7 @@ from services.agent.client import Agent
 from services.agent.config import AgentSettings
 from services.agent.ledger import Ledger
 from services.agent.swarm import run_swarm
+from shared import signing
 from shared.errors import CloseCode
 from shared.ids import CommandId, HostId, SessionId
 from shared.protocol import (
@@ -37,6 +38,8 @@ from shared.protocol import (
 )
 from shared.tokens import generate_token
 from shared.version import __version__
+from tests.support.agent_trust import agent_trust, signed_exec
+from tests.support.trust import TestSigner
 
 Behaviour = Callable[[ServerConnection, Hello], Awaitable[None]]
 
@@ -46,12 +49,17 @@ class FakeGateway:
     """Accepts one token; each new session runs the next scripted behaviour after its Welcome."""
 
     token: str
+    signer: TestSigner
     behaviours: list[Behaviour] = field(default_factory=list)
     auth_headers: list[str | None] = field(default_factory=list)
     hellos: list[Hello] = field(default_factory=list)
     connected_at: list[float] = field(default_factory=list)
     close_codes: list[int | None] = field(default_factory=list)
     server: Server | None = None
+
+    def exec(self, command_id: str, command: str, timeout: float = 5) -> bytes:
+        """An Exec frame for web-1 signed with the test's API key, encoded."""
+        return encode(signed_exec(self.signer, command_id, command, timeout))
 
     @property
     def url(self) -> str:
@@ -106,9 +114,9 @@ async def next_frame(ws: ServerConnection, kind: type[Any] | None = None) -> Age
 
 
 @pytest.fixture
-async def gateway() -> AsyncIterator[FakeGateway]:
-    """A fake gateway on a free port."""
-    gw = FakeGateway(token=generate_token())
+async def gateway(tmp_path: Path) -> AsyncIterator[FakeGateway]:
+    """A fake gateway on a free port (it forwards commands signed by the test's API key)."""
+    gw = FakeGateway(token=generate_token(), signer=TestSigner(tmp_path))
     async with serve(gw.handler, "127.0.0.1", 0, process_request=gw.process_request) as server:
         gw.server = server
         yield gw
@@ -132,6 +140,7 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Running]]:
             "host_id": "web-1",
             "token": token,
             "gateway_urls": urls,
+            "trusted_keys": [TestSigner(tmp_path).public_key],
             "ledger_path": tmp_path / "ledger.jsonl",
             "metrics_interval": 3600,
             "backoff_initial": 0.05,
@@ -142,7 +151,8 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Running]]:
         settings = AgentSettings(**values)
         ledger = Ledger(settings.ledger_path)
         ledger.open()
-        agent = Agent(settings, ledger, shutdown_grace=2)
+        trust = agent_trust(tmp_path, signer=TestSigner(tmp_path))
+        agent = Agent(settings, ledger, shutdown_grace=2, trust=trust)
         running = Running(agent, asyncio.create_task(agent.run()))
         started.append((running, ledger))
         return running
@@ -169,9 +179,7 @@ async def test_exec_round_trip_with_ack(
     results: list[ExecResult] = []
 
     async def run_one(ws: ServerConnection, hello: Hello) -> None:
-        await ws.send(
-            encode(Exec(command_id=CommandId("c1"), command="echo hi; exit 4", timeout=5)), text=True
-        )
+        await ws.send(gateway.exec("c1", "echo hi; exit 4"), text=True)
         result = await next_frame(ws, ExecResult)
         assert isinstance(result, ExecResult)
         results.append(result)
@@ -190,6 +198,10 @@ async def test_exec_round_trip_with_ack(
     assert results[0].command_id == "c1"
     assert results[0].stdout == "hi\n"
     assert results[0].exit_code == 4
+    public = signing.parse_public(running.agent.trust.public_key)
+    assert signing.verify_result(public, "web-1", results[0])
+    assert hello.signed_at is not None
+    assert signing.verify_values(public, signing.HELLO_DOMAIN, signing.hello_values(hello), hello.signature)
     assert f"session s0 established with {gateway.url}" in caplog.text
     assert gateway.token not in caplog.text
 
@@ -234,7 +246,7 @@ async def test_result_resent_after_abrupt_close(
 
     async def drop_mid_command(ws: ServerConnection, hello: Hello) -> None:
         command = f"sleep 0.5; echo run >> {counter}; echo done"
-        await ws.send(encode(Exec(command_id=CommandId("c7"), command=command, timeout=10)), text=True)
+        await ws.send(gateway.exec("c7", command, timeout=10), text=True)
         await asyncio.sleep(0.1)
         assert ws.transport is not None
         ws.transport.abort()
@@ -251,6 +263,7 @@ async def test_result_resent_after_abrupt_close(
     await wait_until(lambda: bool(resent) and len(running.agent.outbox) == 0, timeout=10)
     assert resent[0].command_id == "c7"
     assert resent[0].stdout == "done\n"
+    assert signing.verify_result(signing.parse_public(running.agent.trust.public_key), "web-1", resent[0])
     assert counter.read_text() == "run\n"
 
 
@@ -261,7 +274,7 @@ async def test_ping_answered_while_command_runs(
     order: list[str] = []
 
     async def probe(ws: ServerConnection, hello: Hello) -> None:
-        await ws.send(encode(Exec(command_id=CommandId("slow"), command="sleep 1.5", timeout=10)), text=True)
+        await ws.send(gateway.exec("slow", "sleep 1.5", timeout=10), text=True)
         await ws.send(encode(Ping(id="hc-1")), text=True)
         sent = time.monotonic()
         while len(order) < 2:
@@ -298,7 +311,7 @@ async def test_going_away_moves_to_the_next_url(
     gateway: FakeGateway, start_agent: Callable[..., Running]
 ) -> None:
     """Close code 1001 sends the agent promptly to the next gateway URL."""
-    second = FakeGateway(token=gateway.token)
+    second = FakeGateway(token=gateway.token, signer=gateway.signer)
 
     async def go_away(ws: ServerConnection, hello: Hello) -> None:
         await ws.close(CloseCode.GOING_AWAY, "shutting down")

@@ -20,13 +20,18 @@ from shared.errors import ErrorCode
 from shared.limits import DEFAULT_EXEC_GRACE_S
 from shared.protocol import ErrorReply, ExecReply, ExecResult, decode_exec_reply
 from tests.support.stack import Stack
+from tests.support.trust import TestSigner
 
 pytestmark = pytest.mark.e2e
 
 
-async def request(nc: NATS, host: str, command: str, timeout: float, command_id: str) -> ExecReply:
+async def request(
+    nc: NATS, signer: TestSigner, host: str, command: str, timeout: float, command_id: str
+) -> ExecReply:
     """Send one exec request with the API's patience (timeout + 10 s) and decode the reply."""
-    body = json.dumps({"command": command, "timeout": timeout, "command_id": command_id}).encode()
+    body = signer.exec_body(
+        host, json.dumps({"command": command, "timeout": timeout, "command_id": command_id})
+    )
     msg = await nc.request(subjects.agent_exec(host), body, timeout=timeout + 10)
     return decode_exec_reply(msg.data)
 
@@ -66,7 +71,9 @@ async def test_escaped_child_still_gets_its_result_within_default_grace(
     token = stack.add_host("web-1")
     stack.start_agent("agent", "web-1", token, [gw.url])
     started = time.monotonic()
-    reply = await request(nc, "web-1", f"setsid {' '.join(escaped_sleep)} & sleep 10", 1.0, "escaped-1")
+    reply = await request(
+        nc, stack.signer, "web-1", f"setsid {' '.join(escaped_sleep)} & sleep 10", 1.0, "escaped-1"
+    )
     elapsed = time.monotonic() - started
     assert isinstance(reply, ExecResult), reply
     assert reply.timed_out
@@ -92,7 +99,7 @@ async def test_commands_waiting_for_a_slot_never_start_late(stack: Stack, nc: NA
     async def one(i: int) -> tuple[float, float, ExecReply]:
         sent = time.time()
         command = f'echo "{i} $(date +%s.%N)" >> {starts}; sleep 1'
-        reply = await request(nc, "web-1", command, timeout, f"queued-{i}")
+        reply = await request(nc, stack.signer, "web-1", command, timeout, f"queued-{i}")
         return sent, time.time(), reply
 
     outcomes = await asyncio.gather(*(one(i) for i in range(count)))

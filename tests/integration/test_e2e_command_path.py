@@ -13,15 +13,19 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
 from shared import subjects
-from shared.protocol import ExecResult, decode_exec_reply
+from shared.errors import ErrorCode
+from shared.protocol import ErrorReply, ExecResult, decode_exec_reply
 from tests.support.stack import Stack
+from tests.support.trust import TestSigner
 
 pytestmark = pytest.mark.e2e
 
 
-async def run(nc: NATS, host: str, command: str, timeout: float = 10.0, **extra: object) -> ExecResult:
-    """Send an exec request as an operator would and return the decoded result."""
-    body = json.dumps({"command": command, "timeout": timeout, **extra}).encode()
+async def run(
+    nc: NATS, signer: TestSigner, host: str, command: str, timeout: float = 10.0, **extra: object
+) -> ExecResult:
+    """Send an exec request signed as the API would and return the decoded result."""
+    body = signer.exec_body(host, json.dumps({"command": command, "timeout": timeout, **extra}))
     msg = await nc.request(subjects.agent_exec(host), body, timeout=timeout + 10)
     reply = decode_exec_reply(msg.data)
     assert isinstance(reply, ExecResult), reply
@@ -49,10 +53,9 @@ def one_agent(stack: Stack) -> tuple[Stack, str]:
 
 async def test_exec_round_trip_by_plain_request(one_agent: tuple[Stack, str], nc: NATS) -> None:
     """`{"command": ...}` comes back with output, exit code, a command id and a duration."""
-    _, host = one_agent
-    msg = await nc.request(
-        subjects.agent_exec(host), b'{"command":"echo out; echo err >&2; exit 3"}', timeout=10
-    )
+    stack, host = one_agent
+    body = stack.signer.exec_body(host, b'{"command":"echo out; echo err >&2; exit 3"}')
+    msg = await nc.request(subjects.agent_exec(host), body, timeout=10)
     reply = decode_exec_reply(msg.data)
     assert isinstance(reply, ExecResult)
     assert (reply.exit_code, reply.stdout, reply.stderr) == (3, "out\n", "err\n")
@@ -64,10 +67,10 @@ async def test_exec_round_trip_by_plain_request(one_agent: tuple[Stack, str], nc
 
 async def test_timeout_kills_the_child_tree(one_agent: tuple[Stack, str], nc: NATS, tmp_path: Path) -> None:
     """A command over its timeout is killed with its whole process group, background children too."""
-    _, host = one_agent
+    stack, host = one_agent
     pidfile = tmp_path / "bg.pid"
     started = time.monotonic()
-    reply = await run(nc, host, f"sleep 300 & echo $! > {pidfile}; sleep 300", timeout=1.0)
+    reply = await run(nc, stack.signer, host, f"sleep 300 & echo $! > {pidfile}; sleep 300", timeout=1.0)
     assert time.monotonic() - started < 8
     assert reply.timed_out
     assert reply.exit_code is None
@@ -81,8 +84,8 @@ async def test_timeout_kills_the_child_tree(one_agent: tuple[Stack, str], nc: NA
 
 async def test_output_is_truncated_at_the_cap(one_agent: tuple[Stack, str], nc: NATS) -> None:
     """Output past the agent's cap is cut there and flagged."""
-    _, host = one_agent
-    reply = await run(nc, host, "head -c 100000 /dev/zero | tr '\\0' a; echo done >&2")
+    stack, host = one_agent
+    reply = await run(nc, stack.signer, host, "head -c 100000 /dev/zero | tr '\\0' a; echo done >&2")
     assert reply.truncated
     assert reply.stdout == "a" * 4096
     assert reply.stderr == "done\n"
@@ -98,13 +101,18 @@ async def test_no_agent_means_no_responders_at_once(one_agent: tuple[Stack, str]
 
 
 async def test_same_command_id_runs_once(one_agent: tuple[Stack, str], nc: NATS, tmp_path: Path) -> None:
-    """A repeated command id is answered from the agent's ledger; the command does not run again."""
-    _, host = one_agent
+    """A repeated command id is refused by the agent's ledger as a `replay`; the command does not run
+    again (signed again by the API or not: the id is what is remembered)."""
+    stack, host = one_agent
     counter = tmp_path / "runs"
-    first = await run(nc, host, f"echo ran >> {counter}; echo first", command_id="fixed-id-1")
-    second = await run(nc, host, f"echo ran >> {counter}; echo first", command_id="fixed-id-1")
+    first = await run(nc, stack.signer, host, f"echo ran >> {counter}; echo first", command_id="fixed-id-1")
+    body = stack.signer.exec_body(
+        host, json.dumps({"command": f"echo ran >> {counter}", "command_id": "fixed-id-1"})
+    )
+    second = decode_exec_reply((await nc.request(subjects.agent_exec(host), body, timeout=10)).data)
+    assert isinstance(second, ErrorReply)
+    assert (second.code, second.command_id) == (ErrorCode.REPLAY, "fixed-id-1")
     assert counter.read_text() == "ran\n"
-    assert first == second
     assert first.command_id == "fixed-id-1"
 
 
@@ -123,7 +131,9 @@ async def test_newest_session_wins_across_gateways(stack: Stack, nc: NATS, tmp_p
     replies: list[ExecResult] = []
     for batch in range(10):  # 10 at a time: under the gateway's in-flight limit
         ids = range(batch * 10, batch * 10 + 10)
-        replies += await asyncio.gather(*(run(nc, "twin", f"echo {i} >> {counter}") for i in ids))
+        replies += await asyncio.gather(
+            *(run(nc, stack.signer, "twin", f"echo {i} >> {counter}") for i in ids)
+        )
     assert [r.exit_code for r in replies] == [0] * 100
     lines = counter.read_text().split()
     assert sorted(lines, key=int) == [str(i) for i in range(100)]
@@ -137,7 +147,7 @@ async def test_agent_reconnects_after_gateway_restart_and_kill(stack: Stack, nc:
     gw = stack.start_gateway("gw-r")
     token = stack.add_host("phoenix")
     agent = stack.start_agent("phoenix", "phoenix", token, [gw.url])
-    assert (await run(nc, "phoenix", "echo 1")).stdout == "1\n"
+    assert (await run(nc, stack.signer, "phoenix", "echo 1")).stdout == "1\n"
 
     for how in ("term", "kill"):
         seen = agent.count(r"session \S+ established")
@@ -150,6 +160,6 @@ async def test_agent_reconnects_after_gateway_restart_and_kill(stack: Stack, nc:
         while agent.count(r"session \S+ established") <= seen:
             assert time.monotonic() < deadline, agent.log()[-3000:]
             await asyncio.sleep(0.1)
-        assert (await run(nc, "phoenix", f"echo {how}")).stdout == f"{how}\n"
+        assert (await run(nc, stack.signer, "phoenix", f"echo {how}")).stdout == f"{how}\n"
     assert agent.popen.poll() is None
     assert os.path.exists(agent.log_path)

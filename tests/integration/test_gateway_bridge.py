@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect
 
 from services.gateway.server import Gateway
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import CloseCode, ErrorCode
 from shared.limits import MIN_EXEC_GRACE_S
 from shared.protocol import (
@@ -46,6 +46,7 @@ from tests.integration.gateway_fixtures import (
     synced,
     token_authority,
 )
+from tests.support.trust import TestSigner
 
 HOSTS = ("web-1", "web-2", "db-1")
 
@@ -279,3 +280,34 @@ async def test_binary_frames_are_decoded_as_json(gw: Gateway, fleet: Fleet) -> N
         assert (await fake.recv()).type == "welcome"
         await ws.send(encode(Ping(id="b")))
         assert await fake.recv() == Pong(id="b")
+
+
+async def test_signatures_pass_through_unchanged(
+    gw: Gateway, fleet: Fleet, api: NATS, tmp_path: Path
+) -> None:
+    """The gateway neither checks nor makes signatures: the request's reaches the Exec frame as is, and
+    the agent's hello signature and signed_at reach presence; the agent's result signature is replied."""
+    signer = TestSigner(tmp_path)
+    presence = await api.subscribe(subjects.presence("db-1"))
+    await synced(api)
+    headers = {"Authorization": f"Bearer {fleet.tokens['db-1']}"}
+    async with connect(agent_url(gw), additional_headers=headers, compression=None) as ws:
+        fake = FakeAgent(ws)
+        signed_hello = hello("db-1").model_copy(update={"signed_at": 1234.5, "signature": "h" * 86})
+        await fake.send(signed_hello)
+        assert (await fake.recv()).type == "welcome"
+        body = signer.exec_body("db-1", b'{"command": "uptime", "timeout": 7}')
+        sent = decode_model(ExecRequest, body)
+        request = asyncio.ensure_future(api.request(subjects.agent_exec("db-1"), body, timeout=5))
+        frame = await fake.recv()
+        assert isinstance(frame, Exec)
+        assert frame.signature == sent.signature
+        assert signing.signed_fields(frame) == signing.signed_fields(sent)
+        result = ExecResult(command_id=frame.command_id, exit_code=0, duration_ms=1.0, signature="r" * 86)
+        await fake.send(result)
+        reply = decode_exec_reply((await request).data)
+        assert isinstance(reply, ExecResult)
+        assert reply.signature == "r" * 86
+    connected = decode_presence((await presence.next_msg(timeout=5)).data)
+    assert connected.type == "connected"
+    assert (connected.signed_at, connected.signature) == (1234.5, "h" * 86)

@@ -13,8 +13,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from services.gateway.server import Gateway
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import CloseCode, ErrorCode
+from shared.ids import CommandId
 from shared.protocol import (
     ErrorReply,
     Ping,
@@ -86,51 +87,75 @@ async def upgrade_status(gateway: Gateway, token: str) -> int | None:
         return exc.response.status_code
 
 
+def rotate_body(command_id: str = "rot-1", host: str = "web-1") -> tuple[RotateRequest, bytes]:
+    """A rotate request signed by a throwaway API key (the gateway passes it on, never checks it)."""
+    key = signing.generate()
+    sig = signing.sign_command(key, "rotate", {"command_id": command_id}, host)
+    request = RotateRequest(command_id=CommandId(command_id), signature=sig)
+    return request, encode(request)
+
+
 async def test_rotation_round_trip(
     gateway: Gateway, fleet: Fleet, api: NATS, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The agent gets RotateToken with the new token; its ok answer becomes RotateOk; no token is logged."""
+    """The agent gets RotateToken with the request's id and signature, unchanged (no token); its answer's
+    token hash and signature become RotateOk; no token is logged."""
     caplog.set_level(logging.DEBUG, logger="services.gateway")
     new = generate_token()
+    request, body = rotate_body()
     async with agent(gateway, "web-1", fleet.tokens["web-1"]) as fake:
-        reply = asyncio.ensure_future(rotate(api, "web-1", encode(RotateRequest(token=new))))
+        reply = asyncio.ensure_future(rotate(api, "web-1", body))
+        frame = await fake.recv()
+        assert frame == RotateToken(rotation_id=request.command_id, signature=request.signature)
+        sig = "s" * 86
+        await fake.send(
+            TokenRotated(rotation_id=frame.rotation_id, ok=True, token_sha256=hash_token(new), signature=sig)
+        )
+        assert await reply == RotateOk(host_id="web-1", token_sha256=hash_token(new), signature=sig)
+        unsigned = asyncio.ensure_future(rotate(api, "web-1", rotate_body("rot-2")[1]))
         frame = await fake.recv()
         assert isinstance(frame, RotateToken)
-        assert frame.token == new
-        await fake.send(TokenRotated(rotation_id=frame.rotation_id, ok=True))
-        assert await reply == RotateOk(host_id="web-1")
+        await fake.send(TokenRotated(rotation_id=frame.rotation_id, ok=True))  # no hash: not a RotateOk
+        answer = await unsigned
+        assert isinstance(answer, ErrorReply)
+        assert answer.code == ErrorCode.INTERNAL
     assert new not in caplog.text
     assert fleet.tokens["web-1"] not in caplog.text
-    assert "the agent stored the new token" in caplog.text
+    assert "the agent stored new token" in caplog.text
 
 
-async def test_rotation_refused_by_agent_is_exec_failed(gateway: Gateway, fleet: Fleet, api: NATS) -> None:
-    """ok=False from the agent → typed exec_failed carrying the agent's description."""
+async def test_rotation_refused_by_agent_is_typed(gateway: Gateway, fleet: Fleet, api: NATS) -> None:
+    """ok=False from the agent → typed exec_failed carrying the agent's description, or the signature
+    code the agent refused it with."""
     async with agent(gateway, "web-1", fleet.tokens["web-1"]) as fake:
-        reply = asyncio.ensure_future(rotate(api, "web-1", encode(RotateRequest(token=generate_token()))))
-        frame = await fake.recv()
-        assert isinstance(frame, RotateToken)
-        await fake.send(TokenRotated(rotation_id=frame.rotation_id, ok=False, description="read-only fs"))
-        answer = await reply
-        assert isinstance(answer, ErrorReply)
-        assert answer.code == ErrorCode.EXEC_FAILED
-        assert "read-only fs" in answer.description
+        for command_id, description, code in (
+            ("r-fs", "read-only fs", ErrorCode.EXEC_FAILED),
+            ("r-sig", "bad_signature: rotate: the signature does not match", ErrorCode.BAD_SIGNATURE),
+        ):
+            reply = asyncio.ensure_future(rotate(api, "web-1", rotate_body(command_id)[1]))
+            frame = await fake.recv()
+            assert isinstance(frame, RotateToken)
+            await fake.send(TokenRotated(rotation_id=frame.rotation_id, ok=False, description=description))
+            answer = await reply
+            assert isinstance(answer, ErrorReply)
+            assert answer.code == code
+            assert description.rpartition(": ")[2] in answer.description
 
 
 async def test_rotation_bad_body_timeout_and_disconnect(gateway: Gateway, fleet: Fleet, api: NATS) -> None:
     """A bad body → bad_request (nothing sent); no answer → timeout; the agent leaving → disconnected."""
     async with agent(gateway, "web-1", fleet.tokens["web-1"]) as fake:
-        bad = await rotate(api, "web-1", b'{"token": "short"}')
+        bad = await rotate(api, "web-1", b'{"command_id": "has space"}')
         assert isinstance(bad, ErrorReply)
         assert bad.code == ErrorCode.BAD_REQUEST
-        silent = await rotate(api, "web-1", encode(RotateRequest(token=generate_token())))
+        silent = await rotate(api, "web-1", rotate_body("r-silent")[1])
         assert isinstance(silent, ErrorReply)
         assert silent.code == ErrorCode.TIMEOUT
         assert isinstance(await fake.recv(), RotateToken)  # the only frame: the bad body sent nothing
         await fake.send(TokenRotated(rotation_id="late", ok=True))  # a stray answer is ignored
         await fake.send(Ping(id="alive"))
         assert await fake.recv() == Pong(id="alive")
-        reply = asyncio.ensure_future(rotate(api, "web-1", encode(RotateRequest(token=generate_token()))))
+        reply = asyncio.ensure_future(rotate(api, "web-1", rotate_body("r-gone")[1]))
         assert isinstance(await fake.recv(), RotateToken)
         await fake.ws.close()
     gone = await reply

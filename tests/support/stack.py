@@ -10,6 +10,7 @@ from typing import Any
 
 from shared.tokens import generate_token, hash_token
 from tests.support.procs import BIN, Proc
+from tests.support.trust import TestSigner
 
 
 def toml_value(value: Any) -> str:
@@ -28,7 +29,7 @@ class Gateway:
 
     def __init__(self, proc: Proc) -> None:
         self.proc = proc
-        match = proc.wait_for(r"gateway (\S+) listening on (ws://[\d.]+:(\d+)/agent)")
+        match = proc.wait_for(r"gateway (\S+) listening on (wss?://[\d.]+:(\d+)/agent)")
         self.gateway_id = match.group(1)
         self.url = match.group(2)
         self.port = int(match.group(3))
@@ -58,6 +59,14 @@ class Stack:
         self.tokens_file = root / "tokens.json"
         self.tokens_file.write_text(json.dumps({"hosts": {}}))
         self.procs: list[Proc] = []
+        self._signer: TestSigner | None = None
+
+    @property
+    def signer(self) -> TestSigner:
+        """The test's API signing key (`root`/signing.key): every agent this stack starts trusts it."""
+        if self._signer is None:
+            self._signer = TestSigner(self.root)
+        return self._signer
 
     def env(self, role: str = "api", **extra: str) -> dict[str, str]:
         """Environment for a child connecting to NATS as `role`: the NATS URL plus `extra`."""
@@ -126,11 +135,17 @@ class Stack:
         return out.stdout.strip()
 
     def write_agent_config(self, name: str, host_id: str, token: str, urls: list[str], **cfg: Any) -> Path:
-        """Write an agent config file (0600) and return its path."""
+        """Write an agent config file (0600) and return its path.
+
+        The agent's identity key is ``<name>.key`` in the test's directory (made by the agent at start) and
+        it trusts the stack's `signer`; pass ``trusted_keys=[...]`` (or any other key) to override.
+        """
         values: dict[str, Any] = {
             "host_id": host_id,
             "token": token,
             "gateway_urls": urls,
+            "trusted_keys": [self.signer.public_key],
+            "identity_key_file": str(self.root / f"{name}.key"),
             "ledger_path": str(self.root / f"{name}-ledger.jsonl"),
             "metrics_interval": 30.0,
             "backoff_initial": 0.1,

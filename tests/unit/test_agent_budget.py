@@ -17,6 +17,8 @@ from services.agent.results import Outbox
 from shared.errors import NOTHING_RAN, ErrorCode
 from shared.ids import CommandId
 from shared.protocol import Exec, ExecError, ExecResult
+from tests.support.agent_trust import agent_trust, signed_exec
+from tests.support.trust import TestSigner
 
 
 def test_budget_decisions() -> None:
@@ -43,8 +45,9 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
     led.close()
 
 
-async def test_refused_admission_is_shared_and_not_recorded(ledger: Ledger, tmp_path: Path) -> None:
-    """A refusal answers every waiting request of the id, is not written down, and the id may run later."""
+async def test_refused_admission_is_not_recorded(ledger: Ledger, tmp_path: Path) -> None:
+    """A refusal answers the request, is not written down, and the id may run later; the same id arriving
+    while the first waits for admission is a replay (nothing runs)."""
     gate = asyncio.Event()
     refusal = ExecError(command_id=CommandId("c1"), code=ErrorCode.BUSY, description="no slot; nothing ran")
     ran: list[str] = []
@@ -65,7 +68,9 @@ async def test_refused_admission_is_shared_and_not_recorded(ledger: Ledger, tmp_
     await asyncio.sleep(0.01)
     gate.set()
     assert await first == refusal
-    assert await second == refusal
+    replayed = await second
+    assert isinstance(replayed, ExecError)
+    assert replayed.code == ErrorCode.REPLAY
     assert ran == []
     assert ledger.lookup("c1") is None
     assert "c1" not in (tmp_path / "ledger.jsonl").read_text()
@@ -75,7 +80,7 @@ async def test_refused_admission_is_shared_and_not_recorded(ledger: Ledger, tmp_
 
 
 async def test_queued_command_runs_with_the_rest_of_its_timeout_or_not_at_all(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """One slot: a command queued past its budget is busy; one that gets the slot runs with what is left."""
     timeouts: dict[str, float] = {}
@@ -91,11 +96,13 @@ async def test_queued_command_runs_with_the_rest_of_its_timeout_or_not_at_all(
     async def deliver(result: Result) -> None:
         results[result.command_id] = result
 
-    cmds = Commands(ledger, Outbox(), deliver, limit=1, max_output=1024)
+    signer = TestSigner(tmp_path)
+    trust = agent_trust(tmp_path, signer=signer)
+    cmds = Commands(ledger, Outbox(), deliver, trust=trust, limit=1, max_output=1024)
     started = time.monotonic()
-    cmds.start(Exec(command_id=CommandId("long"), command="0.6", timeout=5))
-    cmds.start(Exec(command_id=CommandId("short"), command="0", timeout=0.3))
-    cmds.start(Exec(command_id=CommandId("patient"), command="0", timeout=3))
+    cmds.start(signed_exec(signer, "long", "0.6", timeout=5))
+    cmds.start(signed_exec(signer, "short", "0", timeout=0.3))
+    cmds.start(signed_exec(signer, "patient", "0", timeout=3))
     await cmds.wait(10)
     short = results["short"]
     assert isinstance(short, ExecError)

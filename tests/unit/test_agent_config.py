@@ -11,9 +11,11 @@ import pytest
 
 from services.agent import config
 from services.agent.config import AgentSettings, load_config
+from shared import signing
 from shared.errors import ConfigError
 
 TOKEN = "ab" * 32
+API_KEY = signing.public_text(signing.generate())
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +37,10 @@ def write_conf(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
-GOOD = f'host_id = "web-1"\ntoken = "{TOKEN}"\ngateway_urls = ["ws://127.0.0.1:1/agent"]\n'
+GOOD = (
+    f'host_id = "web-1"\ntoken = "{TOKEN}"\ngateway_urls = ["ws://127.0.0.1:1/agent"]\n'
+    f'trusted_keys = ["{API_KEY}"]\n'
+)
 
 
 def test_toml_file_is_read(tmp_path: Path) -> None:
@@ -47,25 +52,30 @@ def test_toml_file_is_read(tmp_path: Path) -> None:
     assert settings.metrics_interval == 5
     assert settings.max_output_bytes == 1024 * 1024
     assert settings.ledger_path == Path("/var/lib/warlock-agent/ledger.jsonl")
+    assert settings.trusted_keys == [API_KEY]
+    assert settings.identity_key_file == Path("/etc/warlock/agent.key")
+    assert (settings.ca_file, settings.insecure) == (None, False)
 
 
 def test_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A WARLOCK_AGENT_* variable overrides the same key in the file; URLs may be comma-separated."""
     monkeypatch.setenv("WARLOCK_AGENT_METRICS_INTERVAL", "7.5")
-    monkeypatch.setenv("WARLOCK_AGENT_GATEWAY_URLS", "ws://a:1/agent, wss://b:2/agent")
+    monkeypatch.setenv("WARLOCK_AGENT_GATEWAY_URLS", "ws://localhost:1/agent, wss://b:2/agent")
     settings = load_config(write_conf(tmp_path, GOOD + "metrics_interval = 5\n"))
     assert settings.metrics_interval == 7.5
-    assert settings.gateway_urls == ["ws://a:1/agent", "wss://b:2/agent"]
+    assert settings.gateway_urls == ["ws://localhost:1/agent", "wss://b:2/agent"]
 
 
 def test_environment_alone_without_default_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no file at the default path, the environment is enough."""
     monkeypatch.setenv("WARLOCK_AGENT_HOST_ID", "db-2")
     monkeypatch.setenv("WARLOCK_AGENT_TOKEN", TOKEN)
-    monkeypatch.setenv("WARLOCK_AGENT_GATEWAY_URLS", '["ws://gw:8765/agent"]')
+    monkeypatch.setenv("WARLOCK_AGENT_GATEWAY_URLS", '["wss://gw:8765/agent"]')
+    monkeypatch.setenv("WARLOCK_AGENT_TRUSTED_KEYS", f'["{API_KEY}"]')
     settings = load_config(None)
     assert settings.host_id == "db-2"
-    assert settings.gateway_urls == ["ws://gw:8765/agent"]
+    assert settings.gateway_urls == ["wss://gw:8765/agent"]
+    assert settings.trusted_keys == [API_KEY]
 
 
 def test_bad_value_names_the_field(tmp_path: Path) -> None:
@@ -130,7 +140,9 @@ def test_private_file_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 def test_repr_hides_token() -> None:
     """The token never shows in the settings' repr."""
-    settings = AgentSettings(host_id="h", token=TOKEN, gateway_urls=["ws://x:1/agent"])
+    settings = AgentSettings(
+        host_id="h", token=TOKEN, gateway_urls=["wss://x:1/agent"], trusted_keys=[API_KEY]
+    )
     assert TOKEN not in repr(settings)
 
 
@@ -151,3 +163,71 @@ def test_agent_does_not_import_pydantic_settings() -> None:
     code = "import sys, services.agent.cli; print('pydantic_settings' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_trusted_keys_are_required(tmp_path: Path) -> None:
+    """No trusted_keys (or an empty list) is a config error naming the field and its variable."""
+    without = GOOD.replace(f'trusted_keys = ["{API_KEY}"]\n', "")
+    for text in (without, without + "trusted_keys = []\n"):
+        with pytest.raises(ConfigError) as info:
+            load_config(write_conf(tmp_path, text))
+        assert info.value.field == "trusted_keys (WARLOCK_AGENT_TRUSTED_KEYS)"
+
+
+@pytest.mark.parametrize("bad", ["ed25519:AAAA", "rsa:abc", "ed25519:" + "!" * 43])
+def test_a_trusted_key_that_does_not_parse_is_named(tmp_path: Path, bad: str) -> None:
+    """Each trusted key must parse; the error says which one."""
+    text = GOOD.replace(f'trusted_keys = ["{API_KEY}"]', f'trusted_keys = ["{API_KEY}", "{bad}"]')
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, text))
+    assert info.value.field.startswith("trusted_keys")
+    assert "key 2" in info.value.message
+    assert bad[:20] in info.value.message
+
+
+@pytest.mark.parametrize(
+    "url", ["ws://127.0.0.1:1/agent", "ws://127.9.9.9:1/agent", "ws://[::1]:1/agent", "ws://localhost/agent"]
+)
+def test_plain_ws_to_loopback_is_allowed(tmp_path: Path, url: str) -> None:
+    """ws:// to a loopback address needs no `insecure`."""
+    text = GOOD.replace("ws://127.0.0.1:1/agent", url)
+    assert load_config(write_conf(tmp_path, text)).gateway_urls == [url]
+
+
+@pytest.mark.parametrize("url", ["ws://10.0.0.5:8765/agent", "ws://gw.example/agent", "ws://0.0.0.0:1/agent"])
+def test_plain_ws_elsewhere_needs_insecure(tmp_path: Path, url: str) -> None:
+    """ws:// to anything but loopback is a config error naming gateway_urls, unless insecure = true."""
+    text = GOOD.replace("ws://127.0.0.1:1/agent", url)
+    with pytest.raises(ConfigError) as info:
+        load_config(write_conf(tmp_path, text))
+    assert info.value.field.startswith("gateway_urls")
+    assert "insecure" in info.value.message
+    assert "wss://" in info.value.message
+    settings = load_config(write_conf(tmp_path, text + "insecure = true\n"))
+    assert settings.gateway_urls == [url]
+    assert settings.insecure
+
+
+def test_ca_file_is_pinned_and_a_bad_one_is_a_config_error(tmp_path: Path) -> None:
+    """tls_context trusts exactly the CA in ca_file; an unreadable or non-PEM file is a config error."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    settings = load_config(write_conf(tmp_path, GOOD + f'ca_file = "{pem}"\n'))
+    context = config.tls_context(settings)
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert len(context.get_ca_certs()) == 1
+    assert config.tls_context(load_config(write_conf(tmp_path, GOOD))) is None
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for path in (junk, tmp_path / "missing.pem"):
+        settings = load_config(write_conf(tmp_path, GOOD + f'ca_file = "{path}"\n'))
+        with pytest.raises(ConfigError) as info:
+            config.tls_context(settings)
+        assert info.value.field == "ca_file (WARLOCK_AGENT_CA_FILE)"

@@ -68,34 +68,62 @@ def ledger(tmp_path: Path, opened: Callable[..., Ledger]) -> Ledger:
     return opened(tmp_path / "state" / "ledger.jsonl")
 
 
-async def test_repeat_id_is_answered_from_the_ledger(ledger: Ledger, tmp_path: Path) -> None:
-    """The same id twice: the command runs once and both answers are the same result."""
+async def test_repeat_id_is_a_replay(ledger: Ledger, tmp_path: Path) -> None:
+    """The same id twice: the command runs once; the second gets a typed `replay` (nothing ran again)."""
     counter = tmp_path / "count"
     first = await ledger.run(counting_exec(counter), runner)
     second = await ledger.run(counting_exec(counter), runner)
     assert isinstance(first, ExecResult)
     assert first.stdout == "hi\n"
-    assert second == first
+    assert isinstance(second, ExecError)
+    assert (second.code, second.command_id) == (ErrorCode.REPLAY, "c1")
+    assert "nothing ran again" in second.description
     assert runs(counter) == 1
 
 
-async def test_concurrent_same_id_awaits_the_running_command(ledger: Ledger, tmp_path: Path) -> None:
-    """An id that is running now is not started again; the second caller gets the same result."""
+async def test_concurrent_same_id_is_a_replay(ledger: Ledger, tmp_path: Path) -> None:
+    """An id that is running now is not started again; the second caller gets `replay` at once."""
     counter = tmp_path / "count"
     request = counting_exec(counter, extra="sleep 0.3;")
     a, b = await asyncio.gather(ledger.run(request, runner), ledger.run(request, runner))
-    assert a == b
+    assert isinstance(a, ExecResult)
+    assert isinstance(b, ExecError)
+    assert b.code == ErrorCode.REPLAY
     assert runs(counter) == 1
 
 
 async def test_reload_from_disk(ledger: Ledger, tmp_path: Path, opened: Callable[..., Ledger]) -> None:
-    """A new Ledger on the same file (agent restart) still answers the id without running it."""
+    """A new Ledger on the same file (agent restart) still refuses the id without running it."""
     counter = tmp_path / "count"
-    first = await ledger.run(counting_exec(counter), runner)
+    await ledger.run(counting_exec(counter), runner)
     ledger.close()
     again = opened(ledger.path)
-    assert await again.run(counting_exec(counter), runner) == first
+    answer = await again.run(counting_exec(counter), runner)
+    assert isinstance(answer, ExecError)
+    assert answer.code == ErrorCode.REPLAY
     assert runs(counter) == 1
+
+
+async def test_an_id_outlives_its_envelope(tmp_path: Path, opened: Callable[..., Ledger]) -> None:
+    """An id is kept until the not-after it was signed with, even past the retention (no late replay)."""
+    clock = Clock(1_000_000.0)
+    ledger = opened(tmp_path / "ledger.jsonl", clock)
+    request = Exec(command_id=CommandId("late"), command="true", timeout=1)
+    await ledger.run(request, runner, keep_until=1_000_000.0 + 900)
+    assert ledger.claim("rot-1", keep_until=1_000_000.0 + 850) is None
+    clock.now += 800  # past the 600 s retention, before the not-after
+    ledger.close()
+    ledger = opened(ledger.path, clock)  # and across a restart
+    again = await ledger.run(request, runner)
+    assert isinstance(again, ExecError)
+    assert again.code == ErrorCode.REPLAY
+    claimed = ledger.claim("rot-1")
+    assert claimed is not None
+    assert claimed.code == ErrorCode.REPLAY
+    clock.now += 101
+    ledger.compact()
+    assert ledger.claim("rot-1") is None  # its envelope has expired: the id may be forgotten
+    assert isinstance(await ledger.run(request, runner), ExecResult)
 
 
 async def test_started_but_not_done_is_unknown_result(tmp_path: Path, opened: Callable[..., Ledger]) -> None:

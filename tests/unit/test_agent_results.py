@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.agent import dispatch
-from services.agent.results import Outbox, fit_result
+from services.agent.results import Outbox, cap_output, fit_result, strip_output
+from shared import signing
 from shared.errors import CloseCode, ErrorCode
 from shared.ids import CommandId, SessionId
 from shared.protocol import Ack, Exec, ExecError, ExecResult, Ping, Pong, Welcome, encode
+from tests.support.agent_trust import agent_trust
 
 CID = CommandId("c1")
 
@@ -99,10 +103,37 @@ def test_dispatch_bad_frames_close() -> None:
     assert unknown.code == CloseCode.POLICY_VIOLATION
 
 
-def test_resend_trims_to_session_limit() -> None:
+def test_resend_trims_to_session_limit(tmp_path: Path) -> None:
     """After a welcome every un-acked result is re-sent, trimmed to that session's limit."""
     state = dispatch.SessionState(welcome=welcome(2000), last_received=0.0)
+    trust = agent_trust(tmp_path)
     state.outbox.add(ExecResult(command_id=CID, exit_code=0, stdout="y" * 10_000, duration_ms=1))
-    [send] = dispatch.resend(state)
+    [send] = dispatch.resend(state, trust)
     assert len(encode(send.message)) <= 2000
-    assert send.message.command_id == CID  # type: ignore[attr-defined]
+    assert isinstance(send.message, ExecResult)
+    assert send.message.command_id == CID
+    assert send.message.truncated
+    public = signing.parse_public(trust.public_key)
+    assert signing.verify_result(public, "web-1", send.message)  # signed over the trimmed output
+
+
+def test_a_changed_result_loses_its_signature_and_is_signed_again(tmp_path: Path) -> None:
+    """cap/strip/fit drop the signature (it covered other output); seal signs what is sent; an edit by
+    anyone else fails verify_result."""
+    trust = agent_trust(tmp_path)
+    public = signing.parse_public(trust.public_key)
+    signed = trust.seal(ExecResult(command_id=CID, exit_code=0, stdout="x" * 5000, duration_ms=1))
+    assert isinstance(signed, ExecResult)
+    assert signing.verify_result(public, "web-1", signed)
+    assert trust.seal(signed) is signed
+    for changed in (cap_output(signed, 100), strip_output(signed), fit_result(signed, 2000)):
+        assert isinstance(changed, ExecResult)
+        assert changed.signature is None
+        resealed = trust.seal(changed)
+        assert isinstance(resealed, ExecResult)
+        assert signing.verify_result(public, "web-1", resealed)
+    forged = signed.model_copy(update={"stdout": "x" * 4999 + "y"})
+    assert not signing.verify_result(public, "web-1", forged)
+    assert not signing.verify_result(public, "web-2", signed)
+    error = ExecError(command_id=CID, code=ErrorCode.BUSY, description="no slot")
+    assert trust.seal(error) is error

@@ -17,6 +17,7 @@ from services.agent.tokenstore import (
     replace_token_line,
     token_from_env,
 )
+from shared import signing
 from shared.protocol import RotateToken, Welcome, encode
 from shared.tokens import generate_token
 
@@ -101,7 +102,11 @@ def test_load_agent_config_knows_where_the_token_came_from(
 ) -> None:
     """The store names the file that was read, and notices WARLOCK_AGENT_TOKEN in any letter case."""
     path = tmp_path / "agent.conf"
-    path.write_text(f'host_id = "web-1"\ntoken = "{OLD}"\ngateway_urls = ["ws://a:1/agent"]\n')
+    key = signing.public_text(signing.generate())
+    path.write_text(
+        f'host_id = "web-1"\ntoken = "{OLD}"\ngateway_urls = ["ws://127.0.0.1:1/agent"]\n'
+        f'trusted_keys = ["{key}"]\n'
+    )
     path.chmod(0o600)
     settings, store = load_agent_config(path)
     assert settings.token.get_secret_value() == OLD
@@ -118,6 +123,6 @@ def test_dispatch_turns_rotate_token_into_a_rotate_action() -> None:
     """A RotateToken frame from the gateway becomes a Rotate action carrying it."""
     welcome = Welcome(session_id="s1", gateway_id="gw1", ping_interval=20, max_result_bytes=65536)
     state = dispatch.SessionState(welcome=welcome, last_received=0.0)
-    frame = RotateToken(rotation_id="r1", token=NEW)
+    frame = RotateToken(rotation_id="r1")
     assert dispatch.on_frame(state, encode(frame), 5.0) == [dispatch.Rotate(frame)]
     assert state.last_received == 5.0

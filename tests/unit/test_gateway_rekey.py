@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from services.gateway.auth import TokenCache
+from services.gateway.rekey import refusal
 from services.gateway.session import Confirm, Session
-from shared.ids import GatewayId, HostId, SessionId
-from shared.protocol import Hello, TokenRevoked, TokenRotated
+from shared import signing
+from shared.errors import ErrorCode
+from shared.ids import CommandId, GatewayId, HostId, SessionId
+from shared.protocol import ErrorReply, Hello, RotateRequest, TokenRevoked, TokenRotated
 from shared.tokens import generate_token, hash_token
 
 HELLO = Hello(host_id="web-1", hostname="web-1.test", platform="linux", agent_version="1.0")
@@ -30,14 +33,23 @@ def test_revoked_by_matches_host_and_hash() -> None:
     assert not new_session("").revoked_by(TokenRevoked(host_id="web-1", token_sha256=hash_token(OLD)))
 
 
+def rotate_request(command_id: str = "rot-1") -> RotateRequest:
+    """A rotate request signed by a throwaway API key (the gateway never checks it)."""
+    key = signing.generate()
+    sig = signing.sign_command(key, "rotate", {"command_id": command_id}, "web-1")
+    return RotateRequest(command_id=CommandId(command_id), signature=sig)
+
+
 async def test_rotation_is_confirmed_by_its_token_rotated() -> None:
-    """start_rotation gives a RotateToken frame; its TokenRotated resolves it, a stray one is ignored."""
+    """start_rotation gives a RotateToken frame with the request's id and signature, unchanged, and no
+    token; its TokenRotated resolves it, a stray one is ignored."""
     session = new_session()
-    started = session.start_rotation(NEW, 2)
-    assert started is not None
+    request = rotate_request()
+    started = session.start_rotation(request, 2)
+    assert not isinstance(started, ErrorReply)
     frame, future = started
-    assert frame.token == NEW
-    assert NEW not in repr(frame)
+    assert (frame.rotation_id, frame.signature) == (request.command_id, request.signature)
+    assert "token" not in frame.model_dump()
     assert session.handle(TokenRotated(rotation_id="someone-else", ok=True)) == []
     answer = TokenRotated(rotation_id=frame.rotation_id, ok=False, description="read-only")
     assert session.handle(answer) == [Confirm(future, answer)]
@@ -46,16 +58,33 @@ async def test_rotation_is_confirmed_by_its_token_rotated() -> None:
 
 
 async def test_rotation_limit_and_end_wakes_waiters() -> None:
-    """Over the in-flight limit start_rotation refuses; ending the session resolves waiters with None."""
+    """Over the in-flight limit (or the same id twice) start_rotation refuses with `busy`; ending the
+    session resolves waiters with None."""
     session = new_session()
-    first = session.start_rotation(NEW, 1)
-    assert first is not None
-    assert session.start_rotation(NEW, 1) is None
+    first = session.start_rotation(rotate_request("a"), 2)
+    assert not isinstance(first, ErrorReply)
+    again = session.start_rotation(rotate_request("a"), 2)
+    assert isinstance(again, ErrorReply)
+    assert again.code == ErrorCode.BUSY
+    assert not isinstance(session.start_rotation(rotate_request("b"), 2), ErrorReply)
+    over = session.start_rotation(rotate_request("c"), 2)
+    assert isinstance(over, ErrorReply)
+    assert over.code == ErrorCode.BUSY
     session.end()
     assert first[1].done()
     assert first[1].result() is None
     assert session.rotations == {}
     await asyncio.sleep(0)
+
+
+def test_refusals_keep_the_agents_typed_code() -> None:
+    """A TokenRotated refusal starting with a signature code is answered with that code, else exec_failed."""
+    assert refusal("unsigned: rotate is unsigned").code == ErrorCode.UNSIGNED
+    assert refusal("replay: seen").code == ErrorCode.REPLAY
+    assert refusal("busy: x").code == ErrorCode.EXEC_FAILED
+    plain = refusal("token is set by the environment; update it there")
+    assert plain.code == ErrorCode.EXEC_FAILED
+    assert "environment" in plain.description
 
 
 def test_cache_revoke_by_hash_and_by_host() -> None:
