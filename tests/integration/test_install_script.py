@@ -17,6 +17,7 @@ from shared.install import script
 from shared.version import wheel_name
 
 TOKEN = "5e" * 32
+API_KEY = "ed25519:" + "Q" * 43
 HAS_SYSTEMD = Path("/run/systemd/system").is_dir()
 
 
@@ -53,6 +54,7 @@ def install_env(prefix: Path, wheel: Path, sha256: str, mode: str) -> dict[str, 
         "WARLOCK_WHEEL": str(wheel),
         "WARLOCK_WHEEL_SHA256": sha256,
         "WARLOCK_MODE": mode,
+        "WARLOCK_TRUSTED_KEYS": API_KEY,
     }
 
 
@@ -90,6 +92,10 @@ def test_no_systemd_reports_and_changes_nothing(tmp_path: Path, mode: str) -> No
         ("WARLOCK_GATEWAY_URLS", "http://a/agent", TOKEN),
         ("WARLOCK_MODE", "docker", TOKEN),
         ("WARLOCK_PREFIX", "relative/path", TOKEN),
+        ("WARLOCK_TRUSTED_KEYS", "", TOKEN),
+        ("WARLOCK_TRUSTED_KEYS", "ed25519:short", TOKEN),
+        ("WARLOCK_TRUSTED_KEYS", 'ed25519:"injected', TOKEN),
+        ("WARLOCK_CA_PEM_FILE", "/nonexistent/ca.pem", TOKEN),
         ("WARLOCK_HOST_ID", "web1", "not-a-token"),
         ("WARLOCK_HOST_ID", "web1", ""),
     ],
@@ -116,6 +122,16 @@ def test_token_from_environment_when_stdin_is_empty(tmp_path: Path) -> None:
     assert "STEP sha256 fail" in done.stdout
 
 
+def test_push_makes_its_own_token(tmp_path: Path) -> None:
+    """WARLOCK_MAKE_TOKEN=1 (the SSH push): no token is read; stdin and WARLOCK_TOKEN are ignored."""
+    wheel, _ = fake_wheel(tmp_path)
+    env = {**install_env(tmp_path / "root", wheel, "0" * 64, "direct"), "WARLOCK_MAKE_TOKEN": "1"}
+    done = run_script("install.sh", tmp_path, env, "not-a-token\n")
+    assert "STEP inputs ok" in done.stdout
+    assert "token made on this host" in done.stdout
+    assert "STEP sha256 fail" in done.stdout
+
+
 def test_uninstall_and_configure_on_a_clean_prefix(tmp_path: Path) -> None:
     """A clean prefix: uninstall answers not_installed (exit 0), configure changes nothing."""
     prefix = tmp_path / "root"
@@ -123,7 +139,7 @@ def test_uninstall_and_configure_on_a_clean_prefix(tmp_path: Path) -> None:
     done = run_script("uninstall.sh", tmp_path, {"WARLOCK_PREFIX": str(prefix)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith("STATE not_installed")
-    done = run_script("configure.sh", tmp_path, {"WARLOCK_PREFIX": str(prefix)}, TOKEN + "\n")
+    done = run_script("configure.sh", tmp_path, {"WARLOCK_PREFIX": str(prefix)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith("STATE not_installed")
     assert list(prefix.iterdir()) == []
