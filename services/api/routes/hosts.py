@@ -41,7 +41,13 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
     host_key = fingerprint = None
     if body.ssh_check:
         ok = await probe_host(
-            state.nc, body.address, body.ssh_port, body.ssh_user, wait_s=state.settings.probe_timeout
+            state.nc,
+            state.signer,
+            body.id,
+            body.address,
+            body.ssh_port,
+            body.ssh_user,
+            wait_s=state.settings.probe_timeout,
         )
         host_key, fingerprint = ok.host_key, ok.fingerprint
     host = await crud.create_host(session, body, host_key, fingerprint)
