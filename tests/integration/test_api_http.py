@@ -96,7 +96,10 @@ async def test_add_host_pins_the_probed_host_key(api: RunningApi, nc: NATS) -> N
     assert created.status_code == 201, created.text
     assert created.json()["host_key"] == HOST_KEY
     assert created.json()["host_key_fingerprint"] == FINGERPRINT
-    assert probes == [SshProbeRequest(address="10.0.0.5", port=2222, username="deploy")]
+    assert [(p.host_id, p.address, p.port, p.username) for p in probes] == [
+        ("web-1", "10.0.0.5", 2222, "deploy")
+    ]
+    assert probes[0].signature is not None  # signed by the API for web-1 (kind probe)
     by_address = await api.client.get("/api/hosts/10.0.0.5", headers=api.auth)
     assert by_address.status_code == 200
     assert by_address.json()["id"] == "web-1"
