@@ -168,8 +168,11 @@ class EnrollPublic(SQLModel):
 
 
 class AgentWheelPublic(SQLModel):
-    """Answer of ``GET /api/agent-wheel``: the wheel's name and SHA-256 from an authenticated source."""
+    """Answer of ``GET /api/agent-wheel``: what a pull install needs, from an authenticated source."""
 
     name: str
     sha256: str
     url: str = Field(description="where to download it (no key needed; check the SHA-256 above)")
+    trusted_keys: list[str] = Field(
+        description="the API's public signing keys: WARLOCK_TRUSTED_KEYS (comma-separated) of install.sh"
+    )

@@ -353,14 +353,16 @@ async def test_install_script_and_wheel_download_need_no_key(api: RunningApi) ->
     assert (await api.client.get("/agent/passwd")).status_code == 404
 
 
-async def test_agent_wheel_hash_from_the_authenticated_api(api: RunningApi) -> None:
-    """GET /api/agent-wheel (API key) names the wheel, its SHA-256 and where to download it."""
+async def test_agent_wheel_hash_from_the_authenticated_api(api: RunningApi, signer: TestSigner) -> None:
+    """GET /api/agent-wheel (API key) names the wheel, its SHA-256, where to download it and the API keys
+    a pulled agent trusts."""
     assert (await api.client.get("/api/agent-wheel")).status_code == 401
     response = await api.client.get("/api/agent-wheel", headers=api.auth)
     assert response.status_code == 200
     body = response.json()
     assert (body["name"], body["sha256"]) == (WHEEL_NAME, WHEEL_SHA)
     assert body["url"].endswith(f"/agent/{WHEEL_NAME}")
+    assert body["trusted_keys"] == [signer.public_key]
     download = await api.client.get(body["url"])
     assert hashlib.sha256(download.content).hexdigest() == body["sha256"]
 

@@ -94,11 +94,15 @@ async def agent_wheel(name: str, state: StateDep) -> Response:
 
 @api_router.get("/agent-wheel", response_model=AgentWheelPublic)
 async def agent_wheel_info(state: StateDep, request: Request) -> AgentWheelPublic:
-    """The agent wheel's file name and SHA-256, from an authenticated source (the API key), and where to
-    download it: a pull install takes the hash from here, never from the download's own header."""
+    """The agent wheel's file name and SHA-256, from an authenticated source (the API key), where to
+    download it, and the API keys the agent must trust: a pull install takes the hash and keys from here,
+    never from the download's own header."""
     wheel = await state.lifecycle.wheels.get()
     return AgentWheelPublic(
-        name=wheel.name, sha256=wheel.sha256, url=str(request.url_for("agent_wheel", name=wheel.name))
+        name=wheel.name,
+        sha256=wheel.sha256,
+        url=str(request.url_for("agent_wheel", name=wheel.name)),
+        trusted_keys=list(state.signer.trusted_keys),
     )
 
 
