@@ -3,7 +3,7 @@
 warlock.agent.<host>.ping ── pong_reply ──────▶ connected, via agent, latency_ms (time.perf_counter)
                           ├─ error / timeout ─▶ SSH check, with the agent's error
                           └─ no responders ───▶ SSH check
-warlock.ssh.<host>.exec `true` ── result ──▶ via ssh, reachable (any exit status: the login worked)
+warlock.ssh.<host>.exec `true` (signed) ── result ──▶ via ssh, reachable (any exit status: the login worked)
                                ├─ error ───▶ via ssh, not reachable, the code
                                └─ no responders ─▶ via null, not reachable
 """
@@ -22,6 +22,7 @@ from services.api.agent_models import AgentHealthPublic
 from services.api.models import Host, Via, utcnow
 from services.api.runner import ssh_target
 from services.api.settings import ApiSettings
+from services.api.signer import ApiSigner
 from shared import subjects
 from shared.errors import ProtocolError
 from shared.ids import new_command_id
@@ -43,7 +44,11 @@ def _ms(t0: float) -> float:
 
 
 async def check_health(
-    nc: NATS, sessions: async_sessionmaker[AsyncSession], settings: ApiSettings, host: Host
+    nc: NATS,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: ApiSettings,
+    signer: ApiSigner,
+    host: Host,
 ) -> AgentHealthPublic:
     """Ping the agent through its gateway; without a session, check SSH reachability instead."""
     agent_error: str | None = None
@@ -77,17 +82,18 @@ async def check_health(
                     gateway_id=reply.gateway_id,
                 )
             agent_error = f"{reply.code}: {reply.description}"
-    health = await ssh_reachable(nc, settings, host)
+    health = await ssh_reachable(nc, settings, signer, host)
     if agent_error is not None:
         health.error = f"agent: {agent_error}" + (f"; ssh: {health.error}" if health.error else "")
     return health
 
 
-async def ssh_reachable(nc: NATS, settings: ApiSettings, host: Host) -> AgentHealthPublic:
-    """Run ``true`` over SSH through the worker (the runner's target); any exit status means a login."""
+async def ssh_reachable(nc: NATS, settings: ApiSettings, signer: ApiSigner, host: Host) -> AgentHealthPublic:
+    """Run ``true`` over SSH through the worker (the runner's target, signed); any exit status: a login."""
     request = SshExecRequest(
         command="true", timeout=SSH_CHECK_TIMEOUT, command_id=new_command_id(), target=ssh_target(host)
     )
+    request = signer.sign("ssh_exec", request, host.id)
     wait = settings.ssh_health_timeout
     t0 = time.perf_counter()
     try:

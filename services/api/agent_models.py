@@ -71,10 +71,13 @@ def steps_json(steps: tuple[InstallStep, ...]) -> list[dict[str, Any]]:
 
 
 class AgentInstallPublic(SQLModel):
-    """Answer of install: the token is shown here once and never again."""
+    """Answer of install: the agent's public key (made on the host, like its token, which nobody sees)."""
 
     host_id: str
-    token: str = Field(description="the agent's token; shown once, only its SHA-256 is stored")
+    agent_public_key: str = Field(
+        description="the agent's own Ed25519 key (ed25519:...), made on the host; its results are "
+        "checked against it"
+    )
     state: str
     systemd: bool
     steps: list[StepPublic]
@@ -121,12 +124,55 @@ class AgentHealthPublic(SQLModel):
 
 
 class TokenRegeneratedPublic(SQLModel):
-    """Answer of regenerate-token: the new token (shown once) and how it reached the agent."""
+    """Answer of regenerate-token: how the agent made its new token (nobody sees it) and the stored hash."""
 
     host_id: str
-    token: str = Field(description="the new token; shown once, only its SHA-256 is stored")
     delivered: Literal["session", "ssh"] | None = Field(
-        description="session: handed to the live agent; ssh: config rewritten over SSH; null: not delivered"
+        description="session: the live agent made a new token (its hash signed by the agent's key); ssh: "
+        "made on the host over SSH (configure); null: neither worked and the previous token stays valid"
     )
+    token_sha256: str | None = Field(default=None, description="SHA-256 of the new token, as stored")
+    agent_public_key: str | None = None
     steps: list[StepPublic] = Field(default_factory=list)
     note: str | None = None
+
+
+class PullTokenPublic(SQLModel):
+    """Answer of ``POST /api/agents/{host}/pull-token``: a token for a host that pulls its install."""
+
+    host_id: str
+    token: str = Field(
+        description="the agent's token, shown once (only its SHA-256 is stored): paste it on the host "
+        "when install.sh asks; the install enrolls the agent's key with it (POST /agent/enroll), once"
+    )
+
+
+class EnrollBody(SQLModel):
+    """Body of ``POST /agent/enroll`` (Authorization: Bearer <the agent's token>)."""
+
+    model_config = SQLModelConfig(extra="forbid")
+
+    host_id: str = Field(max_length=63, schema_extra={"pattern": r"^[a-z0-9_-]{1,63}$"})
+    public_key: str = Field(
+        max_length=60,
+        schema_extra={"pattern": r"^ed25519:[A-Za-z0-9_-]{43}$"},
+        description="the agent's public key, printed by warlock-agent keygen",
+    )
+
+
+class EnrollPublic(SQLModel):
+    """Answer of ``POST /agent/enroll``."""
+
+    host_id: str
+    key_id: str
+
+
+class AgentWheelPublic(SQLModel):
+    """Answer of ``GET /api/agent-wheel``: what a pull install needs, from an authenticated source."""
+
+    name: str
+    sha256: str
+    url: str = Field(description="where to download it (no key needed; check the SHA-256 above)")
+    trusted_keys: list[str] = Field(
+        description="the API's public signing keys: WARLOCK_TRUSTED_KEYS (comma-separated) of install.sh"
+    )

@@ -97,7 +97,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         store = open_store(settings.database_url)
         runner = Runner(nc, store, sessions, settings, tasks, signer)
         lifecycle = AgentLifecycle(
-            nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir)
+            nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir), signer
         )
         auth = AuthCache(settings.auth_cache_ttl)
         state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)

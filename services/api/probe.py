@@ -1,4 +1,8 @@
-"""Adding a host: ask the SSH worker to reach it and report its host key (trust on first use)."""
+"""Adding a host: ask the SSH worker to reach it and report its host key (trust on first use).
+
+The probe is signed (kind ``probe``) for the host id being added: the worker dials only addresses the API
+asked for.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,18 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from services.api.errors import SshCheckFailed, WorkerUnavailable
+from services.api.signer import ApiSigner
 from shared import subjects
 from shared.errors import ProtocolError
 from shared.protocol import SshProbeOk, SshProbeRequest, decode_probe_reply, encode
 
 
-async def probe_host(nc: NATS, address: str, port: int, username: str, wait_s: float) -> SshProbeOk:
+async def probe_host(
+    nc: NATS, signer: ApiSigner, host_id: str, address: str, port: int, username: str, wait_s: float
+) -> SshProbeOk:
     """The host key the worker saw; SshCheckFailed (422) if the host refused, WorkerUnavailable (503)."""
-    request = SshProbeRequest(address=address, port=port, username=username)
+    request = SshProbeRequest(host_id=host_id, address=address, port=port, username=username)
+    request = signer.sign("probe", request, host_id)
     try:
         msg = await nc.request(subjects.SSH_PROBE, encode(request), timeout=wait_s)
     except nats.errors.NoRespondersError as exc:

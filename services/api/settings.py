@@ -103,6 +103,11 @@ class ApiSettings(NatsSettings):
         description="seconds a signed command stays valid for delivery (its not-after); at most the "
         "agent ledger's 600 s, so a replay cannot outlive the record of ids that ran",
     )
+    agent_ca_file: Path | None = Field(
+        default=None,
+        description="a PEM CA certificate that installed agents pin for wss:// to the gateways (written "
+        "next to their config as ca_file by install and configure); unset: the agents use the system CAs",
+    )
     max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,

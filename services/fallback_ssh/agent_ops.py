@@ -1,9 +1,11 @@
 """Sans-I/O side of agent install / configure / uninstall over SSH: plans and the scripts' report.
 
 A request becomes an `OpPlan`: the files to copy into a private temporary directory on the host (the
-wheel, the script from `shared.install`), the non-secret ``WARLOCK_*`` variables (set as quoted
-``VAR=value`` words on the remote command line, since sshd may refuse ``AcceptEnv``), and the token,
-which travels only on the script's stdin. The script's stdout (``STEP``/``STATE`` lines, see
+wheel, the script from `shared.install`, the CA certificate), and the ``WARLOCK_*`` variables (set as
+quoted ``VAR=value`` words on the remote command line, since sshd may refuse ``AcceptEnv``). Nothing
+secret travels: install and configure make the agent's token on the host (``WARLOCK_MAKE_TOKEN=1``) and
+its key (``warlock-agent keygen``), and report only the token's SHA-256 and the public key. The script's
+stdout (``STEP`` / ``AGENT_PUBLIC_KEY`` / ``TOKEN_SHA256`` / ``STATE`` lines, see
 ``shared/install/common.sh``) becomes an `AgentOpResult`, or a `ScriptFailed` naming the failed step.
 """
 
@@ -35,7 +37,9 @@ OP_MODELS: dict[str, type[AgentOpRequest]] = {
 }
 STATES = frozenset(get_args(AgentOpResult.model_fields["state"].annotation))
 TEMP_DIR = re.compile(r"^/[A-Za-z0-9_./-]+$")
-HIDDEN = "<hidden>"
+PUBLIC_KEY = re.compile(r"^AGENT_PUBLIC_KEY (ed25519:[A-Za-z0-9_-]{43})$")
+TOKEN_SHA256 = re.compile(r"^TOKEN_SHA256 ([0-9a-f]{64})$")
+CA_NAME = "ca.pem"
 
 
 @dataclass(frozen=True)
@@ -53,13 +57,12 @@ class OpPlan:
     op: str
     script_name: str
     uploads: tuple[Upload, ...]
-    env: tuple[tuple[str, str], ...]  # non-secret; "{dir}" in a value is the temporary directory
-    secret: str | None = field(default=None, repr=False)  # the token: stdin only
+    env: tuple[tuple[str, str], ...]  # nothing secret; "{dir}" in a value is the temporary directory
 
     def command(self, temp_dir: str, timeout_s: float) -> str:
         """The remote command line: run the script from `temp_dir` with the variables set, under a timeout.
 
-        Nothing secret is in it: the login shell and ``ps`` see only these words.
+        Nothing secret is in it (there is no secret): the login shell and ``ps`` see only these words.
         """
         if not TEMP_DIR.match(temp_dir):
             raise ScriptFailed(f"mktemp answered an unusable directory name: {temp_dir[:200]!r}")
@@ -73,12 +76,8 @@ class OpPlan:
         )
 
     def stdin(self) -> bytes:
-        """What the script reads on stdin: the token line, or nothing."""
-        return f"{self.secret}\n".encode() if self.secret else b""
-
-    def scrub(self, text: str) -> str:
-        """`text` with the token replaced (belt and braces: the scripts never print it)."""
-        return text.replace(self.secret, HIDDEN) if self.secret else text
+        """What the script reads on stdin: nothing (no token travels)."""
+        return b""
 
 
 def wheel_bytes(request: AgentInstallRequest) -> bytes:
@@ -98,16 +97,35 @@ def wheel_bytes(request: AgentInstallRequest) -> bytes:
     return data
 
 
+def _trust(
+    request: AgentInstallRequest | AgentConfigureRequest,
+) -> tuple[tuple[Upload, ...], tuple[tuple[str, str], ...]]:
+    """The CA upload (if any) and the trust variables of an install or configure."""
+    uploads: tuple[Upload, ...] = ()
+    env: list[tuple[str, str]] = [
+        ("WARLOCK_TRUSTED_KEYS", ",".join(request.trusted_keys)),
+        ("WARLOCK_MAKE_TOKEN", "1"),
+    ]
+    if request.ca_pem is not None:
+        if "-----BEGIN CERTIFICATE-----" not in request.ca_pem:
+            raise InvalidRequest("ca_pem is not a PEM certificate; nothing was sent to the host")
+        uploads = (Upload(CA_NAME, request.ca_pem.encode()),)
+        env.append(("WARLOCK_CA_PEM_FILE", f"{{dir}}/{CA_NAME}"))
+    return uploads, tuple(env)
+
+
 def plan(request: AgentOpRequest) -> OpPlan:
     """The plan for `request` (InvalidRequest when it cannot be carried out; nothing is sent then)."""
     if isinstance(request, AgentInstallRequest):
         wheel = wheel_bytes(request)
+        ca, trust = _trust(request)
         return OpPlan(
             op="install",
             script_name="install.sh",
             uploads=(
                 Upload(request.wheel_name, wheel),
                 Upload("install.sh", script("install.sh").encode()),
+                *ca,
             ),
             env=(
                 ("WARLOCK_PREFIX", request.prefix),
@@ -116,20 +134,21 @@ def plan(request: AgentOpRequest) -> OpPlan:
                 ("WARLOCK_WHEEL", f"{{dir}}/{request.wheel_name}"),
                 ("WARLOCK_WHEEL_SHA256", request.wheel_sha256),
                 ("WARLOCK_MODE", request.mode),
+                *trust,
             ),
-            secret=request.token,
         )
     if isinstance(request, AgentConfigureRequest):
+        ca, trust = _trust(request)
         return OpPlan(
             op="configure",
             script_name="configure.sh",
-            uploads=(Upload("configure.sh", script("configure.sh").encode()),),
+            uploads=(Upload("configure.sh", script("configure.sh").encode()), *ca),
             env=(
                 ("WARLOCK_PREFIX", request.prefix),
                 ("WARLOCK_HOST_ID", request.host_id),
                 ("WARLOCK_GATEWAY_URLS", ",".join(request.gateway_urls)),
+                *trust,
             ),
-            secret=request.token,
         )
     return OpPlan(
         op="uninstall",
@@ -170,17 +189,30 @@ def parse_report(
 
     A STATE line wins over the exit status (``no_systemd`` exits 3 and is an answer, not a failure).
     """
-    stdout, stderr = op_plan.scrub(stdout), op_plan.scrub(stderr)
     steps: list[InstallStep] = list(first_steps)
     final: tuple[str, bool] | None = None
+    public_key: str | None = None
+    token_sha256: str | None = None
     for line in stdout.splitlines():
         step = _step(line)
         if step is not None:
             steps.append(step)
         elif (state := _state(line)) is not None:
             final = state
+        elif found := PUBLIC_KEY.match(line):
+            public_key = found.group(1)
+        elif found := TOKEN_SHA256.match(line):
+            token_sha256 = found.group(1)
     if final is not None:
-        return AgentOpResult.model_validate({"steps": steps, "state": final[0], "systemd": final[1]})
+        return AgentOpResult.model_validate(
+            {
+                "steps": steps,
+                "state": final[0],
+                "systemd": final[1],
+                "agent_public_key": public_key,
+                "token_sha256": token_sha256,
+            }
+        )
     failed = [s for s in steps if not s.ok]
     if failed:
         reason = f"step {failed[-1].name} failed: {failed[-1].detail}"

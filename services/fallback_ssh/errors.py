@@ -9,7 +9,6 @@
         ├── Busy                 no free channel for the host in time; nothing ran
         ├── ExecFailed           the host refused to start the command; nothing ran
         ├── Disconnected         the connection was lost with the command in flight; it may have run
-        ├── LookupFailed         the target lookup answered an error or nobody answered; nothing ran
         ├── InvalidRequest       an agent operation request is unusable (e.g. wheel digest); nothing sent
         ├── ScriptFailed         an install/configure/uninstall script failed without a final state
         └── OpTimedOut           an agent operation did not finish in time; it may have partly run
@@ -76,12 +75,6 @@ class Disconnected(SshError):
     """The connection was lost with the command in flight; it may have run."""
 
     code = ErrorCode.DISCONNECTED
-
-
-class LookupFailed(SshError):
-    """The SSH target of a host could not be looked up (code from the API, or unavailable)."""
-
-    code = ErrorCode.UNAVAILABLE
 
 
 class InvalidRequest(SshError):

@@ -3,7 +3,7 @@
 1. ``mktemp -d`` makes a private (0700) temporary directory on the host;
 2. every upload is copied into it with ``cat > <file>`` over the channel's stdin (no SFTP subsystem
    needed);
-3. the script runs with the plan's variables on the command line and the token on stdin;
+3. the script runs with the plan's variables on the command line (nothing secret: no token travels);
 4. the directory is removed whatever happened.
 """
 

@@ -6,15 +6,18 @@ neither the key nor its path is sent on NATS or written to a log line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 from pathlib import Path
+from typing import Annotated, Any
 
 import asyncssh
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from shared import signing
 from shared.errors import ConfigError
 from shared.ids import HOST_ID_PATTERN
 from shared.settings import NatsSettings, env_name
@@ -41,13 +44,54 @@ class FallbackSettings(NatsSettings):
     queue_timeout: float = Field(default=10.0, gt=0, description="wait for a free channel, then 'busy'")
     max_output_bytes: int = Field(default=MIB, ge=1024, description="kept per stream; the rest is dropped")
     exec_grace: float = Field(default=5.0, ge=0, description="client-side wait beyond a command's timeout")
-    target_lookup_timeout: float = Field(default=2.0, gt=0, description="warlock.host.<host>.target")
     keepalive_interval: float = Field(default=30.0, ge=0, description="SSH keepalive on pooled connections")
     agent_op_timeout: float = Field(
         default=300.0, gt=0, description="agent install / configure / uninstall over SSH (pip runs there)"
     )
     drain_timeout: float = Field(default=30.0, ge=0, description="on SIGTERM, wait this long for commands")
     worker_id: str = Field(default_factory=default_worker_id, pattern=HOST_ID_PATTERN)
+    trusted_keys: Annotated[list[str], NoDecode] = Field(
+        description="the API's public signing keys (ed25519:...), JSON list or comma-separated: every "
+        "request that makes the worker dial or change a host must be signed by one of them"
+    )
+    max_command_ttl: float = Field(
+        default=600.0,
+        gt=0,
+        le=3600.0,
+        description="longest validity a signed request may have; ids are remembered that long (replays)",
+    )
+    replay_capacity: int = Field(
+        default=200_000,
+        ge=100,
+        description="signed request ids remembered at most; when full and none expired, new ones: busy",
+    )
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """A JSON list or a comma-separated string of public keys."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ValueError("not a JSON list of ed25519:... keys") from exc
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_valid(cls, value: list[str]) -> list[str]:
+        """At least one key, each a parsable Ed25519 public key: a worker that trusts nobody cannot serve."""
+        if not value:
+            raise ValueError("give at least one API public key (ed25519:...): the worker trusts nobody")
+        for key in value:
+            try:
+                signing.parse_public(key)
+            except ValueError as exc:
+                raise ValueError(f"not an Ed25519 public key ({exc}): {key[:60]!r}") from exc
+        return value
 
     @field_validator("key_file")
     @classmethod

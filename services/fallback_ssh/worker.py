@@ -1,11 +1,12 @@
-"""The NATS side of the SSH fallback worker: subscriptions, target lookup, replies, shutdown.
+"""The NATS side of the SSH fallback worker: subscriptions, signature checks, replies, shutdown.
 
 Subscriptions (queue group ``warlock-ssh``): ``warlock.ssh.*.exec``, ``warlock.ssh.probe`` and the agent
 operations ``warlock.ssh.*.install`` / ``.uninstall`` / ``.configure`` (see `installer`). nats-py
 runs a subscription's callbacks one at a time, so a callback only starts a tracked task; the task runs
-the SSH work and replies. Every outcome is a protocol model: an `ExecResult` / `SshProbeOk` /
-`AgentOpResult`, or an
-`ErrorReply` with the micro error headers; never a traceback, never silence.
+the SSH work and replies. Every request is checked by `trust.Verifier` (the API's signature, the host,
+replays) before anything is dialed; the SSH target comes only from the signed request. Every outcome
+is a protocol model: an `ExecResult` / `SshProbeOk` / `AgentOpResult`, or an `ErrorReply` with the
+micro error headers; never a traceback, never silence.
 
 The worker also registers the NATS micro service ``warlock-fallback-ssh`` with a ``status`` endpoint
 on ``warlock.ssh.<worker_id>.status`` so ``nats micro ls`` lists it.
@@ -29,29 +30,26 @@ from nats.micro.service import Service
 
 from services.fallback_ssh import __version__
 from services.fallback_ssh.agent_ops import OP_MODELS, plan
-from services.fallback_ssh.errors import LookupFailed, SshError
+from services.fallback_ssh.errors import SshError
 from services.fallback_ssh.execution import fit_result
 from services.fallback_ssh.installer import run_agent_op
 from services.fallback_ssh.pool import Pool
 from services.fallback_ssh.probe import probe
 from services.fallback_ssh.runner import run_command
 from services.fallback_ssh.settings import FallbackSettings
+from services.fallback_ssh.trust import Verifier
 from shared import subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
-from shared.ids import new_command_id
 from shared.natsx import error, reply
 from shared.protocol import (
-    ErrorReply,
     ExecResult,
-    HostTargetRequest,
     Message,
     SshExecRequest,
     SshProbeRequest,
-    SshTarget,
     decode_model,
-    decode_target_reply,
     encode,
 )
+from shared.signing import CommandRefused
 
 log = logging.getLogger("services.fallback_ssh")
 
@@ -79,6 +77,7 @@ class Worker:
         self.settings = settings
         self.client_key = client_key
         self.pool = Pool(client_key, settings)
+        self.verifier = Verifier(settings.trusted_keys, settings.max_command_ttl, settings.replay_capacity)
         self._subs: list[Subscription] = []
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -173,19 +172,33 @@ class Worker:
 
     # ------------------------------------------------------------------------- handlers
 
+    def _refused(self, what: str, host: str, exc: CommandRefused, command_id: str | None = None) -> Message:
+        """The typed error for a request that did not verify (nothing was dialed)."""
+        log.info("%s for %s refused: %s: %s", what, host, exc.code, exc.description)
+        return error(exc.code, exc.description, command_id)
+
     async def _exec(self, msg: Msg) -> Message:
-        """Decode an exec request, resolve its target and run it over SSH."""
+        """Decode an exec request, verify its signature and run it over SSH on its signed target."""
         try:
             host = subjects.parse_ssh_exec(msg.subject)
             request = decode_model(SshExecRequest, msg.data)
         except (InvalidIdError, ProtocolError) as exc:
             return error(ErrorCode.BAD_REQUEST, str(exc))
-        command_id = request.command_id or new_command_id()
         try:
-            target = request.target or await self._lookup(host)
+            self.verifier.check("ssh_exec", request, host, request.command_id)
+        except CommandRefused as exc:
+            return self._refused("ssh exec", host, exc, request.command_id)
+        if request.command_id is None or request.target is None:
+            return error(
+                ErrorCode.BAD_REQUEST,
+                "a signed SSH exec carries its command_id and target (the worker looks up nothing)",
+                request.command_id,
+            )
+        command_id = request.command_id
+        try:
             result = await run_command(
                 self.pool,
-                target,
+                request.target,
                 command_id,
                 request.command,
                 request.timeout,
@@ -209,26 +222,6 @@ class Worker:
             )
         return result
 
-    async def _lookup(self, host: str) -> SshTarget:
-        """Ask the API for `host`'s SSH target; LookupFailed if it answers an error or nobody answers."""
-        try:
-            answer = await self.nc.request(
-                subjects.host_target(host),
-                encode(HostTargetRequest()),
-                timeout=self.settings.target_lookup_timeout,
-            )
-        except nats.errors.NoRespondersError as exc:
-            raise LookupFailed(f"no API instance answers SSH target lookups for {host}") from exc
-        except nats.errors.TimeoutError as exc:
-            raise LookupFailed(f"SSH target lookup for {host} timed out") from exc
-        try:
-            target = decode_target_reply(answer.data)
-        except ProtocolError as exc:
-            raise LookupFailed(f"SSH target lookup for {host} answered garbage: {exc.message}") from exc
-        if isinstance(target, ErrorReply):
-            raise LookupFailed(target.description, code=target.code)
-        return target
-
     async def _probe(self, msg: Msg) -> Message:
         """Decode a probe request and probe the host."""
         try:
@@ -236,18 +229,31 @@ class Worker:
         except ProtocolError as exc:
             return error(ErrorCode.BAD_REQUEST, str(exc))
         try:
+            self.verifier.check("probe", request, request.host_id)
+        except CommandRefused as exc:
+            return self._refused("probe", request.host_id, exc)
+        try:
             return await probe(request, self.client_key, self.settings)
         except SshError as exc:
             log.info("probe of %s:%s: %s: %s", request.address, request.port, exc.code, exc.description)
             return error(exc.code, exc.description)
 
     async def _agent_op(self, msg: Msg) -> Message:
-        """Decode an agent operation, check it (the wheel's digest) and carry it out over SSH."""
+        """Decode an agent operation, verify it (signature, host, wheel digest), carry it out over SSH."""
         try:
             host, op = subjects.parse_ssh_agent_op(msg.subject)
             request = decode_model(OP_MODELS[op], msg.data)
         except (InvalidIdError, ProtocolError) as exc:
             return error(ErrorCode.BAD_REQUEST, str(exc))
+        try:
+            self.verifier.check(op, request, host, request.command_id)
+        except CommandRefused as exc:
+            return self._refused(f"agent {op}", host, exc, request.command_id)
+        named = getattr(request, "host_id", host)
+        if named != host:  # not covered by the signature itself: it must be the host the signature names
+            return error(
+                ErrorCode.WRONG_HOST, f"{op} names host {named} on the subject of {host}; nothing was sent"
+            )
         try:
             op_plan = plan(request)
             log.info("%s of the agent on %s (prefix %s) starting", op, host, request.prefix)

@@ -1,8 +1,10 @@
 # --- common.sh: shared by install.sh, configure.sh and uninstall.sh (inlined by shared.install.script) ---
 # Output protocol, one line each on stdout:  STEP <name> ok|fail <detail>   and at the end
 # STATE <running|stopped|removed|not_installed|no_systemd> systemd=<0|1>.
-# The token is only ever read from stdin or WARLOCK_TOKEN by the `read` builtin and written by the
-# `printf` builtin: it never becomes an argument of another process and is never printed.
+# The token is made on the host (push: WARLOCK_MAKE_TOKEN=1) or read from stdin / WARLOCK_TOKEN (pull) by
+# the `read` builtin, and written by the `printf` builtin: it never becomes an argument of another
+# process and is never printed; only its SHA-256 is (`TOKEN_SHA256 <hex>`), with the agent's public key
+# (`AGENT_PUBLIC_KEY ed25519:...`), made on the host by `warlock-agent keygen`.
 set -u
 umask 077
 export LC_ALL=C
@@ -20,6 +22,8 @@ VENV="$ROOT/opt/warlock-agent"
 AGENT_BIN="$VENV/bin/warlock-agent"
 CONF_DIR="$ROOT/etc/warlock"
 CONF="$CONF_DIR/agent.conf"
+IDENTITY_KEY="$CONF_DIR/agent.key"
+CA_FILE="$CONF_DIR/ca.pem"
 STATE_DIR="$ROOT/var/lib/warlock-agent"
 LEDGER="$STATE_DIR/ledger.jsonl"
 PIDFILE="$STATE_DIR/agent.pid"
@@ -79,6 +83,63 @@ read_token() { # TOKEN from WARLOCK_TOKEN, else the first line of stdin (a tty g
     [ ${#TOKEN} -eq 64 ]
 }
 
+make_token() { # TOKEN: 32 random bytes from the kernel, as 64 hex characters (in no argv, never printed)
+    TOKEN=
+    if [ -r /dev/urandom ] && command -v od >/dev/null 2>&1; then
+        TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+    fi
+    case $TOKEN in *[!0-9a-f]*) TOKEN= ;; esac
+    if [ ${#TOKEN} -ne 64 ]; then
+        TOKEN=$("${PYTHON:-python3}" -c 'import secrets; print(secrets.token_hex(32))') || return 1
+    fi
+    case $TOKEN in *[!0-9a-f]*) return 1 ;; esac
+    [ ${#TOKEN} -eq 64 ]
+}
+
+sha256_stdin() { # the SHA-256 hex digest of stdin
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum | cut -d' ' -f1
+    elif command -v openssl >/dev/null 2>&1; then
+        openssl dgst -sha256 | sed 's/^.* //'
+    else
+        "${PYTHON:-python3}" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+    fi
+}
+
+report_token() { # print the token's SHA-256 (the API stores only that), never the token
+    TOKEN_SHA256=$(printf '%s' "$TOKEN" | sha256_stdin)
+    printf 'TOKEN_SHA256 %s\n' "$TOKEN_SHA256"
+}
+
+trusted_toml() { # comma-separated ed25519:... keys -> TOML array in KEYS_TOML; 1 if one is not a key
+    KEYS_TOML=
+    _rest=$1,
+    while [ -n "$_rest" ]; do
+        _key=${_rest%%,*}
+        _rest=${_rest#*,}
+        [ -z "$_key" ] && continue
+        case $_key in ed25519:*) ;; *) return 1 ;; esac
+        _b64=${_key#ed25519:}
+        case $_b64 in *[!A-Za-z0-9_-]*) return 1 ;; esac
+        [ ${#_b64} -eq 43 ] || return 1
+        KEYS_TOML="$KEYS_TOML${KEYS_TOML:+, }\"$_key\""
+    done
+    [ -n "$KEYS_TOML" ] && KEYS_TOML="[$KEYS_TOML]"
+}
+
+install_ca() { # install_ca <pem file>: copy a CA certificate next to the config (0600)
+    grep -q -- '-----BEGIN CERTIFICATE-----' "$1" 2>/dev/null || return 1
+    _tmp="$CONF_DIR/.ca.pem.$$"
+    cp "$1" "$_tmp" && chmod 600 "$_tmp" && mv -f "$_tmp" "$CA_FILE"
+}
+
+make_identity() { # the agent's own Ed25519 key (made once, kept on upgrades); AGENT_PUBLIC_KEY line
+    _out=$("$AGENT_BIN" keygen --config "$CONF" 2>&1) || { KEYGEN_ERROR=$_out; return 1; }
+    AGENT_PUBLIC_KEY=$(printf '%s\n' "$_out" | grep -E '^ed25519:[A-Za-z0-9_-]{43}$' | tail -n 1)
+    [ -n "$AGENT_PUBLIC_KEY" ] || { KEYGEN_ERROR="keygen printed no ed25519:... key: $_out"; return 1; }
+    printf 'AGENT_PUBLIC_KEY %s\n' "$AGENT_PUBLIC_KEY"
+}
+
 check_host_id() {
     case $1 in
         '' | *[!a-z0-9_-]*) return 1 ;;
@@ -105,7 +166,7 @@ urls_toml() { # comma-separated ws(s):// URLs -> TOML array in URLS_TOML; 1 if o
     [ -n "$URLS_TOML" ] && URLS_TOML="[$URLS_TOML]"
 }
 
-write_config() { # write_config <host_id line> <gateway_urls line> [<file with extra lines>]
+write_config() { # write_config <host_id line> <gateway_urls line> [<file with extra lines>]; + TRUST_LINES
     mkdir -p "$CONF_DIR" && chmod 700 "$CONF_DIR" || return 1
     _tmp="$CONF_DIR/.agent.conf.$$"
     rm -f "$_tmp"
@@ -115,6 +176,7 @@ write_config() { # write_config <host_id line> <gateway_urls line> [<file with e
         printf '%s\n' "$1"
         printf 'token = "%s"\n' "$TOKEN"
         printf '%s\n' "$2"
+        [ -n "${TRUST_LINES:-}" ] && printf '%s\n' "$TRUST_LINES"
         if [ -n "${3:-}" ] && [ -f "$3" ]; then
             cat "$3"
         else

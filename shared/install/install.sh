@@ -6,19 +6,30 @@
 #   WARLOCK_PREFIX        root the files go under (default /; tests use a scratch directory)
 #   WARLOCK_HOST_ID       this host's id ([a-z0-9_-]{1,63})
 #   WARLOCK_GATEWAY_URLS  comma-separated ws:// or wss:// gateway URLs
+#   WARLOCK_TRUSTED_KEYS  comma-separated ed25519:... public keys of the API (the agent runs only what
+#                         they signed)
+#   WARLOCK_CA_PEM_FILE   optional: a PEM CA certificate the agent pins for wss:// (copied to ca.pem
+#                         next to the config, named by `ca_file`)
+#   WARLOCK_MAKE_TOKEN    1: make the agent's token here, from /dev/urandom (the SSH push: no token
+#                         travels); else the token is read as below (pull)
+#   WARLOCK_API_URL       optional (pull): enroll the agent's public key with POST <url>/agent/enroll,
+#                         authenticated by the token (curl reads it from stdin, never from its argv)
 #   WARLOCK_WHEEL         path of the agent wheel (keep its real *.whl file name)
 #   WARLOCK_WHEEL_SHA256  expected SHA-256 of the wheel (checked before anything is changed)
 #   WARLOCK_MODE          auto (systemd if the host runs it, else report no_systemd and change nothing),
 #                         systemd, or direct (start the agent without systemd, e.g. in a container)
 #   WARLOCK_PYTHON        interpreter used to create the virtual environment (default python3)
-#   the token             first line of stdin, or WARLOCK_TOKEN when that is set (use the variable when
-#                         the script itself arrives on stdin, as in `curl ... | sh`)
-# Prints `STEP <name> ok|fail <detail>` per step and `STATE <state> systemd=<0|1>` at the end.
+#   the token             (pull) first line of stdin, or WARLOCK_TOKEN when that is set (use the variable
+#                         when the script itself arrives on stdin, as in `curl ... | sh`)
+# Prints `STEP <name> ok|fail <detail>` per step, `AGENT_PUBLIC_KEY ed25519:...` (the agent's own key,
+# made here by `warlock-agent keygen`; the private key never leaves the host), `TOKEN_SHA256 <hex>` (the
+# token itself is never printed) and `STATE <state> systemd=<0|1>` at the end.
 # Exit codes: 0 installed and running; 1 a step failed (no STATE line); 2 bad input;
 # 3 no systemd (mode auto or systemd on a host without it; nothing was changed).
 #
 # What lands where (under WARLOCK_PREFIX): opt/warlock-agent (virtual environment),
-# etc/warlock/agent.conf (0600, dir 0700), var/lib/warlock-agent (ledger; agent.pid in direct mode),
+# etc/warlock/agent.conf (0600, dir 0700), etc/warlock/agent.key (the agent's Ed25519 key, 0600),
+# etc/warlock/ca.pem (with WARLOCK_CA_PEM_FILE), var/lib/warlock-agent (ledger; agent.pid in direct mode),
 # etc/systemd/system/warlock-agent.service (systemd mode), var/log/warlock-agent.log (direct mode).
 
 # @include common.sh
@@ -36,10 +47,32 @@ urls_toml "${WARLOCK_GATEWAY_URLS:-}" || {
     step inputs fail "WARLOCK_GATEWAY_URLS must be comma-separated ws:// or wss:// URLs without quotes or spaces"
     exit 2
 }
-read_token || { step inputs fail "the token (stdin or WARLOCK_TOKEN) must be 64 lowercase hex characters"; exit 2; }
+trusted_toml "${WARLOCK_TRUSTED_KEYS:-}" || {
+    step inputs fail "WARLOCK_TRUSTED_KEYS must be comma-separated ed25519:... public keys of the API"
+    exit 2
+}
+CA_PEM=${WARLOCK_CA_PEM_FILE:-}
+if [ -n "$CA_PEM" ]; then
+    grep -q -- '-----BEGIN CERTIFICATE-----' "$CA_PEM" 2>/dev/null || { step inputs fail "WARLOCK_CA_PEM_FILE is not a PEM certificate: $CA_PEM"; exit 2; }
+fi
+if [ "${WARLOCK_MAKE_TOKEN:-0}" = 1 ]; then
+    unset WARLOCK_TOKEN
+    make_token || { step inputs fail "cannot make a token (no /dev/urandom with od, nor $PYTHON)"; exit 2; }
+    TOKEN_FROM="made on this host"
+else
+    read_token || { step inputs fail "the token (stdin or WARLOCK_TOKEN) must be 64 lowercase hex characters"; exit 2; }
+    TOKEN_FROM="given"
+fi
 [ -f "$WHEEL" ] || { step inputs fail "WARLOCK_WHEEL is not a file: $WHEEL"; exit 2; }
 case $WHEEL in *.whl) ;; *) step inputs fail "WARLOCK_WHEEL must keep its .whl file name"; exit 2 ;; esac
-step inputs ok "host $HOST_ID, mode $MODE, prefix $PREFIX"
+step inputs ok "host $HOST_ID, mode $MODE, prefix $PREFIX, token $TOKEN_FROM"
+
+enroll() { # POST the public key to the API, the token as Bearer: curl reads that header from stdin (-K -)
+    command -v curl >/dev/null 2>&1 || { ENROLL_OUT="curl is not installed"; return 1; }
+    _body=$(printf '{"host_id":"%s","public_key":"%s"}' "$HOST_ID" "$AGENT_PUBLIC_KEY")
+    ENROLL_OUT=$(printf 'header = "Authorization: Bearer %s"\n' "$TOKEN" |
+        curl -fsS -K - -H 'Content-Type: application/json' --data "$_body" "${WARLOCK_API_URL%/}/agent/enroll" 2>&1)
+}
 
 # ---------------------------------------------------------------- the wheel's SHA-256, first
 if command -v sha256sum >/dev/null 2>&1; then
@@ -97,8 +130,28 @@ step pip ok "$VERSION"
 
 # ---------------------------------------------------------------- configuration (0600, dir 0700)
 mkdir -p "$STATE_DIR" && chmod 700 "$STATE_DIR" || fail config "cannot create $STATE_DIR"
+TRUST_LINES="identity_key_file = \"$IDENTITY_KEY\"
+trusted_keys = $KEYS_TOML"
+[ -n "$CA_PEM" ] && TRUST_LINES="$TRUST_LINES
+ca_file = \"$CA_FILE\""
 write_config "host_id = \"$HOST_ID\"" "gateway_urls = $URLS_TOML" || fail config "cannot write $CONF"
-step config ok "$CONF"
+if [ -n "$CA_PEM" ]; then
+    install_ca "$CA_PEM" || fail config "cannot write $CA_FILE"
+    step config ok "$CONF, CA $CA_FILE"
+else
+    step config ok "$CONF"
+fi
+
+# ---------------------------------------------------------------- the agent's own key, the token's hash
+KEYGEN_ERROR=
+make_identity || fail identity "warlock-agent keygen failed: $(printf '%s' "$KEYGEN_ERROR" | tail -n 3)"
+step identity ok "$IDENTITY_KEY ($AGENT_PUBLIC_KEY)"
+report_token
+step token ok "sha256 $TOKEN_SHA256 ($TOKEN_FROM)"
+if [ -n "${WARLOCK_API_URL:-}" ]; then
+    enroll || fail enroll "POST ${WARLOCK_API_URL%/}/agent/enroll failed: $ENROLL_OUT"
+    step enroll ok "public key enrolled with the API"
+fi
 
 # ---------------------------------------------------------------- start (systemd)
 if [ "$MODE" = systemd ]; then

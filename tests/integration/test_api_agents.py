@@ -1,7 +1,8 @@
 """The agent lifecycle endpoints against a real nats-server and both databases.
 
-The gateway and the SSH worker are played by plain nats-py responders that record what they receive; the
-agent wheel is a small fake file (the real build is tested once, in tests/unit/test_api_wheel.py).
+The gateway and the SSH worker are played by plain nats-py responders that record what they receive and
+check the API's signature on it (TestSigner: the API loads the same key file); the agent wheel is a small
+fake file (the real build is tested once, in tests/unit/test_api_wheel.py). No request carries a token.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import nats
 import pytest
+from nacl.signing import SigningKey
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from services.api import crud
 from services.api.models import AgentConnection
 from services.api.routes import downloads
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import ErrorCode
 from shared.natsx import error, reply
 from shared.protocol import (
@@ -36,6 +38,7 @@ from shared.protocol import (
     RotateRequest,
     SshExecRequest,
     SshProbeOk,
+    SshProbeRequest,
     TokenRevoked,
     decode_model,
 )
@@ -43,24 +46,55 @@ from shared.tokens import hash_token
 from shared.version import __version__, wheel_name
 from tests.support.db import RunningApi, api_settings, eventually, running_api
 from tests.support.natsserver import NatsServer
+from tests.support.trust import TestSigner
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFnZW50c3Rlc3RrZXkwMTIzNDU2Nzg5YWJjZGVmZ2g"
 WHEEL_NAME = wheel_name()
 WHEEL_BYTES = b"PK\x03\x04 not really a wheel, but bytes with a hash"
 WHEEL_SHA = hashlib.sha256(WHEEL_BYTES).hexdigest()
 STEPS = (InstallStep(name="sha256", ok=True, detail=WHEEL_SHA), InstallStep(name="unit", ok=True))
-RUNNING = AgentOpResult(steps=STEPS, state="running", systemd=True)
+AGENT_KEY = signing.generate()  # the agent's own key, "made on the host"
+AGENT_PUBLIC = signing.public_text(AGENT_KEY)
+HOST_TOKEN = "7c" * 32  # the token "made on the host": the API never sees it, only its hash
+RUNNING = AgentOpResult(
+    steps=STEPS,
+    state="running",
+    systemd=True,
+    agent_public_key=AGENT_PUBLIC,
+    token_sha256=hash_token(HOST_TOKEN),
+)
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 
 
 @pytest.fixture
-async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIterator[RunningApi]:
+def signer(tmp_path: Path) -> TestSigner:
+    """The API's signing key (the API of the test loads this file)."""
+    return TestSigner(tmp_path)
+
+
+def verified(kind: str, request: Message, host: str, signer: TestSigner) -> None:
+    """`request` carries a valid API signature of `kind` for `host` (as the worker / agent checks it)."""
+    signature = getattr(request, "signature", None)
+    trusted = signing.TrustedKeys([signer.public_key])
+    fields = signing.signed_fields(request)
+    assert signing.verify_command(kind, fields, signature, trusted, host, 600) == signer.key_id
+
+
+@pytest.fixture
+async def api(
+    tmp_path: Path, nats_server: NatsServer, database: str, signer: TestSigner
+) -> AsyncIterator[RunningApi]:
     """The API with a fake agent wheel and short timeouts, host h1 (pinned key) and h2 (no key) added."""
     wheel = tmp_path / WHEEL_NAME
     wheel.write_bytes(WHEEL_BYTES)
+    ca = tmp_path / "agents-ca.pem"
+    ca.write_text(CA_PEM)
     settings = api_settings(
         tmp_path,
         nats_server.url,
         database,
+        signing_key_file=signer.key_file,
+        agent_ca_file=ca,
         agent_wheel=wheel,
         gateway_urls="ws://gw-a:8765/agent, wss://gw-b/agent",
         install_timeout=3,
@@ -78,6 +112,7 @@ async def _add_hosts(api: RunningApi, nats_server: NatsServer) -> None:
     worker = await nats.connect(nats_server.url)
 
     async def probe(msg: Msg) -> None:
+        assert decode_model(SshProbeRequest, msg.data).signature is not None
         await reply(worker, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:x"))
 
     await worker.subscribe(subjects.SSH_PROBE, cb=probe)
@@ -141,18 +176,38 @@ async def _stored_hash(api: RunningApi, host: str) -> str | None:
     return None if agent is None else agent.token_hash
 
 
-async def _issue(api: RunningApi, host: str) -> str:
+async def _stored_key(api: RunningApi, host: str) -> str | None:
     async with api.state.sessions() as session:
-        return await crud.issue_agent_token(session, host)
+        agent = await crud.get_agent(session, host)
+    return None if agent is None else agent.public_key
+
+
+async def _issue(api: RunningApi, host: str, public_key: str | None = None) -> str:
+    """A token for `host` (as an earlier install left it), with the agent's key enrolled if given."""
+    async with api.state.sessions() as session:
+        token = await crud.issue_agent_token(session, host)
+        agent = await session.get(AgentConnection, host)
+        assert agent is not None
+        agent.public_key = public_key
+        session.add(agent)
+        await session.commit()
+    return token
+
+
+def carries_no_token(raw: bytes) -> None:
+    """A request payload names no token field and holds no 64-hex value but hashes and digests."""
+    assert b'"token"' not in raw
+    assert HOST_TOKEN.encode() not in raw
 
 
 # ----------------------------------------------------------------------------- install
 
 
-async def test_install_sends_the_wheel_and_stores_only_the_token_hash(
-    api: RunningApi, peers: Peers, caplog: pytest.LogCaptureFixture
+async def test_install_is_signed_sends_no_token_and_stores_what_the_host_reports(
+    api: RunningApi, peers: Peers, signer: TestSigner, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The worker gets the wheel (sha256 matching), the pinned target and a token whose hash is stored."""
+    """The worker gets a signed install (wheel, pinned target, trusted keys, CA) without any token; the
+    public key and token hash the host reports are stored; the answer holds the key, never a token."""
     await peers.answer(subjects.ssh_agent_op("h1", "install"), RUNNING)
     with caplog.at_level(logging.DEBUG):
         response = await api.client.post(
@@ -160,13 +215,18 @@ async def test_install_sends_the_wheel_and_stores_only_the_token_hash(
         )
     assert response.status_code == 200, response.text
     body = response.json()
-    token = body["token"]
+    assert "token" not in body
     assert body["host_id"] == "h1"
+    assert body["agent_public_key"] == AGENT_PUBLIC
     assert body["state"] == "running"
     assert body["systemd"] is True
     assert [s["name"] for s in body["steps"]] == ["sha256", "unit"]
-    request = decode_model(AgentInstallRequest, peers.seen[subjects.ssh_agent_op("h1", "install")][0])
-    assert request.token == token
+    raw = peers.seen[subjects.ssh_agent_op("h1", "install")][0]
+    carries_no_token(raw)
+    request = decode_model(AgentInstallRequest, raw)
+    verified("install", request, "h1", signer)
+    assert request.trusted_keys == (signer.public_key,)
+    assert request.ca_pem == CA_PEM
     assert request.wheel_name == WHEEL_NAME
     assert request.wheel_sha256 == WHEEL_SHA
     assert hashlib.sha256(base64.b64decode(request.wheel_b64)).hexdigest() == WHEEL_SHA
@@ -174,28 +234,26 @@ async def test_install_sends_the_wheel_and_stores_only_the_token_hash(
     assert request.prefix == "/tmp/scratch"
     assert request.mode == "auto"
     assert request.gateway_urls == ("ws://gw-a:8765/agent", "wss://gw-b/agent")
-    assert await _stored_hash(api, "h1") == hash_token(token)
+    assert await _stored_hash(api, "h1") == hash_token(HOST_TOKEN)
+    assert await _stored_key(api, "h1") == AGENT_PUBLIC
     assert peers.revoked == []  # no previous token
-    assert token not in caplog.text
     assert "installing the agent on h1" in caplog.text
 
 
 async def test_reinstall_revokes_the_previous_token(api: RunningApi, peers: Peers) -> None:
-    """Installing again (upgrade) issues a new token and revokes the one it replaces."""
+    """Installing again (upgrade): the host's new token hash is stored and the one it replaces revoked."""
+    first = await _issue(api, "h1", AGENT_PUBLIC)
     await peers.answer(subjects.ssh_agent_op("h1", "install"), RUNNING)
-    first = (await api.client.post("/api/agents/h1/install", headers=api.auth)).json()["token"]
     second = await api.client.post("/api/agents/h1/install", json={"mode": "systemd"}, headers=api.auth)
     assert second.status_code == 200
-    assert await _stored_hash(api, "h1") == hash_token(second.json()["token"])
+    assert await _stored_hash(api, "h1") == hash_token(HOST_TOKEN)
     await eventually(peers.any_revoked)
     assert peers.revoked == [TokenRevoked(host_id="h1", token_sha256=hash_token(first))]
 
 
-async def test_install_without_systemd_is_409_and_the_new_token_is_revoked(
-    api: RunningApi, peers: Peers
-) -> None:
-    """state no_systemd: 409 with the steps and a hint to use direct; the previous token is restored."""
-    old = await _issue(api, "h1")
+async def test_install_without_systemd_is_409_and_changes_nothing(api: RunningApi, peers: Peers) -> None:
+    """state no_systemd: 409 with the steps and a hint to use direct; the stored token stays, none revoked."""
+    old = await _issue(api, "h1", AGENT_PUBLIC)
     no_systemd = AgentOpResult(
         steps=(InstallStep(name="systemd", ok=False),), state="no_systemd", systemd=False
     )
@@ -206,10 +264,21 @@ async def test_install_without_systemd_is_409_and_the_new_token_is_revoked(
     assert body["code"] == "no_systemd"
     assert body["steps"] == [{"name": "systemd", "ok": False, "detail": ""}]
     assert '"mode": "direct"' in body["hint"]
-    sent = decode_model(AgentInstallRequest, peers.seen[subjects.ssh_agent_op("h1", "install")][0])
     assert await _stored_hash(api, "h1") == hash_token(old)
-    await eventually(peers.any_revoked)
-    assert peers.revoked == [TokenRevoked(host_id="h1", token_sha256=hash_token(sent.token))]
+    assert peers.revoked == []
+
+
+async def test_install_reply_without_key_or_hash_is_502_and_stores_nothing(
+    api: RunningApi, peers: Peers
+) -> None:
+    """A worker (or agent) that reports no public key / token hash: 502, nothing stored."""
+    await peers.answer(
+        subjects.ssh_agent_op("h1", "install"), AgentOpResult(steps=STEPS, state="running", systemd=True)
+    )
+    response = await api.client.post("/api/agents/h1/install", headers=api.auth)
+    assert response.status_code == 502
+    assert "public key" in response.json()["detail"]
+    assert await _stored_hash(api, "h1") is None
 
 
 async def test_install_without_pinned_key_is_409(api: RunningApi, peers: Peers) -> None:
@@ -222,15 +291,18 @@ async def test_install_without_pinned_key_is_409(api: RunningApi, peers: Peers) 
     assert await _stored_hash(api, "h2") is None
 
 
-async def test_install_without_worker_is_503_and_leaves_no_token(api: RunningApi) -> None:
-    """No SSH worker: 503, and the token issued for the attempt is withdrawn."""
+async def test_install_without_worker_is_503_and_stores_nothing(api: RunningApi) -> None:
+    """No SSH worker: 503, nothing stored."""
     response = await api.client.post("/api/agents/h1/install", headers=api.auth)
     assert response.status_code == 503
     assert "SSH worker" in response.json()["detail"]
     assert await _stored_hash(api, "h1") is None
 
 
-@pytest.mark.parametrize(("code", "status"), [(ErrorCode.AUTH_FAILED, 422), (ErrorCode.INTERNAL, 502)])
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(ErrorCode.AUTH_FAILED, 422), (ErrorCode.INTERNAL, 502), (ErrorCode.BAD_SIGNATURE, 502)],
+)
 async def test_install_worker_errors_map_to_422_or_502(
     api: RunningApi, peers: Peers, code: ErrorCode, status: int
 ) -> None:
@@ -252,7 +324,17 @@ async def test_bad_install_body_is_422(api: RunningApi) -> None:
     assert (await api.client.post("/api/agents/h1/install")).status_code == 401
 
 
-# ----------------------------------------------------------------------------- downloads
+async def test_install_timeout_is_504_and_stores_nothing(api: RunningApi, peers: Peers) -> None:
+    """A worker that never answers: 504; the API stores nothing it did not see (install again)."""
+    old = await _issue(api, "h1", AGENT_PUBLIC)
+    await peers.answer(subjects.ssh_agent_op("h1", "install"), None)
+    response = await api.client.post("/api/agents/h1/install", headers=api.auth)
+    assert response.status_code == 504
+    assert response.json()["code"] == "timeout"
+    assert await _stored_hash(api, "h1") == hash_token(old)
+
+
+# ----------------------------------------------------------------------------- downloads, pull install
 
 
 async def test_install_script_and_wheel_download_need_no_key(api: RunningApi) -> None:
@@ -271,13 +353,60 @@ async def test_install_script_and_wheel_download_need_no_key(api: RunningApi) ->
     assert (await api.client.get("/agent/passwd")).status_code == 404
 
 
+async def test_agent_wheel_hash_from_the_authenticated_api(api: RunningApi, signer: TestSigner) -> None:
+    """GET /api/agent-wheel (API key) names the wheel, its SHA-256, where to download it and the API keys
+    a pulled agent trusts."""
+    assert (await api.client.get("/api/agent-wheel")).status_code == 401
+    response = await api.client.get("/api/agent-wheel", headers=api.auth)
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["name"], body["sha256"]) == (WHEEL_NAME, WHEEL_SHA)
+    assert body["url"].endswith(f"/agent/{WHEEL_NAME}")
+    assert body["trusted_keys"] == [signer.public_key]
+    download = await api.client.get(body["url"])
+    assert hashlib.sha256(download.content).hexdigest() == body["sha256"]
+
+
+async def test_pull_token_then_enroll_once(api: RunningApi, peers: Peers) -> None:
+    """A pull token is shown once (hash stored, old token revoked, key cleared); the pulled install
+    enrolls its key with it; the same key again is fine; another key, another host or token: refused."""
+    old = await _issue(api, "h1", AGENT_PUBLIC)
+    response = await api.client.post("/api/agents/h1/pull-token", headers=api.auth)
+    assert response.status_code == 200
+    token = response.json()["token"]
+    assert await _stored_hash(api, "h1") == hash_token(token)
+    assert await _stored_key(api, "h1") is None
+    await eventually(peers.any_revoked)
+    assert peers.revoked == [TokenRevoked(host_id="h1", token_sha256=hash_token(old))]
+
+    new_key = signing.public_text(signing.generate())
+    bearer = {"Authorization": f"Bearer {token}"}
+    body = {"host_id": "h1", "public_key": new_key}
+    assert (await api.client.post("/agent/enroll", json=body)).status_code == 401
+    wrong = {"Authorization": f"Bearer {old}"}
+    assert (await api.client.post("/agent/enroll", json=body, headers=wrong)).status_code == 401
+    other_host = {"host_id": "h2", "public_key": new_key}
+    assert (await api.client.post("/agent/enroll", json=other_host, headers=bearer)).status_code == 401
+    bad_key = {"host_id": "h1", "public_key": "ed25519:short"}
+    assert (await api.client.post("/agent/enroll", json=bad_key, headers=bearer)).status_code == 422
+    enrolled = await api.client.post("/agent/enroll", json=body, headers=bearer)
+    assert enrolled.status_code == 200, enrolled.text
+    assert enrolled.json() == {"host_id": "h1", "key_id": signing.key_id(new_key)}
+    assert await _stored_key(api, "h1") == new_key
+    assert (await api.client.post("/agent/enroll", json=body, headers=bearer)).status_code == 200
+    another = {"host_id": "h1", "public_key": signing.public_text(signing.generate())}
+    refused = await api.client.post("/agent/enroll", json=another, headers=bearer)
+    assert refused.status_code == 409
+    assert await _stored_key(api, "h1") == new_key
+
+
 # ----------------------------------------------------------------------------- uninstall
 
 
 async def test_uninstall_revokes_the_stored_hash_and_deletes_the_record(
-    api: RunningApi, peers: Peers
+    api: RunningApi, peers: Peers, signer: TestSigner
 ) -> None:
-    """The worker removes the agent; the record goes and the old hash is published as revoked."""
+    """The worker removes the agent (signed request); the record goes and the old hash is revoked."""
     token = await _issue(api, "h1")
     removed = AgentOpResult(steps=(InstallStep(name="remove", ok=True),), state="removed", systemd=True)
     await peers.answer(subjects.ssh_agent_op("h1", "uninstall"), removed)
@@ -286,6 +415,7 @@ async def test_uninstall_revokes_the_stored_hash_and_deletes_the_record(
     assert response.json()["state"] == "removed"
     assert response.json()["token_revoked"] is True
     sent = decode_model(AgentUninstallRequest, peers.seen[subjects.ssh_agent_op("h1", "uninstall")][0])
+    verified("uninstall", sent, "h1", signer)
     assert sent.prefix == "/tmp/x"
     assert sent.target.host_key == HOST_KEY
     await eventually(peers.any_revoked)
@@ -357,8 +487,10 @@ async def test_health_via_agent_measures_latency(api: RunningApi, peers: Peers) 
     assert (await api.client.get("/api/agents/h1", headers=api.auth)).json()["last_ping"] is not None
 
 
-async def test_health_via_ssh_when_no_agent(api: RunningApi, peers: Peers, nc: NATS) -> None:
-    """No gateway holds the host: the SSH worker runs `true` on the pinned target."""
+async def test_health_via_ssh_when_no_agent(
+    api: RunningApi, peers: Peers, nc: NATS, signer: TestSigner
+) -> None:
+    """No gateway holds the host: the SSH worker runs `true` on the pinned target (signed ssh_exec)."""
     seen: list[SshExecRequest] = []
 
     async def handler(msg: Msg) -> None:
@@ -375,6 +507,7 @@ async def test_health_via_ssh_when_no_agent(api: RunningApi, peers: Peers, nc: N
     assert seen[0].command == "true"
     assert seen[0].target is not None
     assert seen[0].target.host_key == HOST_KEY
+    verified("ssh_exec", seen[0], "h1", signer)
 
 
 def _result(request: SshExecRequest) -> Message:
@@ -392,29 +525,71 @@ async def test_health_with_neither_path(api: RunningApi) -> None:
 # ----------------------------------------------------------------------------- regenerate
 
 
-async def test_regenerate_with_live_agent_rotates_then_revokes_the_old_hash(
-    api: RunningApi, peers: Peers, caplog: pytest.LogCaptureFixture
+def rotate_ok(rotate: RotateRequest, key: SigningKey = AGENT_KEY, host: str = "h1") -> RotateOk:
+    """The agent's answer to `rotate`: the hash of the token it made, signed with its own key."""
+    token_sha = hash_token("9d" * 32)
+    values = signing.rotated_values(host, rotate.command_id, token_sha)
+    sig = signing.sign_values(key, signing.ROTATED_DOMAIN, values)
+    return RotateOk(host_id=host, token_sha256=token_sha, signature=sig)
+
+
+async def answer_rotation(peers: Peers, key: SigningKey = AGENT_KEY) -> None:
+    """Play the live agent behind its gateway: answer each signed rotate with a rotate_ok signed by `key`."""
+
+    async def handler(msg: Msg) -> None:
+        peers.seen.setdefault(subjects.agent_rotate("h1"), []).append(msg.data)
+        await reply(peers.nc, msg, rotate_ok(decode_model(RotateRequest, msg.data), key))
+        peers.events.append(f"replied {subjects.agent_rotate('h1')}")
+
+    await peers.nc.subscribe(subjects.agent_rotate("h1"), cb=handler)
+    await peers.nc.flush()
+
+
+async def test_regenerate_with_live_agent_stores_the_agents_signed_hash(
+    api: RunningApi, peers: Peers, signer: TestSigner
 ) -> None:
-    """The live agent gets the new token (whose hash is stored); the old hash is revoked after its reply."""
-    old = await _issue(api, "h1")
-    await peers.answer(subjects.agent_rotate("h1"), RotateOk(host_id="h1"))
-    with caplog.at_level(logging.DEBUG):
-        response = await api.client.post("/api/agents/h1/regenerate-token", headers=api.auth)
+    """The live agent makes its token: the signed rotate carries none; the hash in its signed rotate_ok is
+    stored, then the old hash is revoked. The answer holds no token."""
+    old = await _issue(api, "h1", AGENT_PUBLIC)
+    await answer_rotation(peers)
+    response = await api.client.post("/api/agents/h1/regenerate-token", headers=api.auth)
     assert response.status_code == 200
     body = response.json()
+    assert "token" not in body
     assert body["delivered"] == "session"
-    rotate = decode_model(RotateRequest, peers.seen[subjects.agent_rotate("h1")][0])
-    assert rotate.token == body["token"]
-    assert await _stored_hash(api, "h1") == hash_token(body["token"])
+    raw = peers.seen[subjects.agent_rotate("h1")][0]
+    carries_no_token(raw)
+    rotate = decode_model(RotateRequest, raw)
+    verified("rotate", rotate, "h1", signer)
+    assert body["token_sha256"] == hash_token("9d" * 32)
+    assert await _stored_hash(api, "h1") == hash_token("9d" * 32)
     await eventually(peers.any_revoked)
     assert peers.revoked == [TokenRevoked(host_id="h1", token_sha256=hash_token(old))]
     assert peers.events == [f"replied {subjects.agent_rotate('h1')}", "revoked"]
-    assert body["token"] not in caplog.text
 
 
-async def test_regenerate_with_offline_agent_configures_over_ssh(api: RunningApi, peers: Peers) -> None:
-    """No session: revoke the old hash, then the worker rewrites the config with the new token."""
-    old = await _issue(api, "h1")
+async def test_rotate_ok_not_signed_by_the_agent_is_not_stored(api: RunningApi, peers: Peers) -> None:
+    """A gateway answering rotate_ok with its own hash (signed by another key): nothing stored, nothing
+    revoked; without an SSH worker the previous token stays valid and the answer says so."""
+    old = await _issue(api, "h1", AGENT_PUBLIC)
+    await answer_rotation(peers, key=signing.generate())
+    response = await api.client.post("/api/agents/h1/regenerate-token", headers=api.auth)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["delivered"] is None
+    assert "not signed by the agent" in body["note"]
+    assert "previous token stays valid" in body["note"]
+    assert await _stored_hash(api, "h1") == hash_token(old)
+    assert api.state.lifecycle.rotations_refused == 1
+    assert peers.revoked == []
+
+
+async def test_regenerate_with_offline_agent_configures_over_ssh(
+    api: RunningApi, peers: Peers, signer: TestSigner
+) -> None:
+    """No session: a signed configure (no token) makes the new token on the host; its hash is stored and
+    the old one revoked after."""
+    old = await _issue(api, "h1", AGENT_PUBLIC)
     await peers.answer(subjects.ssh_agent_op("h1", "configure"), RUNNING)
     response = await api.client.post(
         "/api/agents/h1/regenerate-token",
@@ -424,37 +599,44 @@ async def test_regenerate_with_offline_agent_configures_over_ssh(api: RunningApi
     body = response.json()
     assert response.status_code == 200
     assert body["delivered"] == "ssh"
-    sent = decode_model(AgentConfigureRequest, peers.seen[subjects.ssh_agent_op("h1", "configure")][0])
-    assert sent.token == body["token"]
+    assert body["token_sha256"] == hash_token(HOST_TOKEN)
+    raw = peers.seen[subjects.ssh_agent_op("h1", "configure")][0]
+    carries_no_token(raw)
+    sent = decode_model(AgentConfigureRequest, raw)
+    verified("configure", sent, "h1", signer)
+    assert sent.trusted_keys == (signer.public_key,)
+    assert sent.ca_pem == CA_PEM
     assert sent.prefix == "/tmp/p"
     assert sent.gateway_urls == ("ws://gw-c/agent",)
+    assert await _stored_hash(api, "h1") == hash_token(HOST_TOKEN)
     await eventually(peers.any_revoked)
     assert peers.revoked == [TokenRevoked(host_id="h1", token_sha256=hash_token(old))]
-    assert peers.events == ["revoked", f"replied {subjects.ssh_agent_op('h1', 'configure')}"]
+    assert peers.events == [f"replied {subjects.ssh_agent_op('h1', 'configure')}", "revoked"]
 
 
-async def test_regenerate_when_everything_fails_still_answers_the_token(
-    api: RunningApi, peers: Peers
-) -> None:
-    """No session, no worker: 200, delivered null, the token valid and a note saying what to do."""
-    old = await _issue(api, "h1")
+async def test_regenerate_when_everything_fails_changes_nothing(api: RunningApi, peers: Peers) -> None:
+    """No session, no worker: 200, delivered null, the previous token still valid, a note saying so."""
+    old = await _issue(api, "h1", AGENT_PUBLIC)
     response = await api.client.post("/api/agents/h1/regenerate-token", headers=api.auth)
     assert response.status_code == 200
     body = response.json()
     assert body["delivered"] is None
-    assert "by hand" in body["note"]
-    assert await _stored_hash(api, "h1") == hash_token(body["token"])
-    await eventually(peers.any_revoked)
-    assert peers.revoked == [TokenRevoked(host_id="h1", token_sha256=hash_token(old))]
+    assert "previous token stays valid" in body["note"]
+    assert await _stored_hash(api, "h1") == hash_token(old)
+    assert peers.revoked == []
 
 
 # ----------------------------------------------------------------------------- hosts + install
 
 
-async def test_add_host_with_install_agent(api: RunningApi, peers: Peers, nc: NATS) -> None:
-    """install_agent runs the install after the check; its result (with the token) is under install."""
+async def test_add_host_with_install_agent(
+    api: RunningApi, peers: Peers, nc: NATS, signer: TestSigner
+) -> None:
+    """install_agent runs the install after the (signed) check; its result (no token) is under install."""
+    probes: list[SshProbeRequest] = []
 
     async def probe(msg: Msg) -> None:
+        probes.append(decode_model(SshProbeRequest, msg.data))
         await reply(nc, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:y"))
 
     await nc.subscribe(subjects.SSH_PROBE, cb=probe)
@@ -462,9 +644,13 @@ async def test_add_host_with_install_agent(api: RunningApi, peers: Peers, nc: NA
     body = {"id": "h3", "address": "10.0.0.9", "install_agent": True, "install_mode": "direct"}
     response = await api.client.post("/api/hosts", json=body, headers=api.auth)
     assert response.status_code == 201, response.text
+    verified("probe", probes[0], "h3", signer)
+    assert (probes[0].host_id, probes[0].address) == ("h3", "10.0.0.9")
     install = response.json()["install"]
     assert install["state"] == "running"
-    assert await _stored_hash(api, "h3") == hash_token(install["token"])
+    assert "token" not in install
+    assert install["agent_public_key"] == AGENT_PUBLIC
+    assert await _stored_hash(api, "h3") == hash_token(HOST_TOKEN)
     sent = decode_model(AgentInstallRequest, peers.seen[subjects.ssh_agent_op("h3", "install")][0])
     assert sent.mode == "direct"
     failed = await api.client.post(
@@ -474,16 +660,6 @@ async def test_add_host_with_install_agent(api: RunningApi, peers: Peers, nc: NA
     assert failed.json()["install"]["status"] == 503
     no_check = {"id": "h5", "address": "10.0.0.11", "install_agent": True, "ssh_check": False}
     assert (await api.client.post("/api/hosts", json=no_check, headers=api.auth)).status_code == 422
-
-
-async def test_install_timeout_is_504_and_keeps_the_new_token(api: RunningApi, peers: Peers) -> None:
-    """A worker that never answers: 504 (the install may have finished, so the host may hold the token)."""
-    await peers.answer(subjects.ssh_agent_op("h1", "install"), None)
-    response = await api.client.post("/api/agents/h1/install", headers=api.auth)
-    assert response.status_code == 504
-    assert response.json()["code"] == "timeout"
-    sent = decode_model(AgentInstallRequest, peers.seen[subjects.ssh_agent_op("h1", "install")][0])
-    assert await _stored_hash(api, "h1") == hash_token(sent.token)
 
 
 async def test_install_script_missing_is_503(api: RunningApi, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,13 +2,16 @@
 
 Real API (PostgreSQL), SSH worker, gateway, OpenSSH sshd and NATS. The agent is installed under a scratch
 root prefix (never the machine's /etc or /opt), in "direct" mode since this machine has no systemd, and
-runs from its installed virtual environment.
+runs from its installed virtual environment. No token is ever shown: the host makes each one (install,
+rotation, configure) and the API stores the hash the host reports, checked here against the host's files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import re
 import signal
 import stat
 from collections.abc import AsyncIterator
@@ -18,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shared import signing
 from shared.install import paths
 from tests.support.db import fresh_database
 from tests.support.install import agent_pids
@@ -25,6 +29,14 @@ from tests.support.sshd import Sshd
 from tests.support.stack import Api, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
+TOKEN_LINE = re.compile(r'^token = "([0-9a-f]{64})"$', re.MULTILINE)
+
+
+def host_token(conf: Path) -> str:
+    """The token in the installed agent's config (made on the host)."""
+    found = TOKEN_LINE.search(conf.read_text())
+    assert found is not None
+    return found.group(1)
 
 
 async def agent_state(http: httpx.AsyncClient) -> dict[str, Any]:
@@ -100,11 +112,14 @@ async def test_install_use_rekey_uninstall(api_env: tuple[Stack, Api, httpx.Asyn
     assert installed.status_code == 200, installed.text
     body = installed.json()
     assert body["state"] == "running"
-    token = body["token"]
+    assert "token" not in body
     conf = Path(where["CONF"])
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
-    assert f'token = "{token}"' in conf.read_text()
+    token = host_token(conf)
+    key_file = Path(where["CONF_DIR"]) / "agent.key"
+    assert body["agent_public_key"] == signing.public_text(signing.load_private(key_file))
     first = await until_connected(http)
+    assert first["public_key"] == body["agent_public_key"]
 
     ran = await http.post("/api/hosts/box/exec", json={"command": "echo from-installed-agent"})
     assert (ran.json()["via"], ran.json()["stdout"]) == ("agent", "from-installed-agent\n")
@@ -116,11 +131,11 @@ async def test_install_use_rekey_uninstall(api_env: tuple[Stack, Api, httpx.Asyn
     rekeyed = await http.post("/api/agents/box/regenerate-token", json={"prefix": str(prefix)})
     assert rekeyed.status_code == 200, rekeyed.text
     assert rekeyed.json()["delivered"] == "session"
-    new_token = rekeyed.json()["token"]
-    assert new_token != token
+    assert "token" not in rekeyed.json()
     second = await until_connected(http, other_than=first["session_id"])  # old session closed (4003)
-    assert f'token = "{new_token}"' in conf.read_text()
-    assert token not in conf.read_text()
+    new_token = host_token(conf)  # the agent made it and stored it itself
+    assert new_token != token
+    assert rekeyed.json()["token_sha256"] == hashlib.sha256(new_token.encode()).hexdigest()
     again = await http.post("/api/hosts/box/exec", json={"command": "echo rekeyed"})
     assert (again.json()["via"], again.json()["stdout"]) == ("agent", "rekeyed\n")
     assert second["session_id"] != first["session_id"]

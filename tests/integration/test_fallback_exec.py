@@ -1,6 +1,8 @@
 """SSH fallback worker against a real nats-server and a real OpenSSH sshd: exec, pool, typed errors.
 
-The fixtures here (`sshd`, `start_worker`, `worker`) are imported by test_fallback_worker.py.
+The fixtures here (`sshd`, `start_worker`, `worker`) and the API's test key (`API_KEY`, `signed`) are
+imported by test_fallback_worker.py, test_fallback_trust.py and test_install_ssh.py. Requests are signed
+as the API signs them (the worker refuses anything else: test_fallback_trust.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import pytest
@@ -19,13 +21,14 @@ from nats.aio.client import Client as NATS
 
 from services.fallback_ssh.settings import FallbackSettings, load_client_key
 from services.fallback_ssh.worker import Worker
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import ErrorCode
-from shared.ids import CommandId
+from shared.ids import CommandId, new_command_id
 from shared.protocol import (
     ErrorReply,
     ExecReply,
     ExecResult,
+    Message,
     SshExecRequest,
     SshTarget,
     decode_exec_reply,
@@ -39,6 +42,15 @@ from tests.support.sshd import Sshd, keygen, sshd_fixture
 sshd = sshd_fixture()
 StartWorker = Callable[..., Awaitable[Worker]]
 HOST = "web1"
+API_KEY = signing.generate()  # plays the API's signing key; the workers here trust it
+API_PUBLIC = signing.public_text(API_KEY)
+M = TypeVar("M", bound=Message)
+
+
+def signed(kind: str, message: M, host: str = HOST, ttl: float = 120.0, key: Any = API_KEY) -> M:
+    """`message` signed as the API signs it (`ApiSigner.sign`), for `host`."""
+    sig = signing.sign_command(key, kind, signing.signed_fields(message), host, ttl)
+    return message.model_copy(update={"signature": sig})
 
 
 @pytest.fixture
@@ -52,6 +64,7 @@ async def start_worker(nats_server: NatsServer, sshd: Sshd) -> AsyncIterator[Sta
             "key_file": sshd.client_key_path,
             "worker_id": f"test-{len(started)}",
             "connect_timeout": 5.0,
+            "trusted_keys": [API_PUBLIC],
             **overrides,
         }
         settings = load_settings(FallbackSettings, **values)
@@ -90,9 +103,15 @@ async def ssh_exec(nc: NATS, data: bytes, host: str = HOST, timeout: float = 30.
     return decode_exec_reply(msg.data)
 
 
+def exec_request(target: SshTarget | None, command: str, host: str = HOST, **fields: Any) -> SshExecRequest:
+    """A signed SSH exec request for `host` (with a fresh command id unless one is given)."""
+    fields.setdefault("command_id", new_command_id())
+    return signed("ssh_exec", SshExecRequest(command=command, target=target, **fields), host)
+
+
 async def run(nc: NATS, target: SshTarget | None, command: str, **fields: Any) -> ExecReply:
-    """Run `command` through the worker with `target` (and any other request fields)."""
-    return await ssh_exec(nc, encode(SshExecRequest(command=command, target=target, **fields)))
+    """Run `command` through the worker with `target` (and any other request fields), signed."""
+    return await ssh_exec(nc, encode(exec_request(target, command, **fields)))
 
 
 def result(reply: ExecReply) -> ExecResult:
@@ -127,11 +146,15 @@ async def test_exec_round_trip(nc: NATS, sshd: Sshd, worker: Worker) -> None:
     assert reply.duration_ms > 0
 
 
-async def test_command_id_generated_when_absent(nc: NATS, sshd: Sshd, worker: Worker) -> None:
-    """A request without a command id gets a fresh one in its result."""
-    reply = result(await run(nc, target_of(sshd), "true"))
-    assert len(reply.command_id) == 32
-    assert reply.exit_code == 0
+async def test_signed_request_needs_command_id_and_target(
+    nc: NATS, sshd: Sshd, worker: Worker, tmp_path: Path
+) -> None:
+    """A signed request without a command id or without a target is refused: the worker looks up nothing."""
+    marker = tmp_path / "ran"
+    failure(await run(nc, target_of(sshd), f"touch {marker}", command_id=None), ErrorCode.BAD_REQUEST)
+    failure(await run(nc, None, f"touch {marker}"), ErrorCode.BAD_REQUEST)
+    assert not marker.exists()
+    assert sshd.accepted_logins() == 0
 
 
 async def test_shell_metacharacters_stay_inside_the_command(

@@ -1,4 +1,8 @@
-"""SSH fallback worker: target lookup, probe, bad input, micro service, shutdown, and the real process."""
+"""SSH fallback worker: probe, bad input, micro service, shutdown, and the real process.
+
+Signature checks (unsigned, tampered, other host, expired, replayed: nothing dialed) are in
+test_fallback_trust.py.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.micro.service import ServiceVerb, control_subject
 
 from services.fallback_ssh.cli import serve
@@ -18,11 +21,9 @@ from services.fallback_ssh.settings import FallbackSettings, load_client_key
 from services.fallback_ssh.worker import Worker, WorkerStatus
 from shared import subjects
 from shared.errors import ErrorCode
-from shared.natsx import ERROR_CODE_HEADER, error
+from shared.natsx import ERROR_CODE_HEADER
 from shared.protocol import (
     ErrorReply,
-    HostTargetRequest,
-    SshExecRequest,
     SshProbeOk,
     SshProbeRequest,
     decode_exec_reply,
@@ -32,12 +33,15 @@ from shared.protocol import (
 )
 from shared.settings import load_settings
 from tests.integration.test_fallback_exec import (
+    API_PUBLIC,
     HOST,
     StartWorker,
     assert_serving,
+    exec_request,
     failure,
     result,
     run,
+    signed,
     sshd,
     start_worker,
     target_of,
@@ -48,40 +52,6 @@ from tests.support.procs import BIN, Proc, free_port
 from tests.support.sshd import Sshd, keygen
 
 __all__ = ["sshd", "start_worker", "worker"]  # fixtures shared with test_fallback_exec.py
-
-
-async def fake_api(nc: NATS, answers: dict[str, bytes]) -> None:
-    """Answer ``warlock.host.<host>.target`` lookups from `answers` (host → encoded reply)."""
-
-    async def on_lookup(msg: Msg) -> None:
-        decode_model(HostTargetRequest, msg.data)
-        host = msg.subject.split(".")[2]
-        await msg.respond(answers[host])
-
-    await nc.subscribe(subjects.host_target_wildcard(), cb=on_lookup)
-    await nc.flush()
-
-
-async def test_target_looked_up_when_absent(nc: NATS, sshd: Sshd, worker: Worker) -> None:
-    """Without `target`, the worker asks the API on warlock.host.<host>.target and runs the command."""
-    await fake_api(nc, {HOST: encode(target_of(sshd))})
-    reply = result(await run(nc, None, "echo looked-up"))
-    assert reply.stdout == "looked-up\n"
-    assert reply.via == "ssh"
-
-
-async def test_unknown_host_on_lookup_is_not_found(nc: NATS, sshd: Sshd, worker: Worker) -> None:
-    """The API's not_found answer reaches the requester as not_found, with the command id."""
-    await fake_api(nc, {HOST: encode(error(ErrorCode.NOT_FOUND, "no such host: web1"))})
-    reply = failure(await run(nc, None, "true", command_id="c-404"), ErrorCode.NOT_FOUND)
-    assert reply.command_id == "c-404"
-    await assert_serving(nc, sshd)
-
-
-async def test_lookup_without_api_is_unavailable(nc: NATS, sshd: Sshd, worker: Worker) -> None:
-    """No API answering target lookups gives `unavailable` (no responders), quickly."""
-    failure(await run(nc, None, "true"), ErrorCode.UNAVAILABLE)
-    await assert_serving(nc, sshd)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +76,7 @@ async def test_bad_body_is_bad_request(nc: NATS, sshd: Sshd, worker: Worker, bod
 
 async def test_bad_host_in_subject_is_bad_request(nc: NATS, sshd: Sshd, worker: Worker) -> None:
     """A host id that is not [a-z0-9_-] in the subject gets bad_request."""
-    body = encode(SshExecRequest(command="true", target=target_of(sshd)))
+    body = encode(exec_request(target_of(sshd), "true"))
     msg = await nc.request("warlock.ssh.Not_A_Host.exec", body, timeout=10)
     failure(decode_exec_reply(msg.data), ErrorCode.BAD_REQUEST)
 
@@ -123,8 +93,9 @@ async def wait_ready(nc: NATS, timeout: float = 10.0) -> None:
 
 
 async def probe(nc: NATS, address: str, port: int, username: str) -> SshProbeOk | ErrorReply:
-    """Send a probe request and decode the answer."""
-    body = encode(SshProbeRequest(address=address, port=port, username=username))
+    """Send a probe request (signed for the host being added, HOST) and decode the answer."""
+    request = SshProbeRequest(host_id=HOST, address=address, port=port, username=username)
+    body = encode(signed("probe", request))
     msg = await nc.request(subjects.SSH_PROBE, body, timeout=30)
     return decode_probe_reply(msg.data)
 
@@ -173,7 +144,9 @@ async def test_micro_service_and_status(nc: NATS, sshd: Sshd, worker: Worker) ->
 
 async def test_shutdown_finishes_commands_in_flight(nats_server: NatsServer, nc: NATS, sshd: Sshd) -> None:
     """On stop, the worker stops taking requests but answers the command already running."""
-    settings = load_settings(FallbackSettings, nats_url=nats_server.url, key_file=sshd.client_key_path)
+    settings = load_settings(
+        FallbackSettings, nats_url=nats_server.url, key_file=sshd.client_key_path, trusted_keys=[API_PUBLIC]
+    )
     stop = asyncio.Event()
     serving = asyncio.create_task(serve(settings, load_client_key(settings), stop))
     await wait_ready(nc)
@@ -192,6 +165,7 @@ def test_process_serves_and_stops_on_sigterm(nats_server: NatsServer, sshd: Sshd
         "WARLOCK_NATS_URL": nats_server.url,
         "WARLOCK_SSH_KEY_FILE": str(sshd.client_key_path),
         "WARLOCK_SSH_WORKER_ID": "proc-1",
+        "WARLOCK_SSH_TRUSTED_KEYS": API_PUBLIC,
     }
     proc = Proc("fallback", [str(BIN / "warlock-fallback-ssh")], tmp_path, env)
     try:
@@ -216,10 +190,23 @@ def test_process_serves_and_stops_on_sigterm(nats_server: NatsServer, sshd: Sshd
 
 def test_process_config_error_exits_2(tmp_path: Path) -> None:
     """A missing key file is a config error naming the field and variable, exit code 2."""
-    env = {"WARLOCK_SSH_KEY_FILE": str(tmp_path / "missing")}
+    env = {"WARLOCK_SSH_KEY_FILE": str(tmp_path / "missing"), "WARLOCK_SSH_TRUSTED_KEYS": API_PUBLIC}
     proc = Proc("fallback-bad", [str(BIN / "warlock-fallback-ssh")], tmp_path, env)
     assert proc.popen.wait(15) == 2
     assert "warlock-fallback-ssh: config error: key_file (WARLOCK_SSH_KEY_FILE):" in proc.log()
+    proc.kill()
+
+
+@pytest.mark.parametrize("keys", [None, "", "[]", "ed25519:short", "not-a-key"])
+def test_process_that_trusts_nobody_exits_2(sshd: Sshd, tmp_path: Path, keys: str | None) -> None:
+    """Without a usable WARLOCK_SSH_TRUSTED_KEYS the worker refuses to start (config error, exit 2)."""
+    env = {"WARLOCK_SSH_KEY_FILE": str(sshd.client_key_path)}
+    if keys is not None:
+        env["WARLOCK_SSH_TRUSTED_KEYS"] = keys
+    proc = Proc("fallback-untrusting", [str(BIN / "warlock-fallback-ssh")], tmp_path, env)
+    assert proc.popen.wait(15) == 2
+    assert "warlock-fallback-ssh: config error: trusted_keys (WARLOCK_SSH_TRUSTED_KEYS):" in proc.log()
+    assert "ready" not in proc.log()
     proc.kill()
 
 
@@ -227,7 +214,9 @@ async def test_reply_fits_small_max_payload(sshd: Sshd, tmp_path: Path) -> None:
     """Output that would not fit the server's max_payload is cut further (truncated), never dropped."""
     server = NatsServer(tmp_path, name="small-nats", max_payload="64KB")
     client = await nats.connect(server.url)
-    settings = load_settings(FallbackSettings, nats_url=server.url, key_file=sshd.client_key_path)
+    settings = load_settings(
+        FallbackSettings, nats_url=server.url, key_file=sshd.client_key_path, trusted_keys=[API_PUBLIC]
+    )
     worker_nc = await nats.connect(server.url)
     small = Worker(worker_nc, settings, load_client_key(settings))
     try:

@@ -3,6 +3,8 @@
 The wheel is built from this repository once per session; every install goes under a prefix in
 tmp_path (never the machine's /etc or /opt). One lifecycle test shares one install across its phases
 (install → agent runs → upgrade → configure → uninstall → uninstall again) to keep the suite fast.
+Requests are signed with the test API key the worker trusts; no token travels: the host makes it and the
+reply carries only its SHA-256 and the agent's public key, which the test checks against the host's files.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,9 +25,11 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import ErrorCode
+from shared.ids import new_command_id
 from shared.install import paths
 from shared.protocol import (
     AgentConfigureRequest,
@@ -38,7 +43,14 @@ from shared.protocol import (
     encode,
 )
 from shared.version import wheel_name
-from tests.integration.test_fallback_exec import StartWorker, sshd, start_worker, target_of
+from tests.integration.test_fallback_exec import (
+    API_PUBLIC,
+    StartWorker,
+    signed,
+    sshd,
+    start_worker,
+    target_of,
+)
 from tests.support.install import agent_pids
 from tests.support.sshd import Sshd
 
@@ -46,8 +58,7 @@ __all__ = ["sshd", "start_worker"]  # fixtures shared with test_fallback_exec.py
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "web1"
-TOKEN_1 = "1a" * 32
-TOKEN_2 = "2b" * 32
+TOKEN_LINE = re.compile(r'^token = "([0-9a-f]{64})"$', re.MULTILINE)
 UNREACHABLE = "ws://127.0.0.1:9/agent"
 HAS_SYSTEMD = Path("/run/systemd/system").is_dir()
 
@@ -82,11 +93,11 @@ def prefix(tmp_path: Path) -> Iterator[Path]:
 
 
 class ArgvWatch:
-    """Scans every process's argv in a thread while an operation runs; records any that holds a secret."""
+    """Scans every process's argv in a thread while an operation runs; `holding(secret)` lists those that
+    held `secret` (the token is made on the host, so it is known only afterwards)."""
 
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        self.secrets = [s.encode() for s in secrets]
-        self.hits: list[str] = []
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
         self.scans = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -97,13 +108,17 @@ class ArgvWatch:
                 if not entry.name.isdigit():
                     continue
                 try:
-                    argv = (entry / "cmdline").read_bytes()
+                    self.seen.add((entry / "cmdline").read_bytes())
                 except OSError:
                     continue
-                if any(s in argv for s in self.secrets):
-                    self.hits.append(argv.replace(b"\0", b" ").decode(errors="replace")[:200])
             self.scans += 1
             time.sleep(0.05)
+
+    def holding(self, secret: str) -> list[str]:
+        """Every argv seen that contains `secret`."""
+        return [
+            a.replace(b"\0", b" ").decode(errors="replace")[:200] for a in self.seen if secret.encode() in a
+        ]
 
     def __enter__(self) -> ArgvWatch:
         self._thread.start()
@@ -114,9 +129,39 @@ class ArgvWatch:
         self._thread.join()
 
 
+class BusTap:
+    """Every NATS message on the (auth-less) test server, to check that no payload carries a token."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    async def start(self, nc: NATS) -> None:
+        async def keep(msg: Msg) -> None:
+            self.payloads.append(msg.data)
+
+        await nc.subscribe(">", cb=keep)
+        await nc.flush()
+
+    def carrying(self, secret: str) -> int:
+        """How many messages contained `secret`."""
+        return sum(secret.encode() in p for p in self.payloads)
+
+
+def host_token(conf: Path) -> str:
+    """The token in the installed agent's config."""
+    found = TOKEN_LINE.search(conf.read_text())
+    assert found is not None, conf.read_text()
+    return found.group(1)
+
+
+def host_public_key(key_file: Path) -> str:
+    """The public half of the agent's identity key on the host."""
+    return signing.public_text(signing.load_private(key_file))
+
+
 async def agent_op(nc: NATS, op: str, request: Message, timeout: float = 300.0) -> AgentOpReply:
-    """Send `request` on ``warlock.ssh.web1.<op>`` and decode the reply."""
-    msg = await nc.request(subjects.ssh_agent_op(HOST, op), encode(request), timeout=timeout)
+    """Send `request` on ``warlock.ssh.web1.<op>``, signed as the API signs it, and decode the reply."""
+    msg = await nc.request(subjects.ssh_agent_op(HOST, op), encode(signed(op, request)), timeout=timeout)
     return decode_agent_op_reply(msg.data)
 
 
@@ -130,9 +175,10 @@ def install_request(sshd: Sshd, wheel: Path, prefix: Path, **fields: object) -> 
     """An install request for web1 under `prefix`, mode direct, pointing at an unreachable gateway."""
     data = wheel.read_bytes()
     values: dict[str, object] = {
+        "command_id": new_command_id(),
         "target": target_of(sshd),
         "host_id": HOST,
-        "token": TOKEN_1,
+        "trusted_keys": (API_PUBLIC,),
         "gateway_urls": (UNREACHABLE,),
         "wheel_name": wheel.name,
         "wheel_b64": base64.b64encode(data).decode(),
@@ -157,6 +203,9 @@ def files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if not p.is_dir()]
 
 
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+
+
 @pytest.mark.timeout(240)
 async def test_lifecycle_install_upgrade_configure_uninstall(
     nc: NATS,
@@ -166,27 +215,40 @@ async def test_lifecycle_install_upgrade_configure_uninstall(
     prefix: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Install (direct) runs the agent from its venv; reinstall upgrades in place; configure re-keys and
-    restarts; uninstall leaves nothing; the token is never in any argv, the worker's log or sshd's log."""
+    """Install (direct) makes the agent's key and token on the host and reports only the public key and
+    the token's hash (both match the host's files); the agent runs from its venv; reinstall upgrades in
+    place and keeps the key; configure makes a new token, rewrites trust and CA, keeps the key, restarts;
+    uninstall leaves nothing. No token is in any argv, NATS message, the worker's log or sshd's log."""
     caplog.set_level("DEBUG")
     await start_worker()
+    tap = BusTap()
+    await tap.start(nc)
     where = paths(str(prefix))
     conf, log = Path(where["CONF"]), Path(where["LOG"])
+    key_file = Path(where["CONF_DIR"]) / "agent.key"
+    tokens: list[str] = []
 
-    with ArgvWatch((TOKEN_1, TOKEN_2)) as watch:
+    with ArgvWatch() as watch:
         # ------------------------------------------------------------------ install
         result = op_result(await agent_op(nc, "install", install_request(sshd, agent_wheel, prefix)))
         assert (result.state, result.systemd) == ("running", False)
         names = [s.name for s in result.steps]
         assert names[:4] == ["upload", "inputs", "sha256", "systemd"]
-        assert {"venv", "pip", "config", "start"} <= set(names)
+        assert {"venv", "pip", "config", "identity", "token", "start"} <= set(names)
         assert all(s.ok for s in result.steps), result.steps
         assert (Path(where["CONF_DIR"]).stat().st_mode & 0o777) == 0o700
         assert (conf.stat().st_mode & 0o777) == 0o600
+        assert (key_file.stat().st_mode & 0o777) == 0o600
         text = conf.read_text()
-        assert f'token = "{TOKEN_1}"' in text
+        tokens.append(host_token(conf))
+        assert result.token_sha256 == hashlib.sha256(tokens[0].encode()).hexdigest()
+        public_key = host_public_key(key_file)
+        assert result.agent_public_key == public_key
         assert 'host_id = "web1"' in text
         assert f'gateway_urls = ["{UNREACHABLE}"]' in text
+        assert f'trusted_keys = ["{API_PUBLIC}"]' in text
+        assert f'identity_key_file = "{key_file}"' in text
+        assert "ca_file" not in text
         assert f'ledger_path = "{where["LEDGER"]}"' in text
 
         # the installed agent runs from its own venv and keeps trying the (unreachable) gateway
@@ -195,7 +257,7 @@ async def test_lifecycle_install_upgrade_configure_uninstall(
         assert (Path(f"/proc/{first}/cmdline").read_bytes().split(b"\0")[0]).startswith(
             f"{where['VENV']}/bin/python".encode()
         )
-        assert TOKEN_1.encode() not in Path(f"/proc/{first}/environ").read_bytes()
+        assert tokens[0].encode() not in Path(f"/proc/{first}/environ").read_bytes()
         wait_for_text(log, f"cannot connect to {UNREACHABLE}")
         temp_dir = result.steps[0].detail.rsplit(" to ", 1)[1]
         assert not Path(temp_dir).exists(), "the temporary directory was not removed"
@@ -205,41 +267,60 @@ async def test_lifecycle_install_upgrade_configure_uninstall(
         assert result.state == "running"
         venv_step = next(s for s in result.steps if s.name == "venv")
         assert "upgrading in place" in venv_step.detail
+        assert result.agent_public_key == public_key  # the host's identity survives an upgrade
+        tokens.append(host_token(conf))
+        assert result.token_sha256 == hashlib.sha256(tokens[1].encode()).hexdigest()
         (second,) = agent_pids(prefix)
         assert second != first
 
-        # ------------------------------------------------------------------ configure: new token
+        # ------------------------------------------------------------------ configure: new token, CA
+        other_key = signing.public_text(signing.generate())
         configure = AgentConfigureRequest(
+            command_id=new_command_id(),
             target=target_of(sshd),
             host_id=HOST,
-            token=TOKEN_2,
             gateway_urls=(UNREACHABLE,),
+            trusted_keys=(API_PUBLIC, other_key),
+            ca_pem=CA_PEM,
             prefix=str(prefix),
         )
         result = op_result(await agent_op(nc, "configure", configure))
         assert (result.state, result.systemd) == ("running", False)
         text = conf.read_text()
-        assert f'token = "{TOKEN_2}"' in text
-        assert TOKEN_1 not in text
+        tokens.append(host_token(conf))
+        assert len(set(tokens)) == 3
+        assert result.token_sha256 == hashlib.sha256(tokens[2].encode()).hexdigest()
+        assert result.agent_public_key == public_key == host_public_key(key_file)
+        assert f'trusted_keys = ["{API_PUBLIC}", "{other_key}"]' in text
+        ca_file = Path(where["CONF_DIR"]) / "ca.pem"
+        assert f'ca_file = "{ca_file}"' in text
+        assert ca_file.read_text() == CA_PEM
+        assert f'identity_key_file = "{key_file}"' in text
         assert f'ledger_path = "{where["LEDGER"]}"' in text
+        assert text.count("token =") == 1
         assert (conf.stat().st_mode & 0o777) == 0o600
         (third,) = agent_pids(prefix)
         assert third != second
 
         # ------------------------------------------------------------------ uninstall, twice
-        uninstall = AgentUninstallRequest(target=target_of(sshd), prefix=str(prefix))
+        uninstall = AgentUninstallRequest(
+            command_id=new_command_id(), target=target_of(sshd), prefix=str(prefix)
+        )
         result = op_result(await agent_op(nc, "uninstall", uninstall))
         assert result.state == "removed"
         assert agent_pids(prefix) == []
         assert files_under(prefix) == []
         for key in ("VENV", "CONF_DIR", "STATE_DIR", "LOG", "UNIT"):
             assert not Path(where[key]).exists(), key
-        result = op_result(await agent_op(nc, "uninstall", uninstall))
+        again = uninstall.model_copy(update={"command_id": new_command_id()})
+        result = op_result(await agent_op(nc, "uninstall", again))
         assert result.state == "not_installed"
 
     assert watch.scans > 20
-    assert watch.hits == []
-    for token in (TOKEN_1, TOKEN_2):
+    assert len(tap.payloads) >= 8  # the requests and replies of the six operations were seen
+    for token in tokens:
+        assert watch.holding(token) == []
+        assert tap.carrying(token) == 0
         assert token not in caplog.text
         assert token not in sshd.log()
 
@@ -280,14 +361,13 @@ async def test_failed_step_is_a_typed_error(
     assert isinstance(reply, ErrorReply), reply
     assert reply.code == ErrorCode.EXEC_FAILED
     assert "step venv failed" in reply.description
-    assert TOKEN_1 not in reply.description
     assert sorted(p.name for p in prefix.iterdir()) == ["opt"]
 
 
 async def test_malformed_request_is_a_bad_request(nc: NATS, start_worker: StartWorker) -> None:
     """A payload that is not an install request gets bad_request, not silence."""
     await start_worker()
-    msg = await nc.request(subjects.ssh_agent_op(HOST, "install"), b'{"token": "x"}', timeout=10)
+    msg = await nc.request(subjects.ssh_agent_op(HOST, "install"), b'{"host_id": "web1"}', timeout=10)
     reply = decode_agent_op_reply(msg.data)
     assert isinstance(reply, ErrorReply), reply
     assert reply.code == ErrorCode.BAD_REQUEST

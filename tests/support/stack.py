@@ -114,15 +114,14 @@ class Stack:
             WARLOCK_API_PORT=str(port),
             WARLOCK_API_DATABASE_URL=database_url,
             WARLOCK_API_API_KEY_FILE=str(key_file),
-            WARLOCK_API_SIGNING_KEY_FILE=str(self.root / "signing.key"),  # TestSigner(root)'s key
+            WARLOCK_API_SIGNING_KEY_FILE=str(self.signer.key_file),
         )
         return Api(self.start(name, [str(BIN / "warlock-api")], env), database_url, key_file)
 
     def start_fallback(self, key_file: Path, name: str = "ssh-worker") -> Proc:
-        """Start the SSH fallback worker with `key_file` and wait until it serves."""
-        proc = self.start(
-            name, [str(BIN / "warlock-fallback-ssh")], self.env(WARLOCK_SSH_KEY_FILE=str(key_file))
-        )
+        """Start the SSH worker with `key_file`, trusting the stack's API key; wait until it serves."""
+        env = self.env(WARLOCK_SSH_KEY_FILE=str(key_file), WARLOCK_SSH_TRUSTED_KEYS=self.signer.public_key)
+        proc = self.start(name, [str(BIN / "warlock-fallback-ssh")], env)
         proc.wait_for(r"ssh fallback worker \S+ ready")
         return proc
 

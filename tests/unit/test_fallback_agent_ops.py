@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.fallback_ssh.agent_ops import HIDDEN, OpPlan, parse_report, plan
+from services.fallback_ssh.agent_ops import OpPlan, parse_report, plan
 from services.fallback_ssh.errors import InvalidRequest, ScriptFailed
 from shared.errors import ErrorCode
 from shared.install import SCRIPTS, paths, script, unit_text
@@ -22,7 +22,8 @@ from shared.protocol import (
     SshTarget,
 )
 
-TOKEN = "a1" * 32
+API_KEY = "ed25519:" + "A" * 43
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 WHEEL = b"PK\x03\x04 not really a wheel"
 TARGET = SshTarget(address="127.0.0.1", port=2222, username="root", host_key="ssh-ed25519 AAAA")
 
@@ -31,8 +32,9 @@ def install_request(**fields: object) -> AgentInstallRequest:
     """An install request for host web1 with a matching wheel digest unless overridden."""
     values: dict[str, object] = {
         "target": TARGET,
+        "command_id": "c-install",
         "host_id": "web1",
-        "token": TOKEN,
+        "trusted_keys": (API_KEY,),
         "gateway_urls": ("ws://gw1:8765/agent", "wss://gw2/agent"),
         "wheel_name": "warlock-0.1.0-py3-none-any.whl",
         "wheel_b64": base64.b64encode(WHEEL).decode(),
@@ -44,20 +46,33 @@ def install_request(**fields: object) -> AgentInstallRequest:
     return AgentInstallRequest.model_validate(values)
 
 
-def test_install_plan_copies_wheel_and_script_and_keeps_token_for_stdin() -> None:
-    """The install plan uploads the wheel and install.sh; the token is only in stdin, not in the command."""
+def test_install_plan_copies_wheel_and_script_and_sends_no_token() -> None:
+    """The install plan uploads the wheel and install.sh; the host makes the token (nothing on stdin)."""
     p = plan(install_request())
     assert [u.name for u in p.uploads] == ["warlock-0.1.0-py3-none-any.whl", "install.sh"]
     assert p.uploads[0].data == WHEEL
     command = p.command("/tmp/warlock-agent-op.abc", 300)
-    assert TOKEN not in command
-    assert TOKEN not in repr(p)
-    assert p.stdin() == f"{TOKEN}\n".encode()
+    assert p.stdin() == b""
     words = shlex.split(command)
     assert "WARLOCK_WHEEL=/tmp/warlock-agent-op.abc/warlock-0.1.0-py3-none-any.whl" in words
     assert "WARLOCK_GATEWAY_URLS=ws://gw1:8765/agent,wss://gw2/agent" in words
     assert "WARLOCK_MODE=direct" in words
+    assert f"WARLOCK_TRUSTED_KEYS={API_KEY}" in words
+    assert "WARLOCK_MAKE_TOKEN=1" in words
+    assert not any(w.startswith(("WARLOCK_TOKEN", "WARLOCK_CA_PEM_FILE")) for w in words)
     assert words[-4:] == ["KILL", "300", "/bin/sh", "/tmp/warlock-agent-op.abc/install.sh"]
+
+
+def test_ca_pem_is_uploaded_next_to_the_script() -> None:
+    """With ca_pem the CA travels as a file; its path is named by WARLOCK_CA_PEM_FILE. Not PEM: refused."""
+    p = plan(install_request(ca_pem=CA_PEM))
+    assert [u.name for u in p.uploads][-1] == "ca.pem"
+    assert p.uploads[-1].data == CA_PEM.encode()
+    assert "WARLOCK_CA_PEM_FILE=/tmp/warlock-agent-op.x/ca.pem" in shlex.split(
+        p.command("/tmp/warlock-agent-op.x", 60)
+    )
+    with pytest.raises(InvalidRequest, match="ca_pem"):
+        plan(install_request(ca_pem="hello"))
 
 
 def test_wheel_digest_mismatch_is_a_bad_request() -> None:
@@ -74,13 +89,23 @@ def test_wheel_that_is_not_base64_is_a_bad_request() -> None:
 
 
 def test_configure_and_uninstall_plans() -> None:
-    """Configure sends its script and the token on stdin; uninstall needs no secret at all."""
+    """Configure sends its script, the trusted keys and CA, and asks for a token made on the host;
+    neither sends a secret."""
     configure = plan(
-        AgentConfigureRequest(target=TARGET, host_id="web1", token=TOKEN, gateway_urls=("ws://g/agent",))
+        AgentConfigureRequest(
+            command_id="c-conf",
+            target=TARGET,
+            host_id="web1",
+            gateway_urls=("ws://g/agent",),
+            trusted_keys=(API_KEY,),
+            ca_pem=CA_PEM,
+        )
     )
-    assert [u.name for u in configure.uploads] == ["configure.sh"]
-    assert configure.stdin() == f"{TOKEN}\n".encode()
-    uninstall = plan(AgentUninstallRequest(target=TARGET, prefix="/srv/x"))
+    assert [u.name for u in configure.uploads] == ["configure.sh", "ca.pem"]
+    assert configure.stdin() == b""
+    words = shlex.split(configure.command("/tmp/warlock-agent-op.c", 60))
+    assert {"WARLOCK_MAKE_TOKEN=1", f"WARLOCK_TRUSTED_KEYS={API_KEY}"} <= set(words)
+    uninstall = plan(AgentUninstallRequest(command_id="c-un", target=TARGET, prefix="/srv/x"))
     assert uninstall.stdin() == b""
     assert "WARLOCK_PREFIX=/srv/x" in shlex.split(uninstall.command("/tmp/warlock-agent-op.q", 60))
 
@@ -109,14 +134,26 @@ def test_report_without_state_is_a_script_failure_naming_the_step() -> None:
     assert caught.value.code == ErrorCode.EXEC_FAILED
 
 
-def test_report_failure_shows_the_last_lines_but_never_the_token() -> None:
-    """Without a failed step the error carries stderr's last lines, with the token scrubbed."""
+def test_report_failure_shows_the_last_lines() -> None:
+    """Without a failed step the error carries stderr's last lines and the exit status."""
     p = plan(install_request())
     with pytest.raises(ScriptFailed) as caught:
-        parse_report(p, "", f"line 1\nsh: oops {TOKEN}\n", 127)
-    assert TOKEN not in caught.value.description
-    assert HIDDEN in caught.value.description
+        parse_report(p, "", "line 1\nsh: oops\n", 127)
+    assert "sh: oops" in caught.value.description
     assert "exit status 127" in caught.value.description
+
+
+def test_report_carries_public_key_and_token_hash() -> None:
+    """AGENT_PUBLIC_KEY and TOKEN_SHA256 lines become the result's agent_public_key and token_sha256;
+    malformed ones are ignored."""
+    p = plan(install_request())
+    key = "ed25519:" + "b" * 43
+    out = f"STEP config ok x\nAGENT_PUBLIC_KEY {key}\nTOKEN_SHA256 {'c' * 64}\nSTATE running systemd=0\n"
+    result = parse_report(p, out, "", 0)
+    assert (result.agent_public_key, result.token_sha256) == (key, "c" * 64)
+    bad = "AGENT_PUBLIC_KEY ed25519:short\nTOKEN_SHA256 nothex\nSTATE running systemd=0\n"
+    result = parse_report(p, bad, "", 0)
+    assert (result.agent_public_key, result.token_sha256) == (None, None)
 
 
 def test_report_ignores_unknown_states() -> None:
@@ -131,7 +168,8 @@ def test_scripts_are_self_contained() -> None:
     for name in SCRIPTS:
         text = script(name)
         assert "# @include" not in text
-        assert "read_token()" in text or name == "uninstall.sh"
+        assert "make_token()" in text
+        assert "make_identity" in text or name == "uninstall.sh"
         subprocess.run(["sh", "-n"], input=text.encode(), check=True)
     with pytest.raises(ValueError, match="unknown install script"):
         script("evil.sh")

@@ -11,9 +11,12 @@ import pytest
 from services.fallback_ssh.errors import TargetRefused
 from services.fallback_ssh.pool import host_key_algs, pinned_key, pool_key
 from services.fallback_ssh.settings import FallbackSettings, default_worker_id, load_client_key
+from shared import signing
 from shared.errors import ConfigError
 from shared.protocol import SshTarget
 from shared.settings import load_settings
+
+API_KEYS = [signing.public_text(signing.generate()) for _ in range(2)]
 
 
 @pytest.fixture
@@ -27,6 +30,7 @@ def key_file(tmp_path: Path) -> Path:
 def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch, key_file: Path) -> None:
     """WARLOCK_SSH_* variables configure the worker; documented defaults apply otherwise."""
     monkeypatch.setenv("WARLOCK_SSH_KEY_FILE", str(key_file))
+    monkeypatch.setenv("WARLOCK_SSH_TRUSTED_KEYS", API_KEYS[0])
     monkeypatch.setenv("WARLOCK_SSH_MAX_CHANNELS_PER_HOST", "3")
     monkeypatch.setenv("WARLOCK_NATS_URL", "nats://127.0.0.1:4999")
     settings = load_settings(FallbackSettings)
@@ -34,7 +38,32 @@ def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch, key_file: Path) -> No
     assert settings.max_channels_per_host == 3
     assert settings.nats_servers() == ["nats://127.0.0.1:4999"]
     assert (settings.connect_timeout, settings.idle_timeout) == (10.0, 60.0)
-    assert (settings.max_output_bytes, settings.target_lookup_timeout) == (1024 * 1024, 2.0)
+    assert settings.max_output_bytes == 1024 * 1024
+    assert settings.trusted_keys == [API_KEYS[0]]
+    assert (settings.max_command_ttl, settings.replay_capacity) == (600.0, 200_000)
+
+
+@pytest.mark.parametrize(
+    "value", [",".join(API_KEYS), f" {API_KEYS[0]} , {API_KEYS[1]} ", f'["{API_KEYS[0]}", "{API_KEYS[1]}"]']
+)
+def test_trusted_keys_comma_separated_or_json(
+    monkeypatch: pytest.MonkeyPatch, key_file: Path, value: str
+) -> None:
+    """WARLOCK_SSH_TRUSTED_KEYS: comma-separated or a JSON list."""
+    monkeypatch.setenv("WARLOCK_SSH_TRUSTED_KEYS", value)
+    assert load_settings(FallbackSettings, key_file=key_file).trusted_keys == API_KEYS
+
+
+@pytest.mark.parametrize("value", [None, "", " , ", "[]", "[not json", "ed25519:AAAA", "ssh-ed25519 AAAA"])
+def test_a_worker_that_trusts_nobody_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, key_file: Path, value: str | None
+) -> None:
+    """No key, an empty list, or a key that does not parse: ConfigError naming WARLOCK_SSH_TRUSTED_KEYS."""
+    monkeypatch.delenv("WARLOCK_SSH_TRUSTED_KEYS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("WARLOCK_SSH_TRUSTED_KEYS", value)
+    with pytest.raises(ConfigError, match=r"trusted_keys \(WARLOCK_SSH_TRUSTED_KEYS\)"):
+        load_settings(FallbackSettings, key_file=key_file)
 
 
 def test_key_file_required_and_readable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -51,7 +80,7 @@ def test_unusable_key_is_config_error_without_content(tmp_path: Path) -> None:
     """A file that is not a private key is refused at start, and its content is not echoed."""
     bad = tmp_path / "key"
     bad.write_text("SECRET-NOT-A-KEY\n")
-    settings = load_settings(FallbackSettings, key_file=bad)
+    settings = load_settings(FallbackSettings, key_file=bad, trusted_keys=API_KEYS)
     with pytest.raises(ConfigError, match="not a usable private key") as info:
         load_client_key(settings)
     assert "SECRET" not in str(info.value)
@@ -59,7 +88,7 @@ def test_unusable_key_is_config_error_without_content(tmp_path: Path) -> None:
 
 def test_load_client_key(key_file: Path) -> None:
     """A passphrase-less OpenSSH key loads."""
-    key = load_client_key(load_settings(FallbackSettings, key_file=key_file))
+    key = load_client_key(load_settings(FallbackSettings, key_file=key_file, trusted_keys=API_KEYS))
     assert key.algorithm == b"ssh-ed25519"
 
 

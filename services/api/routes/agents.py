@@ -1,6 +1,8 @@
 """``/api/agents``: the AgentConnection records and the agent lifecycle (install, uninstall, health, re-key).
 
-Tokens appear only in the answers of install and regenerate-token, once; only their SHA-256 is stored.
+Install and regenerate-token make the agent's token on its host: nobody sees it, only its SHA-256 is
+stored. The one token the API makes is the pull token (``/pull-token``), shown once, for a host that
+installs itself from ``GET /agent/install.sh``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from services.api.agent_models import (
     AgentPrefixBody,
     AgentRegenerateBody,
     AgentUninstallPublic,
+    PullTokenPublic,
     TokenRegeneratedPublic,
 )
 from services.api.deps import LifecycleDep, SessionDep
@@ -65,14 +68,15 @@ async def get_agent(host: str, session: SessionDep) -> AgentPublic:
         **SSH_OP,
         409: {
             "description": "no pinned host key (add the host with ssh_check), or no systemd: retry with "
-            '{"mode": "direct"} (body has the steps and a hint; the new token is revoked)'
+            '{"mode": "direct"} (body has the steps and a hint; nothing changed)'
         },
     },
 )
 async def install_agent(
     host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentInstallBody | None = None
 ) -> AgentInstallPublic:
-    """Install or upgrade the agent over SSH with a new token (returned once; the old one is revoked)."""
+    """Install or upgrade the agent over SSH: the host makes the agent's key and a new token (nobody sees
+    it; its hash and the public key are stored, the old token is revoked)."""
     return await lifecycle.install(await _host(session, host), body or AgentInstallBody())
 
 
@@ -94,8 +98,16 @@ async def agent_health(host: str, session: SessionDep, lifecycle: LifecycleDep) 
 async def regenerate_token(
     host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentRegenerateBody | None = None
 ) -> TokenRegeneratedPublic:
-    """New token (returned once), old one revoked and its session closed; delivered live, else over SSH.
+    """The agent makes itself a new token: live over its session (the hash signed by the agent's key),
+    else over SSH; the old token is revoked and its session closed. No token is returned.
 
-    `delivered` null means neither path worked: the new token is valid, put it in the agent's config.
+    `delivered` null means neither path worked: nothing changed, the previous token stays valid.
     """
     return await lifecycle.regenerate(await _host(session, host), body or AgentRegenerateBody())
+
+
+@router.post("/{host}/pull-token", response_model=PullTokenPublic, responses=NOT_FOUND)
+async def pull_token(host: str, session: SessionDep, lifecycle: LifecycleDep) -> PullTokenPublic:
+    """A token for a host that pulls its install (GET /agent/install.sh), returned once: the old token
+    stops verifying and its session closes; the install enrolls the agent's public key with it, once."""
+    return await lifecycle.pull_token(await _host(session, host))

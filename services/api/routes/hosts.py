@@ -31,7 +31,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host
 async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> HostAddPublic:
     """Register a host; with ``ssh_check`` (default) probe it over SSH and pin its host key.
 
-    With ``install_agent`` the agent is installed next; its outcome (the token, shown once, or why it
+    With ``install_agent`` the agent is installed next; its outcome (the agent's public key, or why it
     failed) is under ``install``: the host stays added either way.
     """
     if body.ssh_check:  # the probe (and an install) go over NATS: refuse before anything is written
@@ -41,7 +41,13 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
     host_key = fingerprint = None
     if body.ssh_check:
         ok = await probe_host(
-            state.nc, body.address, body.ssh_port, body.ssh_user, wait_s=state.settings.probe_timeout
+            state.nc,
+            state.signer,
+            body.id,
+            body.address,
+            body.ssh_port,
+            body.ssh_user,
+            wait_s=state.settings.probe_timeout,
         )
         host_key, fingerprint = ok.host_key, ok.fingerprint
     host = await crud.create_host(session, body, host_key, fingerprint)
