@@ -50,7 +50,8 @@ async def test_flood_of_bad_attempts(stack: Stack, nc: NATS) -> None:
     mallory = stack.add_host("mallory")
 
     async def exec_good(n: int) -> None:
-        msg = await nc.request(subjects.agent_exec("good"), f'{{"command":"echo {n}"}}'.encode(), timeout=10)
+        body = stack.signer.exec_body("good", f'{{"command":"echo {n}"}}')
+        msg = await nc.request(subjects.agent_exec("good"), body, timeout=10)
         reply = decode_exec_reply(msg.data)
         assert isinstance(reply, ExecResult)
         assert reply.stdout == f"{n}\n"

@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shared import subjects
-from shared.protocol import ExecRequest, ExecResult, decode_exec_reply, encode
+from shared.protocol import ExecRequest, ExecResult, decode_exec_reply
 from tests.support.procs import Proc
 from tests.support.stack import Api, Gateway, Stack
 
@@ -53,10 +53,12 @@ async def box(stack: Stack, tmp_path: Path) -> AsyncIterator[Box]:
         yield Box(stack, api, gateway, http, agent, token)
 
 
-async def exec_on_nats(nc: NATS) -> ExecResult | None:
-    """`echo hi` on warlock.agent.box.exec: the result, or None on no responders (no session anywhere)."""
+async def exec_on_nats(nc: NATS, stack: Stack) -> ExecResult | None:
+    """`echo hi` on warlock.agent.box.exec, signed with the stack's API key: the result, or None on no
+    responders (no session anywhere)."""
+    body = stack.signer.exec_body("box", ExecRequest(command="echo hi"))
     try:
-        msg = await nc.request(subjects.agent_exec("box"), encode(ExecRequest(command="echo hi")), timeout=5)
+        msg = await nc.request(subjects.agent_exec("box"), body, timeout=5)
     except nats.errors.NoRespondersError:
         return None
     reply = decode_exec_reply(msg.data)
@@ -64,12 +66,12 @@ async def exec_on_nats(nc: NATS) -> ExecResult | None:
     return reply
 
 
-async def stays_without_session(nc: NATS, agent: Proc, seconds: float = 3.0) -> None:
+async def stays_without_session(nc: NATS, stack: Stack, agent: Proc, seconds: float = 3.0) -> None:
     """For `seconds`, the agent keeps being refused (401) and no exec request finds a responder."""
     await asyncio.to_thread(agent.wait_for, REFUSED, 10)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert await exec_on_nats(nc) is None
+        assert await exec_on_nats(nc, stack) is None
         await asyncio.sleep(0.2)
     assert agent.count(r"session \S+ established with") == 1
 
@@ -77,14 +79,14 @@ async def stays_without_session(nc: NATS, agent: Proc, seconds: float = 3.0) -> 
 async def test_delete_host_closes_the_live_session(box: Box, nc: NATS) -> None:
     """DELETE /api/hosts/box: the gateway closes the agent's session with 4003, the agent cannot come
     back (401), and warlock.agent.box.exec has no responders."""
-    before = await exec_on_nats(nc)
+    before = await exec_on_nats(nc, box.stack)
     assert before is not None
     assert before.stdout == "hi\n"
     deleted = await box.http.delete("/api/hosts/box")
     assert deleted.status_code == 204
     await asyncio.to_thread(box.agent.wait_for, REVOKED, 5)
     assert "closing 4003: token revoked (every token)" in box.gateway.proc.log()
-    await stays_without_session(nc, box.agent)
+    await stays_without_session(nc, box.stack, box.agent)
     assert box.token not in box.api.proc.log() + box.gateway.proc.log()
 
 
@@ -94,9 +96,9 @@ async def test_agent_token_command_closes_the_old_session(box: Box, nc: NATS) ->
     new = await asyncio.to_thread(box.stack.agent_token, box.api, "box")
     assert new != box.token
     await asyncio.to_thread(box.agent.wait_for, REVOKED, 5)
-    await stays_without_session(nc, box.agent)
+    await stays_without_session(nc, box.stack, box.agent)
     box.agent.stop()
     await asyncio.to_thread(box.stack.start_agent, "box-agent-new", "box", new, [box.gateway.url])
-    after = await exec_on_nats(nc)
+    after = await exec_on_nats(nc, box.stack)
     assert after is not None
     assert after.stdout == "hi\n"

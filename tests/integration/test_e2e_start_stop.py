@@ -61,13 +61,16 @@ def start_services(stack: Stack, tmp_path: Path, db_url: str, authority: bool = 
         WARLOCK_API_PORT="0",
         WARLOCK_API_DATABASE_URL=db_url,
         WARLOCK_API_API_KEY_FILE=str(tmp_path / "api-key"),
+        WARLOCK_API_SIGNING_KEY_FILE=str(stack.signer.key_file),
     )
     gateway_env = env_for(stack, WARLOCK_GATEWAY_PORT="0")
     procs = {
         "api": stack.start("api", [str(BIN / "warlock-api")], api_env),
         "gateway": stack.start("gateway", [str(BIN / "warlock-gateway")], gateway_env),
         "worker": stack.start(
-            "worker", [str(BIN / "warlock-fallback-ssh")], env_for(stack, WARLOCK_SSH_KEY_FILE=str(key))
+            "worker",
+            [str(BIN / "warlock-fallback-ssh")],
+            env_for(stack, WARLOCK_SSH_KEY_FILE=str(key), WARLOCK_SSH_TRUSTED_KEYS=stack.signer.public_key),
         ),
     }
     if authority:
