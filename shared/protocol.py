@@ -285,10 +285,15 @@ class TokenVerifyRequest(Message):
 
 
 class TokenOk(Message):
-    """Token authority → gateway: the token is valid for `host_id`."""
+    """Token authority → gateway: the token is valid for `host_id`.
+
+    `public_key`: the agent's own key, when the API knows it; the gateway then admits only a hello signed
+    with it, so a stolen token without the key made on the host opens no session.
+    """
 
     type: Literal["token_ok"] = "token_ok"
     host_id: HostIdField
+    public_key: PublicKeyText | None = None
 
 
 class PresenceConnected(Message):

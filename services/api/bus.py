@@ -168,11 +168,11 @@ class Bus:
     async def _verify(self, data: bytes) -> Message:
         request = decode_model(TokenVerifyRequest, data)
         async with self.sessions() as session:
-            host = await crud.host_for_token_hash(session, request.token_sha256)
-        if host is None:
+            agent = await crud.agent_for_token_hash(session, request.token_sha256)
+        if agent is None:
             log.info("token check refused: token %s", fingerprint(request.token_sha256))
             return error(ErrorCode.UNAUTHORIZED, "unknown or revoked token")
-        return TokenOk.model_validate({"host_id": host})
+        return TokenOk.model_validate({"host_id": agent.host_id, "public_key": agent.public_key})
 
     async def _on_host_target(self, req: Request) -> None:
         self._spawn(self._answer(req, lambda: self._target(req.subject), "host-target"), "host-target")

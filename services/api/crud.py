@@ -153,14 +153,20 @@ async def delete_agent(session: AsyncSession, host_id: str) -> tuple[bool, str |
     return True, token_hash
 
 
-async def host_for_token_hash(session: AsyncSession, token_hash: str) -> str | None:
-    """The host whose stored token hash equals `token_hash` (compared in constant time), else None."""
+async def agent_for_token_hash(session: AsyncSession, token_hash: str) -> AgentConnection | None:
+    """The agent whose stored token hash equals `token_hash` (compared in constant time), else None."""
     agent = (
         await session.exec(select(AgentConnection).where(AgentConnection.token_hash == token_hash))
     ).first()
     if agent is None or agent.token_hash is None or not hashes_equal(agent.token_hash, token_hash):
         return None
-    return agent.host_id
+    return agent
+
+
+async def host_for_token_hash(session: AsyncSession, token_hash: str) -> str | None:
+    """The host whose stored token hash equals `token_hash` (compared in constant time), else None."""
+    agent = await agent_for_token_hash(session, token_hash)
+    return None if agent is None else agent.host_id
 
 
 def _at(ts: float) -> datetime:

@@ -139,6 +139,12 @@ class Authenticator:
         self.nc = nc
         self.cache = cache
         self.timeout = timeout
+        # the agent key the authority last named per host (None: not enrolled yet); bounded like the cache
+        self.agent_keys: dict[HostId, str | None] = {}
+
+    def agent_key(self, host: HostId) -> str | None:
+        """The agent public key the token authority gave for `host` (None: it knows none)."""
+        return self.agent_keys.get(host)
 
     async def host_for(self, token: str) -> HostId:
         """Return the host `token` belongs to; raise Unauthorized or AuthorityUnavailable."""
@@ -164,6 +170,10 @@ class Authenticator:
             if self.cache.revoked_since(answer.host_id, token_hash, asked_at):
                 raise Unauthorized(f"token {fingerprint(token_hash)} was revoked")
             self.cache.put(token_hash, answer.host_id, asked_at)
+            self.agent_keys.pop(answer.host_id, None)
+            while len(self.agent_keys) >= max(self.cache.size, 1):
+                del self.agent_keys[next(iter(self.agent_keys))]
+            self.agent_keys[answer.host_id] = answer.public_key
             return answer.host_id
         if answer.code == ErrorCode.UNAUTHORIZED:
             raise Unauthorized(f"unknown token {fingerprint(token_hash)}")

@@ -163,7 +163,8 @@ class Gateway:
         try:
             async with asyncio.timeout(self.settings.auth_timeout):
                 data = await conn.recv()
-            hello = accept_hello(data, HostId(conn.username))
+            host = HostId(conn.username)
+            hello = accept_hello(data, host, self.auth.agent_key(host))
         except TimeoutError:
             plog.warning("closing 4001: no hello within %gs", self.settings.auth_timeout)
             await conn.close(CloseCode.AUTH_TIMEOUT, "no hello in time")

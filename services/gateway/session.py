@@ -8,10 +8,11 @@ or awaits: the only asyncio objects are the futures the shell's request tasks wa
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import CloseCode, ErrorCode, ProtocolError
 from shared.ids import CommandId, GatewayId, HostId, SessionId, new_command_id, new_session_id
 from shared.natsx import error
@@ -138,13 +139,31 @@ Rotation = tuple[RotateToken, "asyncio.Future[TokenRotated | None]"]
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def accept_hello(data: str | bytes, token_host: HostId) -> Hello:
-    """Decode the first frame; raise ProtocolError unless it is a Hello for the token's host."""
+HELLO_MAX_AGE_S = 300.0  # a signed hello's signed_at must be this close to the gateway's clock
+
+
+def accept_hello(
+    data: str | bytes, token_host: HostId, agent_key: str | None = None, now: float | None = None
+) -> Hello:
+    """Decode the first frame; raise ProtocolError unless it is a Hello for the token's host.
+
+    With `agent_key` (the host's own key, as the token authority knows it) the hello must also be signed
+    with that key within `HELLO_MAX_AGE_S`: a token alone, without the key made on the host, is not enough.
+    """
     frame = decode_agent_frame(data)
     if not isinstance(frame, Hello):
         raise ProtocolError(CloseCode.POLICY_VIOLATION, f"first frame must be hello, got {frame.type}")
     if frame.host_id != token_host:
         raise ProtocolError(CloseCode.POLICY_VIOLATION, "hello host_id does not match the token's host")
+    if agent_key is not None:
+        clock = time.time() if now is None else now
+        fresh = frame.signed_at is not None and abs(clock - frame.signed_at) <= HELLO_MAX_AGE_S
+        public = signing.parse_public(agent_key)
+        if not fresh or not signing.verify_values(
+            public, signing.HELLO_DOMAIN, signing.hello_values(frame), frame.signature
+        ):
+            why = "hello is not signed by this host's agent key (or its clock is off)"
+            raise ProtocolError(CloseCode.POLICY_VIOLATION, why)
     return frame
 
 

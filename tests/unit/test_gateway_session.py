@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import cast
 
 import pytest
+from nacl.signing import SigningKey
 from nats.aio.msg import Msg
 
 from services.gateway.auth import TokenCache, parse_bearer
 from services.gateway.session import (
+    HELLO_MAX_AGE_S,
     Busy,
     Close,
     Joined,
@@ -24,7 +27,7 @@ from services.gateway.session import (
     max_result_bytes,
 )
 from services.gateway.settings import GatewaySettings, default_gateway_id
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import CloseCode, ErrorCode, ProtocolError
 from shared.ids import GatewayId, HostId, SessionId, is_host_id
 from shared.protocol import (
@@ -216,3 +219,31 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_gateway_id("Web.Example_COM!").startswith("web-example_com-")
     assert is_host_id(default_gateway_id("x" * 200))
     assert default_gateway_id("h") != default_gateway_id("h")
+
+
+def test_accept_hello_with_a_known_agent_key_needs_its_fresh_signature() -> None:
+    """When the token authority names the host's agent key, only a hello signed with it, stamped within
+    HELLO_MAX_AGE_S of the gateway's clock, is accepted."""
+    key, other = signing.generate(), signing.generate()
+    public = signing.public_text(key)
+    now = 1_000_000.0
+
+    def signed(by: SigningKey, at: float) -> bytes:
+        hello = HELLO.model_copy(update={"signed_at": at})
+        sig = signing.sign_values(by, signing.HELLO_DOMAIN, signing.hello_values(hello))
+        return encode(hello.model_copy(update={"signature": sig}))
+
+    assert accept_hello(signed(key, now - 10), HostId("web-1"), public, now=now).host_id == "web-1"
+    for data in (
+        encode(HELLO),  # unsigned
+        signed(other, now),  # another key
+        signed(key, now - HELLO_MAX_AGE_S - 1),  # stale
+        signed(key, now + HELLO_MAX_AGE_S + 1),  # from the future
+    ):
+        with pytest.raises(ProtocolError) as refused:
+            accept_hello(data, HostId("web-1"), public, now=now)
+        assert refused.value.close_code == CloseCode.POLICY_VIOLATION
+    edited = json.loads(signed(key, now))
+    edited["hostname"] = "elsewhere"
+    with pytest.raises(ProtocolError):
+        accept_hello(json.dumps(edited), HostId("web-1"), public, now=now)
