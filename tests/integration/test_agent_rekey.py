@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -183,7 +182,7 @@ async def test_agent_process_rotate_then_revoke(stack: Stack, nats_server: NatsS
     config = stack.root / "agent.conf"
     before = config.read_text()
     new = generate_token()
-    api = await nats.connect(nats_server.url)
+    api = await nats_server.connect("api")
     try:
         assert await rotate(api, new) == RotateOk(host_id=HOST)
         assert config.read_text() == before.replace(old, new)

@@ -12,7 +12,6 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -75,7 +74,7 @@ async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIt
 
 
 async def _add_hosts(api: RunningApi, nats_server: NatsServer) -> None:
-    worker = await nats.connect(nats_server.url)
+    worker = await nats_server.connect("ssh-worker")
 
     async def probe(msg: Msg) -> None:
         await reply(worker, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:x"))

@@ -43,9 +43,7 @@ async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIt
 
 async def _add_host(api: RunningApi, nats_server: NatsServer) -> None:
     """Register host h1 (10.0.0.7) with a pinned key through a one-off probe worker."""
-    import nats
-
-    worker = await nats.connect(nats_server.url)
+    worker = await nats_server.connect("ssh-worker")
 
     async def probe(msg: Msg) -> None:
         await reply(worker, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:x"))
