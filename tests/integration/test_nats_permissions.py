@@ -16,6 +16,7 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import pytest
@@ -282,6 +283,7 @@ async def test_no_role_reads_another_roles_replies(clients: dict[str, Client]) -
 async def test_anonymous_and_unknown_clients_are_refused(server: NatsServer, tmp_path: Path) -> None:
     """No credentials, or a well-formed nkey the server does not know: the connection is refused."""
     stranger = ensure_nkeys(tmp_path / "stranger", ("api",))["api"]
+    options: dict[str, Any]
     for options in ({}, {"nkeys_seed": str(stranger)}):
         errors: list[str] = []
 
