@@ -7,11 +7,12 @@ import time
 
 import nats
 
+from tests.support.natsserver import role_options
 from tests.support.procs import BIN, free_port
 from tests.support.stack import Stack
 
 RAW = [str(BIN / "python"), "-m", "bench.raw_chain"]
-RAW_SUBJECT = "raw.0.exec"
+RAW_SUBJECT = "warlock.agent.raw-0.exec"  # where a gateway may subscribe: the raw bridge plays one
 TRUE = json.dumps({"command": "true"}).encode()
 
 
@@ -24,13 +25,15 @@ def pct(values: list[float], q: float) -> float:
 def start_raw_chain(stack: Stack, nats_url: str) -> None:
     """Start the raw bridge and one raw agent (bench/raw_chain.py); it answers on RAW_SUBJECT."""
     port = free_port()
-    stack.start("raw-bridge", [*RAW, "bridge", nats_url, str(port)], {}).wait_for("ready")
+    nkey = stack.env("gateway")["WARLOCK_NATS_NKEY_FILE"]
+    stack.start("raw-bridge", [*RAW, "bridge", nats_url, str(port), nkey], {}).wait_for("ready")
     stack.start("raw-agent", [*RAW, "agent", f"ws://127.0.0.1:{port}"], {}).wait_for("connected")
 
 
 async def timed_requests(url: str, subject: str, body: bytes, n: int) -> list[float]:
-    """Milliseconds of `n` sequential requests of `body` on `subject`; each reply must say exit code 0."""
-    nc = await nats.connect(url)
+    """Milliseconds of `n` sequential requests of `body` on `subject` (as the api role); each reply must say
+    exit code 0."""
+    nc = await nats.connect(url, **role_options(url, "api"))
     try:
         out = []
         for _ in range(n):
