@@ -123,7 +123,10 @@ class TlsFiles:
 
 @dataclass(frozen=True)
 class Cluster:
-    """Cluster routes of one node: its name, the cluster's, and its peers' route URLs."""
+    """Cluster routes of one node: its name, the cluster's, and its peers' route URLs.
+
+    Nodes do not advertise their client URLs (``no_advertise``): clients keep the host names they were
+    given, which their certificates name, instead of learning addresses TLS could not verify."""
 
     name: str
     node: str
@@ -167,7 +170,8 @@ def render_server_config(
     if cluster is not None:
         routes = ", ".join(f'"{route}"' for route in cluster.routes)
         block = [
-            f'cluster {{\n  name: "{cluster.name}"\n  listen: "0.0.0.0:{cluster.port}"\n  routes: [{routes}]'
+            f'cluster {{\n  name: "{cluster.name}"\n  listen: "0.0.0.0:{cluster.port}"\n  routes: [{routes}]',
+            "  no_advertise: true",
         ]
         if tls is not None:
             block.append("  tls {\n" + _tls_lines(tls, "    ") + "\n    verify: true\n  }")

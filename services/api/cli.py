@@ -120,6 +120,9 @@ def _revoke_previous(issued: IssuedToken) -> int:
     return 3
 
 
+CONNECT_LIMIT_S = 12  # `warlock req`: give up connecting after this long
+
+
 async def _request(server: str, subject: str, data: str, wait_s: float, options: dict[str, Any]) -> int:
     import nats
     import nats.errors
@@ -132,14 +135,15 @@ async def _request(server: str, subject: str, data: str, wait_s: float, options:
         failures.append(describe(exc))
 
     try:
-        nc = await nats.connect(
-            server,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0,
-            connect_timeout=5,
-            error_cb=failed,
-            **options,
-        )
+        async with asyncio.timeout(CONNECT_LIMIT_S):  # nats-py can hang after a TLS verification failure
+            nc = await nats.connect(
+                server,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=5,
+                error_cb=failed,
+                **options,
+            )
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         print(
             f"warlock: cannot reach NATS at {server}: {failures[0] if failures else describe(exc)}",
