@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     ["warlock", "api-key", "create"],
     ["warlock", "agent-token"],
     ["warlock", "token-authority"],
+    ["warlock", "nats-config"],
     ["warlock-agent", "run"],
     ["warlock-agent", "swarm"],
     ["warlock-gateway", "run"],
