@@ -113,7 +113,8 @@ def memory_raw(root: Path, count: int) -> float:
     procs: list[Proc] = []
     try:
         port = free_port()
-        bridge = Proc(f"raw-bridge-{count}", [*RAW, "bridge", server.url, str(port)], root)
+        nkey = str(server.nkey_file("gateway"))
+        bridge = Proc(f"raw-bridge-{count}", [*RAW, "bridge", server.url, str(port), nkey], root)
         procs.append(bridge)
         bridge.wait_for("ready")
         before = _settle_rss(bridge.pid, 1.0)

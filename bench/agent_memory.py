@@ -17,10 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nats
-
 from shared import subjects
-from tests.support.natsserver import NatsServer
+from tests.support.natsserver import NatsServer, connect
 from tests.support.procs import BIN, Proc, rss_kib
 from tests.support.stack import Stack
 
@@ -69,7 +67,7 @@ def floor_rss(root: Path) -> dict[str, int]:
 
 async def _first_metrics(url: str, timeout: float = 30.0) -> None:
     """Wait for the agent's first metrics sample on NATS."""
-    nc = await nats.connect(url)
+    nc = await connect(url, "api")
     try:
         sub = await nc.subscribe(subjects.metrics(HOST))
         await sub.next_msg(timeout=timeout)
@@ -79,7 +77,7 @@ async def _first_metrics(url: str, timeout: float = 30.0) -> None:
 
 async def _big_commands(url: str, count: int) -> None:
     """Run `count` commands that each print just over 1 MiB, one after the other."""
-    nc = await nats.connect(url)
+    nc = await connect(url, "api")
     try:
         body = json.dumps({"command": BIG_OUTPUT, "timeout": 30}).encode()
         for _ in range(count):

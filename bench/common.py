@@ -8,11 +8,12 @@ from collections.abc import Callable
 
 import nats
 
+from tests.support.natsserver import role_options
 from tests.support.procs import BIN, free_port
 from tests.support.stack import Stack
 
 RAW = [str(BIN / "python"), "-m", "bench.raw_chain"]
-RAW_SUBJECT = "raw.0.exec"
+RAW_SUBJECT = "warlock.agent.raw-0.exec"  # where a gateway may subscribe: the raw bridge plays one
 TRUE = json.dumps({"command": "true"}).encode()
 
 
@@ -25,7 +26,8 @@ def pct(values: list[float], q: float) -> float:
 def start_raw_chain(stack: Stack, nats_url: str) -> None:
     """Start the raw bridge and one raw agent (bench/raw_chain.py); it answers on RAW_SUBJECT."""
     port = free_port()
-    stack.start("raw-bridge", [*RAW, "bridge", nats_url, str(port)], {}).wait_for("ready")
+    nkey = stack.env("gateway")["WARLOCK_NATS_NKEY_FILE"]
+    stack.start("raw-bridge", [*RAW, "bridge", nats_url, str(port), nkey], {}).wait_for("ready")
     stack.start("raw-agent", [*RAW, "agent", f"ws://127.0.0.1:{port}"], {}).wait_for("connected")
 
 
@@ -39,7 +41,7 @@ async def timed_requests(
 
     A callable `body` is called inside the timed span (signing is part of the path), as is `check` on
     the reply (verifying the agent's signature, as the API does)."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **role_options(url, "api"))
     try:
         out = []
         for _ in range(n):

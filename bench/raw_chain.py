@@ -1,6 +1,6 @@
 """Baseline for `make bench`: the same chain built from the raw libraries, no Warlock code.
 
-    python -m bench.raw_chain bridge NATS_URL PORT   nats-py subscriber ⇄ websockets server
+    python -m bench.raw_chain bridge NATS_URL PORT [NKEY_FILE]   nats-py subscriber ⇄ websockets server
     python -m bench.raw_chain agent WS_URL           websockets client that spawns /bin/sh -c CMD
     python -m bench.raw_chain swarm WS_URL COUNT     COUNT idle websocket clients (memory baseline)
 
@@ -22,11 +22,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 
-async def bridge(nats_url: str, port: int) -> None:
-    """Serve websockets on `port`; bridge `raw.<n>.exec` requests to connection n."""
+async def bridge(nats_url: str, port: int, nkey_file: str | None = None) -> None:
+    """Serve websockets on `port`; bridge `warlock.agent.raw-<n>.exec` requests to connection n.
+
+    It connects with the gateway role's nkey (and inbox prefix), so the server checks its permissions as
+    it does a gateway's, and subscribes where a gateway may."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, nkeys_seed=nkey_file, inbox_prefix="_INBOX_gateway")
     counter = itertools.count()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -47,7 +50,7 @@ async def bridge(nats_url: str, port: int) -> None:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-        sub = await nc.subscribe(f"raw.{n}.exec", queue="raw", cb=on_msg)
+        sub = await nc.subscribe(f"warlock.agent.raw-{n}.exec", queue="raw", cb=on_msg)
         try:
             async for frame in ws:
                 reply = json.loads(frame)
@@ -112,7 +115,7 @@ def main() -> None:
     """Dispatch on the role given on the command line."""
     role, *args = sys.argv[1:]
     if role == "bridge":
-        asyncio.run(bridge(args[0], int(args[1])))
+        asyncio.run(bridge(args[0], int(args[1]), args[2] if len(args) > 2 else None))
     elif role == "agent":
         asyncio.run(agent(args[0]))
     elif role == "swarm":

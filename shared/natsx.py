@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro.request import Request
 
+from shared import subjects
 from shared.errors import ErrorCode
 from shared.protocol import ErrorReply, Message, encode
+
+if TYPE_CHECKING:
+    from shared.settings import NatsSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,38 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def tls_context(ca_file: Path) -> ssl.SSLContext:
+    """A client TLS context that verifies the NATS server against the CA(s) in `ca_file`."""
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+def client_options(role: str, nkey_file: Path | None = None, ca_file: Path | None = None) -> dict[str, Any]:
+    """`nats.connect` options for connecting as `role`: its nkey seed file (the server refuses anonymous
+    clients), its own reply-inbox prefix (`subjects.inbox_prefix`: the server lets a role subscribe only
+    to its own replies) and, with `ca_file`, TLS verified against that CA."""
+    options: dict[str, Any] = {"inbox_prefix": subjects.inbox_prefix(role)}
+    if nkey_file is not None:
+        options["nkeys_seed"] = str(nkey_file)
+    if ca_file is not None:
+        options["tls"] = tls_context(ca_file)
+    return options
+
+
+def settings_options(settings: NatsSettings, role: str) -> dict[str, Any]:
+    """`client_options` for `role` from a service's settings (``WARLOCK_NATS_NKEY_FILE`` / ``_CA_FILE``)."""
+    return client_options(role, settings.nats_nkey_file, settings.nats_ca_file)
+
+
+def is_permission_error(exc: BaseException) -> bool:
+    """Whether `exc` is the server refusing a publish or subscribe this identity may not make."""
+    return "permissions violation" in str(exc).lower()
+
+
+def is_authorization_error(exc: BaseException) -> bool:
+    """Whether `exc` is the server refusing this connection's credentials."""
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
 class NatsLink:
     """A service's NATS connection, made without blocking anyone's shutdown.
 
@@ -94,17 +132,42 @@ class NatsLink:
     is one log line (a failure that repeats is logged again every `REPEAT_LOG_S` with its count, so a
     long outage does not flood the log), and `problem` keeps the last reason for health endpoints.
     Once connected, nats-py reconnects by itself forever.
+
+    It connects as `role` (``api``, ``gateway``, ``ssh-worker``; `shared.permissions`): with the role's
+    nkey seed file and reply-inbox prefix, and TLS against `ca_file` when given. The server refusing the
+    credentials, or a publish / subscribe the role may not make, is one log line saying so, never a
+    traceback; a refused publish or subscribe leaves the connection up.
     """
 
-    def __init__(self, servers: list[str], name: str, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        servers: list[str],
+        name: str,
+        logger: logging.Logger,
+        role: str = "api",
+        nkey_file: Path | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         self.nc = NATS()
         self.servers = servers
         self.name = name
         self.log = logger
+        self.role = role
+        self.nkey_file = nkey_file
+        self.options = client_options(role, nkey_file, ca_file)
+        self.violations = 0  # publishes / subscriptions the server refused
         self.problem: str | None = "not connected yet"
         self.failures = 0
         self.failed = asyncio.Event()  # set by the first failed attempt (start-up waits for it, or success)
         self._logged: tuple[str, float] | None = None
+        self._violations_logged: dict[str, float] = {}
+
+    @classmethod
+    def from_settings(cls, settings: NatsSettings, name: str, logger: logging.Logger, role: str) -> NatsLink:
+        """A link for `role` with the servers, nkey file and CA of `settings`."""
+        return cls(
+            settings.nats_servers(), name, logger, role, settings.nats_nkey_file, settings.nats_ca_file
+        )
 
     @property
     def connected(self) -> bool:
@@ -127,6 +190,7 @@ class NatsLink:
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
+                **self.options,
             )
         )
         waiters: set[asyncio.Future[Any]] = {attempt}
@@ -167,9 +231,17 @@ class NatsLink:
             self.log.info("NATS connection closed (%s)", describe(exc))
 
     async def _on_error(self, exc: Exception) -> None:
+        if is_permission_error(exc):
+            self._permission_refused(exc)
+            return
         self.failures += 1
         self.failed.set()
         reason = describe(exc)
+        if is_authorization_error(exc):
+            where = (
+                f"nkey file {self.nkey_file}" if self.nkey_file else "no nkey file (WARLOCK_NATS_NKEY_FILE)"
+            )
+            reason = f"authorization violation: the server refused role {self.role}'s credentials ({where})"
         self.problem = reason
         now = time.monotonic()
         if self._logged is None or self._logged[0] != reason or now - self._logged[1] >= REPEAT_LOG_S:
@@ -182,6 +254,18 @@ class NatsLink:
                 "" if self.failures == 1 else "s",
                 RETRY_WAIT_S,
             )
+
+    def _permission_refused(self, exc: Exception) -> None:
+        """One line per refused subject (again at most every `REPEAT_LOG_S`): what role may not do what."""
+        self.violations += 1
+        what = str(exc).split(":", 1)[-1].strip()[:200]
+        now = time.monotonic()
+        last = self._violations_logged.get(what)
+        if last is None or now - last >= REPEAT_LOG_S:
+            if len(self._violations_logged) >= 1000:
+                self._violations_logged.clear()
+            self._violations_logged[what] = now
+            self.log.error("NATS refused role %s: %s (see shared/permissions.py)", self.role, what)
 
     async def _on_disconnected(self) -> None:
         if self.problem is None:

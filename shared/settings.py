@@ -9,9 +9,10 @@ prefix whatever the subclass's sub-prefix is.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -38,6 +39,39 @@ class NatsSettings(WarlockSettings):
         validation_alias=AliasChoices("WARLOCK_NATS_URL"),
         description="NATS server URL(s), comma-separated",
     )
+
+    nats_nkey_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("WARLOCK_NATS_NKEY_FILE"),
+        description="the nkey seed file (0600) of this service's NATS role; the server refuses anonymous "
+        "clients",
+    )
+    nats_ca_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("WARLOCK_NATS_CA_FILE"),
+        description="PEM CA certificate(s): connect to NATS over TLS, verifying the server with it",
+    )
+
+    @field_validator("nats_nkey_file")
+    @classmethod
+    def _nkey_file_usable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from shared.natsauth import read_seed
+
+            read_seed(value)  # NkeyFileError (a ValueError) names what is wrong, never the content
+        return value
+
+    @field_validator("nats_ca_file")
+    @classmethod
+    def _ca_file_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                text = value.read_text(errors="replace")
+            except OSError as exc:
+                raise ValueError(f"{value}: {exc.strerror or exc}") from exc
+            if "-----BEGIN CERTIFICATE-----" not in text:
+                raise ValueError(f"{value}: no PEM certificate in it")
+        return value
 
     def nats_servers(self) -> list[str]:
         """The NATS server URLs as a list."""

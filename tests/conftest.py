@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -15,7 +14,7 @@ from tests.support.stack import Stack
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A fresh nats-server on a free port, stopped after the test."""
+    """A fresh nats-server on a free port enforcing the permission matrix, stopped after the test."""
     server = NatsServer(tmp_path)
     yield server
     server.stop()
@@ -23,8 +22,8 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 @pytest.fixture
 async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    """A nats-py client connected to the test's nats-server (plays the API / operator)."""
-    client = await nats.connect(nats_server.url, max_reconnect_attempts=2)
+    """A nats-py client connected to the test's nats-server as the ``api`` role (plays the API)."""
+    client = await nats_server.connect("api", max_reconnect_attempts=2)
     yield client
     await client.drain()
 

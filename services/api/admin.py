@@ -8,6 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -149,10 +150,11 @@ async def _quiet(_exc: Exception) -> None:
     """NATS error callback: the caller reports the failure (nats-py would log a traceback per attempt)."""
 
 
-async def revoke_sessions(nats_url: str, host_id: str) -> str | None:
+async def revoke_sessions(nats_url: str, host_id: str, options: dict[str, Any] | None = None) -> str | None:
     """Publish on NATS the revocation of every token of `host_id` but the one just issued, which nobody
     holds yet: gateways close the host's live sessions (4003) and forget its cached tokens. None when it
-    was published, else why not.
+    was published, else why not. `options` are the API identity's `nats.connect` options
+    (`shared.natsx.client_options`: its nkey, inbox prefix and TLS).
 
     Every token rather than only the replaced one's hash: run again after a failure, it still closes a
     session opened with a token two generations back.
@@ -166,6 +168,7 @@ async def revoke_sessions(nats_url: str, host_id: str) -> str | None:
                 reconnect_time_wait=0.2,
                 allow_reconnect=False,
                 error_cb=_quiet,
+                **(options or {}),
             )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         return f"NATS at {nats_url} unreachable ({type(exc).__name__})"

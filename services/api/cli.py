@@ -3,8 +3,10 @@
 warlock run                       start NATS, API, SSH worker, gateway and a local agent (make run)
 warlock agent stop|start|status   stop or start the local agent of a running `warlock run`
 warlock token-authority --file F  answer gateways' token checks from a JSON file of token hashes
-warlock req SUBJECT [JSON]        send a NATS request and print the reply (like `nats req`); an exec
-                                  is signed with an operator key and sent to warlock.ops.<host>.exec
+warlock req SUBJECT [JSON]        send a NATS request as the operator and print the reply (like
+                                  `nats req`); an exec is signed with an operator key and sent to
+                                  warlock.ops.<host>.exec
+warlock nats-config --dir DIR     write one nkey per NATS role and the nats-server config enforcing them
 warlock api-key create --name N   create an API key in the API's database; print it once
 warlock agent-token HOST          issue a new agent token for a registered host; print it once
 warlock keys create NAME          make an operator signing key (private key to a 0600 file, public
@@ -20,7 +22,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -60,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         help="operator signing key for exec (default: WARLOCK_OPERATOR_KEY, else .warlock/dev.json's "
         "operator_key); make one with `warlock keys create NAME`",
     )
+    req.add_argument(
+        "--nkey",
+        type=Path,
+        help="the operator's nkey seed file (default: WARLOCK_NATS_NKEY_FILE, else .warlock/dev.json's "
+        "operator_nkey)",
+    )
+    from shared.natsauth import add_arguments
+
+    add_arguments(sub.add_parser("nats-config", help="write NATS nkeys (one per role) and the server config"))
     keys = sub.add_parser("api-key", help="manage API keys (in WARLOCK_API_DATABASE_URL)")
     keys_sub = keys.add_subparsers(dest="key_cmd", required=True)
     create = keys_sub.add_parser("create", help="create an API key and print it once")
@@ -156,7 +167,8 @@ def _revoke_previous(issued: IssuedToken) -> int:
 
     if issued.previous_hash is None:
         return 0  # the host had no token: no session can be using one
-    problem = asyncio.run(revoke_sessions(_server_for_req(None), issued.host_id))
+    server, options = _nats_for("api", None, None)
+    problem = asyncio.run(revoke_sessions(server, issued.host_id, options))
     if problem is None:
         return 0
     print(
@@ -168,7 +180,10 @@ def _revoke_previous(issued: IssuedToken) -> int:
     return 3
 
 
-async def _request(server: str, subject: str, data: str, wait_s: float) -> int:
+CONNECT_LIMIT_S = 12  # `warlock req`: give up connecting after this long
+
+
+async def _request(server: str, subject: str, data: str, wait_s: float, options: dict[str, Any]) -> int:
     import nats
     import nats.errors
     from nats.errors import NoRespondersError
@@ -180,9 +195,15 @@ async def _request(server: str, subject: str, data: str, wait_s: float) -> int:
         failures.append(describe(exc))
 
     try:
-        nc = await nats.connect(
-            server, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=5, error_cb=failed
-        )
+        async with asyncio.timeout(CONNECT_LIMIT_S):  # nats-py can hang after a TLS verification failure
+            nc = await nats.connect(
+                server,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=5,
+                error_cb=failed,
+                **options,
+            )
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         print(
             f"warlock: cannot reach NATS at {server}: {failures[0] if failures else describe(exc)}",
@@ -195,7 +216,11 @@ async def _request(server: str, subject: str, data: str, wait_s: float) -> int:
         print(f"warlock: no responders on {subject}", file=sys.stderr)
         return 1
     except NatsTimeout:
-        print(f"warlock: no reply on {subject} within {wait_s}s", file=sys.stderr)
+        refused = [f for f in failures if "permissions violation" in f.lower()]
+        if refused:  # the server dropped the request: this identity may not publish there
+            print(f"warlock: NATS refused the request ({refused[0]})", file=sys.stderr)
+        else:
+            print(f"warlock: no reply on {subject} within {wait_s}s", file=sys.stderr)
         return 1
     finally:
         await nc.close()
@@ -209,14 +234,6 @@ OPERATOR_TTL_S = 60.0  # an operator-signed command must reach the API within th
 EXEC_KINDS = (("agent", "exec"), ("ops", "exec"))
 
 
-def _dev_json() -> dict[str, object]:
-    dev = Path(".warlock/dev.json")
-    if not dev.exists():
-        return {}
-    data = json.loads(dev.read_text())
-    return data if isinstance(data, dict) else {}
-
-
 def _operator_key_file(explicit: Path | None) -> Path | None:
     """--key, else WARLOCK_OPERATOR_KEY, else .warlock/dev.json's operator_key."""
     import os
@@ -225,7 +242,7 @@ def _operator_key_file(explicit: Path | None) -> Path | None:
         return explicit
     if os.environ.get("WARLOCK_OPERATOR_KEY"):
         return Path(os.environ["WARLOCK_OPERATOR_KEY"])
-    named = _dev_json().get("operator_key")
+    named = _dev_info().get("operator_key")
     return Path(named) if isinstance(named, str) else None
 
 
@@ -277,17 +294,44 @@ def signed_exec(subject: str, data: str, key_file: Path | None) -> tuple[str, st
     return ops_subject, encode(signed).decode(), request.timeout
 
 
-def _server_for_req(explicit: str | None) -> str:
-    if explicit:
-        return explicit
+DEV_JSON = Path(".warlock/dev.json")
+
+
+def _dev_info() -> dict[str, Any]:
+    """What a running `warlock run` in this directory wrote to .warlock/dev.json ({} if none)."""
+    try:
+        info = json.loads(DEV_JSON.read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _nats_for(role: str, server: str | None, nkey: Path | None) -> tuple[str, dict[str, Any]]:
+    """The NATS URL and `nats.connect` options to connect as `role` (``api`` or ``operator``).
+
+    URL: `server`, else ``WARLOCK_NATS_URL``, else dev.json's. Nkey seed file: `nkey`, else
+    ``WARLOCK_NATS_NKEY_FILE``, else dev.json's ``<role>_nkey``. CA: ``WARLOCK_NATS_CA_FILE``.
+    """
     import os
 
-    if "WARLOCK_NATS_URL" in os.environ:
-        return load_settings(NatsSettings).nats_url
-    dev = Path(".warlock/dev.json")
-    if dev.exists():
-        return str(json.loads(dev.read_text())["nats_url"])
-    return load_settings(NatsSettings).nats_url
+    from shared.natsauth import NkeyFileError, read_seed
+    from shared.natsx import settings_options
+
+    settings = load_settings(NatsSettings)  # checks WARLOCK_NATS_NKEY_FILE / _CA_FILE when set
+    dev = _dev_info()
+    if not server:
+        server = (
+            settings.nats_url if "WARLOCK_NATS_URL" in os.environ else dev.get("nats_url", settings.nats_url)
+        )
+    if nkey is None and settings.nats_nkey_file is None and dev.get(f"{role}_nkey"):
+        nkey = Path(dev[f"{role}_nkey"])
+    if nkey is not None:
+        try:
+            read_seed(nkey)
+        except NkeyFileError as exc:
+            raise ConfigError("nkey file", str(exc)) from None
+        settings = settings.model_copy(update={"nats_nkey_file": nkey})
+    return str(server), settings_options(settings, role)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,11 +349,22 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = load_settings(NatsSettings)
             setup_logging(settings.log_level)
-            return asyncio.run(run_token_authority(settings.nats_url, args.file))
+            return asyncio.run(
+                run_token_authority(
+                    settings.nats_url,
+                    args.file,
+                    nkey_file=settings.nats_nkey_file,
+                    ca_file=settings.nats_ca_file,
+                )
+            )
         if args.cmd in ("api-key", "agent-token"):
             return _admin(args)
         if args.cmd == "keys":
             return _keys(args)
+        if args.cmd == "nats-config":
+            from shared.natsauth import run as nats_config
+
+            return nats_config(args)
         try:
             subject, data, exec_timeout = signed_exec(args.subject, args.data, _operator_key_file(args.key))
         except ReqError as exc:
@@ -318,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         wait = args.timeout
         if wait is None:
             wait = REQ_WAIT_S if exec_timeout is None else exec_timeout + EXEC_EXTRA_WAIT_S
-        return asyncio.run(_request(_server_for_req(args.server), subject, data, wait))
+        server, options = _nats_for("operator", args.server, args.nkey)
+        return asyncio.run(_request(server, subject, data, wait, options))
     except ConfigError as exc:
         print(f"warlock: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,14 @@ the state directory), one gateway, registers this machine as a host, issues its 
 the agent. Writes `.warlock/dev.json` (0600) describing what runs and removes it on exit. Ctrl-C stops
 everything, newest process first.
 
+Trust, as in production: nats-server enforces the permission matrix (`shared.permissions`, rendered by
+`shared.natsauth` into ``nats.conf``; one nkey seed per role in ``nats/``, each child gets its own role's),
+the gateway serves ``wss://`` with a certificate of a local CA (``tls/``, made with `cryptography`) that
+the agent pins (``ca_file``), the API signs commands with ``signing.key`` whose public key the agent
+trusts, the agent has its own key (``agent.key``, its public key recorded for the host), and an operator
+signing key ``dev`` (``operator.key``) is authorised for `warlock req`. Every key and seed is 0600 and is
+kept across runs.
+
 Runs again in the same state directory, also after the launcher was killed: each child's log gets a
 header line per run and start detection reads only what this run wrote. The agent may exit, or be stopped
 and started with `warlock agent stop|start` (`devcontrol`), while the rest keeps running.
@@ -13,6 +21,7 @@ and started with `warlock agent stop|start` (`devcontrol`), while the rest keeps
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -30,9 +39,21 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.api import devcontrol
-from services.api.devprocs import BIN, Child, ensure_ssh_key, nats_binary, pick_port, write_private
+from services.api.devprocs import (
+    BIN,
+    Child,
+    ensure_dev_tls,
+    ensure_ssh_key,
+    nats_binary,
+    pick_port,
+    write_private,
+)
+from shared import signing
 from shared.ids import HOST_ID_PATTERN
+from shared.natsauth import write_server_config
 from shared.settings import WarlockSettings, load_settings
+
+OPERATOR_KEY_NAME = "dev"
 
 
 class DevSettings(WarlockSettings):
@@ -104,6 +125,39 @@ def register_host(api_url: str, key_file: Path, host: str, ssh_port: int) -> tup
     )
 
 
+async def _record_keys(database_url: str, host: str, agent_public: str, operator_public: str) -> None:
+    """Store the local agent's public key for `host` (its hello and results must verify with it) and
+    authorise the operator signing key ``dev`` (replacing a ``dev`` key of an earlier, removed key file)."""
+    from sqlmodel import select
+
+    from services.api.db import make_engine, sessionmaker
+    from services.api.models import AgentConnection, OperatorKey
+
+    engine = make_engine(database_url)
+    try:
+        async with sessionmaker(engine)() as session:
+            agent = await session.get(AgentConnection, host)
+            if agent is None:
+                raise RuntimeError(f"no agent record for {host} after issuing its token")
+            agent.public_key = agent_public
+            session.add(agent)
+            found = (
+                await session.exec(select(OperatorKey).where(OperatorKey.name == OPERATOR_KEY_NAME))
+            ).first()
+            if found is not None and (found.public_key != operator_public or found.revoked_at is not None):
+                await session.delete(found)
+                await session.flush()
+                found = None
+            if found is None:
+                key = OperatorKey(
+                    key_id=signing.key_id(operator_public), name=OPERATOR_KEY_NAME, public_key=operator_public
+                )
+                session.add(key)
+            await session.commit()
+    finally:
+        await engine.dispose()
+
+
 def _user() -> str:
     import getpass
 
@@ -138,32 +192,54 @@ class DevStack:
         self.logs.chmod(0o700)
         nats_port = pick_port(self.settings.nats_port)
         nats_conf = self.dir / "nats.conf"
-        nats_conf.write_text(f"host: 127.0.0.1\nport: {nats_port}\nmax_payload: 8MB\n")
+        nkeys = write_server_config(nats_conf, self.dir / "nats", host="127.0.0.1", port=nats_port)
         nats_url = f"nats://127.0.0.1:{nats_port}"
-        env = self.env = {"WARLOCK_NATS_URL": nats_url}
+        env = self.env = {"WARLOCK_NATS_URL": nats_url}  # the agent's: no NATS credential
+
+        def role_env(role: str) -> dict[str, str]:
+            return {**env, "WARLOCK_NATS_NKEY_FILE": str(nkeys[role])}
+
+        # keys, all 0600 and kept across runs: the API's signing key (its public key goes into the agent's
+        # trusted_keys), the agent's own identity, and the operator's signing key for `warlock req`
+        signing_file = self.dir / "signing.key"
+        api_public = signing.public_text(signing.ensure_private(signing_file)[0])
+        agent_key = self.dir / "agent.key"
+        agent_public = signing.public_text(signing.ensure_private(agent_key, "identity_key_file")[0])
+        operator_key = self.dir / "operator.key"
+        operator_public = signing.public_text(signing.ensure_private(operator_key, "operator key")[0])
+        tls = ensure_dev_tls(self.dir / "tls")
+
         nats = self._spawn("nats-server", [nats_binary(), "-c", str(nats_conf)], env)
         nats.wait_for(r"Server is ready")
 
         gw_port = pick_port(self.settings.gateway_port)
         key_file = self.dir / "api-key"
+        database_url = f"sqlite+aiosqlite:///{self.dir / 'warlock.db'}"
         api_env = {
-            "WARLOCK_API_GATEWAY_URLS": f"ws://127.0.0.1:{gw_port}/agent",  # written into installed agents
+            "WARLOCK_API_GATEWAY_URLS": f"wss://127.0.0.1:{gw_port}/agent",  # written into installed agents
             "WARLOCK_API_WHEEL_DIR": str(self.dir / "wheels"),
-            **env,
+            **role_env("api"),
             "WARLOCK_API_PORT": str(pick_port(self.settings.api_port)),
-            "WARLOCK_API_DATABASE_URL": f"sqlite+aiosqlite:///{self.dir / 'warlock.db'}",
+            "WARLOCK_API_DATABASE_URL": database_url,
             "WARLOCK_API_API_KEY_FILE": str(key_file),
+            "WARLOCK_API_SIGNING_KEY_FILE": str(signing_file),
         }
         api = self._spawn("api", [str(BIN / "warlock-api")], api_env)
         api_url = api.wait_for(r"api listening on (http://\S+)", timeout=60).group(1)
 
         ssh_key = ensure_ssh_key(self.dir / "ssh" / "id_ed25519")
-        ssh_env = {**env, "WARLOCK_SSH_KEY_FILE": str(ssh_key)}
+        ssh_env = {**role_env("ssh-worker"), "WARLOCK_SSH_KEY_FILE": str(ssh_key)}
         self._spawn("fallback-ssh", [str(BIN / "warlock-fallback-ssh")], ssh_env).wait_for("ready")
 
-        gw_env = {**env, "WARLOCK_GATEWAY_PORT": str(gw_port), "WARLOCK_GATEWAY_GATEWAY_ID": "dev-gw1"}
+        gw_env = {
+            **role_env("gateway"),
+            "WARLOCK_GATEWAY_PORT": str(gw_port),
+            "WARLOCK_GATEWAY_GATEWAY_ID": "dev-gw1",
+            "WARLOCK_GATEWAY_TLS_CERT_FILE": str(tls.cert_file),
+            "WARLOCK_GATEWAY_TLS_KEY_FILE": str(tls.key_file),
+        }
         gateway = self._spawn("gateway", [str(BIN / "warlock-gateway")], gw_env)
-        gateway_url = gateway.wait_for(r"listening on (ws://\S+/agent)").group(1)
+        gateway_url = gateway.wait_for(r"listening on (wss?://\S+/agent)").group(1)
 
         self.ssh_ready, note = register_host(api_url, key_file, self.host, self.settings.ssh_port)
         self.notes.append(note)
@@ -174,20 +250,29 @@ class DevStack:
             text=True,
             check=True,
         ).stdout.strip()
+        asyncio.run(_record_keys(database_url, self.host, agent_public, operator_public))
         agent_conf = self.dir / "agent.conf"
         write_private(
             agent_conf,
-            f'host_id = "{self.host}"\ntoken = "{token}"\ngateway_urls = ["{gateway_url}"]\n'
-            f'ledger_path = "{self.dir / "agent-ledger.jsonl"}"\n',
+            f"host_id = {json.dumps(self.host)}\ntoken = {json.dumps(token)}\n"
+            f"gateway_urls = [{json.dumps(gateway_url)}]\n"
+            f"ledger_path = {json.dumps(str(self.dir / 'agent-ledger.jsonl'))}\n"
+            f"identity_key_file = {json.dumps(str(agent_key))}\n"
+            f"trusted_keys = [{json.dumps(api_public)}]\n"
+            f"ca_file = {json.dumps(str(tls.ca_file))}\n",
         )
         self.agent_argv = [str(BIN / "warlock-agent"), "run", "--config", str(agent_conf)]
         self.start_agent()
 
         self.info = {
             "nats_url": nats_url,
+            "operator_nkey": str(nkeys["operator"]),
+            "api_nkey": str(nkeys["api"]),
             "gateway_url": gateway_url,
+            "ca_file": str(tls.ca_file),
             "api_url": api_url,
             "api_key_file": str(key_file),
+            "operator_key": str(operator_key),
             "hosts": [self.host],
             "logs": str(self.logs),
             "control": str(self.dir / devcontrol.SOCKET_NAME),
@@ -262,8 +347,8 @@ def _banner(info: dict[str, Any], dev_dir: Path, notes: list[str]) -> str:
 Warlock is running.
   API           {info["api_url"]}   (OpenAPI: {info["api_url"]}/docs)
   API key file  {key}
-  NATS          {info["nats_url"]}
-  gateway       {info["gateway_url"]}
+  NATS          {info["nats_url"]}   (operator nkey: {info["operator_nkey"]})
+  gateway       {info["gateway_url"]}   (CA: {info["ca_file"]})
   agent         host id {host!r} (config {dev_dir / "agent.conf"})
   logs          {info["logs"]}/
   stack file    {dev_dir / "dev.json"}
@@ -273,11 +358,13 @@ Run a command on this machine through the REST API:
   curl -s -H "Authorization: Bearer $(cat {key})" -H 'Content-Type: application/json' \\
        -d '{{"command":"uptime"}}' {info["api_url"]}/api/hosts/{host}/exec
 
-Or straight through NATS → gateway → agent:
-  nats req --server {info["nats_url"]} warlock.agent.{host}.exec '{{"command":"uptime"}}'
-  .venv/bin/warlock req warlock.agent.{host}.exec '{{"command":"uptime"}}'     # without the NATS CLI
-Health ping:
-  nats req --server {info["nats_url"]} warlock.agent.{host}.ping ''
+Or over NATS, signed with the operator key "dev" ({info["operator_key"]}; recorded like any command):
+  .venv/bin/warlock req warlock.ops.{host}.exec '{{"command":"uptime"}}'
+
+The NATS CLI with the read-only operator identity (it may watch and ping, not run commands):
+  nats --server {info["nats_url"]} --nkey {info["operator_nkey"]} req warlock.agent.{host}.ping ''
+  nats --server {info["nats_url"]} --nkey {info["operator_nkey"]} sub 'warlock.presence.>'
+  nats --server {info["nats_url"]} --nkey {info["operator_nkey"]} micro ls
 
 Watch the SSH fallback: stop the agent and run the same curl ("via": "ssh"), then start it ("via": "agent"):
   .venv/bin/warlock agent stop

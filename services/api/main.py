@@ -90,7 +90,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         signer = ApiSigner(settings.signing_key_file, settings.extra_trusted_keys, settings.command_ttl)
         engine = make_engine(settings.database_url)
-        link = NatsLink(settings.nats_servers(), "warlock-api", log)
+        link = NatsLink.from_settings(settings, "warlock-api", log, role="api")
         nc = link.nc
         tasks = TaskTracker()
         sessions = sessionmaker(engine)

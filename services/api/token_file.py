@@ -131,9 +131,18 @@ async def serve_token_file(nc: NATS, path: str | os.PathLike[str]) -> Service:
 
 
 async def run_token_authority(
-    nats_url: str, path: str | os.PathLike[str], stop: asyncio.Event | None = None
+    nats_url: str,
+    path: str | os.PathLike[str],
+    stop: asyncio.Event | None = None,
+    *,
+    nkey_file: Path | None = None,
+    ca_file: Path | None = None,
 ) -> int:
-    """Serve the token file until SIGTERM/SIGINT (or `stop` is set); return the exit code."""
+    """Serve the token file until SIGTERM/SIGINT (or `stop` is set); return the exit code.
+
+    It connects to NATS as the ``api`` role (the only one that may answer ``warlock.auth.verify``), with
+    `nkey_file` and, when given, TLS against `ca_file`.
+    """
     try:
         TokenFile(path).load()
     except ConfigError as exc:
@@ -144,7 +153,7 @@ async def run_token_authority(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    link = NatsLink(servers, "warlock-token-authority", log)
+    link = NatsLink(servers, "warlock-token-authority", log, "api", nkey_file, ca_file)
     try:
         if not await link.connect(stop):
             return 0

@@ -49,7 +49,7 @@ async def serve(
     (requests in flight get the drain timeout; the NATS drain is bounded too).
     """
     stop = stop or asyncio.Event()
-    link = NatsLink(settings.nats_servers(), f"{PROG}-{settings.worker_id}", log)
+    link = NatsLink.from_settings(settings, f"{PROG}-{settings.worker_id}", log, role="ssh-worker")
     if not await link.connect(stop):
         log.info("ssh fallback worker %s stopped before NATS was reachable", settings.worker_id)
         return

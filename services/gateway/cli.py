@@ -39,7 +39,7 @@ async def run(settings: GatewaySettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    link = NatsLink(settings.nats_servers(), f"warlock-gateway-{settings.gateway_id}", log)
+    link = NatsLink.from_settings(settings, f"warlock-gateway-{settings.gateway_id}", log, role="gateway")
     gateway: Gateway | None = None
     try:
         if not await link.connect(stop):

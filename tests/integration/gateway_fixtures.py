@@ -6,14 +6,10 @@ import asyncio
 import contextlib
 import json
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.micro.service import Service
 from websockets.asyncio.client import ClientConnection, connect
@@ -23,8 +19,7 @@ from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from shared.protocol import GatewayFrame, Hello, Message, Ping, Pong, Welcome, decode_gateway_frame, encode
 from shared.tokens import generate_token, hash_token
-
-NATS_SERVER = Path(sys.executable).parent / "nats-server"
+from tests.support import natsserver as ns
 
 
 def free_port() -> int:
@@ -36,25 +31,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def nats_server(log_dir: Path) -> Iterator[str]:
-    """Run a nats-server on a free loopback port; yield its URL."""
-    port = free_port()
-    log_file = log_dir / f"nats-{port}.log"
-    args = [str(NATS_SERVER), "-a", "127.0.0.1", "-p", str(port), "-l", str(log_file)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Run a nats-server enforcing the permission matrix on a free loopback port; yield its URL
+    (`tests.support.natsserver.connect(url, role)` connects to it as a role)."""
+    server = ns.NatsServer(log_dir)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"nats-server did not start: {log_file.read_text()}") from None
-                time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
 
 
 class Fleet:
@@ -75,8 +58,8 @@ class Fleet:
 
 @contextlib.asynccontextmanager
 async def token_authority(nats_url: str, path: Path) -> AsyncIterator[Service]:
-    """Serve the token file on NATS for the duration of the block."""
-    nc = await nats.connect(nats_url)
+    """Serve the token file on NATS (as the ``api`` role) for the duration of the block."""
+    nc = await ns.connect(nats_url, "api")
     try:
         service = await serve_token_file(nc, path)
         yield service
@@ -87,11 +70,14 @@ async def token_authority(nats_url: str, path: Path) -> AsyncIterator[Service]:
 
 @contextlib.asynccontextmanager
 async def running_gateway(nats_url: str, **overrides: Any) -> AsyncIterator[Gateway]:
-    """Run a gateway in-process on an ephemeral port."""
+    """Run a gateway in-process on an ephemeral port, connected as the ``gateway`` role."""
     values: dict[str, Any] = {"nats_url": nats_url, "port": 0, "drain_timeout": 2.0, "close_timeout": 1.0}
+    server = ns.server_at(nats_url)
+    if server is not None:
+        values["nats_nkey_file"] = server.nkey_file("gateway")
     values.update(overrides)
     settings = GatewaySettings(**values)
-    nc = await nats.connect(nats_url)
+    nc = await ns.connect(nats_url, "gateway")
     gateway = Gateway(nc, settings)
     try:
         await gateway.start()
@@ -159,6 +145,6 @@ async def synced(nc: NATS) -> None:
     await nc.flush()
 
 
-async def api_client(nats_url: str) -> NATS:
-    """A NATS client playing the API."""
-    return await nats.connect(nats_url)
+async def api_client(nats_url: str, role: str = "api") -> NATS:
+    """A NATS client playing the API (or another `role`)."""
+    return await ns.connect(nats_url, role)

@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 from nacl.signing import SigningKey
 from nats.aio.client import Client as NATS
@@ -109,7 +108,7 @@ async def api(
 
 
 async def _add_hosts(api: RunningApi, nats_server: NatsServer) -> None:
-    worker = await nats.connect(nats_server.url)
+    worker = await nats_server.connect("ssh-worker")
 
     async def probe(msg: Msg) -> None:
         assert decode_model(SshProbeRequest, msg.data).signature is not None

@@ -51,6 +51,30 @@ async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIt
         yield running
 
 
+@pytest.fixture
+async def gw(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A client playing a gateway: asks the token authority, publishes presence and metrics."""
+    client = await nats_server.connect("gateway")
+    yield client
+    await client.drain()
+
+
+@pytest.fixture
+async def worker(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A client playing the SSH worker: looks up host targets."""
+    client = await nats_server.connect("ssh-worker")
+    yield client
+    await client.drain()
+
+
+@pytest.fixture
+async def operator(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A client with the operator identity (the NATS CLI): `nats micro`."""
+    client = await nats_server.connect("operator")
+    yield client
+    await client.drain()
+
+
 def _connected(session: str, at: float, version: str = "1.0") -> PresenceConnected:
     return AGENT.connected("h1", session, at, agent_version=version)
 
@@ -66,7 +90,7 @@ async def _agent(api: RunningApi) -> dict[str, object]:
     return data
 
 
-async def test_token_authority_answers_by_hash(api: RunningApi, nc: NATS) -> None:
+async def test_token_authority_answers_by_hash(api: RunningApi, gw: NATS) -> None:
     """A known token hash → token_ok with its host; unknown → typed unauthorized; garbage → bad_request."""
     async with api.state.sessions() as session:
         token = await crud.issue_agent_token(session, "h1")
@@ -77,13 +101,13 @@ async def test_token_authority_answers_by_hash(api: RunningApi, nc: NATS) -> Non
     assert agent.token_hash == hash_token(token)
     assert agent.status == "disconnected"
 
-    good = await nc.request(
+    good = await gw.request(
         subjects.TOKEN_VERIFY, encode(TokenVerifyRequest(token_sha256=hash_token(token))), timeout=5
     )
     # with the agent's own key (if the API knows one): the gateway admits only a hello signed with it
     expected = {"host_id": "h1", "public_key": agent.public_key}
     assert decode_token_reply(good.data) == TokenOk.model_validate(expected)
-    bad = await nc.request(
+    bad = await gw.request(
         subjects.TOKEN_VERIFY, encode(TokenVerifyRequest(token_sha256="f" * 64)), timeout=5
     )
     refused = decode_token_reply(bad.data)
@@ -91,40 +115,40 @@ async def test_token_authority_answers_by_hash(api: RunningApi, nc: NATS) -> Non
     assert refused.code == "unauthorized"
     assert bad.headers is not None
     assert bad.headers[ERROR_CODE_HEADER] == "401"
-    garbage = decode_token_reply((await nc.request(subjects.TOKEN_VERIFY, b"{nope", timeout=5)).data)
+    garbage = decode_token_reply((await gw.request(subjects.TOKEN_VERIFY, b"{nope", timeout=5)).data)
     assert isinstance(garbage, ErrorReply)
     assert garbage.code == "bad_request"
     assert token not in (await api.client.get("/api/agents/h1", headers=api.auth)).text
 
 
-async def test_api_registers_as_a_micro_service(api: RunningApi, nc: NATS) -> None:
+async def test_api_registers_as_a_micro_service(api: RunningApi, operator: NATS) -> None:
     """`nats micro ls` sees warlock-api with its token-verify and host-target endpoints."""
-    info = json.loads((await nc.request("$SRV.INFO.warlock-api", b"", timeout=5)).data)
+    info = json.loads((await operator.request("$SRV.INFO.warlock-api", b"", timeout=5)).data)
     endpoints = {e["name"]: (e["subject"], e["queue_group"]) for e in info["endpoints"]}
     assert endpoints["token-verify"] == (subjects.TOKEN_VERIFY, subjects.AUTH_QUEUE)
     assert endpoints["host-target"] == (subjects.host_target_wildcard(), subjects.API_QUEUE)
     assert endpoints["ops-exec"] == (subjects.ops_exec_wildcard(), subjects.API_QUEUE)
 
 
-async def test_host_target_answers_target_or_not_found(api: RunningApi, nc: NATS) -> None:
+async def test_host_target_answers_target_or_not_found(api: RunningApi, worker: NATS) -> None:
     """warlock.host.<host>.target answers the SSH target; an unknown host gets typed not_found."""
     found = decode_target_reply(
-        (await nc.request(subjects.host_target("h1"), encode(HostTargetRequest()), timeout=5)).data
+        (await worker.request(subjects.host_target("h1"), encode(HostTargetRequest()), timeout=5)).data
     )
     assert found == SshTarget(address="10.0.0.8", port=22, username="ops", host_key=None)
-    missing = decode_target_reply((await nc.request(subjects.host_target("ghost"), b"", timeout=5)).data)
+    missing = decode_target_reply((await worker.request(subjects.host_target("ghost"), b"", timeout=5)).data)
     assert isinstance(missing, ErrorReply)
     assert missing.code == "not_found"
 
 
 async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(
-    api: RunningApi, nc: NATS, caplog: pytest.LogCaptureFixture
+    api: RunningApi, gw: NATS, caplog: pytest.LogCaptureFixture
 ) -> None:
     """connected sets the record; an older session's disconnect is ignored; the current one's is not."""
     assert (await _agent(api))["connected"] is False
-    await nc.publish(subjects.presence("h1"), b"not json")  # skipped, logged
-    await nc.publish(subjects.presence("h1"), encode(_connected("s-old", time.time() - 10)))
-    await nc.publish(subjects.presence("h1"), encode(_connected("s-new", time.time(), version="2.0")))
+    await gw.publish(subjects.presence("h1"), b"not json")  # skipped, logged
+    await gw.publish(subjects.presence("h1"), encode(_connected("s-old", time.time() - 10)))
+    await gw.publish(subjects.presence("h1"), encode(_connected("s-new", time.time(), version="2.0")))
 
     async def on_new() -> dict[str, object] | None:
         agent = await _agent(api)
@@ -138,8 +162,8 @@ async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(
     assert agent["connected_at"] is not None
 
     caplog.set_level(logging.INFO, logger="services.api.bus")
-    await nc.publish(subjects.presence("h1"), encode(_disconnected("s-old")))
-    await nc.publish(subjects.presence("h1"), encode(_connected("s-old", time.time() - 20)))  # stale
+    await gw.publish(subjects.presence("h1"), encode(_disconnected("s-old")))
+    await gw.publish(subjects.presence("h1"), encode(_connected("s-old", time.time() - 20)))  # stale
 
     async def both_handled() -> bool:
         text = caplog.text
@@ -152,7 +176,7 @@ async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(
     assert agent["status"] == "connected"
     assert agent["session_id"] == "s-new"
 
-    await nc.publish(subjects.presence("h1"), encode(_disconnected("s-new")))
+    await gw.publish(subjects.presence("h1"), encode(_disconnected("s-new")))
 
     async def offline() -> bool:
         return (await _agent(api))["status"] == "disconnected"
@@ -162,11 +186,11 @@ async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(
     assert [(a["host_id"], a["connected"]) for a in listed] == [("h1", False)]
 
 
-async def test_presence_for_unknown_host_is_skipped(api: RunningApi, nc: NATS) -> None:
+async def test_presence_for_unknown_host_is_skipped(api: RunningApi, gw: NATS) -> None:
     """A host that is not registered gets no agent record (and the API keeps serving)."""
     event = AGENT.connected("ghost", "s1", time.time())
-    await nc.publish(subjects.presence("ghost"), encode(event))
-    await nc.publish(subjects.presence("h1"), encode(_connected("s1", time.time())))
+    await gw.publish(subjects.presence("ghost"), encode(event))
+    await gw.publish(subjects.presence("h1"), encode(_connected("s1", time.time())))
 
     async def h1_connected() -> bool:
         return (await _agent(api))["connected"] is True
@@ -176,9 +200,9 @@ async def test_presence_for_unknown_host_is_skipped(api: RunningApi, nc: NATS) -
     assert [a["host_id"] for a in listed] == ["h1"]
 
 
-async def test_metrics_update_last_ping(api: RunningApi, nc: NATS) -> None:
+async def test_metrics_update_last_ping(api: RunningApi, gw: NATS) -> None:
     """A metrics event sets last_ping on the host's agent record."""
-    await nc.publish(subjects.presence("h1"), encode(_connected("s1", time.time())))
+    await gw.publish(subjects.presence("h1"), encode(_connected("s1", time.time())))
 
     async def connected() -> bool:
         return (await _agent(api))["connected"] is True
@@ -197,9 +221,9 @@ async def test_metrics_update_last_ping(api: RunningApi, nc: NATS) -> None:
             "process_count": 9,
         }
     )
-    await nc.publish(subjects.metrics("h1"), b"[]")  # skipped
+    await gw.publish(subjects.metrics("h1"), b"[]")  # skipped
     event = MetricsEvent.model_validate({"host_id": "h1", "gateway_id": "gw-1", "sample": sample})
-    await nc.publish(subjects.metrics("h1"), encode(event))
+    await gw.publish(subjects.metrics("h1"), encode(event))
 
     async def pinged() -> object:
         return (await _agent(api))["last_ping"]

@@ -67,7 +67,7 @@ async def test_warlock_api_process_logs_its_contract_lines(tmp_path: Path, nats_
 
     key_file = tmp_path / "state" / "api-key"
     env = {
-        "WARLOCK_NATS_URL": nats_server.url,
+        **nats_server.env("api"),
         "WARLOCK_API_PORT": "0",
         "WARLOCK_API_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'api.db'}",
         "WARLOCK_API_API_KEY_FILE": str(key_file),

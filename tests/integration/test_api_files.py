@@ -24,7 +24,7 @@ async def test_fresh_api_start_creates_the_database_0600(tmp_path: Path, nats_se
     """A real `warlock-api` started with umask 022 leaves warlock.db, -wal and -shm 0600 after a command."""
     db = tmp_path / "state" / "warlock.db"
     env = {
-        "WARLOCK_NATS_URL": nats_server.url,
+        **nats_server.env("api"),
         "WARLOCK_API_PORT": "0",
         "WARLOCK_API_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
         "WARLOCK_API_API_KEY_FILE": str(tmp_path / "state" / "api-key"),

@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     ["warlock", "keys", "list"],
     ["warlock", "keys", "revoke"],
     ["warlock", "token-authority"],
+    ["warlock", "nats-config"],
     ["warlock-agent", "run"],
     ["warlock-agent", "swarm"],
     ["warlock-gateway", "run"],

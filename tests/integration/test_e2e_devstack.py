@@ -17,11 +17,12 @@ from typing import Any
 
 import httpx
 import nats
+import nats.aio.client
+import nats.errors
 import pytest
 
 from services.api.devprocs import ensure_ssh_key
 from shared import subjects
-from shared.protocol import ExecResult, decode_exec_reply
 from tests.support.procs import BIN
 from tests.support.sshd import Sshd
 
@@ -123,16 +124,35 @@ async def test_dev_stack_runs_a_command_and_stops_on_ctrl_c(tmp_path: Path) -> N
         async with httpx.AsyncClient(base_url=info["api_url"], timeout=30) as http:
             assert (await http.get("/api/hosts")).status_code == 401
 
-        nc = await nats.connect(info["nats_url"])
+        assert info["gateway_url"].startswith("wss://127.0.0.1:")
+        for secret in ("operator_nkey", "api_nkey", "operator_key"):
+            assert stat.S_IMODE(Path(info[secret]).stat().st_mode) == 0o600, secret
+        for key in ("signing.key", "agent.key", "tls/gateway.key", "tls/ca.key", "nats.conf"):
+            assert stat.S_IMODE((state / key).stat().st_mode) == 0o600, key
+        assert "-----BEGIN CERTIFICATE-----" in Path(info["ca_file"]).read_text()
+        refused: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            refused.append(str(exc))
+
+        anonymous = nats.aio.client.Client()
+        with pytest.raises(nats.errors.Error):  # no anonymous NATS client
+            await anonymous.connect(info["nats_url"], allow_reconnect=False, connect_timeout=2)
+        await anonymous.close()
+        nc = await nats.connect(
+            info["nats_url"], nkeys_seed=info["operator_nkey"], error_cb=on_error, max_reconnect_attempts=1
+        )
         try:
-            msg = await nc.request(subjects.agent_exec("devbox"), b'{"command":"echo hello"}', timeout=10)
+            pong = await nc.request(subjects.agent_ping("devbox"), b"", timeout=10)  # the operator may ping
+            assert b"pong" in pong.data
+            with pytest.raises(nats.errors.TimeoutError):  # but not run anything
+                await nc.request(subjects.agent_exec("devbox"), b'{"command":"echo hello"}', timeout=1)
+            assert any("permissions violation for publish" in e for e in refused), refused
         finally:
             await nc.close()
-        reply = decode_exec_reply(msg.data)
-        assert isinstance(reply, ExecResult)
-        assert reply.stdout == "hello\n"
         banner = run.log()
-        assert "warlock.agent.devbox.exec" in banner
+        assert "warlock.ops.devbox.exec" in banner
+        assert f"--nkey {info['operator_nkey']}" in banner
         assert f"{info['api_url']}/api/hosts/devbox/exec" in banner
         assert "warlock agent stop" in banner
         for log in (state / "logs").iterdir():  # logs show hosts and commands: private

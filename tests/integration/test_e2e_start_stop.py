@@ -43,14 +43,14 @@ def assert_nats_failure_logged_once(proc: Proc) -> None:
     assert 1 <= proc.count(NATS_FAILED) <= 2, proc.log()[-3000:]
 
 
-def env_for(stack: Stack, **extra: str) -> dict[str, str]:
-    """The stack's environment with every drain timeout shortened to DRAIN_S."""
+def env_for(stack: Stack, role: str = "api", **extra: str) -> dict[str, str]:
+    """The stack's environment for `role` with every drain timeout shortened to DRAIN_S."""
     drains = {
         "WARLOCK_GATEWAY_DRAIN_TIMEOUT": str(DRAIN_S),
         "WARLOCK_SSH_DRAIN_TIMEOUT": str(DRAIN_S),
         "WARLOCK_API_SHUTDOWN_TIMEOUT": str(DRAIN_S),
     }
-    return stack.env(**drains, **extra)
+    return stack.env(role, **drains, **extra)
 
 
 def start_services(stack: Stack, tmp_path: Path, db_url: str, authority: bool = True) -> dict[str, Proc]:
@@ -63,14 +63,19 @@ def start_services(stack: Stack, tmp_path: Path, db_url: str, authority: bool = 
         WARLOCK_API_API_KEY_FILE=str(tmp_path / "api-key"),
         WARLOCK_API_SIGNING_KEY_FILE=str(stack.signer.key_file),
     )
-    gateway_env = env_for(stack, WARLOCK_GATEWAY_PORT="0")
+    gateway_env = env_for(stack, "gateway", WARLOCK_GATEWAY_PORT="0")
     procs = {
         "api": stack.start("api", [str(BIN / "warlock-api")], api_env),
         "gateway": stack.start("gateway", [str(BIN / "warlock-gateway")], gateway_env),
         "worker": stack.start(
             "worker",
             [str(BIN / "warlock-fallback-ssh")],
-            env_for(stack, WARLOCK_SSH_KEY_FILE=str(key), WARLOCK_SSH_TRUSTED_KEYS=stack.signer.public_key),
+            env_for(
+                stack,
+                "ssh-worker",
+                WARLOCK_SSH_KEY_FILE=str(key),
+                WARLOCK_SSH_TRUSTED_KEYS=stack.signer.public_key,
+            ),
         ),
     }
     if authority:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -68,7 +67,7 @@ async def start_worker(nats_server: NatsServer, sshd: Sshd) -> AsyncIterator[Sta
             **overrides,
         }
         settings = load_settings(FallbackSettings, **values)
-        client = await nats.connect(nats_server.url)
+        client = await nats_server.connect("ssh-worker")
         worker = Worker(client, settings, load_client_key(settings))
         await worker.start()
         await client.flush()

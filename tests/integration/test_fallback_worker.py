@@ -81,15 +81,20 @@ async def test_bad_host_in_subject_is_bad_request(nc: NATS, sshd: Sshd, worker: 
     failure(decode_exec_reply(msg.data), ErrorCode.BAD_REQUEST)
 
 
-async def wait_ready(nc: NATS, timeout: float = 10.0) -> None:
-    """Wait until a warlock-fallback-ssh micro service answers PING."""
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                await nc.request(control_subject(ServiceVerb.PING, "warlock-fallback-ssh"), b"", timeout=1)
-                return
-            except nats.errors.NoRespondersError:
-                await asyncio.sleep(0.05)
+async def wait_ready(server: NatsServer, timeout: float = 10.0) -> None:
+    """Wait until a warlock-fallback-ssh micro service answers PING (asked as the operator: `nats micro`)."""
+    operator = await server.connect("operator")
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    ping = control_subject(ServiceVerb.PING, "warlock-fallback-ssh")
+                    await operator.request(ping, b"", timeout=1)
+                    return
+                except nats.errors.NoRespondersError:
+                    await asyncio.sleep(0.05)
+    finally:
+        await operator.close()
 
 
 async def probe(nc: NATS, address: str, port: int, username: str) -> SshProbeOk | ErrorReply:
@@ -127,11 +132,17 @@ async def test_probe_failures_are_typed(
     assert bad.code == ErrorCode.BAD_REQUEST
 
 
-async def test_micro_service_and_status(nc: NATS, sshd: Sshd, worker: Worker) -> None:
-    """The worker registers warlock-fallback-ssh (micro PING/INFO) and answers its status endpoint."""
-    ping = await nc.request(control_subject(ServiceVerb.PING, "warlock-fallback-ssh"), b"", timeout=5)
+async def test_micro_service_and_status(
+    nc: NATS, nats_server: NatsServer, sshd: Sshd, worker: Worker
+) -> None:
+    """The worker registers warlock-fallback-ssh (micro PING/INFO, as `nats micro` with the operator
+    identity sees it) and answers its status endpoint."""
+    operator = await nats_server.connect("operator")
+    ping = await operator.request(control_subject(ServiceVerb.PING, "warlock-fallback-ssh"), b"", timeout=5)
     assert json.loads(ping.data)["name"] == "warlock-fallback-ssh"
-    info = json.loads((await nc.request(control_subject(ServiceVerb.INFO, "warlock-fallback-ssh"), b"")).data)
+    info_subject = control_subject(ServiceVerb.INFO, "warlock-fallback-ssh")
+    info = json.loads((await operator.request(info_subject, b"")).data)
+    await operator.close()
     assert [e["subject"] for e in info["endpoints"]] == [
         subjects.ssh_worker_status(worker.settings.worker_id)
     ]
@@ -145,11 +156,15 @@ async def test_micro_service_and_status(nc: NATS, sshd: Sshd, worker: Worker) ->
 async def test_shutdown_finishes_commands_in_flight(nats_server: NatsServer, nc: NATS, sshd: Sshd) -> None:
     """On stop, the worker stops taking requests but answers the command already running."""
     settings = load_settings(
-        FallbackSettings, nats_url=nats_server.url, key_file=sshd.client_key_path, trusted_keys=[API_PUBLIC]
+        FallbackSettings,
+        nats_url=nats_server.url,
+        nats_nkey_file=nats_server.nkey_file("ssh-worker"),
+        key_file=sshd.client_key_path,
+        trusted_keys=[API_PUBLIC],
     )
     stop = asyncio.Event()
     serving = asyncio.create_task(serve(settings, load_client_key(settings), stop))
-    await wait_ready(nc)
+    await wait_ready(nats_server)
     in_flight = asyncio.create_task(run(nc, target_of(sshd), "sleep 1; echo finished"))
     await asyncio.sleep(0.5)
     stop.set()
@@ -162,7 +177,7 @@ async def test_shutdown_finishes_commands_in_flight(nats_server: NatsServer, nc:
 def test_process_serves_and_stops_on_sigterm(nats_server: NatsServer, sshd: Sshd, tmp_path: Path) -> None:
     """`warlock-fallback-ssh` logs its ready line once, answers over NATS, and exits 0 on SIGTERM."""
     env = {
-        "WARLOCK_NATS_URL": nats_server.url,
+        **nats_server.env("ssh-worker"),
         "WARLOCK_SSH_KEY_FILE": str(sshd.client_key_path),
         "WARLOCK_SSH_WORKER_ID": "proc-1",
         "WARLOCK_SSH_TRUSTED_KEYS": API_PUBLIC,
@@ -172,7 +187,7 @@ def test_process_serves_and_stops_on_sigterm(nats_server: NatsServer, sshd: Sshd
         proc.wait_for(r"INFO services.fallback_ssh ssh fallback worker proc-1 ready")
 
         async def exercise() -> None:
-            client = await nats.connect(nats_server.url)
+            client = await nats_server.connect("api")
             try:
                 assert result(await run(client, target_of(sshd), "echo proc")).stdout == "proc\n"
             finally:
@@ -213,11 +228,15 @@ def test_process_that_trusts_nobody_exits_2(sshd: Sshd, tmp_path: Path, keys: st
 async def test_reply_fits_small_max_payload(sshd: Sshd, tmp_path: Path) -> None:
     """Output that would not fit the server's max_payload is cut further (truncated), never dropped."""
     server = NatsServer(tmp_path, name="small-nats", max_payload="64KB")
-    client = await nats.connect(server.url)
+    client = await server.connect("api")
     settings = load_settings(
-        FallbackSettings, nats_url=server.url, key_file=sshd.client_key_path, trusted_keys=[API_PUBLIC]
+        FallbackSettings,
+        nats_url=server.url,
+        nats_nkey_file=server.nkey_file("ssh-worker"),
+        key_file=sshd.client_key_path,
+        trusted_keys=[API_PUBLIC],
     )
-    worker_nc = await nats.connect(server.url)
+    worker_nc = await server.connect("ssh-worker")
     small = Worker(worker_nc, settings, load_client_key(settings))
     try:
         await small.start()

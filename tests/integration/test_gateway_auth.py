@@ -31,6 +31,7 @@ from tests.integration.gateway_fixtures import (
     running_gateway,
     token_authority,
 )
+from tests.support.natsserver import role_env
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,9 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-async def api(nats_url: str) -> AsyncIterator[NATS]:
-    """A NATS client playing the API."""
-    nc = await api_client(nats_url)
+async def gw_client(nats_url: str) -> AsyncIterator[NATS]:
+    """A NATS client playing a gateway (the role that asks the token authority)."""
+    nc = await api_client(nats_url, "gateway")
     yield nc
     await nc.close()
 
@@ -99,20 +100,24 @@ async def test_positive_answers_are_cached(nats_url: str, tmp_path: Path) -> Non
             assert fake.welcome is not None
 
 
-async def test_token_file_authority_answers_and_reloads(nats_url: str, api: NATS, tmp_path: Path) -> None:
+async def test_token_file_authority_answers_and_reloads(
+    nats_url: str, gw_client: NATS, tmp_path: Path
+) -> None:
     """The dev authority maps a hash to its host, refuses unknown hashes and bad bodies, and reloads."""
     fleet = Fleet(tmp_path / "tokens.json", ("web-1",))
     async with token_authority(nats_url, fleet.path):
 
         async def verify(token: str) -> TokenOk | ErrorReply:
             body = encode(TokenVerifyRequest(token_sha256=hash_token(token)))
-            return decode_token_reply((await api.request(subjects.TOKEN_VERIFY, body, timeout=5)).data)
+            return decode_token_reply((await gw_client.request(subjects.TOKEN_VERIFY, body, timeout=5)).data)
 
         assert await verify(fleet.tokens["web-1"]) == TokenOk(host_id="web-1")
         unknown = await verify(generate_token())
         assert isinstance(unknown, ErrorReply)
         assert unknown.code == ErrorCode.UNAUTHORIZED
-        bad = decode_token_reply((await api.request(subjects.TOKEN_VERIFY, b'{"x": 1}', timeout=5)).data)
+        bad = decode_token_reply(
+            (await gw_client.request(subjects.TOKEN_VERIFY, b'{"x": 1}', timeout=5)).data
+        )
         assert isinstance(bad, ErrorReply)
         assert bad.code == ErrorCode.BAD_REQUEST
         old = fleet.tokens["web-1"]
@@ -143,7 +148,7 @@ async def test_cli_serves_and_exits_0_on_sigterm(nats_url: str) -> None:
     """The CLI logs the listening line (parsed for the port), answers /healthz, exits 0 on SIGTERM."""
     env = {
         **os.environ,
-        "WARLOCK_NATS_URL": nats_url,
+        **role_env(nats_url, "gateway"),
         "WARLOCK_GATEWAY_PORT": "0",
         "WARLOCK_GATEWAY_GATEWAY_ID": "gw-cli",
     }

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.api.deps import ApiState
 from services.api.main import create_app
 from services.api.settings import ApiSettings
+from tests.support.natsserver import server_at
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -76,6 +77,9 @@ def api_settings(tmp_path: Path, nats_url: str, database_url: str, **values: Any
     signing key is `tests.support.trust.TestSigner(tmp_path)`'s file)."""
     values.setdefault("api_key_file", tmp_path / "state" / "api-key")
     values.setdefault("signing_key_file", tmp_path / "signing.key")
+    server = server_at(nats_url)
+    if server is not None:
+        values.setdefault("nats_nkey_file", server.nkey_file("api"))  # connects as the api role
     return ApiSettings(nats_url=nats_url, database_url=database_url, **values)
 
 

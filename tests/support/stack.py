@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.tokens import generate_token, hash_token
+from tests.support.natsserver import nkey_files, server_at
 from tests.support.procs import BIN, Proc
 from tests.support.trust import TestSigner
 
@@ -69,8 +70,17 @@ class Stack:
         return self._signer
 
     def env(self, role: str = "api", **extra: str) -> dict[str, str]:
-        """Environment for a child connecting to NATS as `role`: the NATS URL plus `extra`."""
-        return {"WARLOCK_NATS_URL": self.nats_url, "WARLOCK_LOG_LEVEL": "INFO", **extra}
+        """Environment for a child connecting to NATS as `role`: the NATS URL, the role's nkey seed file
+        (the test server's, else the one in this stack's ``nkeys/``, which a server started later in the
+        same directory uses too), plus `extra`."""
+        server = server_at(self.nats_url)
+        seed = server.nkey_file(role) if server is not None else nkey_files(self.root)[role]
+        return {
+            "WARLOCK_NATS_URL": self.nats_url,
+            "WARLOCK_NATS_NKEY_FILE": str(seed),
+            "WARLOCK_LOG_LEVEL": "INFO",
+            **extra,
+        }
 
     def add_host(self, host_id: str, token: str | None = None) -> str:
         """Register `host_id` with the token authority; return its (new) token."""
@@ -96,14 +106,14 @@ class Stack:
         proc = self.start(
             "authority",
             [str(BIN / "warlock"), "token-authority", "--file", str(self.tokens_file)],
-            self.env(),
+            self.env("api"),
         )
         proc.wait_for("token authority ready")
         return proc
 
     def start_gateway(self, name: str = "gw1", port: int = 0, **settings: str) -> Gateway:
         """Start a gateway on `port` (0: any) and wait until it listens."""
-        env = self.env(WARLOCK_GATEWAY_PORT=str(port), WARLOCK_GATEWAY_GATEWAY_ID=name)
+        env = self.env("gateway", WARLOCK_GATEWAY_PORT=str(port), WARLOCK_GATEWAY_GATEWAY_ID=name)
         env.update({f"WARLOCK_GATEWAY_{k.upper()}": v for k, v in settings.items()})
         return Gateway(self.start(name, [str(BIN / "warlock-gateway")], env))
 
@@ -111,6 +121,7 @@ class Stack:
         """Start `warlock-api` on `database_url` (the token authority too) and wait until it listens."""
         key_file = self.root / "api-key"
         env = self.env(
+            "api",
             WARLOCK_API_PORT=str(port),
             WARLOCK_API_DATABASE_URL=database_url,
             WARLOCK_API_API_KEY_FILE=str(key_file),
@@ -120,14 +131,16 @@ class Stack:
 
     def start_fallback(self, key_file: Path, name: str = "ssh-worker") -> Proc:
         """Start the SSH worker with `key_file`, trusting the stack's API key; wait until it serves."""
-        env = self.env(WARLOCK_SSH_KEY_FILE=str(key_file), WARLOCK_SSH_TRUSTED_KEYS=self.signer.public_key)
+        env = self.env(
+            "ssh-worker", WARLOCK_SSH_KEY_FILE=str(key_file), WARLOCK_SSH_TRUSTED_KEYS=self.signer.public_key
+        )
         proc = self.start(name, [str(BIN / "warlock-fallback-ssh")], env)
         proc.wait_for(r"ssh fallback worker \S+ ready")
         return proc
 
     def agent_token(self, api: Api, host: str) -> str:
         """Issue `host` an agent token in the API's database (`warlock agent-token`); return it."""
-        env = {**os.environ, **self.env(WARLOCK_API_DATABASE_URL=api.database_url)}
+        env = {**os.environ, **self.env("api", WARLOCK_API_DATABASE_URL=api.database_url)}
         out = subprocess.run(
             [str(BIN / "warlock"), "agent-token", host], env=env, capture_output=True, text=True, check=True
         )
