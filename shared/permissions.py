@@ -59,7 +59,6 @@ ROLES: dict[str, Role] = {
         ),
         subscribe=(
             s.TOKEN_VERIFY,
-            s.host_target_wildcard(),
             s.ops_exec_wildcard(),
             s.ALL_PRESENCE,
             s.ALL_METRICS,
@@ -90,7 +89,7 @@ ROLES: dict[str, Role] = {
     ),
     "ssh-worker": Role(
         name="ssh-worker",
-        publish=(f"{P}.host.*.target",),
+        publish=(),
         subscribe=(f"{P}.ssh.>", SRV),
         allow_responses=True,
         purpose="runs API-signed commands and agent installs over SSH",

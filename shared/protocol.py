@@ -380,12 +380,6 @@ class SshProbeOk(Message):
     fingerprint: str  # SHA256:... as ssh-keygen -l prints it
 
 
-class HostTargetRequest(Message):
-    """Request on ``warlock.host.<host>.target``; an empty body is a valid request."""
-
-    type: Literal["host_target"] = "host_target"
-
-
 class RotateRequest(Message):
     """Request on ``warlock.agent.<host>.rotate``: the live agent makes itself a new token.
 
@@ -497,7 +491,6 @@ PresenceEvent = Annotated[PresenceConnected | PresenceDisconnected, Field(discri
 RotateReply = Annotated[RotateOk | ErrorReply, Field(discriminator="type")]
 AgentOpReply = Annotated[AgentOpResult | ErrorReply, Field(discriminator="type")]
 ProbeReply = Annotated[SshProbeOk | ErrorReply, Field(discriminator="type")]
-TargetReply = Annotated[SshTarget | ErrorReply, Field(discriminator="type")]
 
 _LAZY = ConfigDict(defer_build=True)  # built on first decode, like the models
 _agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame, config=_LAZY)
@@ -509,7 +502,6 @@ _presence_events: TypeAdapter[PresenceEvent] = TypeAdapter(PresenceEvent, config
 _probe_replies: TypeAdapter[ProbeReply] = TypeAdapter(ProbeReply, config=_LAZY)
 _rotate_replies: TypeAdapter[RotateReply] = TypeAdapter(RotateReply, config=_LAZY)
 _agent_op_replies: TypeAdapter[AgentOpReply] = TypeAdapter(AgentOpReply, config=_LAZY)
-_target_replies: TypeAdapter[TargetReply] = TypeAdapter(TargetReply, config=_LAZY)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -583,11 +575,6 @@ def decode_presence(data: bytes | str) -> PresenceEvent:
 def decode_probe_reply(data: bytes | str) -> ProbeReply:
     """Decode the SSH worker's answer to a probe."""
     return _decode(_probe_replies, data)
-
-
-def decode_target_reply(data: bytes | str) -> TargetReply:
-    """Decode the API's answer to an SSH target lookup."""
-    return _decode(_target_replies, data)
 
 
 def decode_rotate_reply(data: bytes | str) -> RotateReply:

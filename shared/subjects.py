@@ -21,7 +21,6 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.ssh.<host>.uninstall     | request          | SSH worker: remove the agent       |
 | warlock.ssh.<host>.configure     | request          | SSH worker: rewrite the agent config (new token) |
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
-| warlock.host.<host>.target       | request          | the API: SSH target (address, user, pinned key) |
 | warlock.ops.<host>.exec          | request          | the API: a command signed with an operator key  |
 
 Who may publish and subscribe to each is declared once, in `shared/permissions.py`.
@@ -135,21 +134,6 @@ def parse_ssh_agent_op(subject: str) -> tuple[HostId, str]:
 def ssh_worker_status(worker_id: str) -> str:
     """Subject of an SSH fallback worker's micro status endpoint."""
     return f"{PREFIX}.ssh.{host_id(worker_id)}.status"
-
-
-def host_target(host: str) -> str:
-    """Subject on which the API answers the SSH target (address, user, pinned key) of `host`."""
-    return f"{PREFIX}.host.{host_id(host)}.target"
-
-
-def parse_host_target(subject: str) -> HostId:
-    """Return the host of a ``warlock.host.<host>.target`` subject; raise InvalidIdError otherwise."""
-    return _host_of(subject, "host", "target")[0]
-
-
-def host_target_wildcard() -> str:
-    """Wildcard covering every host's target subject (the API's one subscription)."""
-    return f"{PREFIX}.host.*.target"
 
 
 def metrics(host: str) -> str:

@@ -4,6 +4,8 @@
 #   config/ssh/    the SSH fallback worker's key pair (the demo host trusts its public key)
 #   config/tls/    a private CA (ca.pem, ca.key), the NATS nodes' certificate (nats-1..3: client TLS and
 #                  mutually verified cluster routes) and nginx's (lb: agents' wss://, HTTPS on :8443)
+#   config/signing/ the API's command-signing key (signing.key, 0600, readable by the api containers only)
+#                  and worker.env naming its public key for the SSH worker (WARLOCK_SSH_TRUSTED_KEYS)
 #   config/nats/   one nkey seed per NATS role (nkeys/<role>.nk, 0600) and each node's nats-server config,
 #                  rendered by `warlock nats-config` in the Warlock image: no anonymous NATS client
 # WARLOCK_PUBLIC_NAMES (e.g. "DNS:panel.example,IP:203.0.113.5") adds names agents reach nginx by to its
@@ -11,8 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 umask 077
-mkdir -p config/ssh config/tls config/nats
-chmod 700 config config/ssh config/tls config/nats
+mkdir -p config/ssh config/tls config/nats config/signing
+chmod 700 config config/ssh config/tls config/nats config/signing
 
 if [ ! -f config/ssh/id_ed25519 ]; then
   ssh-keygen -q -t ed25519 -N '' -C warlock-fallback-ssh -f config/ssh/id_ed25519
@@ -46,6 +48,6 @@ echo "wrote $tls/ca.pem, nats.pem, lb.pem (keys 0600)"
 # NATS: nkeys and configs, made by the Warlock image's own `warlock nats-config` (the nats-config service,
 # profile init, in docker-compose.yml).
 HOST_OWNER="$(id -u):$(id -g)" docker compose --profile init run --rm --build nats-config
-echo "wrote config/nats/nats-{1,2,3}.conf and config/nats/nkeys/<role>.nk"
+echo "wrote config/nats/nats-{1,2,3}.conf, config/nats/nkeys/<role>.nk and config/signing/"
 echo "NATS CLI here (read-only operator identity):"
 echo "  nats --server tls://localhost:4222 --tlsca $PWD/$tls/ca.pem --nkey $PWD/config/nats/nkeys/operator.nk sub 'warlock.presence.>'"

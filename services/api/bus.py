@@ -33,7 +33,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.api import __version__, crud
 from services.api.errors import Conflict, DatabaseUnavailable
 from services.api.models import CommandStatus, Host, utcnow
-from services.api.runner import Outcome, Runner, late_result_values, ssh_target
+from services.api.runner import Outcome, Runner, late_result_values
 from services.api.runstore import NewRun
 from services.api.tasks import TaskTracker
 from services.api.verify import Rejections, hello_problem, result_problem
@@ -103,19 +103,13 @@ class Bus:
         ):
             self._subs.append(await self.nc.subscribe(subject, queue=subjects.API_QUEUE, cb=handler))
         self._service = await micro.add_service(
-            self.nc, name=SERVICE_NAME, version=__version__, description="Warlock API: tokens, host targets"
+            self.nc, name=SERVICE_NAME, version=__version__, description="Warlock API: tokens, operator exec"
         )
         await self._service.add_endpoint(
             name="token-verify",
             subject=subjects.TOKEN_VERIFY,
             queue_group=subjects.AUTH_QUEUE,
             handler=self._on_token_verify,
-        )
-        await self._service.add_endpoint(
-            name="host-target",
-            subject=subjects.host_target_wildcard(),
-            queue_group=subjects.API_QUEUE,
-            handler=self._on_host_target,
         )
         await self._service.add_endpoint(
             name="ops-exec",
@@ -173,20 +167,6 @@ class Bus:
             log.info("token check refused: token %s", fingerprint(request.token_sha256))
             return error(ErrorCode.UNAUTHORIZED, "unknown or revoked token")
         return TokenOk.model_validate({"host_id": agent.host_id, "public_key": agent.public_key})
-
-    async def _on_host_target(self, req: Request) -> None:
-        self._spawn(self._answer(req, lambda: self._target(req.subject), "host-target"), "host-target")
-
-    async def _target(self, subject: str) -> Message:
-        try:
-            host_id = subjects.parse_host_target(subject)
-        except InvalidIdError as exc:
-            return error(ErrorCode.BAD_REQUEST, str(exc))
-        async with self.sessions() as session:
-            host = await session.get(Host, host_id)
-        if host is None:
-            return error(ErrorCode.NOT_FOUND, f"unknown host {host_id}")
-        return ssh_target(host)
 
     async def _on_ops_exec(self, req: Request) -> None:
         self._spawn(self._answer(req, lambda: self._ops_exec(req.subject, req.data), "ops-exec"), "ops-exec")

@@ -223,12 +223,17 @@ class DevStack:
             "WARLOCK_API_DATABASE_URL": database_url,
             "WARLOCK_API_API_KEY_FILE": str(key_file),
             "WARLOCK_API_SIGNING_KEY_FILE": str(signing_file),
+            "WARLOCK_API_AGENT_CA_FILE": str(tls.ca_file),  # installed agents pin the local CA
         }
         api = self._spawn("api", [str(BIN / "warlock-api")], api_env)
         api_url = api.wait_for(r"api listening on (http://\S+)", timeout=60).group(1)
 
         ssh_key = ensure_ssh_key(self.dir / "ssh" / "id_ed25519")
-        ssh_env = {**role_env("ssh-worker"), "WARLOCK_SSH_KEY_FILE": str(ssh_key)}
+        ssh_env = {
+            **role_env("ssh-worker"),
+            "WARLOCK_SSH_KEY_FILE": str(ssh_key),
+            "WARLOCK_SSH_TRUSTED_KEYS": api_public,  # the worker dials only what the API signed
+        }
         self._spawn("fallback-ssh", [str(BIN / "warlock-fallback-ssh")], ssh_env).wait_for("ready")
 
         gw_env = {

@@ -17,15 +17,12 @@ from shared import subjects
 from shared.natsx import ERROR_CODE_HEADER
 from shared.protocol import (
     ErrorReply,
-    HostTargetRequest,
     MetricsEvent,
     MetricsSample,
     PresenceConnected,
     PresenceDisconnected,
-    SshTarget,
     TokenOk,
     TokenVerifyRequest,
-    decode_target_reply,
     decode_token_reply,
     encode,
 )
@@ -122,23 +119,13 @@ async def test_token_authority_answers_by_hash(api: RunningApi, gw: NATS) -> Non
 
 
 async def test_api_registers_as_a_micro_service(api: RunningApi, operator: NATS) -> None:
-    """`nats micro ls` sees warlock-api with its token-verify and host-target endpoints."""
+    """`nats micro ls` sees warlock-api with its token-verify and ops-exec endpoints (no SSH-target lookup:
+    the worker takes targets only from the API's signed requests)."""
     info = json.loads((await operator.request("$SRV.INFO.warlock-api", b"", timeout=5)).data)
     endpoints = {e["name"]: (e["subject"], e["queue_group"]) for e in info["endpoints"]}
     assert endpoints["token-verify"] == (subjects.TOKEN_VERIFY, subjects.AUTH_QUEUE)
-    assert endpoints["host-target"] == (subjects.host_target_wildcard(), subjects.API_QUEUE)
     assert endpoints["ops-exec"] == (subjects.ops_exec_wildcard(), subjects.API_QUEUE)
-
-
-async def test_host_target_answers_target_or_not_found(api: RunningApi, worker: NATS) -> None:
-    """warlock.host.<host>.target answers the SSH target; an unknown host gets typed not_found."""
-    found = decode_target_reply(
-        (await worker.request(subjects.host_target("h1"), encode(HostTargetRequest()), timeout=5)).data
-    )
-    assert found == SshTarget(address="10.0.0.8", port=22, username="ops", host_key=None)
-    missing = decode_target_reply((await worker.request(subjects.host_target("ghost"), b"", timeout=5)).data)
-    assert isinstance(missing, ErrorReply)
-    assert missing.code == "not_found"
+    assert "host-target" not in endpoints
 
 
 async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(

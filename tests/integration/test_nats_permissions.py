@@ -40,7 +40,6 @@ CONCRETE: dict[str, str] = {
     "ssh_exec": s.ssh_exec(HOST),
     **{f"ssh_agent_op:{op}": s.ssh_agent_op(HOST, op) for op in s.SSH_AGENT_OPS},
     "ssh_worker_status": s.ssh_worker_status(WORKER),
-    "host_target": s.host_target(HOST),
     "metrics": s.metrics(HOST),
     "presence": s.presence(HOST),
     "result": s.result(HOST),
@@ -59,7 +58,6 @@ WILDCARDS: dict[str, str] = {
     "agent_requests": s.agent_requests(HOST),
     "ssh_exec_wildcard": s.ssh_exec_wildcard(),
     **{f"ssh_agent_op_wildcard:{op}": s.ssh_agent_op_wildcard(op) for op in s.SSH_AGENT_OPS},
-    "host_target_wildcard": s.host_target_wildcard(),
     "ops_exec_wildcard": s.ops_exec_wildcard(),
     "SESSION_CLAIMS": s.SESSION_CLAIMS,
     "ALL_METRICS": s.ALL_METRICS,
@@ -172,7 +170,7 @@ def test_the_matrix_keeps_its_promises() -> None:
         assert not may_publish(role, "anything.at.all")
         assert ">" not in role.publish + role.subscribe
     assert [r for r in ROLES.values() if may_subscribe(r, s.TOKEN_VERIFY)] == [api]
-    assert [r for r in ROLES.values() if may_subscribe(r, s.host_target(HOST))] == [api]
+    assert [r for r in ROLES.values() if may_subscribe(r, s.ops_exec(HOST))] == [api]
     assert [r for r in ROLES.values() if may_subscribe(r, s.agent_requests(HOST))] == [gateway]
     assert [r for r in ROLES.values() if may_subscribe(r, s.ssh_exec(HOST))] == [worker]
     assert [r for r in ROLES.values() if may_publish(r, s.TOKEN_REVOKED)] == [api]

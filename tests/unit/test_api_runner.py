@@ -26,8 +26,8 @@ from services.api.runstore import HostTarget, NewRun
 from services.api.settings import ApiSettings
 from services.api.signer import ApiSigner
 from services.api.tasks import TaskTracker
-from shared import signing, subjects
-from shared.errors import MAY_HAVE_RUN, NOTHING_RAN, ErrorCode, InvalidIdError
+from shared import signing
+from shared.errors import MAY_HAVE_RUN, NOTHING_RAN, ErrorCode
 from shared.natsx import error
 from shared.protocol import ExecRequest, ExecResult, SshExecRequest, decode_model, encode
 
@@ -274,15 +274,6 @@ def test_utc_datetime_round_trip() -> None:
     assert column.process_bind_param(local, pg) == local
     with pytest.raises(ValueError, match="naive"):
         column.process_bind_param(datetime(2024, 1, 1), lite)
-
-
-def test_parse_host_target_subject() -> None:
-    """warlock.host.<host>.target gives the host; anything else is refused."""
-    assert subjects.parse_host_target("warlock.host.web-1.target") == "web-1"
-    with pytest.raises(InvalidIdError):
-        subjects.parse_host_target("warlock.host.Web.target")
-    with pytest.raises(InvalidIdError):
-        subjects.parse_host_target("warlock.agent.web.exec")
 
 
 def test_auth_cache_expires_and_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
