@@ -165,6 +165,7 @@ async def test_rotate_writes_config_then_revoke_reconnects_with_new_token(
     run_agent: Callable[[Path], Agent],
     caplog: pytest.LogCaptureFixture,
     tmp_path: Path,
+    nats_server: NatsServer,
 ) -> None:
     """A signed rotation: the agent makes the token itself; RotateOk carries its hash signed by the agent;
     the file has the new token (0600, other lines byte-for-byte); after revoking the old token the agent's
@@ -177,7 +178,15 @@ async def test_rotate_writes_config_then_revoke_reconnects_with_new_token(
     async def watch(msg: Msg) -> None:
         seen.append(msg.data)
 
-    spy = await api.subscribe(">", cb=watch)
+    # nobody may subscribe to ">" any more: watch what the api and a gateway identity can see
+    peer = await nats_server.connect("gateway")
+    spies = [
+        await api.subscribe(f"{subjects.inbox_prefix('api')}.>", cb=watch),  # replies to the api
+        await api.subscribe(subjects.ALL_PRESENCE, cb=watch),
+        await api.subscribe(subjects.ALL_RESULTS, cb=watch),
+        await peer.subscribe("warlock.agent.>", cb=watch),  # requests to gateways
+        await peer.subscribe(subjects.TOKEN_REVOKED, cb=watch),
+    ]
     run_agent(path)
     await wait_until(lambda: HOST in gateway.sessions)
     answer = await rotate(api, TestSigner(tmp_path), "rot-1")
@@ -196,7 +205,9 @@ async def test_rotate_writes_config_then_revoke_reconnects_with_new_token(
         r for r in caplog.records if "token revoked" in r.getMessage() and r.name.startswith("services.agent")
     ]
     assert [r.levelno for r in revoked] == [logging.WARNING]
-    await spy.unsubscribe()
+    for spy in spies:
+        await spy.unsubscribe()
+    await peer.close()
     assert seen
     assert not [data for data in seen if new.encode() in data or old.encode() in data]
     assert old not in caplog.text

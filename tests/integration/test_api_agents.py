@@ -126,25 +126,32 @@ async def _add_hosts(api: RunningApi, nats_server: NatsServer) -> None:
 
 
 class Peers:
-    """Plays gateways and SSH workers: records each request (in order) and answers with a canned message."""
+    """Plays gateways and SSH workers, each with its own NATS identity (the server enforces the matrix):
+    records each request (in order) and answers with a canned message."""
 
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
+    def __init__(self, gateway: NATS, worker: NATS) -> None:
+        self.gateway = gateway
+        self.worker = worker
         self.seen: dict[str, list[bytes]] = {}
         self.events: list[str] = []
         self.revoked: list[TokenRevoked] = []
 
+    def conn_for(self, subject: str) -> NATS:
+        """The identity that serves `subject`: a gateway for agent requests, the SSH worker for the rest."""
+        return self.gateway if subject.startswith("warlock.agent.") else self.worker
+
     async def answer(self, subject: str, message: Message | None) -> None:
         """Subscribe to `subject`; answer every request with `message` (None: never answer)."""
+        nc = self.conn_for(subject)
 
         async def handler(msg: Msg) -> None:
             self.seen.setdefault(subject, []).append(msg.data)
             if message is not None:
-                await reply(self.nc, msg, message)
+                await reply(nc, msg, message)
             self.events.append(f"replied {subject}")
 
-        await self.nc.subscribe(subject, cb=handler)
-        await self.nc.flush()
+        await nc.subscribe(subject, cb=handler)
+        await nc.flush()
 
     async def any_revoked(self) -> bool:
         """Whether a revocation arrived yet."""
@@ -157,16 +164,18 @@ class Peers:
             self.revoked.append(decode_model(TokenRevoked, msg.data))
             self.events.append("revoked")
 
-        await self.nc.subscribe(subjects.TOKEN_REVOKED, cb=handler)
-        await self.nc.flush()
+        await self.gateway.subscribe(subjects.TOKEN_REVOKED, cb=handler)
+        await self.gateway.flush()
 
 
 @pytest.fixture
-async def peers(nc: NATS) -> Peers:
-    """Responders on the test's NATS, with revocations recorded."""
-    p = Peers(nc)
+async def peers(nats_server: NatsServer) -> AsyncIterator[Peers]:
+    """Responders on the test's NATS (a gateway and an SSH worker identity), with revocations recorded."""
+    p = Peers(await nats_server.connect("gateway"), await nats_server.connect("ssh-worker"))
     await p.watch_revocations()
-    return p
+    yield p
+    await p.gateway.close()
+    await p.worker.close()
 
 
 async def _stored_hash(api: RunningApi, host: str) -> str | None:
@@ -495,10 +504,10 @@ async def test_health_via_ssh_when_no_agent(
     async def handler(msg: Msg) -> None:
         request = decode_model(SshExecRequest, msg.data)
         seen.append(request)
-        await reply(nc, msg, _result(request))
+        await reply(peers.worker, msg, _result(request))
 
-    await nc.subscribe(subjects.ssh_exec("h1"), cb=handler)
-    await nc.flush()
+    await peers.worker.subscribe(subjects.ssh_exec("h1"), cb=handler)
+    await peers.worker.flush()
     response = await api.client.post("/api/agents/h1/health", headers=api.auth)
     body = response.json()
     assert (body["connected"], body["via"], body["reachable"]) == (False, "ssh", True)
@@ -537,11 +546,11 @@ async def answer_rotation(peers: Peers, key: SigningKey = AGENT_KEY) -> None:
 
     async def handler(msg: Msg) -> None:
         peers.seen.setdefault(subjects.agent_rotate("h1"), []).append(msg.data)
-        await reply(peers.nc, msg, rotate_ok(decode_model(RotateRequest, msg.data), key))
+        await reply(peers.gateway, msg, rotate_ok(decode_model(RotateRequest, msg.data), key))
         peers.events.append(f"replied {subjects.agent_rotate('h1')}")
 
-    await peers.nc.subscribe(subjects.agent_rotate("h1"), cb=handler)
-    await peers.nc.flush()
+    await peers.gateway.subscribe(subjects.agent_rotate("h1"), cb=handler)
+    await peers.gateway.flush()
 
 
 async def test_regenerate_with_live_agent_stores_the_agents_signed_hash(
@@ -636,9 +645,9 @@ async def test_add_host_with_install_agent(
 
     async def probe(msg: Msg) -> None:
         probes.append(decode_model(SshProbeRequest, msg.data))
-        await reply(nc, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:y"))
+        await reply(peers.worker, msg, SshProbeOk(host_key=HOST_KEY, fingerprint="SHA256:y"))
 
-    await nc.subscribe(subjects.SSH_PROBE, cb=probe)
+    await peers.worker.subscribe(subjects.SSH_PROBE, cb=probe)
     await peers.answer(subjects.ssh_agent_op("h3", "install"), RUNNING)
     body = {"id": "h3", "address": "10.0.0.9", "install_agent": True, "install_mode": "direct"}
     response = await api.client.post("/api/hosts", json=body, headers=api.auth)

@@ -221,7 +221,7 @@ async def test_metrics_update_last_ping(api: RunningApi, gw: NATS) -> None:
 
 @pytest.mark.parametrize("how", ["unsigned", "other-key", "edited-version", "stale", "other-host"])
 async def test_unverified_presence_is_not_recorded(
-    api: RunningApi, nc: NATS, caplog: pytest.LogCaptureFixture, how: str
+    gw: NATS, api: RunningApi, nc: NATS, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     """A connected event whose hello is not signed by h1's agent key (or signed too long ago) does not
     mark the agent connected; it is counted and logged once per gateway and host, however many come."""
@@ -238,7 +238,7 @@ async def test_unverified_presence_is_not_recorded(
     else:
         bad = AGENT.connected("ghost", "s-bad", now).model_copy(update={"host_id": "h1"})
     for _ in range(3):
-        await nc.publish(subjects.presence("h1"), encode(bad))
+        await gw.publish(subjects.presence("h1"), encode(bad))
 
     async def counted() -> bool:
         return api.state.runner.rejections.count("presence connected") == 3
@@ -247,7 +247,7 @@ async def test_unverified_presence_is_not_recorded(
     agent = await _agent(api)
     assert (agent["connected"], agent["session_id"]) == (False, None)
     assert caplog.text.count("presence connected from gateway gw-1 for h1 not accepted") == 1
-    await nc.publish(subjects.presence("h1"), encode(_connected("s-good", time.time())))
+    await gw.publish(subjects.presence("h1"), encode(_connected("s-good", time.time())))
 
     async def good() -> bool:
         return (await _agent(api))["session_id"] == "s-good"
@@ -255,13 +255,15 @@ async def test_unverified_presence_is_not_recorded(
     await eventually(good)  # the API kept serving, and a genuine hello still counts
 
 
-async def test_hello_of_a_host_whose_key_arrives_just_after_counts(api: RunningApi, nc: NATS) -> None:
+async def test_hello_of_a_host_whose_key_arrives_just_after_counts(
+    gw: NATS, api: RunningApi, nc: NATS
+) -> None:
     """A freshly installed agent connects before its install has stored its key: the hello is checked
     again for a while and counts once the key is there (a hello signed by another key still does not)."""
     body = {"id": "h2", "address": "10.0.0.9", "ssh_check": False}
     assert (await api.client.post("/api/hosts", json=body, headers=api.auth)).status_code == 201
     new_agent = AgentKey()
-    await nc.publish(subjects.presence("h2"), encode(new_agent.connected("h2", "s-fresh", time.time())))
+    await gw.publish(subjects.presence("h2"), encode(new_agent.connected("h2", "s-fresh", time.time())))
     await nc.flush()
     await asyncio.sleep(1.0)
     assert (await api.client.get("/api/agents/h2", headers=api.auth)).json()["connected"] is False  # not yet

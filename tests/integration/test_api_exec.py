@@ -31,7 +31,7 @@ from tests.support.db import (
     running_api,
 )
 from tests.support.fakeagent import AgentKey, checked_request, register_agent_key
-from tests.support.natsserver import NatsServer
+from tests.support.natsserver import NatsServer, connect
 
 AGENT = AgentKey()  # h1's agent
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHBpbm5lZGtleTAxMjM0NTY3ODlhYmNkZWZnaGlqa2xt"
@@ -71,15 +71,54 @@ Handler = Callable[[Msg], Awaitable[None]]
 
 
 async def _responder(nc: NATS, subject: str, seen: list[bytes], answer: Handler | None) -> None:
-    """Subscribe to `subject`, record every request, and answer with `answer` (None: never answer)."""
+    """Subscribe to `subject` with the identity that serves it (a gateway for ``warlock.agent.``, the SSH
+    worker for ``warlock.ssh.``, both for ``warlock.>``), record every request, and answer with `answer`
+    (None: never answer). Answers go through the connection that received the request (`peer_of`)."""
+    roles = {
+        "warlock.agent.": ["gateway"],
+        "warlock.ssh.": ["ssh-worker"],
+        "warlock.>": ["gateway", "ssh-worker"],
+    }
+    role_subjects = {"gateway": "warlock.agent.>", "ssh-worker": "warlock.ssh.>"}
+    url = f"nats://{nc.connected_url.netloc}" if nc.connected_url else ""
+    names = next((r for prefix, r in roles.items() if subject.startswith(prefix)), None)
+    assert names is not None, f"no role serves {subject}"
 
     async def handler(msg: Msg) -> None:
         seen.append(msg.data)
         if answer is not None:
             await answer(msg)
 
-    await nc.subscribe(subject, cb=handler)
-    await nc.flush()
+    for role in names:
+        peer = await connect(url, role)
+        _PEERS.append(peer)
+        await peer.subscribe(role_subjects[role] if subject == "warlock.>" else subject, cb=handler)
+        await peer.flush()
+
+
+@pytest.fixture
+async def gw(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A gateway's identity: only gateways may publish late results and presence."""
+    client = await nats_server.connect("gateway")
+    yield client
+    await client.close()
+
+
+_PEERS: list[NATS] = []  # responders' connections, closed after each test
+
+
+@pytest.fixture(autouse=True)
+async def _close_peers(nats_server: NatsServer) -> AsyncIterator[None]:
+    """Close the responders' connections while their server still runs."""
+    yield
+    while _PEERS:
+        await _PEERS.pop().close()
+
+
+def peer_of(msg: Msg) -> NATS:
+    """The connection that received `msg` (only it may answer: allow_responses)."""
+    client: NATS = msg._client
+    return client
 
 
 def _result(data: bytes, **fields: object) -> ExecResult:
@@ -107,7 +146,7 @@ async def test_exec_via_agent_records_pending_before_sending(api: RunningApi, nc
         async with api.state.sessions() as session:
             row = await session.get(CommandRun, request.command_id)
             status_when_received.append(None if row is None else row.status)
-        await reply(nc, msg, _result(msg.data, stdout="up 3 days\n", stderr="warn"))
+        await reply(peer_of(msg), msg, _result(msg.data, stdout="up 3 days\n", stderr="warn"))
 
     await _responder(nc, subjects.agent_exec("h1"), seen, answer)
     ssh_seen: list[bytes] = []
@@ -135,7 +174,7 @@ async def test_no_agent_falls_back_to_ssh_with_same_id_and_pinned_key(api: Runni
     ssh_seen: list[bytes] = []
 
     async def answer(msg: Msg) -> None:
-        await reply(nc, msg, _result(msg.data, exit_code=3, via="ssh"))
+        await reply(peer_of(msg), msg, _result(msg.data, exit_code=3, via="ssh"))
 
     await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, answer)
     data = await _exec(api, host="10.0.0.7", command="false")
@@ -184,7 +223,7 @@ async def test_typed_agent_errors_never_fall_back(
 
     async def answer(msg: Msg) -> None:
         request = decode_model(ExecRequest, msg.data)
-        await reply(nc, msg, error(code, f"agent says {code}", request.command_id))
+        await reply(peer_of(msg), msg, error(code, f"agent says {code}", request.command_id))
 
     await _responder(nc, subjects.agent_exec("h1"), [], answer)
     await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, None)
@@ -209,7 +248,7 @@ async def test_output_is_capped_with_truncated_flag(api: RunningApi, nc: NATS) -
     """Output beyond max_output_chars (100 here) is cut and flagged."""
 
     async def answer(msg: Msg) -> None:
-        await reply(nc, msg, _result(msg.data, stdout="x" * 500, stderr="short"))
+        await reply(peer_of(msg), msg, _result(msg.data, stdout="x" * 500, stderr="short"))
 
     await _responder(nc, subjects.agent_exec("h1"), [], answer)
     data = await _exec(api)
@@ -222,7 +261,7 @@ async def test_host_commands_are_listed_newest_first(api: RunningApi, nc: NATS) 
     """GET /api/hosts/{host}/commands lists runs newest first and honours limit."""
 
     async def answer(msg: Msg) -> None:
-        await reply(nc, msg, _result(msg.data))
+        await reply(peer_of(msg), msg, _result(msg.data))
 
     await _responder(nc, subjects.agent_exec("h1"), [], answer)
     ids = [(await _exec(api, command=f"echo {i}"))["command_id"] for i in range(3)]
@@ -234,17 +273,17 @@ async def test_host_commands_are_listed_newest_first(api: RunningApi, nc: NATS) 
     assert bad_limit.status_code == 422
 
 
-async def test_late_result_settles_a_timed_out_run(api: RunningApi, nc: NATS) -> None:
+async def test_late_result_settles_a_timed_out_run(gw: NATS, api: RunningApi, nc: NATS) -> None:
     """A result published on warlock.result.<host> after the timeout turns timed_out into its outcome."""
     await _responder(nc, subjects.agent_exec("h1"), [], None)
     data = await _exec(api, timeout=0.2)
     assert data["status"] == "timed_out"
     command_id = str(data["command_id"])
     wrong_host = AGENT.result("other", command_id=command_id, exit_code=9)
-    await nc.publish(subjects.result("other"), encode(wrong_host))
+    await gw.publish(subjects.result("other"), encode(wrong_host))
     late = AGENT.result("h1", command_id=command_id, stdout="done", duration_ms=900.0)
-    await nc.publish(subjects.result("h1"), encode(late))
-    await nc.publish(subjects.result("h1"), b"{not json")
+    await gw.publish(subjects.result("h1"), encode(late))
+    await gw.publish(subjects.result("h1"), b"{not json")
 
     async def settled() -> dict[str, object] | None:
         body = (await api.client.get(f"/api/commands/{command_id}", headers=api.auth)).json()
@@ -323,7 +362,7 @@ def _forged(command_id: str | None, how: str) -> ExecResult:
 
 @pytest.mark.parametrize("how", ["unsigned", "edited-stdout", "edited-exit-code", "other-key"])
 async def test_forged_result_never_settles_the_row(
-    api: RunningApi, nc: NATS, how: str, caplog: pytest.LogCaptureFixture
+    gw: NATS, api: RunningApi, nc: NATS, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A reply that is not the agent's own signed result: the row is timed_out with bad_signature (the
     command may have run; nothing of the forged output is kept), counted, logged once per host, and
@@ -332,7 +371,7 @@ async def test_forged_result_never_settles_the_row(
     ssh_seen: list[bytes] = []
 
     async def answer(msg: Msg) -> None:
-        await reply(nc, msg, _forged(checked_request(api, "h1", msg.data).command_id, how))
+        await reply(peer_of(msg), msg, _forged(checked_request(api, "h1", msg.data).command_id, how))
 
     await _responder(nc, subjects.agent_exec("h1"), [], answer)
     await _responder(nc, subjects.ssh_exec("h1"), ssh_seen, None)
@@ -348,9 +387,9 @@ async def test_forged_result_never_settles_the_row(
     assert caplog.text.count("result from h1 not accepted") == 1  # once per source, not per message
 
     forged_late = _forged(str(first["command_id"]), how)
-    await nc.publish(subjects.result("h1"), encode(forged_late))
+    await gw.publish(subjects.result("h1"), encode(forged_late))
     late = AGENT.result("h1", command_id=str(first["command_id"]), stdout="late and real")
-    await nc.publish(subjects.result("h1"), encode(late))
+    await gw.publish(subjects.result("h1"), encode(late))
 
     async def settled() -> dict[str, object] | None:
         body = (await api.client.get(f"/api/commands/{first['command_id']}", headers=api.auth)).json()
@@ -371,7 +410,7 @@ async def test_result_of_an_agent_without_a_registered_key_is_not_taken(
         await crud.set_agent_public_key(session, "h1", AgentKey().public_key)  # re-installed elsewhere
 
     async def answer(msg: Msg) -> None:
-        await reply(nc, msg, _result(msg.data, stdout="from the old key"))
+        await reply(peer_of(msg), msg, _result(msg.data, stdout="from the old key"))
 
     await _responder(nc, subjects.agent_exec("h1"), [], answer)
     data = await _exec(api)

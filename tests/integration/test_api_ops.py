@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,27 @@ async def operator(api: RunningApi, tmp_path: Path) -> SigningKey:
     made = await admin.create_operator_key(api.settings, "alice", tmp_path / "alice.key")
     assert made.path.stat().st_mode & 0o777 == 0o600
     return signing.load_private(made.path)
+
+
+@dataclass
+class Identities:
+    """Connections as the roles that really send and serve these subjects (the server enforces them)."""
+
+    gateway: NATS
+    worker: NATS
+    operator: NATS
+
+
+@pytest.fixture
+async def ids(nats_server: NatsServer) -> AsyncIterator[Identities]:
+    found = Identities(
+        await nats_server.connect("gateway"),
+        await nats_server.connect("ssh-worker"),
+        await nats_server.connect("operator"),
+    )
+    yield found
+    for client in (found.gateway, found.worker, found.operator):
+        await client.close()
 
 
 class FakeAgent:
@@ -90,13 +112,13 @@ async def _runs(api: RunningApi) -> list[dict[str, object]]:
 
 
 async def test_operator_exec_runs_once_and_is_recorded_with_the_key_name(
-    api: RunningApi, nc: NATS, operator: SigningKey
+    api: RunningApi, ids: Identities, operator: SigningKey
 ) -> None:
     """A signed ops exec reaches the agent once, signed by the API; the reply is the agent's result; the
     row says operator:alice. The same request again is a replay: typed error, nothing runs again."""
-    agent = await FakeAgent(api, nc).start()
+    agent = await FakeAgent(api, ids.gateway).start()
     request = _signed(operator)
-    answer = await _ops(nc, request)
+    answer = await _ops(ids.operator, request)
     assert isinstance(answer, ExecResult)
     assert (answer.command_id, answer.exit_code, answer.stdout, answer.via) == (
         request.command_id,
@@ -115,7 +137,7 @@ async def test_operator_exec_runs_once_and_is_recorded_with_the_key_name(
         "echo hi",
     )
 
-    again = await _ops(nc, request)
+    again = await _ops(ids.operator, request)
     assert isinstance(again, ErrorReply)
     assert again.code == "replay"
     assert len(agent.seen) == 1
@@ -123,7 +145,7 @@ async def test_operator_exec_runs_once_and_is_recorded_with_the_key_name(
 
 
 async def test_operator_exec_falls_back_to_ssh_signed_by_the_api(
-    api: RunningApi, nc: NATS, operator: SigningKey
+    api: RunningApi, ids: Identities, operator: SigningKey
 ) -> None:
     """No agent session: the same command id goes to the SSH worker, signed (ssh_exec) by the API."""
     ssh_seen: list[ExecRequest] = []
@@ -132,12 +154,12 @@ async def test_operator_exec_falls_back_to_ssh_signed_by_the_api(
         request = checked_request(api, "h1", msg.data)
         ssh_seen.append(request)
         answer = ExecResult(command_id=request.command_id or "", exit_code=2, duration_ms=1.0, via="ssh")
-        await reply(nc, msg, answer)
+        await reply(ids.worker, msg, answer)
 
-    await nc.subscribe(subjects.ssh_exec("h1"), cb=worker)
-    await nc.flush()
+    await ids.worker.subscribe(subjects.ssh_exec("h1"), cb=worker)
+    await ids.worker.flush()
     request = _signed(operator)
-    answer = await _ops(nc, request)
+    answer = await _ops(ids.operator, request)
     assert isinstance(answer, ExecResult)
     assert (answer.exit_code, answer.via) == (2, "ssh")
     assert [r.command_id for r in ssh_seen] == [request.command_id]
@@ -146,18 +168,18 @@ async def test_operator_exec_falls_back_to_ssh_signed_by_the_api(
 
 
 async def test_refused_operator_execs_run_nothing_and_record_nothing(
-    api: RunningApi, nc: NATS, operator: SigningKey, tmp_path: Path
+    api: RunningApi, ids: Identities, operator: SigningKey, tmp_path: Path
 ) -> None:
     """Unsigned (with the how-to), unknown key, tampered, other host, expired, no command id, unknown
     host: each a typed error; the agent sees nothing and no row is written."""
-    agent = await FakeAgent(api, nc).start()
-    unsigned = await _ops(nc, b'{"command": "id"}')
+    agent = await FakeAgent(api, ids.gateway).start()
+    unsigned = await _ops(ids.operator, b'{"command": "id"}')
     assert isinstance(unsigned, ErrorReply)
     assert unsigned.code == "unsigned"
     assert "warlock keys create" in unsigned.description
     assert "warlock req" in unsigned.description
 
-    stranger = await _ops(nc, _signed(signing.generate()))
+    stranger = await _ops(ids.operator, _signed(signing.generate()))
     assert isinstance(stranger, ErrorReply)
     assert stranger.code == "unknown_key"
 
@@ -170,10 +192,10 @@ async def test_refused_operator_execs_run_nothing_and_record_nothing(
         "not_found": (_signed(operator, host="ghost"), "ghost"),
     }
     for code, (request, host) in cases.items():
-        answer = await _ops(nc, request, host)
+        answer = await _ops(ids.operator, request, host)
         assert isinstance(answer, ErrorReply), code
         assert answer.code == code, answer.description
-    garbage = await _ops(nc, b"{nope")
+    garbage = await _ops(ids.operator, b"{nope")
     assert isinstance(garbage, ErrorReply)
     assert garbage.code == "bad_request"
     assert agent.seen == []
@@ -181,13 +203,15 @@ async def test_refused_operator_execs_run_nothing_and_record_nothing(
     assert api.state.runner.rejections.count("operator exec") >= 4
 
 
-async def test_revoked_operator_key_is_refused(api: RunningApi, nc: NATS, operator: SigningKey) -> None:
+async def test_revoked_operator_key_is_refused(
+    api: RunningApi, ids: Identities, operator: SigningKey
+) -> None:
     """After `warlock keys revoke alice` the key's commands are forbidden (nothing runs); list shows it."""
-    agent = await FakeAgent(api, nc).start()
-    assert isinstance(await _ops(nc, _signed(operator)), ExecResult)
+    agent = await FakeAgent(api, ids.gateway).start()
+    assert isinstance(await _ops(ids.operator, _signed(operator)), ExecResult)
     revoked = await admin.revoke_operator_key(api.settings, "alice")
     assert revoked.revoked_at is not None
-    answer = await _ops(nc, _signed(operator))
+    answer = await _ops(ids.operator, _signed(operator))
     assert isinstance(answer, ErrorReply)
     assert answer.code == "forbidden"
     assert "revoked" in answer.description
