@@ -147,6 +147,9 @@ async def test_keys_and_signed_req(
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv("WARLOCK_OPERATOR_KEY", raising=False)
     monkeypatch.chdir(tmp_path)  # no .warlock/dev.json here
+    monkeypatch.setenv(
+        "WARLOCK_NATS_NKEY_FILE", str(nats_server.nkey_file("operator"))
+    )  # `req` is the operator
     key_file = tmp_path / "keys" / "alice.key"
     code, out, _ = await _cli(["keys", "create", "alice", "--out", str(key_file)], capsys)
     assert code == 0, out

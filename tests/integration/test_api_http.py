@@ -31,6 +31,14 @@ async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIt
         yield running
 
 
+@pytest.fixture
+async def worker(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """The SSH worker's identity: only it may answer probes."""
+    client = await nats_server.connect("ssh-worker")
+    yield client
+    await client.close()
+
+
 async def _probe_worker(nc: NATS, probes: list[SshProbeRequest], answer_error: bool = False) -> None:
     async def handler(msg: Msg) -> None:
         probes.append(decode_model(SshProbeRequest, msg.data))
@@ -82,10 +90,10 @@ async def test_bootstrap_key_file_is_0600_and_written_once(
     assert "api key written" not in caplog.text
 
 
-async def test_add_host_pins_the_probed_host_key(api: RunningApi, nc: NATS) -> None:
+async def test_add_host_pins_the_probed_host_key(api: RunningApi, worker: NATS) -> None:
     """A probe answered by the worker pins its host key; the host is then found by id and by address."""
     probes: list[SshProbeRequest] = []
-    await _probe_worker(nc, probes)
+    await _probe_worker(worker, probes)
     body = {
         "id": "web-1",
         "address": "10.0.0.5",
@@ -112,9 +120,9 @@ async def test_add_host_pins_the_probed_host_key(api: RunningApi, nc: NATS) -> N
     assert [h["id"] for h in listed.json()] == ["web-1"]
 
 
-async def test_add_host_probe_error_is_422_with_the_reason(api: RunningApi, nc: NATS) -> None:
+async def test_add_host_probe_error_is_422_with_the_reason(api: RunningApi, worker: NATS) -> None:
     """A typed probe error (connect_failed) answers 422 naming it, and the host is not registered."""
-    await _probe_worker(nc, [], answer_error=True)
+    await _probe_worker(worker, [], answer_error=True)
     response = await api.client.post("/api/hosts", json={"id": "h1", "address": "10.9.9.9"}, headers=api.auth)
     assert response.status_code == 422
     assert response.json()["code"] == "connect_failed"

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -52,6 +53,7 @@ from tests.integration.test_fallback_exec import (
     target_of,
 )
 from tests.support.install import agent_pids
+from tests.support.natsserver import connect
 from tests.support.sshd import Sshd
 
 __all__ = ["sshd", "start_worker"]  # fixtures shared with test_fallback_exec.py
@@ -130,7 +132,10 @@ class ArgvWatch:
 
 
 class BusTap:
-    """Every NATS message on the (auth-less) test server, to check that no payload carries a token."""
+    """Every NATS message of the installs, to check that no payload carries a token. Nobody may subscribe
+    to ">" (the server enforces the permission matrix), so the tap listens where the traffic goes: the
+    requests to the SSH worker's subjects and the replies to the api's inbox, as the api identity would
+    see them plus a second ssh-worker connection (not in the worker's queue group, so it takes nothing)."""
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
@@ -139,8 +144,16 @@ class BusTap:
         async def keep(msg: Msg) -> None:
             self.payloads.append(msg.data)
 
-        await nc.subscribe(">", cb=keep)
+        url = f"nats://{nc.connected_url.netloc}" if nc.connected_url else ""
+        self.peer = await connect(url, "ssh-worker")
+        await self.peer.subscribe("warlock.ssh.>", cb=keep)
+        await nc.subscribe(f"{subjects.inbox_prefix('api')}.>", cb=keep)
+        await self.peer.flush()
         await nc.flush()
+
+    async def stop(self) -> None:
+        """Close the tap's own connection."""
+        await self.peer.close()
 
     def carrying(self, secret: str) -> int:
         """How many messages contained `secret`."""
@@ -203,7 +216,7 @@ def files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if not p.is_dir()]
 
 
-CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+CA_PEM = trustme.CA().cert_pem.bytes().decode()  # a real CA: the agent loads it when it restarts
 
 
 @pytest.mark.timeout(240)
@@ -317,6 +330,7 @@ async def test_lifecycle_install_upgrade_configure_uninstall(
         assert result.state == "not_installed"
 
     assert watch.scans > 20
+    await tap.stop()
     assert len(tap.payloads) >= 8  # the requests and replies of the six operations were seen
     for token in tokens:
         assert watch.holding(token) == []

@@ -161,11 +161,17 @@ def test_warlock_req_connects_as_the_operator(tmp_path: Path, nats_server: NatsS
     cwd = tmp_path / "cwd"
     ping = run([WARLOCK, "req", "warlock.agent.h1.ping", ""], cwd=cwd)
     assert (ping.returncode, ping.stderr.strip()) == (1, "warlock: no responders on warlock.agent.h1.ping")
+    # an exec is never published on the agent subject (the server would refuse the operator): `req` sends
+    # it to the API's operator subject, signed, and without an operator signing key refuses to send it
     exec_ = run([WARLOCK, "req", "warlock.agent.h1.exec", '{"command":"id"}', "--timeout", "1"], cwd=cwd)
-    assert exec_.returncode == 1
+    assert exec_.returncode == 2
+    assert "sending to warlock.ops.h1.exec instead" in exec_.stderr
+    assert "must be signed with an operator key" in exec_.stderr
+    refused = run([WARLOCK, "req", "warlock.ssh.h1.exec", '{"command":"id"}', "--timeout", "1"], cwd=cwd)
+    assert refused.returncode == 1
     assert (
-        'NATS refused the request (Error: nats: permissions violation for publish to "warlock.agent.h1.exec")'
-        in (exec_.stderr)
+        'NATS refused the request (Error: nats: permissions violation for publish to "warlock.ssh.h1.exec")'
+        in refused.stderr
     )
     loose = tmp_path / "loose.nk"
     loose.write_text(nats_server.nkey_file("operator").read_text())
