@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nats
 import nats.errors
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import crud
 from services.api.db import initialise, make_engine, sessionmaker
@@ -24,15 +26,22 @@ from shared.protocol import TokenRevoked, encode
 REVOKE_TIMEOUT = 5  # seconds (nats-py types flush timeouts as int)
 
 
-async def create_api_key(settings: ApiSettings, name: str) -> str:
-    """Create an API key named `name` (schema created if missing); return the key, shown once."""
+@contextlib.asynccontextmanager
+async def _database(settings: ApiSettings) -> AsyncIterator[AsyncSession]:
+    """A session on the API's database (schema created if missing), its engine disposed afterwards."""
     engine = make_engine(settings.database_url)
     try:
         await initialise(engine, settings, bootstrap_key=False)
         async with sessionmaker(engine)() as session:
-            return await crud.create_api_key(session, name)
+            yield session
     finally:
         await engine.dispose()
+
+
+async def create_api_key(settings: ApiSettings, name: str) -> str:
+    """Create an API key named `name` (schema created if missing); return the key, shown once."""
+    async with _database(settings) as session:
+        return await crud.create_api_key(session, name)
 
 
 OPERATOR_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a file name
@@ -65,60 +74,40 @@ async def create_operator_key(settings: ApiSettings, name: str, out: Path | None
         raise Conflict(f"{path} exists; choose another --out (a key file is never overwritten)")
     key = signing.generate()
     public, kid = signing.public_text(key), signing.key_id(key)
-    engine = make_engine(settings.database_url)
-    try:
-        await initialise(engine, settings, bootstrap_key=False)
-        async with sessionmaker(engine)() as session:
-            if await crud.get_operator_key(session, kid) is not None:  # 2^-64: never, but cheap to say
-                raise Conflict("key id clash; run again")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                signing.save_private(path, key)
-            except FileExistsError as exc:
-                raise Conflict(f"{path} exists; choose another --out") from exc
-            try:
-                await crud.create_operator_key(session, name, public, kid)
-            except BaseException:
-                path.unlink(missing_ok=True)  # no key file without its row
-                raise
-    finally:
-        await engine.dispose()
+    async with _database(settings) as session:
+        if await crud.get_operator_key(session, kid) is not None:  # 2^-64: never, but cheap to say
+            raise Conflict("key id clash; run again")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            signing.save_private(path, key)
+        except FileExistsError as exc:
+            raise Conflict(f"{path} exists; choose another --out") from exc
+        try:
+            await crud.create_operator_key(session, name, public, kid)
+        except BaseException:
+            path.unlink(missing_ok=True)  # no key file without its row
+            raise
     return CreatedOperatorKey(name, path, kid, public)
 
 
 async def list_operator_keys(settings: ApiSettings) -> Sequence[OperatorKey]:
     """Every operator key, revoked ones too."""
-    engine = make_engine(settings.database_url)
-    try:
-        await initialise(engine, settings, bootstrap_key=False)
-        async with sessionmaker(engine)() as session:
-            return await crud.list_operator_keys(session)
-    finally:
-        await engine.dispose()
+    async with _database(settings) as session:
+        return await crud.list_operator_keys(session)
 
 
 async def revoke_operator_key(settings: ApiSettings, name: str) -> OperatorKey:
     """Revoke the operator key `name`: the API refuses what it signs from now on (`forbidden`)."""
-    engine = make_engine(settings.database_url)
-    try:
-        await initialise(engine, settings, bootstrap_key=False)
-        async with sessionmaker(engine)() as session:
-            return await crud.revoke_operator_key(session, name)
-    finally:
-        await engine.dispose()
+    async with _database(settings) as session:
+        return await crud.revoke_operator_key(session, name)
 
 
 async def register_agent_key(settings: ApiSettings, host: str, public_key: str) -> None:
     """Record `public_key` (``ed25519:...``) as the agent key of a registered host (by id or address)."""
     signing.parse_public(public_key)  # ValueError if it is not one
-    engine = make_engine(settings.database_url)
-    try:
-        await initialise(engine, settings, bootstrap_key=False)
-        async with sessionmaker(engine)() as session:
-            found = await crud.get_host(session, host)
-            await crud.set_agent_public_key(session, found.id, public_key)
-    finally:
-        await engine.dispose()
+    async with _database(settings) as session:
+        found = await crud.get_host(session, host)
+        await crud.set_agent_public_key(session, found.id, public_key)
 
 
 @dataclass(frozen=True)
@@ -135,15 +124,10 @@ class IssuedToken:
 
 async def issue_agent_token(settings: ApiSettings, host: str) -> IssuedToken:
     """Issue a new agent token for a registered host (by id or address); the old one stops verifying."""
-    engine = make_engine(settings.database_url)
-    try:
-        await initialise(engine, settings, bootstrap_key=False)
-        async with sessionmaker(engine)() as session:
-            found = await crud.get_host(session, host)
-            token, previous = await crud.replace_agent_token(session, found.id)
-            return IssuedToken(found.id, token, previous)
-    finally:
-        await engine.dispose()
+    async with _database(settings) as session:
+        found = await crud.get_host(session, host)
+        token, previous = await crud.replace_agent_token(session, found.id)
+        return IssuedToken(found.id, token, previous)
 
 
 async def _quiet(_exc: Exception) -> None:
