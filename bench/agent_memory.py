@@ -21,18 +21,20 @@ from shared import subjects
 from tests.support.natsserver import NatsServer, connect
 from tests.support.procs import BIN, Proc, rss_kib
 from tests.support.stack import Stack
+from tests.support.trust import TestSigner
 
 HOST = "bench-mem"
 SETTLE_S = 2.0
 BIG_COMMANDS = 10
 # 768 KiB of random bytes in base64: just over 1 MiB of text per command, cut at the 1 MiB cap
 BIG_OUTPUT = "head -c 786432 /dev/urandom | base64 -w 76"
-_LIBS = ["asyncio", "websockets.asyncio.client, psutil", "pydantic.main"]
+_LIBS = ["asyncio", "websockets.asyncio.client, psutil", "pydantic.main", "nacl.signing"]
 FLOORS = {
     "python -c (bare interpreter)": "",
     "+ import asyncio (loads OpenSSL)": "import " + ", ".join(_LIBS[:1]),
     "+ websockets client, psutil": "import " + ", ".join(_LIBS[:2]),
-    "+ pydantic BaseModel: the libraries' floor": "import " + ", ".join(_LIBS),
+    "+ pydantic BaseModel": "import " + ", ".join(_LIBS[:3]),
+    "+ PyNaCl (Ed25519): the libraries' floor": "import " + ", ".join(_LIBS),
 }
 
 
@@ -75,12 +77,13 @@ async def _first_metrics(url: str, timeout: float = 30.0) -> None:
         await nc.close()
 
 
-async def _big_commands(url: str, count: int) -> None:
-    """Run `count` commands that each print just over 1 MiB, one after the other."""
+async def _big_commands(url: str, count: int, signer: TestSigner) -> None:
+    """Run `count` commands that each print just over 1 MiB, one after the other (signed as the API)."""
     nc = await connect(url, "api")
     try:
-        body = json.dumps({"command": BIG_OUTPUT, "timeout": 30}).encode()
+        plain = json.dumps({"command": BIG_OUTPUT, "timeout": 30})
         for _ in range(count):
+            body = signer.exec_body(HOST, plain)
             reply = json.loads((await nc.request(subjects.agent_exec(HOST), body, timeout=40)).data)
             if reply.get("exit_code") != 0:
                 raise RuntimeError(f"bad reply: {str(reply)[:300]}")
@@ -100,7 +103,7 @@ def agent_memory(root: Path) -> AgentMemory:
         agent = stack.start_agent("mem-agent", HOST, token, [gw.url])
         asyncio.run(_first_metrics(server.url))
         idle = _settled_rss(agent.pid)
-        asyncio.run(_big_commands(server.url, BIG_COMMANDS))
+        asyncio.run(_big_commands(server.url, BIG_COMMANDS, stack.signer))
         after = _settled_rss(agent.pid)
         ledger = root / "mem-agent-ledger.jsonl"
         return AgentMemory(floors, idle, after, ledger.stat().st_size)
