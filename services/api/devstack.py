@@ -269,14 +269,14 @@ class DevStack:
         self.agent_argv = [str(BIN / "warlock-agent"), "run", "--config", str(agent_conf)]
         self.start_agent()
 
-        self.info = {
+        self.info = {  # what people reach for first comes first: the API and its key
+            "api_url": api_url,
+            "api_key_file": str(key_file),
             "nats_url": nats_url,
             "operator_nkey": str(nkeys["operator"]),
             "api_nkey": str(nkeys["api"]),
             "gateway_url": gateway_url,
             "ca_file": str(tls.ca_file),
-            "api_url": api_url,
-            "api_key_file": str(key_file),
             "operator_key": str(operator_key),
             "hosts": [self.host],
             "logs": str(self.logs),
