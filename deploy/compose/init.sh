@@ -4,6 +4,7 @@
 #   config/ssh/    the SSH fallback worker's key pair (the demo host trusts its public key)
 #   config/tls/    a private CA (ca.pem, ca.key), the NATS nodes' certificate (nats-1..3: client TLS and
 #                  mutually verified cluster routes) and nginx's (lb: agents' wss://, HTTPS on :8443)
+#   config/postgres/ a random PostgreSQL password (secret file) and api.env (WARLOCK_DATABASE_URL with it)
 #   config/signing/ the API's command-signing key (signing.key, 0600, readable by the api containers only)
 #                  and worker.env naming its public key for the SSH worker (WARLOCK_SSH_TRUSTED_KEYS)
 #   config/nats/   one nkey seed per NATS role (nkeys/<role>.nk, 0600) and each node's nats-server config,
@@ -13,14 +14,24 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 umask 077
-mkdir -p config/ssh config/tls config/nats config/signing
-chmod 700 config config/ssh config/tls config/nats config/signing
+mkdir -p config/ssh config/tls config/nats config/signing config/postgres
+chmod 700 config config/ssh config/tls config/nats config/signing config/postgres
 
 if [ ! -f config/ssh/id_ed25519 ]; then
   ssh-keygen -q -t ed25519 -N '' -C warlock-fallback-ssh -f config/ssh/id_ed25519
 fi
 chmod 600 config/ssh/id_ed25519 && chmod 644 config/ssh/id_ed25519.pub
 echo "wrote config/ssh/id_ed25519(.pub)"
+
+# PostgreSQL: a random password (hex: safe in a URL), given to postgres as a secret file and to the API as
+# WARLOCK_DATABASE_URL in an env file; neither is in docker-compose.yml
+if [ ! -f config/postgres/password ]; then
+  openssl rand -hex 24 > config/postgres/password
+fi
+printf 'WARLOCK_DATABASE_URL=postgresql+asyncpg://warlock:%s@postgres/warlock\n' "$(cat config/postgres/password)" \
+  > config/postgres/api.env
+chmod 644 config/postgres/password config/postgres/api.env  # read by the postgres and api containers' users
+echo "wrote config/postgres/password and api.env"
 
 tls=config/tls
 if [ ! -f "$tls/ca.pem" ]; then
