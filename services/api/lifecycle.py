@@ -18,7 +18,6 @@ host is signed (`ApiSigner`); the SSH worker and the agent verify it before acti
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from pathlib import Path
@@ -52,6 +51,7 @@ from services.api.errors import (
     SshCheckFailed,
     WorkerUnavailable,
 )
+from services.api.hostlock import HostLocks
 from services.api.models import AgentConnection, AgentStatus, Host, utcnow
 from services.api.runner import ssh_target
 from services.api.settings import ApiSettings
@@ -102,10 +102,7 @@ class AgentLifecycle:
         self.wheels = wheels
         self.signer = signer
         self.rotations_refused = 0  # rotate_ok replies whose agent signature did not verify
-        self._locks: dict[str, asyncio.Lock] = {}  # one lifecycle operation per host at a time (per API)
-
-    def _lock(self, host_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(host_id, asyncio.Lock())
+        self.locks = HostLocks(sessions)  # one operation per host at a time, across API instances
 
     # ------------------------------------------------------------------------- plumbing
 
@@ -201,7 +198,7 @@ class AgentLifecycle:
 
     async def install(self, host: Host, body: AgentInstallBody) -> AgentInstallPublic:
         """Issue a token, have the SSH worker install (or upgrade) the agent; the token is returned once."""
-        async with self._lock(host.id):
+        async with self.locks.hold(host.id):
             return await self._install(host, body)
 
     async def _install(self, host: Host, body: AgentInstallBody) -> AgentInstallPublic:
@@ -266,7 +263,7 @@ class AgentLifecycle:
 
     async def uninstall(self, host: Host, body: AgentPrefixBody) -> AgentUninstallPublic:
         """Remove the agent over SSH (a clean host is fine), then delete its record and revoke its token."""
-        async with self._lock(host.id):
+        async with self.locks.hold(host.id):
             return await self._uninstall(host, body)
 
     async def _uninstall(self, host: Host, body: AgentPrefixBody) -> AgentUninstallPublic:
@@ -333,7 +330,7 @@ class AgentLifecycle:
     async def regenerate(self, host: Host, body: AgentRegenerateBody) -> TokenRegeneratedPublic:
         """The agent makes itself a new token (live: over its session; else over SSH); the API stores the
         verified hash and revokes the old token. Nobody ever sees the new token."""
-        async with self._lock(host.id):
+        async with self.locks.hold(host.id):
             return await self._regenerate(host, body)
 
     async def _regenerate(self, host: Host, body: AgentRegenerateBody) -> TokenRegeneratedPublic:
@@ -391,7 +388,7 @@ class AgentLifecycle:
     async def pull_token(self, host: Host) -> PullTokenPublic:
         """A new token for a host that pulls its install (shown once, to the operator over HTTP): the old
         token stops verifying (its sessions close), and the host may enroll one public key with it."""
-        async with self._lock(host.id):
+        async with self.locks.hold(host.id):
             token = generate_token()
             async with self.sessions() as session:
                 agent = await session.get(AgentConnection, host.id)

@@ -7,9 +7,11 @@ fake file (the real build is tested once, in tests/unit/test_api_wheel.py). No r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -257,6 +259,41 @@ async def test_reinstall_revokes_the_previous_token(api: RunningApi, peers: Peer
     assert await _stored_hash(api, "h1") == hash_token(HOST_TOKEN)
     await eventually(peers.any_revoked)
     assert peers.revoked == [TokenRevoked(host_id="h1", token_sha256=hash_token(first))]
+
+
+async def test_one_operation_per_host_across_api_instances(
+    api: RunningApi, peers: Peers, database: str
+) -> None:
+    """Two API instances on one PostgreSQL database install the same host at once: the SSH worker sees
+    the two installs one after the other, never overlapping (a per-process lock alone lets them overlap)."""
+    if not database.startswith("postgresql"):
+        pytest.skip("SQLite means one API instance; its process lock is the whole story")
+    intervals: list[tuple[float, float]] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def slow_install(msg: Msg) -> None:
+        start = time.monotonic()
+        await asyncio.sleep(0.6)
+        intervals.append((start, time.monotonic()))
+        await reply(peers.worker, msg, RUNNING)
+
+    async def on_install(msg: Msg) -> None:  # a task per request: one subscription's callbacks are serial
+        task = asyncio.create_task(slow_install(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await peers.worker.subscribe(subjects.ssh_agent_op("h1", "install"), cb=on_install)
+    await peers.worker.flush()
+    async with running_api(api.settings) as other:
+        body = {"mode": "systemd"}
+        first, second = await asyncio.gather(
+            api.client.post("/api/agents/h1/install", json=body, headers=api.auth),
+            other.client.post("/api/agents/h1/install", json=body, headers=other.auth),
+        )
+    assert (first.status_code, second.status_code) == (200, 200), (first.text, second.text)
+    assert len(intervals) == 2
+    earlier, later = sorted(intervals)
+    assert later[0] >= earlier[1], intervals
 
 
 async def test_install_without_systemd_is_409_and_changes_nothing(api: RunningApi, peers: Peers) -> None:
