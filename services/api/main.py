@@ -33,6 +33,7 @@ from services.api.deps import ApiState, AuthCache, document_api_key
 from services.api.edge import ApiEdge, error_response
 from services.api.errors import ApiError
 from services.api.lifecycle import AgentLifecycle
+from services.api.reconciler import reconcile_forever
 from services.api.routes import include_routes
 from services.api.runner import Runner
 from services.api.runstore import open_store
@@ -118,6 +119,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 background.append(asyncio.create_task(_initialise_until_ready(state), name="db-init"))
             # NATS in the background: the HTTP port opens (and /healthz says why NATS is missing) even when
             # NATS is down. The first attempt is awaited, so a reachable NATS is serving before we are.
+            reconciling = reconcile_forever(sessions, settings, ready=lambda: state.db_ready)
+            background.append(asyncio.create_task(reconciling, name="reconciler"))
             connecting = asyncio.create_task(_connect_nats(link, bus, stop), name="nats-connect")
             background.append(connecting)
             failed = asyncio.create_task(link.failed.wait())

@@ -53,6 +53,16 @@ class ApiSettings(NatsSettings):
     db_retry_max: float = Field(
         default=30.0, gt=0, description="cap of the backoff between schema initialisation attempts"
     )
+    reconcile_interval: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds between passes of the reconciler of runs a stopped API left pending",
+    )
+    reconcile_margin: float = Field(
+        default=60.0,
+        ge=0,
+        description="seconds beyond a run's timeout and the longest grace before a pending run is orphaned",
+    )
     shutdown_timeout: float = Field(
         default=10.0, ge=0, description="seconds in-flight commands may finish at shutdown (then: pending)"
     )
