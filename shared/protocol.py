@@ -332,6 +332,18 @@ class MetricsEvent(Message):
     sample: MetricsSample
 
 
+class GatewayHeartbeat(Message):
+    """Published by every gateway every `interval` seconds on ``warlock.gateway.<id>.heartbeat``: it is alive
+    and its sessions stand. An API that hears nothing from a gateway for its silence bound marks that
+    gateway's agents disconnected (a SIGKILLed gateway publishes no disconnect)."""
+
+    type: Literal["gateway_heartbeat"] = "gateway_heartbeat"
+    gateway_id: GatewayIdField
+    sessions: int = Field(ge=0)
+    interval: float = Field(gt=0, le=3600)
+    at: float
+
+
 class SessionClaim(Message):
     """A gateway announces a new session; any older session for the host closes with 4000."""
 

@@ -22,6 +22,7 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.ssh.<host>.configure     | request          | SSH worker: rewrite the agent config (new token) |
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
 | warlock.ops.<host>.exec          | request          | the API: a command signed with an operator key  |
+| warlock.gateway.<id>.heartbeat   | publish          | every API: this gateway is alive (stale presence) |
 
 Who may publish and subscribe to each is declared once, in `shared/permissions.py`.
 """
@@ -47,6 +48,7 @@ SESSION_CLAIMS = f"{PREFIX}.session.*.claim"
 ALL_METRICS = f"{PREFIX}.metrics.*"
 ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
+GATEWAY_HEARTBEATS = f"{PREFIX}.gateway.*.heartbeat"
 
 AGENT_VERBS = ("exec", "ping", "rotate")
 SRV_PREFIX = "$SRV"  # NATS micro discovery ($SRV.PING, $SRV.INFO.<name>, ...)
@@ -200,3 +202,13 @@ def inbox_prefix(role: str) -> str:
     """The reply-inbox prefix of a service role (``_INBOX_<role>``): replies to one role's requests are
     never delivered to another's subscription. The operator (NATS CLI) keeps the default ``_INBOX``."""
     return "_INBOX" if role == "operator" else f"_INBOX_{role.replace('-', '_')}"
+
+
+def gateway_heartbeat(gateway_id: str) -> str:
+    """Subject on which a gateway says, every few seconds, that it is alive and holds its sessions."""
+    return f"{PREFIX}.gateway.{host_id(gateway_id)}.heartbeat"
+
+
+def parse_gateway_heartbeat(subject: str) -> HostId:
+    """The gateway id of a ``warlock.gateway.<id>.heartbeat`` subject; InvalidIdError otherwise."""
+    return _host_of(subject, "gateway", "heartbeat")[0]

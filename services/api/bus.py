@@ -32,6 +32,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import __version__, crud
 from services.api.errors import Conflict, DatabaseUnavailable
+from services.api.liveness import GatewayWatch
 from services.api.models import CommandStatus, Host, utcnow
 from services.api.runner import Outcome, Runner, late_result_values
 from services.api.runstore import NewRun
@@ -80,6 +81,7 @@ class Bus:
         ready: Callable[[], bool],
         runner: Runner,
         command_ttl: float,
+        watch: GatewayWatch | None = None,
     ) -> None:
         self.nc = nc
         self.sessions = sessions
@@ -88,6 +90,7 @@ class Bus:
         self.ready = ready
         self.runner = runner
         self.command_ttl = command_ttl
+        self.watch = watch
         self.rejections: Rejections = runner.rejections
         self.key_wait_s = KEY_WAIT_S
         self._subs: list[Subscription] = []
@@ -102,6 +105,10 @@ class Bus:
             (subjects.ALL_RESULTS, self._on_result),
         ):
             self._subs.append(await self.nc.subscribe(subject, queue=subjects.API_QUEUE, cb=handler))
+        if self.watch is not None:  # every instance hears every gateway (no queue group)
+            self._subs.append(
+                await self.nc.subscribe(subjects.GATEWAY_HEARTBEATS, cb=self.watch.on_heartbeat)
+            )
         self._service = await micro.add_service(
             self.nc, name=SERVICE_NAME, version=__version__, description="Warlock API: tokens, operator exec"
         )

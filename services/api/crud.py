@@ -208,6 +208,26 @@ async def record_disconnected(session: AsyncSession, event: PresenceDisconnected
     return bool(result.rowcount)
 
 
+async def connected_gateways(session: AsyncSession) -> set[str]:
+    """The gateways holding at least one agent recorded connected."""
+    rows = await session.exec(
+        select(AgentConnection.gateway_id).where(col(AgentConnection.status) == AgentStatus.CONNECTED)
+    )
+    return {gateway for gateway in rows.all() if gateway is not None}
+
+
+async def mark_gateway_gone(session: AsyncSession, gateway_id: str) -> int:
+    """Mark every agent recorded connected through `gateway_id` disconnected; return how many."""
+    result = await session.exec(
+        update(AgentConnection)
+        .where(col(AgentConnection.gateway_id) == gateway_id)
+        .where(col(AgentConnection.status) == AgentStatus.CONNECTED)
+        .values(status=AgentStatus.DISCONNECTED, updated_at=utcnow())
+    )
+    await session.commit()
+    return int(result.rowcount or 0)
+
+
 async def record_ping(session: AsyncSession, host_id: str, at: datetime) -> bool:
     """Set the agent's last_ping; False when the host has no agent record."""
     result = await session.exec(

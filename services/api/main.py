@@ -33,6 +33,7 @@ from services.api.deps import ApiState, AuthCache, document_api_key
 from services.api.edge import ApiEdge, error_response
 from services.api.errors import ApiError
 from services.api.lifecycle import AgentLifecycle
+from services.api.liveness import GatewayWatch
 from services.api.reconciler import reconcile_forever
 from services.api.routes import include_routes
 from services.api.runner import Runner
@@ -102,6 +103,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         auth = AuthCache(settings.auth_cache_ttl)
         state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)
+        watch = GatewayWatch(sessions, settings.gateway_silence)
         bus = Bus(
             nc,
             sessions,
@@ -110,6 +112,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             ready=lambda: state.db_ready,
             runner=runner,
             command_ttl=settings.command_ttl,
+            watch=watch,
         )
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
@@ -121,6 +124,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             # NATS is down. The first attempt is awaited, so a reachable NATS is serving before we are.
             reconciling = reconcile_forever(sessions, settings, ready=lambda: state.db_ready)
             background.append(asyncio.create_task(reconciling, name="reconciler"))
+            background.append(asyncio.create_task(watch.run(lambda: state.db_ready), name="gateway-watch"))
             connecting = asyncio.create_task(_connect_nats(link, bus, stop), name="nats-connect")
             background.append(connecting)
             failed = asyncio.create_task(link.failed.wait())

@@ -53,6 +53,12 @@ class ApiSettings(NatsSettings):
     db_retry_max: float = Field(
         default=30.0, gt=0, description="cap of the backoff between schema initialisation attempts"
     )
+    gateway_silence: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds without a heartbeat after which a gateway's agents are marked disconnected "
+        "(gateways send one every 5 s)",
+    )
     reconcile_interval: float = Field(
         default=30.0,
         gt=0,

@@ -44,6 +44,7 @@ CONCRETE: dict[str, str] = {
     "presence": s.presence(HOST),
     "result": s.result(HOST),
     "gateway_sessions": s.gateway_sessions(GATEWAY),
+    "gateway_heartbeat": s.gateway_heartbeat(GATEWAY),
     "session_claim": s.session_claim(HOST),
     "ops_exec": s.ops_exec(HOST),
     "TOKEN_VERIFY": s.TOKEN_VERIFY,
@@ -174,7 +175,8 @@ def test_the_matrix_keeps_its_promises() -> None:
     assert [r for r in ROLES.values() if may_subscribe(r, s.agent_requests(HOST))] == [gateway]
     assert [r for r in ROLES.values() if may_subscribe(r, s.ssh_exec(HOST))] == [worker]
     assert [r for r in ROLES.values() if may_publish(r, s.TOKEN_REVOKED)] == [api]
-    for gateway_only in (s.session_claim(HOST), s.presence(HOST), s.metrics(HOST), s.result(HOST)):
+    gateway_published = (s.session_claim(HOST), s.presence(HOST), s.metrics(HOST), s.result(HOST))
+    for gateway_only in (*gateway_published, s.gateway_heartbeat(GATEWAY)):
         assert [r for r in ROLES.values() if may_publish(r, gateway_only)] == [gateway]
     for watched in (s.ALL_PRESENCE, s.ALL_METRICS, s.ALL_RESULTS, "warlock.presence.>", f"{s.SRV_PREFIX}.>"):
         assert may_subscribe(operator, watched)
