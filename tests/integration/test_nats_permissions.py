@@ -64,6 +64,7 @@ WILDCARDS: dict[str, str] = {
     "ALL_METRICS": s.ALL_METRICS,
     "ALL_PRESENCE": s.ALL_PRESENCE,
     "ALL_RESULTS": s.ALL_RESULTS,
+    "GATEWAY_HEARTBEATS": s.GATEWAY_HEARTBEATS,
     "everything": ">",
     "cli_presence": f"{s.PREFIX}.presence.>",  # what the README's `nats sub` examples use
     "cli_metrics": f"{s.PREFIX}.metrics.>",
