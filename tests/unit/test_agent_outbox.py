@@ -225,7 +225,7 @@ async def test_a_result_is_on_disk_before_the_ledger_records_it_done(tmp_path: P
         put(seq, r)
 
     assert outbox.store is not None
-    outbox.store.put = count  # type: ignore[method-assign]
+    outbox.store.put = count  # type: ignore[method-assign,assignment]
     delivered: list[Result] = []
 
     async def deliver(r: Result) -> None:
