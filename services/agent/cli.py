@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             outbox = open_outbox(settings)
         except OSError as exc:
+            ledger.close()
             raise ConfigError(
                 f"outbox_path ({env_name('outbox_path')})",
                 f"cannot open {outbox_dir(settings)}: {exc.strerror or exc}",

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from services.agent.cli import main
 from services.agent.commands import Commands
 from services.agent.config import AgentSettings, outbox_dir
 from services.agent.ledger import Ledger
@@ -241,3 +242,32 @@ async def test_a_result_is_on_disk_before_the_ledger_records_it_done(tmp_path: P
     assert on_disk == delivered
     assert signing.verify_result(signing.parse_public(trust.public_key), HOST, delivered[0])
     ledger.close()
+
+
+def test_an_unusable_outbox_path_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`outbox_path` under a regular file: `warlock-agent run` exits 2 with one line naming the field."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    conf = tmp_path / "agent.conf"
+    conf.write_text(
+        'host_id = "web-1"\n'
+        f'token = "{"ab" * 32}"\n'
+        'gateway_urls = ["ws://127.0.0.1:1/agent"]\n'
+        f'trusted_keys = ["{TestSigner(tmp_path).public_key}"]\n'
+        f'identity_key_file = "{tmp_path / "agent.key"}"\n'
+        f'ledger_path = "{tmp_path / "ledger.jsonl"}"\n'
+        f'outbox_path = "{blocker / "outbox"}"\n'
+    )
+    conf.chmod(0o600)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["run", "--config", str(conf)]) == 2
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "config error: outbox_path (WARLOCK_AGENT_OUTBOX_PATH): cannot open" in err
+    assert "Traceback" not in err
