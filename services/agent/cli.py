@@ -26,17 +26,19 @@ from shared.errors import ConfigError
 from shared.logs import setup_logging
 
 from . import __version__
-from .client import Agent
+from .client import Agent, open_outbox
 from .config import (
     DEFAULT_IDENTITY_KEY_FILE,
     AgentSettings,
     config_file,
     env_name,
     load_agent_config,
+    outbox_dir,
     read_toml,
     tls_context,
 )
 from .ledger import Ledger
+from .results import Outbox
 from .swarm import load_tokens, run_swarm
 from .tokenstore import TokenStore
 from .trust import AgentTrust, load_identity
@@ -83,11 +85,11 @@ async def _until_signal(main: Callable[[], Coroutine[Any, Any, None]], on_stop: 
             loop.remove_signal_handler(sig)
 
 
-async def _run_agent(settings: AgentSettings, ledger: Ledger, store: TokenStore) -> None:
+async def _run_agent(settings: AgentSettings, ledger: Ledger, store: TokenStore, outbox: Outbox) -> None:
     """Serve as the agent until a signal stops it; the ledger is compacted and closed on the way out."""
     key = load_identity(settings.identity_key_file)
     trust = AgentTrust(settings.host_id, key, settings.trusted_keys, max_ttl=ledger.retention)
-    agent = Agent(settings, ledger, token_store=store, trust=trust, tls=tls_context(settings))
+    agent = Agent(settings, ledger, token_store=store, trust=trust, tls=tls_context(settings), outbox=outbox)
 
     def stop() -> None:
         log.info("signal received; stopping")
@@ -161,7 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(
                 "ledger_path", f"cannot open {settings.ledger_path}: {exc.strerror or exc}"
             ) from exc
-        asyncio.run(_run_agent(settings, ledger, store))
+        try:
+            outbox = open_outbox(settings)
+        except OSError as exc:
+            ledger.close()
+            raise ConfigError(
+                f"outbox_path ({env_name('outbox_path')})",
+                f"cannot open {outbox_dir(settings)}: {exc.strerror or exc}",
+            ) from exc
+        asyncio.run(_run_agent(settings, ledger, store, outbox))
     except ConfigError as exc:
         print(f"warlock-agent: {exc}", file=sys.stderr)
         return 2

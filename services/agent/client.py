@@ -3,7 +3,8 @@
 Per session, three tasks run side by side and the first to end cancels the others: a reader (answers
 pings, starts commands, takes acks), a pinger (application pings; closes a silent connection) and a
 metrics pusher. Commands run in tasks owned by the `Agent`, not the session: a dropped connection does not
-cancel them; their results wait in the outbox and are re-sent after the next welcome.
+cancel them; their results wait in the outbox (on disk, so also across a restart) and are re-sent after
+the next welcome.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from shared.tokens import fingerprint, generate_token, hash_token
 from . import __version__, dispatch, metrics
 from .backoff import Outcome, ReconnectPolicy, outcome_of_close
 from .commands import Commands
-from .config import AgentSettings, is_loopback_url
+from .config import AgentSettings, is_loopback_url, outbox_dir
 from .ledger import Ledger, Result
+from .outbox import OutboxStore
 from .results import Outbox
 from .tokenstore import TokenStore
 from .trust import AgentTrust
@@ -38,6 +40,15 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 FIRST_METRICS_DELAY_S = 1.0
 SHUTDOWN_GRACE_S = 5.0
+
+
+def open_outbox(settings: AgentSettings) -> Outbox:
+    """The agent's outbox on disk (`config.outbox_dir`), with what it kept before a restart loaded."""
+    path = outbox_dir(settings)
+    outbox = Outbox(max_bytes=settings.outbox_max_bytes, store=OutboxStore(path, settings.host_id))
+    if kept := outbox.open():
+        log.info("outbox %s: %d un-acked result(s) kept from before; re-sent on the next session", path, kept)
+    return outbox
 
 
 class Agent:
@@ -54,6 +65,7 @@ class Agent:
         token_store: TokenStore | None = None,
         trust: AgentTrust,
         tls: ssl.SSLContext | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.settings = settings  # replaced (not mutated) when the token is rotated
         self.trust = trust
@@ -67,7 +79,11 @@ class Agent:
         )
         self.clock = clock
         self.shutdown_grace = shutdown_grace
-        self.outbox = Outbox(max_bytes=settings.outbox_max_bytes)
+        if outbox is None:  # `open_outbox` raises OSError when its directory is unusable
+            outbox = open_outbox(settings)
+        self.outbox = outbox
+        for result in outbox.pending():  # a result kept just before a crash: its id finished
+            ledger.learn(result)
         self.stopping = asyncio.Event()
         self.commands = Commands(
             ledger,

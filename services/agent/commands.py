@@ -1,9 +1,9 @@
 """Commands owned by the agent, not by a connection: run through the ledger under a concurrency cap.
 
-A dropped connection does not cancel a command; its result goes to the outbox and is delivered when (and
-if) a session is up, and re-sent after each welcome until acked. A command's timeout counts from when the
-agent received it: the wait for a free slot uses it up, and one whose budget ran out is answered ``busy``
-without running (`budget`).
+A dropped connection does not cancel a command; its result goes to the outbox (on disk: it survives a
+restart) and is delivered when (and if) a session is up, and re-sent after each welcome until acked. A
+command's timeout counts from when the agent received it: the wait for a free slot uses it up, and one
+whose budget ran out is answered ``busy`` without running (`budget`).
 
 Before anything else a command's signature is checked (`services.agent.trust`), then the ledger refuses
 an id it has seen (`replay`). A refusal is sent once, straight to the gateway and not through the outbox
@@ -84,7 +84,7 @@ class Commands:
         if isinstance(result, ExecError) and result.code is ErrorCode.REPLAY:
             await self.deliver(result)
             return
-        self.outbox.add(result)
+        self.outbox.add(result)  # no-op when `_execute` already kept this result
         await self.deliver(result)
         if isinstance(result, ExecResult):
             release_after(len(result.stdout) + len(result.stderr))
@@ -116,8 +116,11 @@ class Commands:
 
     async def _execute(self, request: Exec) -> Result:
         """Run the admitted command (it holds a slot) with what is left of its timeout; sign its result."""
-        result = await run_command(request.command_id, request.command, request.timeout, self.max_output)
-        return self.trust.seal(result)
+        result = self.trust.seal(
+            await run_command(request.command_id, request.command, request.timeout, self.max_output)
+        )
+        self.outbox.add(result)  # kept (on disk) before the ledger records it done: see `Ledger.learn`
+        return result
 
     async def wait(self, grace: float) -> None:
         """Wait up to `grace` seconds for the running commands to finish."""

@@ -75,6 +75,7 @@ class AgentSettings(BaseModel):
     ledger_output_bytes: int = Field(default=LEDGER_OUTPUT_BYTES, ge=0)
     ledger_max_bytes: int = Field(default=LEDGER_MAX_BYTES, ge=0)
     outbox_max_bytes: int = Field(default=OUTBOX_MAX_BYTES, ge=0)
+    outbox_path: Path | None = None  # directory of un-acked results; None: `outbox_dir` (next to the ledger)
     backoff_initial: float = Field(default=0.5, gt=0)
     backoff_max: float = Field(default=30.0, gt=0)
     superseded_backoff: float = Field(default=60.0, ge=0)
@@ -125,6 +126,14 @@ class AgentSettings(BaseModel):
                     f"key {index + 1} ({text[:60]!r}) is not an Ed25519 public key: {exc}"
                 ) from None
         return value
+
+
+def outbox_dir(settings: AgentSettings) -> Path:
+    """Where the un-acked results are kept: `outbox_path`, else ``<ledger stem>.outbox`` beside the ledger
+    (``/var/lib/warlock-agent/ledger.outbox`` by default; one outbox per ledger)."""
+    if settings.outbox_path is not None:
+        return settings.outbox_path
+    return settings.ledger_path.with_name(f"{settings.ledger_path.stem}.outbox")
 
 
 def is_loopback_url(url: str) -> bool:

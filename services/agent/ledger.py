@@ -13,7 +13,8 @@ the file is rewritten from memory without expired ids (temp file + os.replace).
 
 A repeated id is a replay: it is refused with the typed error ``replay`` and never runs again, whether it
 is done or running now (or waiting for the right to run: see `Ledger.run`'s `admit`); an id that started
-before the agent restarted and never finished is refused with ``unknown_result`` (it may have run). (A
+before the agent restarted and never finished is refused with ``unknown_result`` (it may have run), unless
+its result reached the outbox before the crash (`Ledger.learn`: then it is ``replay`` and re-sent). (A
 result is not answered again: the outbox re-sends it until the gateway acks it, and a replayed envelope
 must not fetch a command's output.) An id is kept `retention` seconds, and at
 least until the not-after of the signed envelope that brought it (`keep_until`), so a signed command
@@ -242,6 +243,27 @@ class Ledger:
             description=f"command id {command_id} {why} on this host; a command runs at most once, so "
             "nothing ran again (a result not yet acknowledged is re-sent by the agent)",
         )
+
+    def learn(self, result: Result) -> bool:
+        """Record a finished command's `result` for an id that only *started* here; return whether it did.
+
+        The agent keeps a result in its outbox (on disk) before the ledger records it done, so a crash in
+        between leaves an id that started and a result that finished: at the next start the outbox
+        hands its results here, and the id answers `replay` (its result is re-sent) instead of
+        `unknown_result`. Only an ExecResult counts (an error in the outbox may say that nothing ran), and
+        only an id this ledger still holds as started.
+        """
+        if not isinstance(result, ExecResult):
+            return False
+        command_id = result.command_id
+        entry = self._entries.get(command_id)
+        if entry is None or entry.used or entry.result is not None or command_id in self._running:
+            return False
+        at = max(entry.at, self.clock())
+        kept = self._remember(command_id, at, result)
+        self._append({"id": command_id, "at": at, "state": "done", "result": _dump(kept)})
+        log.info("command %s: result found in the outbox after a restart; recorded as done", command_id)
+        return True
 
     def claim(self, command_id: str, keep_until: float = 0.0, namespace: str = "rotate") -> ExecError | None:
         """Record `command_id` of an operation that runs no command (recorded as ``<namespace>:<id>``,

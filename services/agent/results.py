@@ -6,14 +6,20 @@ it again before it is sent), so a signature always covers the output it travels 
 Output kept beyond the first answer is bounded twice: per result (`cap_output`, each stream cut to a
 number of UTF-8 bytes) and in total (`OutputBudget`: past its bytes, the oldest results lose their output
 and keep their outcome, flagged ``truncated``). The ledger and the outbox each keep one budget.
+
+The outbox is kept on disk too (`services.agent.outbox`), so un-acked results survive a restart.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from shared.protocol import ExecError, ExecResult, encode
+
+if TYPE_CHECKING:
+    from .outbox import OutboxStore
 
 log = logging.getLogger(__name__)
 
@@ -121,31 +127,78 @@ class Outbox:
 
     At most `limit` results and `max_bytes` of their output: past that, the oldest lose their output
     (their outcome is still re-sent), then the oldest are dropped (the ledger still answers their id).
+
+    With a `store` (`services.agent.outbox.OutboxStore`) every change is also made on disk, so what is
+    not acked survives a restart: `open` loads it back (within the same bounds).
     """
 
-    def __init__(self, limit: int = MAX_UNACKED, max_bytes: int = OUTBOX_MAX_BYTES) -> None:
+    def __init__(
+        self, limit: int = MAX_UNACKED, max_bytes: int = OUTBOX_MAX_BYTES, store: OutboxStore | None = None
+    ) -> None:
         self.limit = limit
+        self.store = store
         self._pending: OrderedDict[str, Result] = OrderedDict()
+        self._seq: dict[str, int] = {}
+        self._next = 0
         self._budget = OutputBudget(max_bytes)
 
+    def open(self) -> int:
+        """Load what the store kept from before (oldest first, bounded as when added); return how many.
+
+        Raises OSError when the store's directory cannot be created or read.
+        """
+        if self.store is None:
+            return 0
+        entries = self.store.load()
+        for seq, result in entries:
+            self._next = max(self._next, seq)
+            self._keep(result, seq, write=False)
+        self._next += 1
+        return len(entries)
+
     def add(self, result: Result) -> None:
-        """Keep `result` until `ack` names its command id."""
-        self._pending[result.command_id] = result
-        self._pending.move_to_end(result.command_id)
-        for key in self._budget.add(result.command_id, output_bytes(result)):
+        """Keep `result` (on disk too, with a store) until `ack` names its command id."""
+        if self._pending.get(result.command_id) is result:
+            return  # already kept (the command's runner keeps it before the ledger records it)
+        self._next += 1
+        self._keep(result, self._next, write=True)
+
+    def _keep(self, result: Result, seq: int, write: bool) -> None:
+        """Keep `result` as the newest, then apply the bounds (rewriting or removing what they change)."""
+        command_id = result.command_id
+        self._pending[command_id] = result
+        self._pending.move_to_end(command_id)
+        self._seq[command_id] = seq
+        over = self._budget.add(command_id, output_bytes(result))
+        if write and command_id not in over:
+            self._write(command_id)
+        for key in over:
             log.warning(
                 "un-acked results over %d bytes: dropping the output of %s", self._budget.max_bytes, key
             )
             self._pending[key] = strip_output(self._pending[key])
+            self._write(key)
         while len(self._pending) > self.limit:
             dropped, _ = self._pending.popitem(last=False)
             self._budget.discard(dropped)
+            self._seq.pop(dropped, None)
+            if self.store is not None:
+                self.store.remove(dropped)
             log.warning("too many un-acked results; dropping the oldest (%s); the ledger keeps it", dropped)
 
+    def _write(self, command_id: str) -> None:
+        """Write the kept result of `command_id` to the store, if there is one."""
+        if self.store is not None:
+            self.store.put(self._seq[command_id], self._pending[command_id])
+
     def ack(self, command_id: str) -> bool:
-        """Forget the result of `command_id`; return whether it was pending."""
+        """Forget the result of `command_id` (and its file); return whether it was pending."""
         self._budget.discard(command_id)
-        return self._pending.pop(command_id, None) is not None
+        self._seq.pop(command_id, None)
+        found = self._pending.pop(command_id, None) is not None
+        if found and self.store is not None:
+            self.store.remove(command_id)
+        return found
 
     def output_bytes(self) -> int:
         """Output bytes the un-acked results hold."""
@@ -154,6 +207,10 @@ class Outbox:
     def pending(self) -> list[Result]:
         """Every un-acked result, oldest first."""
         return list(self._pending.values())
+
+    def __contains__(self, command_id: object) -> bool:
+        """Whether a result for `command_id` waits for an ack."""
+        return command_id in self._pending
 
     def __len__(self) -> int:
         """How many results wait for an ack."""
