@@ -45,7 +45,7 @@ from services.gateway.session import (
 from services.gateway.settings import GatewaySettings
 from shared import subjects
 from shared.errors import CloseCode, ErrorCode, InvalidIdError, ProtocolError
-from shared.ids import GatewayId, HostId
+from shared.ids import CommandId, GatewayId, HostId
 from shared.logs import ContextAdapter
 from shared.natsx import error, reply
 from shared.protocol import (
@@ -73,6 +73,16 @@ def session_log(session: GwSession) -> ContextAdapter:
     peer = session.conn.remote_address
     where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
     return ContextAdapter(log, {"host": session.host_id, "session": session.session_id[:8], "peer": where})
+
+
+def command_id_of(verb: str, msg: Msg) -> CommandId | None:
+    """The command id of an exec request (for its reply), if it has a valid one."""
+    if verb != "exec":
+        return None
+    try:
+        return decode_model(ExecRequest, msg.data).command_id
+    except ProtocolError:
+        return None
 
 
 class Bridge:
@@ -309,7 +319,7 @@ class Bridge:
             return
         handler = self.verbs.get(verb)
         if session.ended or self.stopping:
-            await self.answer(msg, error(ErrorCode.UNAVAILABLE, NOT_SENT))
+            await self.answer(msg, error(ErrorCode.UNAVAILABLE, NOT_SENT, command_id_of(verb, msg)))
         elif handler is None:
             await self.answer(msg, error(ErrorCode.BAD_REQUEST, f"unknown verb {verb[:40]!r}"))
         else:
