@@ -2,6 +2,11 @@
 
 Request callbacks never await an agent: nats-py runs one subscription's callbacks one at a time, so a
 callback admits the request, and a task owned by the session sends the frame, waits and replies.
+
+A request is answered exactly once, also when its session ends: one the agent may have received gets
+`disconnected` ("may have run"); one that never reached it (still queued in the session's subscription, or
+admitted but not yet sent) gets `unavailable` ("nothing ran"). Every send to an agent is bounded by the
+send timeout, so no agent that stops reading can hold a request, a drain or a shutdown.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from services.gateway.session import (
+    NOT_SENT,
+    SEND_TIMEOUT_CLOSE,
     Action,
     Busy,
     Close,
@@ -37,7 +45,7 @@ from services.gateway.session import (
 from services.gateway.settings import GatewaySettings
 from shared import subjects
 from shared.errors import CloseCode, ErrorCode, InvalidIdError, ProtocolError
-from shared.ids import GatewayId, HostId
+from shared.ids import CommandId, GatewayId, HostId
 from shared.logs import ContextAdapter
 from shared.natsx import error, reply
 from shared.protocol import (
@@ -57,6 +65,7 @@ from shared.protocol import (
 log = logging.getLogger("services.gateway")
 GwSession = Session[ServerConnection]
 VerbHandler = Callable[[GwSession, Msg], Awaitable[None]]
+QUEUE_DRAIN_LIMIT_S = 5.0  # bound on answering what an unsubscribed subscription still holds
 
 
 def session_log(session: GwSession) -> ContextAdapter:
@@ -64,6 +73,16 @@ def session_log(session: GwSession) -> ContextAdapter:
     peer = session.conn.remote_address
     where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
     return ContextAdapter(log, {"host": session.host_id, "session": session.session_id[:8], "peer": where})
+
+
+def command_id_of(verb: str, msg: Msg) -> CommandId | None:
+    """The command id of an exec request (for its reply), if it has a valid one."""
+    if verb != "exec":
+        return None
+    try:
+        return decode_model(ExecRequest, msg.data).command_id
+    except ProtocolError:
+        return None
 
 
 class Bridge:
@@ -119,9 +138,25 @@ class Bridge:
     # ------------------------------------------------------------------------- agent output
 
     async def send(self, session: GwSession, frame: Message) -> None:
-        """Send a frame to the agent; a closed connection is left to the connection handler."""
-        with contextlib.suppress(ConnectionClosed):
-            await session.conn.send(encode(frame), text=True)
+        """Send a frame to the agent; a closed connection is left to the connection handler.
+
+        A frame the agent does not take within the send timeout (its socket and our write buffer are
+        full: it stopped reading) ends the session with close code 4004; its requests are answered.
+        """
+        try:
+            async with asyncio.timeout(self.settings.send_timeout):
+                await session.conn.send(encode(frame), text=True)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            if not session.ended:
+                limit = self.settings.send_timeout
+                session_log(session).warning(
+                    "closing %d: the agent took no frame for %gs", SEND_TIMEOUT_CLOSE, limit
+                )
+                await self.retire(
+                    session, SEND_TIMEOUT_CLOSE, f"send timeout: the agent read nothing for {limit:g}s"
+                )
 
     async def apply(self, session: GwSession, actions: list[Action]) -> Close | None:
         """Carry out a session's actions in order; return the Close among them, if any."""
@@ -151,10 +186,13 @@ class Bridge:
         pending = session.end()
         if self.sessions.get(session.host_id) is session:
             del self.sessions[session.host_id]
-        await self.unsubscribe(session)
+        await self.unsubscribe(session)  # what its subscription still held is answered `unavailable`
         for entry in pending:
-            description = "the agent disconnected; the command may have run"
-            await self.settle(entry, error(ErrorCode.DISCONNECTED, description, entry.command_id))
+            if entry.sent:
+                description = "the agent disconnected; the command may have run"
+                await self.settle(entry, error(ErrorCode.DISCONNECTED, description, entry.command_id))
+            else:  # admitted, but its task had not sent it yet (and now never will)
+                await self.settle(entry, error(ErrorCode.UNAVAILABLE, NOT_SENT, entry.command_id))
         event = PresenceDisconnected(
             host_id=session.host_id,
             session_id=session.session_id,
@@ -167,21 +205,69 @@ class Bridge:
         session_log(session).info("session ended: %s (close code %s)", reason, code)
 
     async def unsubscribe(self, session: GwSession) -> None:
-        """Drop the session's request subscription (new requests then find no responder)."""
+        """Drop the session's request subscription (new requests then find no responder); the requests
+        already routed to it are answered by its callback (`unavailable` once the session ended)."""
         sub, session.sub = session.sub, None
         if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.warning("unsubscribe for %s failed: %s", session.host_id, type(exc).__name__)
-            await self.sync()  # the server stops routing to us before the agent hears its close
+            await self.release([sub])
 
-    async def retire(self, session: GwSession, code: CloseCode, reason: str) -> None:
+    async def unsubscribe_all(self) -> None:
+        """`unsubscribe` every session at once (one pair of round trips for all: a shutdown)."""
+        subs = []
+        for session in self.sessions.values():
+            if session.sub is not None:
+                subs.append(session.sub)
+                session.sub = None
+        await self.release(subs)
+
+    async def release(self, subs: list[Subscription]) -> None:
+        """Unsubscribe `subs` without dropping a request the server already routed to them.
+
+        nats-py's `unsubscribe()` discards a subscription's queued messages and those still on the way,
+        whose callers then wait their whole timeout; its `drain()` trusts one PING, which nats-py 2.16
+        writes ahead of the UNSUB still buffered (see `sync`). So, with nats-py's internals (pinned by
+        tests/integration/test_gateway_drain.py): send each UNSUB, wait two round trips (the server then
+        stopped routing, and everything it routed before is in the queues), let each callback work through
+        its queue, and only then forget the subscription.
+        """
+        nc = self.nc
+        live = [sub for sub in subs if not sub._closed]
+        if not live or nc.is_closed:
+            return
+        for sub in live:
+            sub._closed = True  # nats-py: no unsubscribe()/drain() of it any more
+            if nc.is_connected:
+                try:
+                    await nc._send_unsubscribe(sub._id)
+                except nats.errors.Error as exc:
+                    log.warning("unsubscribe from %s failed: %s", sub.subject, type(exc).__name__)
+        await self.sync()  # the server stops routing to us before the agent hears its close
+        current = asyncio.current_task()
+        for sub in live:
+            if sub._wait_for_msgs_task is not None and sub._wait_for_msgs_task is not current:
+                try:
+                    async with asyncio.timeout(QUEUE_DRAIN_LIMIT_S):
+                        await sub._pending_queue.join()
+                except TimeoutError:
+                    log.warning("%d requests on %s left unanswered", sub.pending_msgs, sub.subject)
+            sub._stop_processing()
+            nc._remove_sub(sub._id)
+
+    async def retire(self, session: GwSession, code: CloseCode | int, reason: str) -> None:
         """End a session from outside its handler and close its connection in an owned task."""
         await self.end(session, reason, int(code))
-        task = asyncio.create_task(session.conn.close(code, reason[:120]))
+        task = asyncio.create_task(self.hang_up(session.conn, code, reason[:120]))
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
+
+    async def hang_up(self, conn: ServerConnection, code: CloseCode | int, reason: str) -> None:
+        """Close `conn` with `code`; abort the TCP connection when the closing handshake cannot finish
+        within the close timeout (websockets waits for a full write buffer to drain before it counts)."""
+        try:
+            async with asyncio.timeout(self.settings.close_timeout):
+                await conn.close(code, reason)
+        except TimeoutError:
+            conn.transport.abort()
 
     async def wait_closers(self, within: float) -> None:
         """Wait up to `within` seconds for the connection-closing tasks started by `retire`."""
@@ -212,17 +298,28 @@ class Bridge:
         elif claim.gateway_id != self.gateway_id:
             await self.publish(subjects.session_claim(session.host_id), session.claim())
 
-    async def on_agent_request(self, msg: Msg) -> None:
-        """Dispatch a request on ``warlock.agent.<host>.<verb>`` without awaiting the agent."""
+    def request_callback(self, session: GwSession) -> Callable[[Msg], Awaitable[None]]:
+        """The callback of `session`'s request subscription."""
+
+        async def on_request(msg: Msg) -> None:
+            await self.on_agent_request(session, msg)
+
+        return on_request
+
+    async def on_agent_request(self, session: GwSession, msg: Msg) -> None:
+        """Dispatch a request on ``warlock.agent.<host>.<verb>`` without awaiting the agent.
+
+        Requests still queued when `session` ends are answered `unavailable` here: they go to no other
+        session (not even a newer one of the same host here, which may not have been welcomed yet).
+        """
         try:
-            host, verb = subjects.parse_agent_request(msg.subject)
+            _, verb = subjects.parse_agent_request(msg.subject)
         except InvalidIdError as exc:
             await self.answer(msg, error(ErrorCode.BAD_REQUEST, str(exc)))
             return
-        session = self.sessions.get(host)
         handler = self.verbs.get(verb)
-        if session is None or session.ended or self.stopping:
-            await self.answer(msg, error(ErrorCode.UNAVAILABLE, "agent not connected here; nothing ran"))
+        if session.ended or self.stopping:
+            await self.answer(msg, error(ErrorCode.UNAVAILABLE, NOT_SENT, command_id_of(verb, msg)))
         elif handler is None:
             await self.answer(msg, error(ErrorCode.BAD_REQUEST, f"unknown verb {verb[:40]!r}"))
         else:
@@ -249,6 +346,9 @@ class Bridge:
     ) -> None:
         """Send the Exec frame (if new), wait for the result; answer `timeout` when it does not come."""
         if frame is not None:
+            if session.ended:  # it ended before this task ran: `end` answered `unavailable`
+                return
+            pending.sent = True  # set just before the write: send() hands the frame over before it awaits
             await self.send(session, frame)
         try:
             async with asyncio.timeout(wait):

@@ -25,7 +25,7 @@ from services.gateway.auth import Authenticator, TokenCache
 from services.gateway.bridge import Bridge, GwSession, session_log
 from services.gateway.rekey import Rekeyer
 from services.gateway.session import Session, accept_hello, is_dead, max_result_bytes
-from services.gateway.settings import GatewaySettings, tls_context
+from services.gateway.settings import GatewaySettings, somaxconn, tls_context
 from services.gateway.upgrade import AGENT_PATH, UpgradeGate, peer_of
 from shared import subjects
 from shared.errors import CloseCode, ProtocolError
@@ -102,6 +102,7 @@ class Gateway:
             max_queue=4,
             close_timeout=s.close_timeout,
             ssl=self.tls,
+            backlog=s.backlog,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._pinger = asyncio.create_task(self._ping_loop())
@@ -113,7 +114,23 @@ class Gateway:
                 "WARLOCK_GATEWAY_TLS_CERT_FILE and WARLOCK_GATEWAY_TLS_KEY_FILE (or terminate TLS in front)",
                 s.host,
             )
-        log.info("gateway %s listening on %s://%s:%d%s", s.gateway_id, scheme, s.host, self.port, AGENT_PATH)
+        cap = somaxconn()
+        if cap is not None and s.backlog > cap:
+            log.warning(
+                "WARLOCK_GATEWAY_BACKLOG=%d is capped by the kernel at net.core.somaxconn=%d; raise it with "
+                "sysctl to admit a bigger connect storm",
+                s.backlog,
+                cap,
+            )
+        log.info(
+            "gateway %s listening on %s://%s:%d%s (accept backlog %d)",
+            s.gateway_id,
+            scheme,
+            s.host,
+            self.port,
+            AGENT_PATH,
+            s.backlog if cap is None else min(s.backlog, cap),
+        )
 
     async def stop(self) -> None:
         """Stop accepting, unsubscribe every host, drain in-flight requests, close agents with 1001."""
@@ -128,8 +145,7 @@ class Gateway:
             self._pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pinger
-        for session in list(bridge.sessions.values()):
-            await bridge.unsubscribe(session)
+        await bridge.unsubscribe_all()  # queued requests: `unavailable`; in-flight ones may finish
         in_flight = {task for session in bridge.sessions.values() for task in session.tasks}
         if in_flight:
             await asyncio.wait(in_flight, timeout=s.drain_timeout)
@@ -219,7 +235,9 @@ class Gateway:
         try:
             await nc.publish(subjects.session_claim(host), encode(session.claim()))
             session.sub = await nc.subscribe(
-                subjects.agent_requests(host), queue=subjects.GATEWAY_QUEUE, cb=bridge.on_agent_request
+                subjects.agent_requests(host),
+                queue=subjects.GATEWAY_QUEUE,
+                cb=bridge.request_callback(session),
             )
             await nc.publish(subjects.presence(host), encode(connected))
         except nats.errors.Error as exc:
@@ -239,6 +257,8 @@ class Gateway:
             max_result_bytes=max_result_bytes(self.settings.max_frame_bytes, max_payload),
         )
         await bridge.send(session, welcome)
+        if session.ended:  # the welcome itself timed out (see Bridge.send)
+            return False
         session_log(session).info(
             "session started: hostname=%s platform=%s agent=%s",
             hello.hostname,
@@ -259,7 +279,7 @@ class Gateway:
                 except ProtocolError as exc:
                     plog.warning("closing %d: %s", exc.close_code, exc.message)
                     await bridge.end(session, f"protocol error: {exc.message}", int(exc.close_code))
-                    await conn.close(exc.close_code, exc.message[:120])
+                    await bridge.hang_up(conn, exc.close_code, exc.message[:120])
                     return "protocol error", int(exc.close_code)
                 if plog.isEnabledFor(logging.DEBUG):
                     plog.debug("frame %s", frame.type)
@@ -267,7 +287,7 @@ class Gateway:
                 if close is not None:
                     plog.warning("closing %d: %s", close.code, close.reason)
                     await bridge.end(session, close.reason, int(close.code))
-                    await conn.close(close.code, close.reason)
+                    await bridge.hang_up(conn, close.code, close.reason)
                     return close.reason, int(close.code)
         except ConnectionClosed as exc:
             self._log_closed(plog, exc, "")

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 C = TypeVar("C")
 RESULT_HEADROOM = 1024  # bytes kept free for the envelope of a result frame
+# Close code of a session whose agent took no frame within the send timeout (it stopped reading). Not in
+# shared.errors.CloseCode yet: the agent treats it like any other unknown code (reconnect with backoff).
+SEND_TIMEOUT_CLOSE = 4004
+NOT_SENT = "agent not connected here; nothing ran"  # `unavailable`: the request never reached an agent
 
 
 # ----------------------------------------------------------------------------- actions
@@ -102,12 +106,13 @@ Action = Send | Publish | Settle | Wake | Confirm | Close
 class Pending:
     """One command in flight to the agent and the NATS requests waiting for its result."""
 
-    __slots__ = ("command_id", "future", "msgs")
+    __slots__ = ("command_id", "future", "msgs", "sent")
 
     def __init__(self, command_id: CommandId, future: asyncio.Future[None]) -> None:
         self.command_id = command_id
         self.future = future  # done once settled; request tasks wait on it
         self.msgs: list[Msg] = []
+        self.sent = False  # its Exec frame was handed to the connection: from then on it may run
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,13 @@ class GatewaySettings(NatsSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535, description="0 picks a free port")
+    backlog: int = Field(
+        default=1024,
+        ge=1,
+        le=65535,
+        description="accept queue of the listening socket (asyncio's default, 100, drops SYNs in a connect "
+        "storm); the kernel caps it at net.core.somaxconn",
+    )
     gateway_id: str = Field(default_factory=default_gateway_id, pattern=HOST_ID_PATTERN)
     max_frame_bytes: int = Field(default=4 * MIB, ge=4096)
     max_in_flight: int = Field(default=32, ge=1, description="concurrent requests per agent")
@@ -51,6 +58,13 @@ class GatewaySettings(NatsSettings):
     rotate_timeout: float = Field(default=5.0, gt=0, description="token rotation round trip")
     drain_timeout: float = Field(default=10.0, ge=0)
     close_timeout: float = Field(default=5.0, gt=0, description="WebSocket closing handshake")
+    send_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="a frame the agent does not take within this closes its session (4004): an agent that "
+        "stops reading cannot hold a request, a drain or a shutdown",
+    )
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain: serve wss://")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
 
@@ -80,6 +94,14 @@ class GatewaySettings(NatsSettings):
                 "pipes to close), and a shorter grace would answer `timeout` while its result is on the way"
             )
         return value
+
+
+def somaxconn(path: Path = Path("/proc/sys/net/core/somaxconn")) -> int | None:
+    """The kernel's cap on a listening socket's accept backlog (Linux), or None when unknown."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
