@@ -27,6 +27,7 @@ class CloseCode(IntEnum):
     AUTH_TIMEOUT = 4001  # no hello frame within the auth timeout
     PING_TIMEOUT = 4002  # nothing received within ping interval + ping timeout
     TOKEN_REVOKED = 4003  # the token this session used is no longer valid
+    SEND_TIMEOUT = 4004  # the agent took no frame within the gateway's send timeout (it stopped reading)
 
 
 class ErrorCode(StrEnum):

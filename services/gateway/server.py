@@ -31,7 +31,7 @@ from shared import subjects
 from shared.errors import CloseCode, ProtocolError
 from shared.ids import HostId
 from shared.logs import ContextAdapter
-from shared.protocol import Ping, PresenceConnected, Welcome, decode_agent_frame, encode
+from shared.protocol import GatewayHeartbeat, Ping, PresenceConnected, Welcome, decode_agent_frame, encode
 
 log = logging.getLogger("services.gateway")
 SERVICE_NAME = "warlock-gateway"
@@ -62,6 +62,7 @@ class Gateway:
         self.port = 0
         self._server: Server | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self._heart: asyncio.Task[None] | None = None
         self._claims: Subscription | None = None
         self._revocations: Subscription | None = None
         self._service: Service | None = None
@@ -106,6 +107,7 @@ class Gateway:
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._pinger = asyncio.create_task(self._ping_loop())
+        self._heart = asyncio.create_task(self._heartbeat_loop())
         await self.bridge.sync()
         scheme = "wss" if self.tls is not None else "ws"
         if self.tls is None and s.host not in ("127.0.0.1", "::1", "localhost"):
@@ -141,6 +143,10 @@ class Gateway:
         log.info("gateway %s stopping: %d sessions", s.gateway_id, len(bridge.sessions))
         if self._server is not None:
             self._server.server.close()  # stop listening; open connections stay
+        if self._heart is not None:  # silent from now on: APIs time this gateway's sessions out if it dies
+            self._heart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heart
         if self._pinger is not None:
             self._pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -300,6 +306,20 @@ class Gateway:
             plog.warning("closing 1009: frame over %d bytes %s", self.settings.max_frame_bytes, when)
         elif plog.isEnabledFor(logging.DEBUG):
             plog.debug("connection closed %s: %s", when, close_info(exc)[0])
+
+    async def _heartbeat_loop(self) -> None:
+        """Say every heartbeat_interval that this gateway is alive (a NATS failure is logged by publish)."""
+        s = self.settings
+        subject = subjects.gateway_heartbeat(s.gateway_id)
+        while True:
+            beat = GatewayHeartbeat(
+                gateway_id=s.gateway_id,
+                sessions=len(self.bridge.sessions),
+                interval=s.heartbeat_interval,
+                at=time.time(),
+            )
+            await self.bridge.publish(subject, beat)
+            await asyncio.sleep(s.heartbeat_interval)
 
     async def _ping_loop(self) -> None:
         """Ping every session each ping_interval; close with 4002 those silent for interval + timeout."""

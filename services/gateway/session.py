@@ -45,9 +45,9 @@ if TYPE_CHECKING:
 
 C = TypeVar("C")
 RESULT_HEADROOM = 1024  # bytes kept free for the envelope of a result frame
-# Close code of a session whose agent took no frame within the send timeout (it stopped reading). Not in
-# shared.errors.CloseCode yet: the agent treats it like any other unknown code (reconnect with backoff).
-SEND_TIMEOUT_CLOSE = 4004
+# Close code of a session whose agent took no frame within the send timeout (it stopped reading); the agent
+# reconnects with backoff
+SEND_TIMEOUT_CLOSE = CloseCode.SEND_TIMEOUT
 NOT_SENT = "agent not connected here; nothing ran"  # `unavailable`: the request never reached an agent
 
 

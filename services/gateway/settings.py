@@ -65,6 +65,13 @@ class GatewaySettings(NatsSettings):
         description="a frame the agent does not take within this closes its session (4004): an agent that "
         "stops reading cannot hold a request, a drain or a shutdown",
     )
+    heartbeat_interval: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="seconds between heartbeats on warlock.gateway.<id>.heartbeat: APIs mark the agents of a "
+        "gateway they have not heard for their silence bound disconnected",
+    )
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain: serve wss://")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
 

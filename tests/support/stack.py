@@ -117,8 +117,9 @@ class Stack:
         env.update({f"WARLOCK_GATEWAY_{k.upper()}": v for k, v in settings.items()})
         return Gateway(self.start(name, [str(BIN / "warlock-gateway")], env))
 
-    def start_api(self, database_url: str, name: str = "api", port: int = 0) -> Api:
-        """Start `warlock-api` on `database_url` (the token authority too) and wait until it listens."""
+    def start_api(self, database_url: str, name: str = "api", port: int = 0, **settings: str) -> Api:
+        """Start `warlock-api` on `database_url` (the token authority too) and wait until it listens;
+        `settings` are more ``WARLOCK_API_<NAME>`` values."""
         key_file = self.root / "api-key"
         env = self.env(
             "api",
@@ -127,6 +128,7 @@ class Stack:
             WARLOCK_API_API_KEY_FILE=str(key_file),
             WARLOCK_API_SIGNING_KEY_FILE=str(self.signer.key_file),
         )
+        env.update({f"WARLOCK_API_{k.upper()}": v for k, v in settings.items()})
         return Api(self.start(name, [str(BIN / "warlock-api")], env), database_url, key_file)
 
     def start_fallback(self, key_file: Path, name: str = "ssh-worker") -> Proc:
