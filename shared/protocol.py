@@ -215,7 +215,6 @@ class Ack(Message):
     command_id: CommandIdField
 
 
-TokenField = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Sha256Field = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 

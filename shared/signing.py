@@ -332,6 +332,25 @@ def hello_values(hello: Hello) -> dict[str, Any]:
     }
 
 
+HELLO_MAX_AGE_S = CLOCK_SKEW_S  # a hello signed longer ago than this (or in the future) is stale
+
+
+def hello_problem(public: Ed25519PublicKey, hello: Hello, now: float | None = None) -> str | None:
+    """None when `hello` is signed by `public` within `HELLO_MAX_AGE_S` of `now`; else the reason.
+
+    One check for both readers of a hello: the gateway (before it opens a session) and the API (before it
+    records the agent connected).
+    """
+    if hello.signature is None or hello.signed_at is None:
+        return "the hello is not signed by the agent"
+    if not verify_values(public, HELLO_DOMAIN, hello_values(hello), hello.signature):
+        return "the hello does not verify with the agent's key (forged or altered)"
+    age = (time.time() if now is None else now) - hello.signed_at
+    if abs(age) > HELLO_MAX_AGE_S:
+        return f"the hello was signed {age:.0f}s from now (more than {HELLO_MAX_AGE_S:g}s: replayed or clock)"
+    return None
+
+
 def rotated_values(host_id: str, rotation_id: str, token_sha256: str) -> dict[str, Any]:
     """What an agent signs when it made itself a new token: the gateway cannot substitute its own."""
     return {"host_id": host_id, "rotation_id": rotation_id, "token_sha256": token_sha256}

@@ -14,7 +14,6 @@ genuine result that arrives later (``warlock.result.<host>``) may still settle i
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 
 from nacl.signing import VerifyKey
@@ -24,7 +23,6 @@ from shared.protocol import ExecResult, Hello, PresenceConnected
 
 log = logging.getLogger(__name__)
 
-HELLO_MAX_AGE_S = signing.CLOCK_SKEW_S  # a hello signed longer ago than this (or in the future) is stale
 MAX_SOURCES = 10_000  # distinct sources remembered for log-once; past it the memory starts over
 
 
@@ -54,22 +52,15 @@ def hello_problem(public_key: str | None, event: PresenceConnected, now: float |
     public = _public(public_key)
     if public is None:
         return f"the API has no public key for the agent of {event.host_id}"
-    if event.signature is None or event.signed_at is None:
-        return "the hello is not signed by the agent"
     hello = Hello(
         host_id=event.host_id,
         hostname=event.hostname,
         platform=event.platform,
         agent_version=event.agent_version,
         signed_at=event.signed_at,
+        signature=event.signature,
     )
-    values = signing.hello_values(hello)
-    if not signing.verify_values(public, signing.HELLO_DOMAIN, values, event.signature):
-        return "the hello does not verify with the agent's key (forged or altered)"
-    age = (time.time() if now is None else now) - event.signed_at
-    if abs(age) > HELLO_MAX_AGE_S:
-        return f"the hello was signed {age:.0f}s from now (more than {HELLO_MAX_AGE_S:g}s: replayed or clock)"
-    return None
+    return signing.hello_problem(public, hello, now)
 
 
 class Rejections:

@@ -8,7 +8,6 @@ or awaits: the only asyncio objects are the futures the shell's request tasks wa
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -144,7 +143,7 @@ Rotation = tuple[RotateToken, "asyncio.Future[TokenRotated | None]"]
 # ----------------------------------------------------------------------------- pure helpers
 
 
-HELLO_MAX_AGE_S = 300.0  # a signed hello's signed_at must be this close to the gateway's clock
+HELLO_MAX_AGE_S = signing.HELLO_MAX_AGE_S  # a signed hello's signed_at must be this close to our clock
 
 
 def accept_hello(
@@ -160,15 +159,9 @@ def accept_hello(
         raise ProtocolError(CloseCode.POLICY_VIOLATION, f"first frame must be hello, got {frame.type}")
     if frame.host_id != token_host:
         raise ProtocolError(CloseCode.POLICY_VIOLATION, "hello host_id does not match the token's host")
-    if agent_key is not None:
-        clock = time.time() if now is None else now
-        fresh = frame.signed_at is not None and abs(clock - frame.signed_at) <= HELLO_MAX_AGE_S
-        public = signing.parse_public(agent_key)
-        if not fresh or not signing.verify_values(
-            public, signing.HELLO_DOMAIN, signing.hello_values(frame), frame.signature
-        ):
-            why = "hello is not signed by this host's agent key (or its clock is off)"
-            raise ProtocolError(CloseCode.POLICY_VIOLATION, why)
+    if agent_key is not None and signing.hello_problem(signing.parse_public(agent_key), frame, now):
+        why = "hello is not signed by this host's agent key (or its clock is off)"
+        raise ProtocolError(CloseCode.POLICY_VIOLATION, why)
     return frame
 
 

@@ -39,7 +39,7 @@ from shared.protocol import (
 from tests.integration.gateway_fixtures import api_client, hello, nats_server, synced
 from tests.support.stack import Gateway, Stack
 
-SEND_TIMEOUT_CLOSE = 4004  # services.gateway.session.SEND_TIMEOUT_CLOSE, as the agent sees it
+SEND_TIMEOUT_CLOSE = CloseCode.SEND_TIMEOUT  # 4004, as the agent sees it
 BIG_COMMAND = "echo " + "x" * 60_000  # near the 64 KiB command limit: a few make megabytes
 
 
