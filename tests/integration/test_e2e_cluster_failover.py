@@ -180,6 +180,10 @@ async def _failover(run: ClusterRun, tmp_path: Path, monkeypatch: pytest.MonkeyP
         moved = {h for h, a in (await _agents(apis[0])).items() if a["gateway_id"] == on}
         assert HOST in moved
         assert len(moved) > SWARM // 3  # half the swarm dialled this gateway first
+        # one command still running on the agent when its gateway dies: answered late or "may have run"
+        slow = f"sleep 2; echo slow-marker >> {marker_file}"
+        commands.append(asyncio.create_task(_command(apis[0], HOST, slow, sent)))
+        await asyncio.sleep(0.7)
         agent_log = Path(run.part("agent")["log"])
         log_offset = agent_log.stat().st_size
         killed_at = time.monotonic()
@@ -239,7 +243,9 @@ async def _failover(run: ClusterRun, tmp_path: Path, monkeypatch: pytest.MonkeyP
         statuses[f"{'agent' if host == HOST else 'swarm'}:{outcome}"] += 1
         assert body["status"] in FINAL, body
         # how often it ran: the real agent's marker in the file, the swarm's command id received
-        ran = markers[command.split()[1]] if host == HOST else received[body["command_id"]]
+        marker = re.search(r"echo (\S+)", command)
+        assert marker is not None
+        ran = markers[marker.group(1)] if host == HOST else received[body["command_id"]]
         if body["status"] == "timed_out":
             assert ran <= 1, body  # may have run, once at most
         else:  # by agent it ran exactly once; otherwise (no session: the SSH fallback refused) never
@@ -256,6 +262,7 @@ async def _failover(run: ClusterRun, tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert stored["status"] in FINAL, stored
     assert statuses["agent:succeeded"] > 10
     assert statuses["swarm:succeeded"] > 10
-    print(f"commands: {len(sent)} sent, {dict(statuses)}")
+    slow_body = next(a.json() for h, c, a in sent if c == slow and a is not None)
+    print(f"commands: {len(sent)} sent, {dict(statuses)}; the one running at the kill: {slow_body['status']}")
     for http in apis:
         await http.aclose()
