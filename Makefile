@@ -1,11 +1,12 @@
-# Warlock: `make run` starts the stack on this machine, `make test` runs every gate and test.
+# Warlock: `make run` starts the stack on this machine, `make cluster` a cluster of it (3 NATS nodes,
+# 2 APIs on PostgreSQL, 2 gateways), `make test` runs every gate and test.
 # Both create or update the virtual environment first; only python3 and make are needed.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck pytest bench install clean
+.PHONY: run cluster test lint typecheck pytest bench install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/warlock run
+
+cluster: $(STAMP)
+	$(BIN)/warlock run --cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

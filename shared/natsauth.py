@@ -126,12 +126,19 @@ class Cluster:
     """Cluster routes of one node: its name, the cluster's, and its peers' route URLs.
 
     Nodes do not advertise their client URLs (``no_advertise``): clients keep the host names they were
-    given, which their certificates name, instead of learning addresses TLS could not verify."""
+    given, which their certificates name, instead of learning addresses TLS could not verify.
+
+    `listen` is the address routes are accepted on (``0.0.0.0`` between containers; ``127.0.0.1`` for
+    `warlock run --cluster`). `tls`: the routes' own certificate, key and CA, verified both ways, for a
+    cluster whose clients connect without TLS (`warlock run --cluster` on loopback); without it, routes use
+    the server's client `tls` (as in deploy/compose)."""
 
     name: str
     node: str
     port: int
     routes: tuple[str, ...]
+    listen: str = "0.0.0.0"  # noqa: S104 - the compose default; overridden for a local cluster
+    tls: TlsFiles | None = None
 
 
 def _tls_lines(tls: TlsFiles, indent: str) -> str:
@@ -153,7 +160,8 @@ def render_server_config(
 
     `nkeys` maps each role to its public nkey. With `tls`, client connections require TLS; cluster
     routes (with `cluster`) then use the same certificate, verified both ways against the CA (a node
-    without a CA-signed certificate cannot join).
+    without a CA-signed certificate cannot join), unless the cluster names route TLS of its own
+    (`Cluster.tls`).
     """
     lines = [
         "# Rendered by warlock (shared/natsauth.py) from shared/permissions.py: do not edit by hand.",
@@ -170,11 +178,13 @@ def render_server_config(
     if cluster is not None:
         routes = ", ".join(f'"{route}"' for route in cluster.routes)
         block = [
-            f'cluster {{\n  name: "{cluster.name}"\n  listen: "0.0.0.0:{cluster.port}"\n  routes: [{routes}]',
+            f'cluster {{\n  name: "{cluster.name}"\n  listen: "{cluster.listen}:{cluster.port}"\n'
+            f"  routes: [{routes}]",
             "  no_advertise: true",
         ]
-        if tls is not None:
-            block.append("  tls {\n" + _tls_lines(tls, "    ") + "\n    verify: true\n  }")
+        route_tls = cluster.tls or tls
+        if route_tls is not None:
+            block.append("  tls {\n" + _tls_lines(route_tls, "    ") + "\n    verify: true\n  }")
         lines.append("\n".join(block) + "\n}")
     lines.append(render_authorization(nkeys))
     return "\n".join(lines)

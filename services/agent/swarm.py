@@ -1,35 +1,69 @@
-"""Swarm mode: many simulated agent sessions in one process, for the gateway memory benchmark.
+"""Swarm mode: many simulated agent sessions in one process, for benchmarks and tests.
 
-Each simulated agent connects with its own token, says hello, answers pings with pongs and execs with a
-canned successful result (nothing is spawned), sends no metrics and stays connected, reconnecting with
-backoff if it is dropped. Connects go through a gate of bounded concurrency.
+Each simulated agent connects with its own token and signs like the real agent: its hello
+(`AgentTrust.sign_hello`, checked by the gateway and the API against the host's agent key) and every
+result (`AgentTrust.seal`). Its identity key is derived from its token (`swarm_key`): a simulation shortcut
+that spares a key file per agent and lets a provisioning step (`tests/support/fleet.py`) register the
+matching public keys without talking to the swarm. A real agent's key is made on its host and never derived.
+
+It answers pings with pongs and execs with a canned successful result (nothing is spawned), sends no
+metrics and stays connected. Given several gateway URLs (a list, or one string ``A,B``) an agent dials the
+first and moves to the next after every failed attempt or ended session, as the real agent does, with the
+real agent's reconnect policy (`ReconnectPolicy`, initial backoff 0.5 s). Connects go through a gate of
+bounded concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import resource
-import socket
 import time
 from pathlib import Path
 
+from nacl.signing import SigningKey
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from shared import signing
 from shared.errors import ConfigError, ProtocolError
 from shared.ids import HostId, is_host_id
 from shared.protocol import Exec, ExecResult, Ping, Pong, decode_gateway_frame, encode
 from shared.tokens import is_well_formed
 
 from . import dispatch
-from .backoff import ReconnectPolicy
+from .backoff import Outcome, ReconnectPolicy, outcome_of_close
+from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 10.0
 MAX_FRAME_BYTES = 1024 * 1024
+BACKOFF_INITIAL_S = 0.5  # the real agent's default (`backoff_initial`)
+BACKOFF_MAX_S = 30.0
+SWARM_KEY_DOMAIN = b"warlock-swarm-agent-key/1\n"
+CAPABILITIES = ("exec",)
+
+
+def swarm_key(token: str) -> SigningKey:
+    """The identity key of the simulated agent holding `token` (its seed is a hash of the token)."""
+    return SigningKey(hashlib.sha256(SWARM_KEY_DOMAIN + token.encode()).digest())
+
+
+def swarm_public_key(token: str) -> str:
+    """``ed25519:...`` public key of `swarm_key(token)`: what the API must know for that host."""
+    return signing.public_text(swarm_key(token))
+
+
+def gateway_urls(url: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The gateway URLs of ``A,B`` (or a list); ConfigError if there is none."""
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls = [u.strip() for u in parts if u.strip()]
+    if not urls:
+        raise ConfigError("gateway", "no gateway URL given")
+    return urls
 
 
 def load_tokens(path: Path, count: int | None = None) -> dict[HostId, str]:
@@ -65,20 +99,22 @@ def raise_nofile_limit() -> int:
 
 
 class Swarm:
-    """Holds one simulated session per token against one gateway URL."""
+    """Holds one simulated session per token against the gateway URL(s)."""
 
-    def __init__(self, url: str, tokens: dict[HostId, str], *, concurrency: int = 100) -> None:
-        self.url = url
+    def __init__(self, url: str | list[str], tokens: dict[HostId, str], *, concurrency: int = 100) -> None:
+        self.urls = gateway_urls(url)
+        self.url = self.urls[0]
         self.tokens = tokens
         self.up = 0
         self.failures = 0
+        self.started = 0.0  # loop time when `run` began
         self._gate = asyncio.Semaphore(concurrency)
-        self._hostname = socket.gethostname()[:255]
 
     async def run(self) -> None:
         """Run every simulated agent (and a reporter) until cancelled."""
         raise_nofile_limit()
-        log.info("swarm: starting %d sessions against %s", len(self.tokens), self.url)
+        self.started = asyncio.get_running_loop().time()
+        log.info("swarm: starting %d sessions against %s", len(self.tokens), ",".join(self.urls))
         async with asyncio.TaskGroup() as group:
             group.create_task(self._report())
             for host, token in self.tokens.items():
@@ -93,11 +129,11 @@ class Swarm:
                 log.info("swarm: %d/%d sessions up, %d failures", self.up, len(self.tokens), self.failures)
                 seen_failures = self.failures
 
-    async def _open(self, host: HostId, token: str) -> ClientConnection | None:
-        """Connect, say hello and wait for the welcome; None (counted as a failure) if that fails."""
+    async def _open(self, url: str, token: str, trust: AgentTrust) -> tuple[ClientConnection | None, Outcome]:
+        """Connect, say a signed hello and wait for the welcome; (None, why) counted as a failure if not."""
         try:
             ws = await connect(
-                self.url,
+                url,
                 additional_headers={"Authorization": f"Bearer {token}"},
                 compression=None,
                 ping_interval=None,
@@ -105,46 +141,63 @@ class Swarm:
                 open_timeout=30,
                 proxy=None,
             )
+        except InvalidStatus as exc:
+            self.failures += 1
+            log.debug("swarm: %s refused by %s: HTTP %d", trust.host_id, url, exc.response.status_code)
+            rejected = exc.response.status_code == 401
+            return None, Outcome.AUTH_REJECTED if rejected else Outcome.CONNECT_FAILED
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             self.failures += 1
-            log.debug("swarm: %s cannot connect: %s", host, exc)
-            return None
+            log.debug("swarm: %s cannot connect to %s: %s", trust.host_id, url, exc)
+            return None, Outcome.CONNECT_FAILED
         try:
-            hello = dispatch.hello(host, ("exec",))
+            hello = dispatch.hello(trust.host_id, CAPABILITIES, trust)
             await ws.send(encode(hello), text=True)
             async with asyncio.timeout(30):
                 dispatch.expect_welcome(await ws.recv())
-        except (ConnectionClosed, TimeoutError, ProtocolError) as exc:
+        except ConnectionClosed as exc:
             self.failures += 1
-            log.debug("swarm: %s got no welcome: %s", host, exc)
+            log.debug("swarm: %s got no welcome: %s", trust.host_id, exc)
             await ws.close()
-            return None
-        return ws
+            return None, outcome_of_close(exc.rcvd.code if exc.rcvd is not None else None)
+        except (TimeoutError, ProtocolError) as exc:
+            self.failures += 1
+            log.debug("swarm: %s got no welcome: %s", trust.host_id, exc)
+            await ws.close()
+            return None, Outcome.CONNECT_FAILED
+        return ws, Outcome.CLOSED
 
     async def _agent(self, host: HostId, token: str) -> None:
-        """One simulated agent: connect, serve, reconnect forever."""
-        policy = ReconnectPolicy(initial=1.0, maximum=30.0)
+        """One simulated agent: connect, serve, reconnect (to the next URL) forever."""
+        trust = AgentTrust(host, swarm_key(token), (), max_ttl=0.0)
+        policy = ReconnectPolicy(initial=BACKOFF_INITIAL_S, maximum=BACKOFF_MAX_S)
+        loop = asyncio.get_running_loop()
+        index = 0
         while True:
+            url = self.urls[index % len(self.urls)]
+            index += 1
             async with self._gate:
-                ws = await self._open(host, token)
+                ws, outcome = await self._open(url, token, trust)
             if ws is None:
-                await asyncio.sleep(policy.backoff())
+                await asyncio.sleep(policy.next_delay(outcome))
                 continue
-            policy.reset()
+            began = loop.time()
             self.up += 1
             if self.up == len(self.tokens):
-                log.info("swarm: %d sessions established", self.up)
+                log.info("swarm: %d sessions established (%.2fs after start)", self.up, began - self.started)
             try:
-                await self._serve(ws)
+                await self._serve(ws, trust)
             except ConnectionClosed:
                 pass
             finally:
                 self.up -= 1
                 await ws.close()
-            await asyncio.sleep(policy.backoff())
+            rcvd = ws.protocol.close_rcvd
+            code = rcvd.code if rcvd is not None else None
+            await asyncio.sleep(policy.next_delay(outcome_of_close(code), loop.time() - began))
 
-    async def _serve(self, ws: ClientConnection) -> None:
-        """Answer pings and execs until the connection ends."""
+    async def _serve(self, ws: ClientConnection, trust: AgentTrust) -> None:
+        """Answer pings and execs (with a signed canned result) until the connection ends."""
         async for raw in ws:
             try:
                 frame = decode_gateway_frame(raw)
@@ -160,9 +213,9 @@ class Swarm:
                     exit_code=0,
                     duration_ms=(time.perf_counter() - started) * 1000,
                 )
-                await ws.send(encode(result), text=True)
+                await ws.send(encode(trust.seal(result)), text=True)
 
 
-async def run_swarm(url: str, tokens: dict[HostId, str], concurrency: int = 100) -> None:
-    """Hold one session per token against `url` until cancelled."""
+async def run_swarm(url: str | list[str], tokens: dict[HostId, str], concurrency: int = 100) -> None:
+    """Hold one session per token against `url` (one URL, ``A,B`` or a list) until cancelled."""
     await Swarm(url, tokens, concurrency=concurrency).run()

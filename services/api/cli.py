@@ -1,6 +1,8 @@
 """`warlock`: the dev launcher and admin commands.
 
 warlock run                       start NATS, API, SSH worker, gateway and a local agent (make run)
+warlock run --cluster             the same as a cluster: 3 NATS nodes, 2 APIs on PostgreSQL, 2 gateways
+                                  (make cluster); kill any part and watch the rest carry on
 warlock agent stop|start|status   stop or start the local agent of a running `warlock run`
 warlock token-authority --file F  answer gateways' token checks from a JSON file of token hashes
 warlock req SUBJECT [JSON]        send a NATS request as the operator and print the reply (like
@@ -39,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warlock", description="Warlock fleet control plane")
     parser.add_argument("--version", action="version", version=f"warlock {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("run", help="start the whole stack on this machine (what `make run` does)")
+    run = sub.add_parser("run", help="start the whole stack on this machine (what `make run` does)")
+    run.add_argument(
+        "--cluster",
+        action="store_true",
+        help="3 clustered NATS nodes, 2 APIs on PostgreSQL (WARLOCK_DATABASE_URL, else database warlock on "
+        "127.0.0.1:5432), 2 gateways, the SSH worker and the agent (what `make cluster` does)",
+    )
     agent = sub.add_parser(
         "agent", help="stop or start the local agent of a running `warlock run` (watch the SSH fallback)"
     )
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             from .devstack import run_dev_stack
 
-            return run_dev_stack()
+            return run_dev_stack(cluster=args.cluster)
         if args.cmd == "agent":
             return _agent(args.action)
         if args.cmd == "token-authority":

