@@ -75,7 +75,7 @@ class NatsSettings(WarlockSettings):
 
     def nats_servers(self) -> list[str]:
         """The NATS server URLs as a list."""
-        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+        return split_servers(self.nats_url)
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
@@ -117,3 +117,8 @@ def load_settings(cls: type[S], source: str = "", **values: Any) -> S:
         return cls(**values)
     except ValidationError as exc:
         raise config_error(exc, cls, source) from exc
+
+
+def split_servers(urls: str) -> list[str]:
+    """``nats://a:4222,nats://b:4222`` as a list of URLs (a client tries them all)."""
+    return [u.strip() for u in urls.split(",") if u.strip()]

@@ -22,6 +22,7 @@ from services.api.models import OperatorKey
 from services.api.settings import ApiSettings
 from shared import signing, subjects
 from shared.protocol import TokenRevoked, encode
+from shared.settings import split_servers
 
 REVOKE_TIMEOUT = 5  # seconds (nats-py types flush timeouts as int)
 
@@ -146,7 +147,7 @@ async def revoke_sessions(nats_url: str, host_id: str, options: dict[str, Any] |
     try:
         async with asyncio.timeout(REVOKE_TIMEOUT):
             nc = await nats.connect(
-                nats_url,
+                servers=split_servers(nats_url),
                 connect_timeout=REVOKE_TIMEOUT,
                 max_reconnect_attempts=1,  # 0 would mean: retry forever
                 reconnect_time_wait=0.2,

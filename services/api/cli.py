@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.natsx import describe
-from shared.settings import NatsSettings, load_settings
+from shared.settings import NatsSettings, load_settings, split_servers
 
 from . import __version__, devcontrol
 
@@ -205,7 +205,7 @@ async def _request(server: str, subject: str, data: str, wait_s: float, options:
     try:
         async with asyncio.timeout(CONNECT_LIMIT_S):  # nats-py can hang after a TLS verification failure
             nc = await nats.connect(
-                server,
+                servers=split_servers(server),
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0,
                 connect_timeout=5,

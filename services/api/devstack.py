@@ -350,7 +350,7 @@ class DevStack:
         token = subprocess.run(
             [str(BIN / "warlock"), "agent-token", self.host],
             # one NATS URL: `warlock agent-token` publishes the revocation of older tokens through it
-            env={**os.environ, **api_env, "WARLOCK_NATS_URL": self.nats_urls[0]},
+            env={**os.environ, **api_env, "WARLOCK_NATS_URL": ",".join(self.nats_urls)},
             capture_output=True,
             text=True,
             check=True,
@@ -372,7 +372,7 @@ class DevStack:
         self.info = {  # what people reach for first comes first: the API and its key
             "api_url": api_url,
             "api_key_file": str(key_file),
-            "nats_url": self.nats_urls[0],
+            "nats_url": ",".join(self.nats_urls),  # the CLIs (ours and nats) take a comma-separated list
             "operator_nkey": str(self.nkeys["operator"]),
             "api_nkey": str(self.nkeys["api"]),
             "gateway_url": gateway_urls[0],

@@ -8,6 +8,7 @@ The launcher runs as a subprocess with its own state directory, free ports and a
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from services.api.devprocs import ensure_route_tls
 from shared.natsauth import Cluster, TlsFiles, write_server_config
-from tests.support.cluster import cluster_run, pid_alive
+from tests.support.cluster import HOST, cluster_run, pid_alive
 from tests.support.procs import BIN
 
 pytestmark = pytest.mark.e2e
@@ -100,6 +101,22 @@ async def test_cluster_starts_every_part_each_api_reaches_the_agent_and_ctrl_c_s
             assert answer.status_code == 200, answer.text
             body = answer.json()
             assert (body["via"], body["status"], body["stdout"]) == ("agent", "succeeded", f"via {api_url}\n")
+
+        # `warlock req` takes dev.json's nats_url, every node: it still gets through with nats-1 gone
+        assert info["nats_url"].split(",") == info["nats_urls"]
+        os.kill(nodes[0]["pid"], signal.SIGKILL)
+        cwd = tmp_path / "operator"
+        cwd.mkdir()
+        (cwd / ".warlock").symlink_to(run.state)
+        req = subprocess.run(
+            [str(BIN / "warlock"), "req", f"warlock.ops.{HOST}.exec", '{"command": "echo by req"}'],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert req.returncode == 0, req.stderr
+        assert json.loads(req.stdout)["stdout"] == "by req\n", req.stdout
 
         pids = run.pids()
         assert run.stop(signal.SIGINT) == 0, run.log()
