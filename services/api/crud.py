@@ -331,7 +331,10 @@ async def start_run(session: AsyncSession, host_id: str, run: NewRun) -> HostTar
         return None
     agent = await session.get(AgentConnection, host_id)
     public_key = None if agent is None else agent.public_key
-    target = HostTarget(host.id, host.address, host.ssh_port, host.ssh_user, host.host_key, public_key)
+    gateway_id = agent.gateway_id if agent is not None and agent.status == AgentStatus.CONNECTED else None
+    target = HostTarget(
+        host.id, host.address, host.ssh_port, host.ssh_user, host.host_key, public_key, gateway_id
+    )
     row = CommandRun(
         command_id=run.command_id,
         host_id=host.id,

@@ -32,6 +32,7 @@ from services.api.db import SchemaMismatch, initialise, make_engine, sessionmake
 from services.api.deps import ApiState, AuthCache, document_api_key
 from services.api.edge import ApiEdge, error_response
 from services.api.errors import ApiError
+from services.api.inflight import InFlight
 from services.api.lifecycle import AgentLifecycle
 from services.api.liveness import GatewayWatch
 from services.api.reconciler import reconcile_forever
@@ -97,13 +98,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
         store = open_store(settings.database_url)
-        runner = Runner(nc, store, sessions, settings, tasks, signer)
+        inflight = InFlight()  # agent requests by gateway: the watch wakes the callers of a silent one
+        runner = Runner(nc, store, sessions, settings, tasks, signer, inflight=inflight)
         lifecycle = AgentLifecycle(
             nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir), signer
         )
         auth = AuthCache(settings.auth_cache_ttl)
         state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)
-        watch = GatewayWatch(sessions, settings.gateway_silence)
+        watch = GatewayWatch(sessions, settings.gateway_silence, inflight=inflight)
         bus = Bus(
             nc,
             sessions,
@@ -142,6 +144,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await asyncio.gather(*background, return_exceptions=True)
             await bus.stop()
             await tasks.close(settings.shutdown_timeout)
+            await runner.stop_listening()
             await link.close()
             await store.close()
             await engine.dispose()

@@ -62,8 +62,10 @@ OUTCOME_COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class HostTarget:
-    """What the runner needs of a host: its id (the NATS subject), its SSH target, and its agent's public
-    key (results must verify with it; None: no agent key registered, so no agent result counts)."""
+    """What the runner needs of a host: its id (the NATS subject), its SSH target, its agent's public
+    key (results must verify with it; None: no agent key registered, so no agent result counts), and the
+    gateway its agent is recorded connected through (None: not recorded connected), which the runner
+    watches while it waits on the agent (`services.api.inflight`)."""
 
     id: str
     address: str
@@ -71,6 +73,7 @@ class HostTarget:
     ssh_user: str
     host_key: str | None
     public_key: str | None = None
+    gateway_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +135,8 @@ def open_store(database_url: str) -> RunStore:
 # ----------------------------------------------------------------------------- SQLite
 
 _SQLITE_HOST = (
-    "SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key FROM host h"
+    "SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key,"
+    " CASE WHEN a.status = 'connected' THEN a.gateway_id END FROM host h"
     " LEFT JOIN agent_connection a ON a.host_id = h.id"
     " WHERE h.id = ?1 OR h.address = ?1 ORDER BY h.id = ?1 DESC LIMIT 1"
 )
@@ -275,7 +279,8 @@ class SqliteRunStore:
 
 _PG_START = """
 WITH h AS (
-    SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key FROM host h
+    SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key,
+           CASE WHEN a.status = 'connected' THEN a.gateway_id END AS gateway_id FROM host h
     LEFT JOIN agent_connection a ON a.host_id = h.id
     WHERE h.id = $1 OR h.address = $1 ORDER BY h.id = $1 DESC LIMIT 1
 ), ins AS (
@@ -285,7 +290,7 @@ WITH h AS (
     ON CONFLICT (command_id) DO NOTHING
     RETURNING host_id
 )
-SELECT id, address, ssh_port, ssh_user, host_key, public_key FROM h
+SELECT id, address, ssh_port, ssh_user, host_key, public_key, gateway_id FROM h
 """
 _PG_UPDATE = (  # OUTCOME_COLUMNS, in order
     "UPDATE command_run SET status = $1, via = $2, exit_code = $3, signal = $4, stdout = $5, stderr = $6,"
