@@ -35,7 +35,7 @@ from services.api.errors import ApiError
 from services.api.inflight import InFlight
 from services.api.lifecycle import AgentLifecycle
 from services.api.liveness import GatewayWatch
-from services.api.reconciler import reconcile_forever
+from services.api.reconciler import Reconciler, reconcile_forever
 from services.api.routes import include_routes
 from services.api.runner import Runner
 from services.api.runstore import open_store
@@ -124,7 +124,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 background.append(asyncio.create_task(_initialise_until_ready(state), name="db-init"))
             # NATS in the background: the HTTP port opens (and /healthz says why NATS is missing) even when
             # NATS is down. The first attempt is awaited, so a reachable NATS is serving before we are.
-            reconciling = reconcile_forever(sessions, settings, ready=lambda: state.db_ready)
+            reconciler = Reconciler(sessions, settings, nc, signer, runner.rejections, runner.delivering)
+            reconciling = reconcile_forever(reconciler, settings, ready=lambda: state.db_ready)
             background.append(asyncio.create_task(reconciling, name="reconciler"))
             background.append(asyncio.create_task(watch.run(lambda: state.db_ready), name="gateway-watch"))
             connecting = asyncio.create_task(_connect_nats(link, bus, stop), name="nats-connect")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
@@ -53,7 +54,7 @@ from services.api.settings import ApiSettings
 from services.api.signer import ApiSigner
 from services.api.tasks import TaskTracker
 from services.api.verify import Rejections, result_problem
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import MAY_HAVE_RUN, ErrorCode, ProtocolError
 from shared.ids import CommandId, new_command_id
 from shared.protocol import (
@@ -224,6 +225,7 @@ class Runner:
         self.rejections = rejections or Rejections()
         self.inflight = inflight
         self._listeners: set[asyncio.Task[None]] = set()  # requests given up on, still listening
+        self.delivering: set[str] = set()  # command ids this instance is delivering (the reconciler skips)
 
     async def run(self, ref: str, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
         """Record the command as pending (committed) for the host `ref` names, deliver it, record and
@@ -250,15 +252,21 @@ class Runner:
         started = utcnow()
         t0 = time.monotonic()
         command_id = CommandId(run.command_id)
-        outcome = await self.send(
-            host.id,
-            command_id,
-            run.command,
-            run.timeout,
-            ssh_target(host),
-            host.public_key,
-            gateway_id=host.gateway_id,
-        )
+        self.delivering.add(run.command_id)
+        try:
+            outcome = await self.send(
+                host.id,
+                command_id,
+                run.command,
+                run.timeout,
+                ssh_target(host),
+                host.public_key,
+                gateway_id=host.gateway_id,
+                issued_at=run.created_at.timestamp(),
+                before_ssh=lambda: self.store.route_ssh(run.command_id),
+            )
+        finally:
+            self.delivering.discard(run.command_id)
         wall_ms = (time.monotonic() - t0) * 1000
         values = outcome.values()
         values.update(started_at=started, finished_at=utcnow())
@@ -295,16 +303,25 @@ class Runner:
         target: SshTarget,
         public_key: str | None,
         gateway_id: str | None = None,
+        issued_at: float | None = None,
+        before_ssh: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Deliver one command, signed: agent subject first, the SSH subject only if the agent had no
         responders. An agent result counts only if it verifies with `public_key` (the host's agent key).
 
         `gateway_id`: the gateway the host's agent was recorded connected through (None: not connected);
-        if it is found silent before the agent answers, the caller stops waiting (`session_gone`)."""
+        if it is found silent before the agent answers, the caller stops waiting (`session_gone`).
+        `issued_at`: the exec's signed issued-at (the run's created_at: its not-after is then created_at +
+        command_ttl, which the reconciler's result query names). `before_ssh`: records the SSH route before
+        the SSH request leaves (False or a database error: nothing is sent)."""
         wait = command_timeout + self.settings.exec_grace
         max_chars = self.settings.max_output_chars
         request = ExecRequest(command=command, timeout=command_timeout, command_id=command_id)
-        request = self.signer.sign("exec", request, host_id)
+        signed = signing.signed_fields(request)
+        signature = signing.sign_command(
+            self.signer.key, "exec", signed, host_id, self.signer.ttl, now=issued_at
+        )
+        request = request.model_copy(update={"signature": signature})
         try:
             msg = await self._agent_request(
                 host_id, command_id, encode(request), wait, public_key, gateway_id
@@ -320,6 +337,18 @@ class Runner:
             return undeliverable(f"NATS unavailable: {type(exc).__name__}")
         else:
             return self._agent_outcome(msg.data, host_id, command_id, public_key)
+        if before_ssh is not None:
+            try:
+                routed = await before_ssh()
+            except (DatabaseUnavailable, SQLAlchemyError, OSError) as exc:
+                log.warning("command %s: SSH route not recorded, nothing sent: %s", command_id, exc)
+                return undeliverable(
+                    "no agent session, and the SSH route could not be recorded; nothing sent"
+                )
+            if not routed:
+                return undeliverable(
+                    "no agent session, and the run was settled meanwhile; nothing sent by SSH"
+                )
         ssh_request = SshExecRequest(
             command=command, timeout=command_timeout, command_id=command_id, target=target
         )

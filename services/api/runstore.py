@@ -98,6 +98,13 @@ class RunStore(Protocol):
         """Set `values` (every OUTCOME_COLUMNS key) if the run is still open; whether it was."""
         ...
 
+    async def route_ssh(self, command_id: str) -> bool:
+        """Record that the run goes over SSH (via = 'ssh', durably) if it is still pending; whether it is.
+
+        Written before the SSH request is sent: a pending run without it never left by SSH, so the agent's
+        ledger alone says whether it ran (`services.api.reconciler`)."""
+        ...
+
     async def close(self) -> None:
         """Release connections and threads."""
         ...
@@ -144,6 +151,7 @@ _SQLITE_INSERT = (
     "INSERT OR IGNORE INTO command_run (command_id, host_id, command, timeout, requested_by, status, stdout,"
     " stderr, truncated, created_at) VALUES (?, ?, ?, ?, ?, 'pending', '', '', 0, ?)"
 )
+_SQLITE_ROUTE_SSH = "UPDATE command_run SET via = 'ssh' WHERE command_id = ? AND status = 'pending'"
 _SQLITE_UPDATE = (  # OUTCOME_COLUMNS, in order
     "UPDATE command_run SET status = ?, via = ?, exit_code = ?, signal = ?, stdout = ?, stderr = ?,"
     " truncated = ?, error_code = ?, error_description = ?, duration_ms = ?, started_at = ?, finished_at = ?"
@@ -260,6 +268,14 @@ class SqliteRunStore:
 
         return await self._call(finish)
 
+    async def route_ssh(self, command_id: str) -> bool:
+        """See `RunStore.route_ssh`."""
+
+        def route(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_SQLITE_ROUTE_SSH, (command_id,)).rowcount == 1
+
+        return await self._call(route)
+
     async def close(self) -> None:
         """See `RunStore.close`."""
 
@@ -297,6 +313,7 @@ _PG_UPDATE = (  # OUTCOME_COLUMNS, in order
     " truncated = $7, error_code = $8, error_description = $9, duration_ms = $10, started_at = $11,"
     " finished_at = $12 WHERE command_id = $13 AND status IN ('pending', 'running')"
 )
+_PG_ROUTE_SSH = "UPDATE command_run SET via = 'ssh' WHERE command_id = $1 AND status = 'pending'"
 # a lost connection (server restart, terminated backend; asyncpg may notice it mid-call as an internal
 # state error): worth one retry once the pool has dropped its connections
 _PG_LOST = (
@@ -379,6 +396,15 @@ class PgRunStore:
             return status == "UPDATE 1"
 
         return await self._call(False, finish)
+
+    async def route_ssh(self, command_id: str) -> bool:
+        """See `RunStore.route_ssh` (on the durable pool)."""
+
+        async def route(pool: asyncpg.Pool) -> bool:
+            status: str = await pool.execute(_PG_ROUTE_SSH, command_id)
+            return status == "UPDATE 1"
+
+        return await self._call(True, route)
 
     async def close(self) -> None:
         """See `RunStore.close`."""

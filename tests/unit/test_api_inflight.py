@@ -249,3 +249,77 @@ async def test_stop_listening_cancels_the_listeners(
     await runner.stop_listening()
     assert not runner._listeners
     assert updates == []
+
+
+# ----------------------------------------------------------------------------- the SSH route and signing
+
+
+class NoAgent:
+    """No agent responders; SSH requests are recorded and answered with a result."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Any:
+        import nats.errors
+
+        self.requests.append(subject)
+        if subject.startswith("warlock.agent."):
+            raise nats.errors.NoRespondersError
+
+        class Reply:
+            data = encode(ExecResult(command_id=CommandId("c1"), exit_code=0, duration_ms=1.0, via="ssh"))
+
+        return Reply()
+
+
+async def test_ssh_leaves_only_once_its_route_is_recorded(tmp_path: Path) -> None:
+    """The SSH request is sent only after `before_ssh` recorded the route: a settled run (False) or a
+    database error sends nothing; recorded, it goes out."""
+    from services.api.errors import DatabaseUnavailable
+
+    async def settled() -> bool:
+        return False
+
+    async def broken() -> bool:
+        raise DatabaseUnavailable("down")
+
+    async def recorded() -> bool:
+        return True
+
+    for before, sent in ((settled, False), (broken, False), (recorded, True)):
+        fake = NoAgent()
+        runner = _runner(tmp_path, cast(Any, fake), InFlight())
+        outcome = await runner.send("h1", CommandId("c1"), "true", 5, _target(), AGENT_PUB, before_ssh=before)
+        assert ("warlock.ssh.h1.exec" in fake.requests) is sent
+        if sent:
+            assert (outcome.status, outcome.via) == (CommandStatus.SUCCEEDED, Via.SSH)
+        else:
+            assert outcome.status == CommandStatus.UNDELIVERABLE
+            assert outcome.error_description is not None
+            assert "nothing sent" in outcome.error_description
+
+
+async def test_an_exec_is_signed_as_issued_at_its_runs_creation(tmp_path: Path) -> None:
+    """The exec's not-after is created_at + command_ttl: what the reconciler's result query names."""
+    from shared.protocol import ExecRequest, decode_model
+
+    fake, inflight = HeldNats(), InFlight()
+    runner = _runner(tmp_path, fake, inflight)
+    payloads: list[bytes] = []
+    original = fake.request
+
+    async def recording(subject: str, payload: bytes, timeout: float) -> Any:
+        payloads.append(payload)
+        return await original(subject, payload, timeout)
+
+    fake.request = recording  # type: ignore[method-assign]
+    send = asyncio.create_task(
+        runner.send("h1", CommandId("c1"), "true", 5, _target(), AGENT_PUB, issued_at=1_700_000_000.25)
+    )
+    await _until(lambda: bool(payloads))
+    fake.replies["warlock.agent.h1.exec"].set_result(_signed())
+    await send
+    signature = decode_model(ExecRequest, payloads[0]).signature
+    assert signature is not None
+    assert (signature.issued_at, signature.not_after) == (1_700_000_000.25, 1_700_000_000.25 + 120.0)
