@@ -32,11 +32,12 @@ class InFlight:
     """Waiters by gateway id, then by command id; every method runs on the event loop, none awaits."""
 
     def __init__(self) -> None:
-        self._by_gateway: dict[str, dict[str, asyncio.Future[Gone]]] = {}
+        self._by_gateway: dict[str, dict[str, asyncio.Future[Gone | None]]] = {}
 
-    def watch(self, gateway_id: str, command_id: str) -> asyncio.Future[Gone]:
-        """Register a request to `command_id` sent through `gateway_id`; the future resolves if it is gone."""
-        future: asyncio.Future[Gone] = asyncio.get_running_loop().create_future()
+    def watch(self, gateway_id: str, command_id: str) -> asyncio.Future[Gone | None]:
+        """Register a request to `command_id` sent through `gateway_id`; the future resolves with `Gone` if
+        the gateway is gone (the caller may resolve it with None itself, when the request is answered)."""
+        future: asyncio.Future[Gone | None] = asyncio.get_running_loop().create_future()
         self._by_gateway.setdefault(gateway_id, {})[command_id] = future
         return future
 

@@ -54,13 +54,16 @@ def _rows(db: Path, host: str) -> list[dict[str, Any]]:
         return [dict(row) for row in rows]
 
 
-def _insert_pending(db: Path, host: str, command_id: str, age_s: float, timeout: float) -> None:
+def _insert_pending(
+    db: Path, host: str, command_id: str, age_s: float, timeout: float, via: str | None = None
+) -> None:
     created = sqlite_datetime(utcnow() - timedelta(seconds=age_s))
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
         conn.execute(
             "INSERT INTO command_run (command_id, host_id, command, timeout, requested_by, status, stdout,"
-            " stderr, truncated, created_at) VALUES (?, ?, 'true', ?, 'test', 'pending', '', '', 0, ?)",
-            (command_id, host, timeout, created),
+            " stderr, truncated, created_at, via)"
+            " VALUES (?, ?, 'true', ?, 'test', 'pending', '', '', 0, ?, ?)",
+            (command_id, host, timeout, created, via),
         )
 
 
@@ -122,6 +125,7 @@ async def test_runs_left_pending_are_settled_from_the_agents_ledger(
     assert _rows(db, "box")[0]["status"] == "pending"  # no late result settled it: only the ledger knows
 
     _insert_pending(db, "box", "never-1", age_s=2, timeout=5)  # never sent: not in the agent's ledger
+    _insert_pending(db, "box", "ssh-1", age_s=2, timeout=3, via="ssh")  # routed over SSH: never asked
     _insert_pending(db, "fake", "forged-1", age_s=3, timeout=1)
     _insert_pending(db, "fake", "forged-2", age_s=3, timeout=1)
 
@@ -173,6 +177,9 @@ async def test_runs_left_pending_are_settled_from_the_agents_ledger(
     assert {"id": "never-1", "state": "used"}.items() <= next(
         r for r in ledger_records if r["id"] == "never-1"
     ).items()
+    routed = box["ssh-1"]
+    assert (routed["status"], routed["error_code"]) == ("timed_out", "orphaned"), routed
+    assert '"id":"ssh-1"' not in ledger.read_text()  # the agent was never asked about it
     assert ran.read_text() == "ran\n"  # ran once: the reconciler only asked
     assert agent.count(r"result query \S+ about command") >= 2
 

@@ -80,7 +80,9 @@ async def test_release_wakes_callers_of_silent_gateways_only() -> None:
     assert dead.done()
     assert never.done()
     assert not live.done()
-    assert "gw-dead silent for over 3s" in dead.result().reason
+    woken = dead.result()
+    assert woken is not None
+    assert "gw-dead silent for over 3s" in woken.reason
     assert GatewayWatch(cast(Any, None), silence=3.0).release() == []  # no registry: nothing to do
 
 
