@@ -50,6 +50,7 @@ ROLES: dict[str, Role] = {
             f"{P}.agent.*.exec",
             f"{P}.agent.*.ping",
             f"{P}.agent.*.rotate",
+            f"{P}.agent.*.result",
             f"{P}.ssh.*.exec",
             *(s.ssh_agent_op_wildcard(op) for op in s.SSH_AGENT_OPS),
             s.SSH_PROBE,

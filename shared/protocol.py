@@ -241,10 +241,56 @@ class TokenRotated(Message):
     signature: Signature64 | None = None  # the agent's, over `shared.signing.rotated_values`
 
 
+class ResultQuery(Message):
+    """What became of `command_id`? The NATS request on ``warlock.agent.<host>.result`` and, unchanged, the
+    gateway → agent frame. Read-only: the agent answers from its ledger and never runs anything.
+
+    `exec_not_after` is the not-after of the exec that carried the id (the API signs an exec with issued_at =
+    its run's created_at, so the reconciler knows it). `signature` is the API's, kind ``result_query``, over
+    ``{command_id, query_id, exec_not_after}``: only the API may ask; the answer is bound to `query_id`.
+    """
+
+    type: Literal["result_query"] = "result_query"
+    query_id: CommandIdField
+    command_id: CommandIdField
+    exec_not_after: float
+    signature: CommandSignature | None = None
+
+
+ResultState = Literal["done", "running", "never_ran", "unknown", "refused"]
+
+
+class ResultAnswer(Message):
+    """Agent → gateway, and the NATS reply to a ResultQuery: what the agent's ledger says of `command_id`.
+
+    - ``done``: it ran here; `result` is its recorded result (signed by the agent), or `error` its recorded
+      typed error (``unknown_result``: it started before a restart and its result was lost; it may have run).
+    - ``running``: it is running (or waiting for a slot) now.
+    - ``never_ran``: it never ran here and, from this answer on, never will: the id is now recorded as used
+      until the exec's not-after, and the ledger still holds every id whose envelope is that recent.
+    - ``unknown``: not in the ledger, but past its not-after: it may have run and been forgotten.
+    - ``refused``: the query did not verify (`description` says why); nothing was looked up.
+
+    `signature` is the agent's over `shared.signing.answer_values` (every answer but ``refused``).
+    """
+
+    type: Literal["result_answer"] = "result_answer"
+    query_id: CommandIdField
+    command_id: CommandIdField
+    state: ResultState
+    result: ExecResult | None = None
+    error: ExecError | None = None
+    description: Annotated[str, Field(max_length=1024)] = ""
+    signature: Signature64 | None = None
+
+
 AgentFrame = Annotated[
-    Hello | ExecResult | ExecError | Metrics | Ping | Pong | TokenRotated, Field(discriminator="type")
+    Hello | ExecResult | ExecError | Metrics | Ping | Pong | TokenRotated | ResultAnswer,
+    Field(discriminator="type"),
 ]
-GatewayFrame = Annotated[Welcome | Exec | Ack | Ping | Pong | RotateToken, Field(discriminator="type")]
+GatewayFrame = Annotated[
+    Welcome | Exec | Ack | Ping | Pong | RotateToken | ResultQuery, Field(discriminator="type")
+]
 
 # ----------------------------------------------------------------------------- NATS payloads
 
@@ -502,6 +548,7 @@ PresenceEvent = Annotated[PresenceConnected | PresenceDisconnected, Field(discri
 RotateReply = Annotated[RotateOk | ErrorReply, Field(discriminator="type")]
 AgentOpReply = Annotated[AgentOpResult | ErrorReply, Field(discriminator="type")]
 ProbeReply = Annotated[SshProbeOk | ErrorReply, Field(discriminator="type")]
+ResultReply = Annotated[ResultAnswer | ErrorReply, Field(discriminator="type")]
 
 _LAZY = ConfigDict(defer_build=True)  # built on first decode, like the models
 _agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame, config=_LAZY)
@@ -513,6 +560,7 @@ _presence_events: TypeAdapter[PresenceEvent] = TypeAdapter(PresenceEvent, config
 _probe_replies: TypeAdapter[ProbeReply] = TypeAdapter(ProbeReply, config=_LAZY)
 _rotate_replies: TypeAdapter[RotateReply] = TypeAdapter(RotateReply, config=_LAZY)
 _agent_op_replies: TypeAdapter[AgentOpReply] = TypeAdapter(AgentOpReply, config=_LAZY)
+_result_replies: TypeAdapter[ResultReply] = TypeAdapter(ResultReply, config=_LAZY)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -596,3 +644,8 @@ def decode_rotate_reply(data: bytes | str) -> RotateReply:
 def decode_agent_op_reply(data: bytes | str) -> AgentOpReply:
     """Decode the SSH worker's answer to install / uninstall / configure."""
     return _decode(_agent_op_replies, data)
+
+
+def decode_result_reply(data: bytes | str) -> ResultReply:
+    """Decode the answer to a result query (the agent's ResultAnswer, or the gateway's typed error)."""
+    return _decode(_result_replies, data)

@@ -37,13 +37,14 @@ from nacl.signing import SigningKey as Ed25519PrivateKey
 from nacl.signing import VerifyKey as Ed25519PublicKey
 
 from shared.errors import ConfigError, ErrorCode, WarlockError
-from shared.protocol import CommandSignature, ExecResult, Hello, Message
+from shared.protocol import CommandSignature, ExecResult, Hello, Message, ResultAnswer
 
 PUBLIC_PREFIX = "ed25519:"
 COMMAND_DOMAIN = b"warlock-command/1\n"
 RESULT_DOMAIN = b"warlock-result/1\n"
 HELLO_DOMAIN = b"warlock-hello/1\n"
 ROTATED_DOMAIN = b"warlock-token-rotated/1\n"
+ANSWER_DOMAIN = b"warlock-result-answer/1\n"
 DEFAULT_COMMAND_TTL_S = 120.0  # a signed command must reach its host within this
 CLOCK_SKEW_S = 300.0  # a not-after this far beyond the verifier's own limit is refused
 
@@ -354,3 +355,39 @@ def hello_problem(public: Ed25519PublicKey, hello: Hello, now: float | None = No
 def rotated_values(host_id: str, rotation_id: str, token_sha256: str) -> dict[str, Any]:
     """What an agent signs when it made itself a new token: the gateway cannot substitute its own."""
     return {"host_id": host_id, "rotation_id": rotation_id, "token_sha256": token_sha256}
+
+
+def answer_values(host_id: str, answer: ResultAnswer) -> dict[str, Any]:
+    """What an agent signs in its answer to a result query: the query it answers, the state, and what the
+    state rests on (the recorded error, or the signature of the recorded result, which covers the result)."""
+    error = answer.error
+    return {
+        "host_id": host_id,
+        "query_id": answer.query_id,
+        "command_id": answer.command_id,
+        "state": answer.state,
+        "error_code": None if error is None else str(error.code),
+        "error_description": None if error is None else error.description,
+        "result_signature": None if answer.result is None else answer.result.signature,
+    }
+
+
+def sign_answer(key: Ed25519PrivateKey, host_id: str, answer: ResultAnswer) -> ResultAnswer:
+    """`answer` with the agent's signature (`answer_values`)."""
+    sig = sign_values(key, ANSWER_DOMAIN, answer_values(host_id, answer))
+    return answer.model_copy(update={"signature": sig})
+
+
+def answer_problem(public: Ed25519PublicKey, host_id: str, query_id: str, answer: ResultAnswer) -> str | None:
+    """None when `answer` is the agent's (`public`) answer to query `query_id` about a command of `host_id`,
+    with a recorded result that verifies too; else why not."""
+    if answer.query_id != query_id:
+        return f"the answer is to another query ({answer.query_id})"
+    if not verify_values(public, ANSWER_DOMAIN, answer_values(host_id, answer), answer.signature):
+        return "the answer is not signed by the host's agent key (forged or altered)"
+    if answer.result is not None:
+        if answer.result.command_id != answer.command_id:
+            return "the answer carries the result of another command"
+        if not verify_result(public, host_id, answer.result):
+            return "the recorded result in the answer does not verify with the host's agent key"
+    return None

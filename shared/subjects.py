@@ -16,6 +16,7 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.gateway.<id>.sessions   | request (micro)  | a gateway: the hosts it holds      |
 | warlock.ssh.<worker>.status     | request (micro)  | an SSH worker: pool counters       |
 | warlock.agent.<host>.rotate      | request          | the gateway holding <host>: new token |
+| warlock.agent.<host>.result      | request          | the gateway holding <host>: ledger lookup |
 | warlock.auth.revoked             | publish          | gateways: close sessions of a revoked token (4003) |
 | warlock.ssh.<host>.install       | request          | SSH worker: install / upgrade the agent |
 | warlock.ssh.<host>.uninstall     | request          | SSH worker: remove the agent       |
@@ -50,7 +51,7 @@ ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
 GATEWAY_HEARTBEATS = f"{PREFIX}.gateway.*.heartbeat"
 
-AGENT_VERBS = ("exec", "ping", "rotate")
+AGENT_VERBS = ("exec", "ping", "rotate", "result")
 SRV_PREFIX = "$SRV"  # NATS micro discovery ($SRV.PING, $SRV.INFO.<name>, ...)
 
 
@@ -74,6 +75,11 @@ def agent_ping(host: str) -> str:
 def agent_rotate(host: str) -> str:
     """Subject on which the gateway holding `host` hands its agent a new token."""
     return f"{PREFIX}.agent.{host_id(host)}.rotate"
+
+
+def agent_result(host: str) -> str:
+    """Subject on which the gateway holding `host` asks its agent what became of a command id."""
+    return f"{PREFIX}.agent.{host_id(host)}.result"
 
 
 def agent_requests(host: str) -> str:

@@ -231,6 +231,9 @@ class Agent:
                         self.commands.start(action.request)
                     elif isinstance(action, dispatch.Rotate):
                         await self._send(ws, await self._rotate_safely(action.request))
+                    elif isinstance(action, dispatch.Query):
+                        answer = self.commands.answer(action.query, state.welcome.max_result_bytes)
+                        await self._send(ws, answer)
                     else:
                         await ws.close(action.code, action.reason)
                         return Outcome.CLOSED

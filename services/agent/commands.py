@@ -18,19 +18,21 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from shared import signing
 from shared.errors import ErrorCode
-from shared.protocol import Exec, ExecError, ExecResult
+from shared.protocol import Exec, ExecError, ExecResult, ResultAnswer, ResultQuery
 
 from . import budget
 from .allocator import release_after
 from .executor import run_command
 from .ledger import Ledger, Result
-from .results import Outbox
+from .results import SIGNATURE_ROOM, Outbox, fit_result
 from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[Result], Awaitable[None]]
+ANSWER_ROOM = 512  # bytes a result query's answer adds around the result it carries
 
 
 class Commands:
@@ -121,6 +123,33 @@ class Commands:
         )
         self.outbox.add(result)  # kept (on disk) before the ledger records it done: see `Ledger.learn`
         return result
+
+    def answer(self, query: ResultQuery, max_bytes: int) -> ResultAnswer:
+        """The signed answer to a result query (API-signed, kind ``result_query``): what the ledger says of
+        the command id (`Ledger.query`), with its recorded result trimmed to `max_bytes` and signed. A query
+        that does not verify is answered ``refused`` (unsigned); nothing is run either way."""
+        fields = signing.signed_fields(query)
+        refused = self.trust.verify("result_query", query.query_id, fields, query.signature)
+        if refused is not None:
+            description = f"{refused.code}: {refused.description}"[:1024]
+            return ResultAnswer(
+                query_id=query.query_id, command_id=query.command_id, state="refused", description=description
+            )
+        state, recorded = self.ledger.query(query.command_id, query.exec_not_after)
+        result: ExecResult | None = None
+        error: ExecError | None = None
+        if recorded is not None:
+            room = max_bytes - SIGNATURE_ROOM - ANSWER_ROOM
+            kept = self.trust.seal(fit_result(recorded, room))
+            if isinstance(kept, ExecResult):
+                result = kept
+            else:
+                error = kept
+        answer = ResultAnswer(
+            query_id=query.query_id, command_id=query.command_id, state=state, result=result, error=error
+        )
+        log.info("result query %s about command %s: %s", query.query_id, query.command_id, state)
+        return signing.sign_answer(self.trust.key, self.trust.host_id, answer)
 
     async def wait(self, grace: float) -> None:
         """Wait up to `grace` seconds for the running commands to finish."""

@@ -20,6 +20,7 @@ from shared.protocol import (
     Message,
     Ping,
     Pong,
+    ResultQuery,
     RotateToken,
     Welcome,
     decode_gateway_frame,
@@ -31,7 +32,7 @@ from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ("exec", "metrics", "ledger")
+CAPABILITIES = ("exec", "metrics", "ledger", "result_query")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,13 @@ class Rotate:
 
 
 @dataclass(frozen=True)
+class Query:
+    """Answer a result query from the ledger (`Commands.answer`); nothing runs."""
+
+    query: ResultQuery
+
+
+@dataclass(frozen=True)
 class Close:
     """Close the connection with `code` and `reason`, then reconnect."""
 
@@ -63,7 +71,7 @@ class Close:
     reason: str
 
 
-Action = Send | Run | Rotate | Close
+Action = Send | Run | Rotate | Query | Close
 
 
 @dataclass
@@ -104,6 +112,8 @@ def on_frame(state: SessionState, raw: bytes | str, now: float) -> list[Action]:
         return []
     if isinstance(frame, RotateToken):
         return [Rotate(frame)]
+    if isinstance(frame, ResultQuery):
+        return [Query(frame)]
     return [Close(CloseCode.POLICY_VIOLATION, "unexpected second welcome")]
 
 

@@ -20,6 +20,11 @@ must not fetch a command's output.) An id is kept `retention` seconds, and at
 least until the not-after of the signed envelope that brought it (`keep_until`), so a signed command
 cannot be replayed after its id is forgotten.
 
+A result query (`Ledger.query`, the API's reconciler asking about a run its stopped sender left pending)
+reads the same entries and never runs anything; an id it finds missing while its exec could still arrive is
+recorded as used (``state: "used"``, as a rotation id but under the bare command id), so the answer
+"never ran here" stays true.
+
 Bounds: every id of the retention is kept, however many (that is the guarantee); the output recorded for
 a repeat is not. Each stream of a recorded result is cut to `output_bytes` (64 KiB, what the API keeps),
 and all recorded output together to `max_bytes` (4 MiB): past it, the oldest results keep their exit
@@ -39,19 +44,21 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
 
 from shared.errors import ErrorCode
 from shared.ids import CommandId
 from shared.protocol import Exec, ExecError, ExecResult
+from shared.signing import CLOCK_SKEW_S
 
 from .results import OutputBudget, cap_output, output_bytes, strip_output
 
 log = logging.getLogger(__name__)
 
 Result = ExecResult | ExecError
+QueryState = Literal["done", "running", "never_ran", "unknown"]
 Runner = Callable[[Exec], Awaitable[Result]]
 # Waits for the right to run: yields the request to run (its timeout perhaps shortened) or the error
 # after which nothing ran; the right is held until the context exits.
@@ -264,6 +271,44 @@ class Ledger:
         self._append({"id": command_id, "at": at, "state": "done", "result": _dump(kept)})
         log.info("command %s: result found in the outbox after a restart; recorded as done", command_id)
         return True
+
+    def query(self, command_id: str, not_after: float) -> tuple[QueryState, Result | None]:
+        """What the ledger says of `command_id` for a result query; never runs anything.
+
+        ``running`` (running or waiting for a slot); ``done`` with its recorded result, or an
+        ``unknown_result`` error if it started before a restart and its result was lost; ``never_ran`` for
+        an id recorded as used by an earlier query. An id the ledger does not hold is ``never_ran`` only
+        while the clock is not past `not_after` (the not-after of the exec that carried it): every id is
+        kept at least until its envelope's not-after, so had it run it would be here; the id is then
+        recorded as used until `not_after` (flushed), so an exec with it that still arrives is refused as a
+        replay and the answer stays true. Past `not_after` it is ``unknown``: it can no longer start, but it
+        may have run and been forgotten.
+        """
+        if command_id in self._running:
+            return "running", None
+        now = self.clock()
+        entry = self._entries.get(command_id)
+        if entry is not None and entry.at >= now - self.retention:
+            if entry.used:
+                return "never_ran", None
+            if entry.result is not None:
+                return "done", entry.result
+            return "done", ExecError(
+                command_id=CommandId(command_id),
+                code=ErrorCode.UNKNOWN_RESULT,
+                description="this command id started before the agent restarted; its result was lost (it "
+                "may have run)",
+            )
+        if now > not_after:
+            return "unknown", None
+        # kept until `not_after` (at least `retention`), bounded by the furthest not-after an exec may
+        # carry here (`signing.verify_command`: the agent's max ttl, the retention, plus the clock skew)
+        keep_until = min(not_after, now + self.retention + CLOCK_SKEW_S)
+        at = max(now, keep_until - self.retention)
+        self._entries[command_id] = Entry(at=at, used=True)
+        self._append({"id": command_id, "at": at, "state": "used"})
+        log.info("command %s: asked about, never ran here; its id is now refused", command_id)
+        return "never_ran", None
 
     def claim(self, command_id: str, keep_until: float = 0.0, namespace: str = "rotate") -> ExecError | None:
         """Record `command_id` of an operation that runs no command (recorded as ``<namespace>:<id>``,

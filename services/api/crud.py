@@ -331,7 +331,10 @@ async def start_run(session: AsyncSession, host_id: str, run: NewRun) -> HostTar
         return None
     agent = await session.get(AgentConnection, host_id)
     public_key = None if agent is None else agent.public_key
-    target = HostTarget(host.id, host.address, host.ssh_port, host.ssh_user, host.host_key, public_key)
+    gateway_id = agent.gateway_id if agent is not None and agent.status == AgentStatus.CONNECTED else None
+    target = HostTarget(
+        host.id, host.address, host.ssh_port, host.ssh_user, host.host_key, public_key, gateway_id
+    )
     row = CommandRun(
         command_id=run.command_id,
         host_id=host.id,
@@ -375,8 +378,10 @@ async def update_run(
     values: Mapping[str, Any],
     when: Iterable[CommandStatus],
     host_id: str | None = None,
+    unrouted: bool = False,
 ) -> bool:
-    """Set `values` on the run if its status is one of `when` (and its host is `host_id`, if given).
+    """Set `values` on the run if its status is one of `when` (and its host is `host_id`, if given; and,
+    with `unrouted`, it was not routed over SSH: its via is still unset).
 
     Commits; returns whether the row changed.
     """
@@ -387,6 +392,8 @@ async def update_run(
     )
     if host_id is not None:
         stmt = stmt.where(col(CommandRun.host_id) == host_id)
+    if unrouted:
+        stmt = stmt.where(col(CommandRun.via).is_(None))
     result = await session.exec(stmt.values(**values))
     await session.commit()
     return bool(result.rowcount)

@@ -7,6 +7,12 @@ second, marks disconnected the agents of any gateway it has not heard for `gatew
 (counted from its own start for a gateway it never heard). The update is guarded by gateway id and status,
 so an agent that reconnected through another gateway is untouched, and several API instances agree.
 Bound: a dead gateway's agents read disconnected within `gateway_silence` + 1 s.
+
+The same check, in memory and before the database (so it works while the database is down), wakes every
+caller of this API instance waiting on an agent request sent through a silent gateway (`InFlight`): nobody
+will answer it, so the caller records the command as possibly run (``disconnected``) within the same bound
+instead of waiting out the command's timeout. Gateways with requests in flight are checked even when no
+agent is recorded connected through them any more (the agent may already be back through another one).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import crud
+from services.api.inflight import InFlight
 from shared import subjects
 from shared.errors import InvalidIdError, ProtocolError
 from shared.protocol import GatewayHeartbeat, decode_model
@@ -37,10 +44,12 @@ class GatewayWatch:
         sessions: async_sessionmaker[AsyncSession],
         silence: float,
         clock: Callable[[], float] = time.monotonic,
+        inflight: InFlight | None = None,
     ) -> None:
         self.sessions = sessions
         self.silence = silence
         self.clock = clock
+        self.inflight = inflight
         self.started = clock()
         self.heard: dict[str, float] = {}
 
@@ -61,6 +70,18 @@ class GatewayWatch:
         """Whether `gateway` has not been heard for `silence` seconds (since this API started, if never)."""
         return self.clock() - self.heard.get(gateway, self.started) > self.silence
 
+    def release(self) -> list[str]:
+        """Wake the callers waiting on requests sent through a silent gateway; return those gateways."""
+        if self.inflight is None:
+            return []
+        gone = sorted(g for g in self.inflight.gateways() if self.silent(g))
+        for gateway in gone:
+            reason = f"gateway {gateway} silent for over {self.silence:g}s"
+            woken = self.inflight.gone(gateway, reason)
+            if woken:
+                log.warning("%s: %d caller(s) stop waiting on it (commands may have run)", reason, woken)
+        return gone
+
     async def check(self) -> list[str]:
         """Mark the agents of every silent gateway disconnected; return those gateways."""
         async with self.sessions() as session:
@@ -78,9 +99,11 @@ class GatewayWatch:
         return gone
 
     async def run(self, ready: Callable[[], bool]) -> None:
-        """Check every second while the database is ready; never raises."""
+        """Every second: wake the callers of silent gateways; mark their agents while the database is ready.
+        Never raises."""
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
+            self.release()
             if not ready():
                 continue
             try:

@@ -32,9 +32,10 @@ from services.api.db import SchemaMismatch, initialise, make_engine, sessionmake
 from services.api.deps import ApiState, AuthCache, document_api_key
 from services.api.edge import ApiEdge, error_response
 from services.api.errors import ApiError
+from services.api.inflight import InFlight
 from services.api.lifecycle import AgentLifecycle
 from services.api.liveness import GatewayWatch
-from services.api.reconciler import reconcile_forever
+from services.api.reconciler import Reconciler, reconcile_forever
 from services.api.routes import include_routes
 from services.api.runner import Runner
 from services.api.runstore import open_store
@@ -97,13 +98,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
         store = open_store(settings.database_url)
-        runner = Runner(nc, store, sessions, settings, tasks, signer)
+        inflight = InFlight()  # agent requests by gateway: the watch wakes the callers of a silent one
+        runner = Runner(nc, store, sessions, settings, tasks, signer, inflight=inflight)
         lifecycle = AgentLifecycle(
             nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir), signer
         )
         auth = AuthCache(settings.auth_cache_ttl)
         state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)
-        watch = GatewayWatch(sessions, settings.gateway_silence)
+        watch = GatewayWatch(sessions, settings.gateway_silence, inflight=inflight)
         bus = Bus(
             nc,
             sessions,
@@ -122,7 +124,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 background.append(asyncio.create_task(_initialise_until_ready(state), name="db-init"))
             # NATS in the background: the HTTP port opens (and /healthz says why NATS is missing) even when
             # NATS is down. The first attempt is awaited, so a reachable NATS is serving before we are.
-            reconciling = reconcile_forever(sessions, settings, ready=lambda: state.db_ready)
+            reconciler = Reconciler(sessions, settings, nc, signer, runner.rejections, runner.delivering)
+            reconciling = reconcile_forever(reconciler, settings, ready=lambda: state.db_ready)
             background.append(asyncio.create_task(reconciling, name="reconciler"))
             background.append(asyncio.create_task(watch.run(lambda: state.db_ready), name="gateway-watch"))
             connecting = asyncio.create_task(_connect_nats(link, bus, stop), name="nats-connect")
@@ -142,6 +145,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await asyncio.gather(*background, return_exceptions=True)
             await bus.stop()
             await tasks.close(settings.shutdown_timeout)
+            await runner.stop_listening()
             await link.close()
             await store.close()
             await engine.dispose()

@@ -8,6 +8,7 @@ so the rules are tested without I/O; `Runner` only writes rows, sends requests a
                   ├─ ErrorReply nothing-ran ─▶ failed + code                    (no fallback)
                   ├─ ErrorReply may-have-run ▶ timed_out + code                 (no fallback)
                   ├─ NATS timeout ───────────▶ timed_out                        (never re-sent)
+                  ├─ its gateway went silent ▶ timed_out + disconnected         (never re-sent)
                   └─ no responders ──▶ SSH request, same command id ─▶ same rules (via ssh)
                                                  └─ no responders ──▶ undeliverable
 
@@ -16,6 +17,13 @@ the SSH subject with the target (address, port, user, pinned key) inside the sig
 result counts only if it verifies with the host's agent key (`services.api.verify`); the SSH worker's are
 authenticated by NATS itself: only the ssh-worker identity may subscribe to ``warlock.ssh.>``
 (`shared.permissions`), so nobody else receives the request it answers.
+
+An agent request to a host recorded connected through a gateway is registered in `InFlight` under that
+gateway: if `GatewayWatch` finds the gateway silent (SIGKILLed: nobody will answer), the caller stops waiting
+and the row says ``timed_out`` / ``disconnected`` (it may have run; never re-sent). The request keeps
+listening in the background until its own timeout: a reply that still comes (the agent had reconnected
+elsewhere) settles the row like a late result, as does the result the agent's outbox re-sends on
+``warlock.result.<host>`` after it reconnects.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from sqlalchemy import func
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -37,13 +47,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import crud
 from services.api.errors import DatabaseUnavailable, NotFound
+from services.api.inflight import Gone, InFlight
 from services.api.models import CommandRun, CommandRunPublic, CommandStatus, ExecBody, Host, Via, utcnow
 from services.api.runstore import HostTarget, NewRun, RunStore
 from services.api.settings import ApiSettings
 from services.api.signer import ApiSigner
 from services.api.tasks import TaskTracker
 from services.api.verify import Rejections, result_problem
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import MAY_HAVE_RUN, ErrorCode, ProtocolError
 from shared.ids import CommandId, new_command_id
 from shared.protocol import (
@@ -156,6 +167,25 @@ def timed_out(via: Via, waited: float) -> Outcome:
     return Outcome(CommandStatus.TIMED_OUT, via, error_code=ErrorCode.TIMEOUT, error_description=text)
 
 
+def session_gone(gone: Gone) -> Outcome:
+    """The gateway that carried the request is gone: the command may have run; it is never re-sent."""
+    text = (
+        f"{gone.reason}: the agent's session that received the command is gone; the command may have run "
+        "and is not re-sent (a late result from the agent still settles it)"
+    )
+    return Outcome(
+        CommandStatus.TIMED_OUT, Via.AGENT, error_code=ErrorCode.DISCONNECTED, error_description=text
+    )
+
+
+class SessionGone(Exception):
+    """Raised by `Runner._agent_request` when the request's gateway was found gone before an answer."""
+
+    def __init__(self, gone: Gone) -> None:
+        super().__init__(gone.reason)
+        self.gone = gone
+
+
 def undeliverable(description: str) -> Outcome:
     """Nobody could take the command: nothing ran."""
     return Outcome(
@@ -184,6 +214,7 @@ class Runner:
         tasks: TaskTracker,
         signer: ApiSigner,
         rejections: Rejections | None = None,
+        inflight: InFlight | None = None,
     ) -> None:
         self.nc = nc
         self.store = store
@@ -192,6 +223,9 @@ class Runner:
         self.tasks = tasks
         self.signer = signer
         self.rejections = rejections or Rejections()
+        self.inflight = inflight
+        self._listeners: set[asyncio.Task[None]] = set()  # requests given up on, still listening
+        self.delivering: set[str] = set()  # command ids this instance is delivering (the reconciler skips)
 
     async def run(self, ref: str, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
         """Record the command as pending (committed) for the host `ref` names, deliver it, record and
@@ -218,9 +252,21 @@ class Runner:
         started = utcnow()
         t0 = time.monotonic()
         command_id = CommandId(run.command_id)
-        outcome = await self.send(
-            host.id, command_id, run.command, run.timeout, ssh_target(host), host.public_key
-        )
+        self.delivering.add(run.command_id)
+        try:
+            outcome = await self.send(
+                host.id,
+                command_id,
+                run.command,
+                run.timeout,
+                ssh_target(host),
+                host.public_key,
+                gateway_id=host.gateway_id,
+                issued_at=run.created_at.timestamp(),
+                before_ssh=lambda: self.store.route_ssh(run.command_id),
+            )
+        finally:
+            self.delivering.discard(run.command_id)
         wall_ms = (time.monotonic() - t0) * 1000
         values = outcome.values()
         values.update(started_at=started, finished_at=utcnow())
@@ -256,15 +302,33 @@ class Runner:
         command_timeout: float,
         target: SshTarget,
         public_key: str | None,
+        gateway_id: str | None = None,
+        issued_at: float | None = None,
+        before_ssh: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Deliver one command, signed: agent subject first, the SSH subject only if the agent had no
-        responders. An agent result counts only if it verifies with `public_key` (the host's agent key)."""
+        responders. An agent result counts only if it verifies with `public_key` (the host's agent key).
+
+        `gateway_id`: the gateway the host's agent was recorded connected through (None: not connected);
+        if it is found silent before the agent answers, the caller stops waiting (`session_gone`).
+        `issued_at`: the exec's signed issued-at (the run's created_at: its not-after is then created_at +
+        command_ttl, which the reconciler's result query names). `before_ssh`: records the SSH route before
+        the SSH request leaves (False or a database error: nothing is sent)."""
         wait = command_timeout + self.settings.exec_grace
         max_chars = self.settings.max_output_chars
         request = ExecRequest(command=command, timeout=command_timeout, command_id=command_id)
-        request = self.signer.sign("exec", request, host_id)
+        signed = signing.signed_fields(request)
+        signature = signing.sign_command(
+            self.signer.key, "exec", signed, host_id, self.signer.ttl, now=issued_at
+        )
+        request = request.model_copy(update={"signature": signature})
         try:
-            msg = await self.nc.request(subjects.agent_exec(host_id), encode(request), timeout=wait)
+            msg = await self._agent_request(
+                host_id, command_id, encode(request), wait, public_key, gateway_id
+            )
+        except SessionGone as exc:
+            log.warning("command %s on %s: %s; caller answered, not re-sent", command_id, host_id, exc)
+            return session_gone(exc.gone)
         except nats.errors.NoRespondersError:
             log.debug("command %s: no agent session for %s, trying SSH", command_id, host_id)
         except nats.errors.TimeoutError:
@@ -273,6 +337,18 @@ class Runner:
             return undeliverable(f"NATS unavailable: {type(exc).__name__}")
         else:
             return self._agent_outcome(msg.data, host_id, command_id, public_key)
+        if before_ssh is not None:
+            try:
+                routed = await before_ssh()
+            except (DatabaseUnavailable, SQLAlchemyError, OSError) as exc:
+                log.warning("command %s: SSH route not recorded, nothing sent: %s", command_id, exc)
+                return undeliverable(
+                    "no agent session, and the SSH route could not be recorded; nothing sent"
+                )
+            if not routed:
+                return undeliverable(
+                    "no agent session, and the run was settled meanwhile; nothing sent by SSH"
+                )
         ssh_request = SshExecRequest(
             command=command, timeout=command_timeout, command_id=command_id, target=target
         )
@@ -287,6 +363,81 @@ class Runner:
         except nats.errors.Error as exc:
             return undeliverable(f"NATS unavailable: {type(exc).__name__}")
         return outcome_of_reply(msg.data, Via.SSH, max_chars)
+
+    async def _agent_request(
+        self,
+        host_id: str,
+        command_id: str,
+        payload: bytes,
+        wait: float,
+        public_key: str | None,
+        gateway_id: str | None,
+    ) -> Msg:
+        """The agent's reply to `payload` (NATS errors raised as they come), or SessionGone when the
+        request's gateway is found gone first; the request then keeps listening (`_listen_late`)."""
+        request = self.nc.request(subjects.agent_exec(host_id), payload, timeout=wait)
+        if gateway_id is None or self.inflight is None:
+            return await request
+        answer = asyncio.ensure_future(request)
+        wake = self.inflight.watch(gateway_id, command_id)  # resolves with Gone, or None when answered
+
+        def answered(_: asyncio.Future[Msg]) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        answer.add_done_callback(answered)  # one future to await: cheaper than asyncio.wait (~10 us)
+        try:
+            gone = await wake
+        except asyncio.CancelledError:
+            answer.cancel()
+            raise
+        finally:
+            self.inflight.forget(gateway_id, command_id)
+        if gone is None or answer.done():
+            return answer.result()
+        listener = asyncio.ensure_future(self._listen_late(answer, host_id, command_id, public_key))
+        self._listeners.add(listener)
+        listener.add_done_callback(self._listeners.discard)
+        raise SessionGone(gone)
+
+    async def _listen_late(
+        self, answer: asyncio.Future[Msg], host_id: str, command_id: str, public_key: str | None
+    ) -> None:
+        """A request given up on still gets its reply: a verified result settles the row (if it is still
+        pending or timed out), as a late result on ``warlock.result.<host>`` would; anything else is moot."""
+        try:
+            msg = await answer
+        except nats.errors.Error:
+            return  # timed out (the agent's outbox may still re-send the result) or NATS went away
+        try:
+            reply = decode_exec_reply(msg.data)
+        except ProtocolError as exc:
+            log.warning("command %s: undecodable reply after it was given up on: %s", command_id, exc)
+            return
+        if not isinstance(reply, ExecResult):
+            log.info("command %s: %s after it was given up on; row kept", command_id, reply.code)
+            return
+        problem = agent_result_problem(reply, host_id, command_id, public_key)
+        if problem is not None:
+            self.rejections.reject("result", host_id, problem)
+            return
+        values = late_result_values(reply, self.settings.max_output_chars, utcnow())
+        try:
+            async with self.sessions() as session:
+                when = (CommandStatus.PENDING, CommandStatus.TIMED_OUT)
+                changed = await crud.update_run(session, command_id, values, when=when, host_id=host_id)
+        except (DatabaseUnavailable, SQLAlchemyError, OSError) as exc:
+            log.error("command %s: late reply not recorded: %s", command_id, exc)
+            return
+        log.info("late reply for command %s %s", command_id, "recorded" if changed else "ignored")
+
+    async def stop_listening(self) -> None:
+        """Cancel the requests still listening after their callers were answered (at shutdown)."""
+        listeners = set(self._listeners)
+        for listener in listeners:
+            listener.cancel()
+        if listeners:
+            await asyncio.wait(listeners, timeout=5)
 
     def _agent_outcome(self, data: bytes, host_id: str, command_id: str, public_key: str | None) -> Outcome:
         """The outcome of an agent reply: a result only if it is the agent's own (else counted, logged

@@ -62,8 +62,10 @@ OUTCOME_COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class HostTarget:
-    """What the runner needs of a host: its id (the NATS subject), its SSH target, and its agent's public
-    key (results must verify with it; None: no agent key registered, so no agent result counts)."""
+    """What the runner needs of a host: its id (the NATS subject), its SSH target, its agent's public
+    key (results must verify with it; None: no agent key registered, so no agent result counts), and the
+    gateway its agent is recorded connected through (None: not recorded connected), which the runner
+    watches while it waits on the agent (`services.api.inflight`)."""
 
     id: str
     address: str
@@ -71,6 +73,7 @@ class HostTarget:
     ssh_user: str
     host_key: str | None
     public_key: str | None = None
+    gateway_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,13 @@ class RunStore(Protocol):
 
     async def finish(self, command_id: str, values: dict[str, Any]) -> bool:
         """Set `values` (every OUTCOME_COLUMNS key) if the run is still open; whether it was."""
+        ...
+
+    async def route_ssh(self, command_id: str) -> bool:
+        """Record that the run goes over SSH (via = 'ssh', durably) if it is still pending; whether it is.
+
+        Written before the SSH request is sent: a pending run without it never left by SSH, so the agent's
+        ledger alone says whether it ran (`services.api.reconciler`)."""
         ...
 
     async def close(self) -> None:
@@ -132,7 +142,8 @@ def open_store(database_url: str) -> RunStore:
 # ----------------------------------------------------------------------------- SQLite
 
 _SQLITE_HOST = (
-    "SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key FROM host h"
+    "SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key,"
+    " CASE WHEN a.status = 'connected' THEN a.gateway_id END FROM host h"
     " LEFT JOIN agent_connection a ON a.host_id = h.id"
     " WHERE h.id = ?1 OR h.address = ?1 ORDER BY h.id = ?1 DESC LIMIT 1"
 )
@@ -140,6 +151,7 @@ _SQLITE_INSERT = (
     "INSERT OR IGNORE INTO command_run (command_id, host_id, command, timeout, requested_by, status, stdout,"
     " stderr, truncated, created_at) VALUES (?, ?, ?, ?, ?, 'pending', '', '', 0, ?)"
 )
+_SQLITE_ROUTE_SSH = "UPDATE command_run SET via = 'ssh' WHERE command_id = ? AND status = 'pending'"
 _SQLITE_UPDATE = (  # OUTCOME_COLUMNS, in order
     "UPDATE command_run SET status = ?, via = ?, exit_code = ?, signal = ?, stdout = ?, stderr = ?,"
     " truncated = ?, error_code = ?, error_description = ?, duration_ms = ?, started_at = ?, finished_at = ?"
@@ -256,6 +268,14 @@ class SqliteRunStore:
 
         return await self._call(finish)
 
+    async def route_ssh(self, command_id: str) -> bool:
+        """See `RunStore.route_ssh`."""
+
+        def route(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_SQLITE_ROUTE_SSH, (command_id,)).rowcount == 1
+
+        return await self._call(route)
+
     async def close(self) -> None:
         """See `RunStore.close`."""
 
@@ -275,7 +295,8 @@ class SqliteRunStore:
 
 _PG_START = """
 WITH h AS (
-    SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key FROM host h
+    SELECT h.id, h.address, h.ssh_port, h.ssh_user, h.host_key, a.public_key,
+           CASE WHEN a.status = 'connected' THEN a.gateway_id END AS gateway_id FROM host h
     LEFT JOIN agent_connection a ON a.host_id = h.id
     WHERE h.id = $1 OR h.address = $1 ORDER BY h.id = $1 DESC LIMIT 1
 ), ins AS (
@@ -285,13 +306,14 @@ WITH h AS (
     ON CONFLICT (command_id) DO NOTHING
     RETURNING host_id
 )
-SELECT id, address, ssh_port, ssh_user, host_key, public_key FROM h
+SELECT id, address, ssh_port, ssh_user, host_key, public_key, gateway_id FROM h
 """
 _PG_UPDATE = (  # OUTCOME_COLUMNS, in order
     "UPDATE command_run SET status = $1, via = $2, exit_code = $3, signal = $4, stdout = $5, stderr = $6,"
     " truncated = $7, error_code = $8, error_description = $9, duration_ms = $10, started_at = $11,"
     " finished_at = $12 WHERE command_id = $13 AND status IN ('pending', 'running')"
 )
+_PG_ROUTE_SSH = "UPDATE command_run SET via = 'ssh' WHERE command_id = $1 AND status = 'pending'"
 # a lost connection (server restart, terminated backend; asyncpg may notice it mid-call as an internal
 # state error): worth one retry once the pool has dropped its connections
 _PG_LOST = (
@@ -374,6 +396,15 @@ class PgRunStore:
             return status == "UPDATE 1"
 
         return await self._call(False, finish)
+
+    async def route_ssh(self, command_id: str) -> bool:
+        """See `RunStore.route_ssh` (on the durable pool)."""
+
+        async def route(pool: asyncpg.Pool) -> bool:
+            status: str = await pool.execute(_PG_ROUTE_SSH, command_id)
+            return status == "UPDATE 1"
+
+        return await self._call(True, route)
 
     async def close(self) -> None:
         """See `RunStore.close`."""

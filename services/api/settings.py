@@ -69,6 +69,16 @@ class ApiSettings(NatsSettings):
         ge=0,
         description="seconds beyond a run's timeout and the longest grace before a pending run is orphaned",
     )
+    reconcile_query_after: float = Field(
+        default=20.0,
+        gt=0,
+        description="seconds after which the reconciler first asks an agent's ledger about a pending run "
+        "(once, then again past its deadline); below command_ttl, a run that never reached the agent is "
+        "then settled failed (never_ran) for certain",
+    )
+    reconcile_query_timeout: float = Field(
+        default=5.0, gt=0, description="seconds the reconciler waits for an agent's answer to a result query"
+    )
     shutdown_timeout: float = Field(
         default=10.0, ge=0, description="seconds in-flight commands may finish at shutdown (then: pending)"
     )

@@ -30,6 +30,7 @@ from services.gateway.session import (
     NOT_SENT,
     SEND_TIMEOUT_CLOSE,
     Action,
+    Answered,
     Busy,
     Close,
     Confirm,
@@ -57,6 +58,8 @@ from shared.protocol import (
     PingReply,
     PingRequest,
     PresenceDisconnected,
+    ResultAnswer,
+    ResultQuery,
     SessionClaim,
     decode_model,
     encode,
@@ -96,7 +99,11 @@ class Bridge:
         self.stopping = False
         self._closers: set[asyncio.Task[None]] = set()
         # verb of ``warlock.agent.<host>.<verb>`` → its handler (the gateway adds "rotate")
-        self.verbs: dict[str, VerbHandler] = {"exec": self._start_exec, "ping": self._start_ping}
+        self.verbs: dict[str, VerbHandler] = {
+            "exec": self._start_exec,
+            "ping": self._start_ping,
+            "result": self._start_query,
+        }
 
     # ------------------------------------------------------------------------- NATS output
 
@@ -170,9 +177,8 @@ class Bridge:
             elif isinstance(action, Wake):
                 if not action.future.done():
                     action.future.set_result(None)
-            elif isinstance(action, Confirm):
-                if not action.future.done():
-                    action.future.set_result(action.answer)
+            elif isinstance(action, Confirm | Answered):
+                action.resolve()
             else:
                 return action
         return None
@@ -397,4 +403,36 @@ class Bridge:
             agent_version=session.hello.agent_version,
             agent_rtt_ms=(loop.time() - started) * 1000.0,
         )
+        await self.answer(msg, answer)
+
+    async def _start_query(self, session: GwSession, msg: Msg) -> None:
+        """Admit a result query (read-only: the agent answers from its ledger) and hand the round trip to a
+        session task. The API's signature passes through unchanged; the agent verifies it."""
+        try:
+            query = decode_model(ResultQuery, msg.data)
+        except ProtocolError as exc:
+            await self.answer(msg, error(ErrorCode.BAD_REQUEST, exc.message))
+            return
+        started = session.start_query(query, self.settings.max_in_flight)
+        if isinstance(started, ErrorReply):
+            await self.answer(msg, started)
+            return
+        frame, future = started
+        self.track(session, self._await_query(session, msg, frame, future))
+
+    async def _await_query(
+        self, session: GwSession, msg: Msg, frame: ResultQuery, future: asyncio.Future[ResultAnswer | None]
+    ) -> None:
+        """Send the query; answer with the agent's ResultAnswer as it is, or typed timeout / disconnected."""
+        await self.send(session, frame)
+        try:
+            async with asyncio.timeout(self.settings.agent_ping_timeout):
+                answer = await future
+        except TimeoutError:
+            session.queries.pop(frame.query_id, None)
+            await self.answer(msg, error(ErrorCode.TIMEOUT, "the agent did not answer the result query"))
+            return
+        if answer is None:
+            await self.answer(msg, error(ErrorCode.DISCONNECTED, "the agent disconnected"))
+            return
         await self.answer(msg, answer)

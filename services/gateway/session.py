@@ -29,6 +29,8 @@ from shared.protocol import (
     MetricsEvent,
     Ping,
     Pong,
+    ResultAnswer,
+    ResultQuery,
     RotateRequest,
     RotateToken,
     SessionClaim,
@@ -90,6 +92,24 @@ class Confirm:
     future: asyncio.Future[TokenRotated | None]
     answer: TokenRotated
 
+    def resolve(self) -> None:
+        """Hand the answer to the waiting task (unless it gave up)."""
+        if not self.future.done():
+            self.future.set_result(self.answer)
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """Resolve a result-query waiter with the agent's answer."""
+
+    future: asyncio.Future[ResultAnswer | None]
+    answer: ResultAnswer
+
+    def resolve(self) -> None:
+        """Hand the answer to the waiting task (unless it gave up)."""
+        if not self.future.done():
+            self.future.set_result(self.answer)
+
 
 @dataclass(frozen=True, slots=True)
 class Close:
@@ -99,7 +119,7 @@ class Close:
     reason: str
 
 
-Action = Send | Publish | Settle | Wake | Confirm | Close
+Action = Send | Publish | Settle | Wake | Confirm | Answered | Close
 
 
 class Pending:
@@ -138,6 +158,7 @@ class Started:
 
 Admission = Busy | Joined | Started
 Rotation = tuple[RotateToken, "asyncio.Future[TokenRotated | None]"]
+RESULT_QUERY = "result_query"  # the hello capability of an agent that answers result queries
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -191,6 +212,7 @@ class Session(Generic[C]):
         "last_seen",
         "pending",
         "pings",
+        "queries",
         "rotations",
         "session_id",
         "sub",
@@ -219,6 +241,7 @@ class Session(Generic[C]):
         self.pending: dict[CommandId, Pending] = {}
         self.pings: dict[str, asyncio.Future[None]] = {}
         self.rotations: dict[str, asyncio.Future[TokenRotated | None]] = {}
+        self.queries: dict[str, asyncio.Future[ResultAnswer | None]] = {}
         self.token_sha256 = token_sha256  # of the token this session authenticated with; never changes
         self.tasks: set[asyncio.Task[None]] = set()
         self.sub: Subscription | None = None
@@ -258,6 +281,22 @@ class Session(Generic[C]):
         self.rotations[rotation_id] = future
         return RotateToken(rotation_id=rotation_id, signature=request.signature), future
 
+    def start_query(
+        self, query: ResultQuery, max_in_flight: int
+    ) -> tuple[ResultQuery, asyncio.Future[ResultAnswer | None]] | ErrorReply:
+        """The frame to send (the request itself: the API's signature passes through) and the future the
+        agent's answer resolves; a typed error when the agent does not answer queries or too many wait."""
+        if RESULT_QUERY not in self.hello.capabilities:
+            why = f"the agent (version {self.hello.agent_version}) does not answer result queries"
+            return error(ErrorCode.UNAVAILABLE, why, query.command_id)
+        if len(self.queries) >= max_in_flight:
+            return error(ErrorCode.BUSY, "too many result queries in flight", query.command_id)
+        if query.query_id in self.queries:
+            return error(ErrorCode.BUSY, f"query {query.query_id} is already in flight", query.command_id)
+        future: asyncio.Future[ResultAnswer | None] = asyncio.get_running_loop().create_future()
+        self.queries[query.query_id] = future
+        return query, future
+
     def handle(self, frame: AgentFrame) -> list[Action]:
         """Decide what a frame received after the hello leads to."""
         if isinstance(frame, ExecResult):
@@ -276,6 +315,9 @@ class Session(Generic[C]):
         if isinstance(frame, TokenRotated):
             rotation = self.rotations.pop(frame.rotation_id, None)
             return [Confirm(rotation, frame)] if rotation is not None else []  # late: its request is gone
+        if isinstance(frame, ResultAnswer):
+            query = self.queries.pop(frame.query_id, None)
+            return [Answered(query, frame)] if query is not None else []  # late: its request is gone
         return [Close(CloseCode.POLICY_VIOLATION, "unexpected hello")]
 
     def _settle(self, command_id: CommandId, reply: ExecResult | ErrorReply) -> list[Action]:
@@ -331,4 +373,8 @@ class Session(Generic[C]):
             if not rotation.done():
                 rotation.set_result(None)  # no answer: the waiting task answers disconnected
         self.rotations.clear()
+        for query in self.queries.values():
+            if not query.done():
+                query.set_result(None)  # no answer: the waiting task answers disconnected
+        self.queries.clear()
         return pending

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.api import crud
 from services.api.db import initialise, make_engine, sessionmaker
 from services.api.errors import DatabaseUnavailable
-from services.api.models import CommandStatus, Host, Via
+from services.api.models import AgentStatus, CommandStatus, Host, Via
 from services.api.runstore import HostTarget, NewRun, PgRunStore, RunStore, SqliteRunStore, open_store
 from services.api.settings import ApiSettings
 from tests.support.db import BACKENDS, fresh_database
@@ -217,3 +217,48 @@ async def test_commit_settings(backend: str, store: RunStore) -> None:
     assert conn.execute("PRAGMA busy_timeout").fetchone() == (0,)
     assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def _gateway(target: HostTarget | None) -> str | None:
+    assert target is not None
+    return target.gateway_id
+
+
+async def test_the_target_names_the_recorded_gateway_and_the_ssh_route_is_recorded(
+    store: RunStore, database: Db
+) -> None:
+    """The target carries the gateway the agent is recorded connected through (None when it is not, on
+    both write paths); `route_ssh` marks a pending run via ssh, and nothing that is settled or unknown."""
+    assert _gateway(await store.start("web-1", _run("r1"))) is None
+    sessions = sessionmaker(database[1])
+    async with sessions() as session:
+        await crud.set_agent_public_key(session, "web-1", "ed25519:" + "A" * 43)
+        agent = await crud.get_agent(session, "web-1")
+        assert agent is not None
+        agent.status, agent.gateway_id = AgentStatus.CONNECTED, "gw-2"
+        session.add(agent)
+        await session.commit()
+    assert _gateway(await store.start("web-1", _run("r2"))) == "gw-2"
+    async with sessions() as session:
+        operator_target = await crud.start_run(session, "web-1", _run("r3"))
+        assert operator_target is not None
+        assert operator_target.gateway_id == "gw-2"
+        assert await crud.mark_gateway_gone(session, "gw-2") == 1
+        gone = await crud.start_run(session, "web-1", _run("r4"))
+        assert gone is not None
+        assert gone.gateway_id is None
+    assert _gateway(await store.start("web-1", _run("r5"))) is None
+
+    assert await store.route_ssh("r1")
+    async with sessions() as session:
+        routed = await crud.get_run(session, "r1")
+    assert (routed.status, routed.via) == (CommandStatus.PENDING, Via.SSH)
+    assert await store.finish("r1", _outcome(via=Via.SSH))
+    assert not await store.route_ssh("r1")  # settled: never routed again
+    assert not await store.route_ssh("no-such-run")
+    async with sessions() as session:  # the reconciler's guard: an agent's word never settles an SSH run
+        assert await store.route_ssh("r2")
+        values = {"status": CommandStatus.FAILED, "error_code": "never_ran"}
+        pending = (CommandStatus.PENDING,)
+        assert not await crud.update_run(session, "r2", values, when=pending, unrouted=True)
+        assert await crud.update_run(session, "r5", values, when=pending, unrouted=True)

@@ -37,6 +37,7 @@ CONCRETE: dict[str, str] = {
     "agent_exec": s.agent_exec(HOST),
     "agent_ping": s.agent_ping(HOST),
     "agent_rotate": s.agent_rotate(HOST),
+    "agent_result": s.agent_result(HOST),
     "ssh_exec": s.ssh_exec(HOST),
     **{f"ssh_agent_op:{op}": s.ssh_agent_op(HOST, op) for op in s.SSH_AGENT_OPS},
     "ssh_worker_status": s.ssh_worker_status(WORKER),
@@ -188,6 +189,9 @@ def test_the_matrix_keeps_its_promises() -> None:
     assert may_publish(operator, s.ops_exec(HOST))
     assert not may_publish(gateway, s.agent_exec(HOST))
     assert not may_publish(worker, s.agent_exec(HOST))
+    # a result query (read-only, API-signed): only the api asks, only gateways receive it
+    assert [r for r in ROLES.values() if may_publish(r, s.agent_result(HOST))] == [api]
+    assert [r for r in ROLES.values() if may_subscribe(r, s.agent_result(HOST))] == [gateway]
 
 
 async def test_publish_and_request_are_allowed_exactly_as_declared(
