@@ -26,7 +26,7 @@ import pytest
 
 from tests.support.db import fresh_database
 from tests.support.faults import CommandStream, Sent, final_rows
-from tests.support.natsserver import LAME_DUCK_DURATION_S, NatsCluster
+from tests.support.natsserver import LAME_DUCK_DURATION_S, LAME_DUCK_GRACE_S, NatsCluster
 from tests.support.sshd import Sshd
 from tests.support.stack import Api, Stack
 
@@ -37,11 +37,13 @@ API_EXEC_GRACE_S = 2.0  # a reply lost with a node is waited for 5 + 2 s, then t
 IN_FLIGHT_S = 2.0  # a command that sleeps this long is running on the host when the node goes
 BEFORE_S = 3.0  # the stream runs this long before the fault ...
 AFTER_S = 6.0  # ... and this long after every client of the lost node is on another one
-# The stall bound: a client of the lost node reconnects to another one at once (nats-py tries the next
-# server without waiting), but the API's calls in flight whose replies were lost wait command timeout +
-# exec grace; in lame duck the node closes its clients only after its grace and within its duration.
-LDM_GAP_S = LAME_DUCK_DURATION_S + COMMAND_TIMEOUT_S + API_EXEC_GRACE_S + 2.0
-KILL_GAP_S = COMMAND_TIMEOUT_S + API_EXEC_GRACE_S + 3.0
+# Stall bound: a client of the lost node reconnects to another at once (nats-py tries the next server
+# without waiting); what can stall the stream is both workers' calls being in flight with their replies lost
+# with the node: each waits command timeout + exec grace and ends timed_out. Same bound for both faults.
+STALL_BOUND_S = COMMAND_TIMEOUT_S + API_EXEC_GRACE_S + 1.0
+# Clients moved off the node: after SIGKILL at once; in lame duck after the grace, then one client closed
+# per second at most (nats-server spreads the closes over the duration, a second apart at most).
+MOVE_BOUND_S = {"kill": 2.0, "ldm": LAME_DUCK_GRACE_S + 3 + 1.0}
 
 
 @dataclass
@@ -154,21 +156,52 @@ async def run_with_fault(fleet: Fleet, target: str, kind: str) -> Outcome:
 
 async def test_lame_duck_node_of_the_gateway(fleet: Fleet) -> None:
     """The node the gateway is on enters lame duck mode: its clients move to the other nodes, commands
-    keep succeeding (stall ≤ LDM_GAP_S), none lost, none run twice."""
+    keep succeeding (stall ≤ STALL_BOUND_S), none lost, none run twice."""
     out = await run_with_fault(fleet, "gateway", "ldm")
     counts = out.stream.check()
     await final_rows(fleet.http, "box", len(out.stream.sent))
     assert len(out.stream.succeeded_after(out.moved_at)) >= 5, out.report(counts)
-    assert out.stall() <= LDM_GAP_S, out.report(counts)
+    assert out.moved_at - out.fault_at <= MOVE_BOUND_S["ldm"], out.report(counts)
+    assert out.stall() <= STALL_BOUND_S, out.report(counts)
     print(out.report(counts))
 
 
 async def test_sigkill_node_of_the_api(fleet: Fleet) -> None:
     """The node the API is on is SIGKILLed: the API (and whoever else was there) reconnects to another,
-    commands keep succeeding (stall ≤ KILL_GAP_S), none lost, none run twice."""
+    commands keep succeeding (stall ≤ STALL_BOUND_S), none lost, none run twice."""
     out = await run_with_fault(fleet, "api", "kill")
     counts = out.stream.check()
     await final_rows(fleet.http, "box", len(out.stream.sent))
     assert len(out.stream.succeeded_after(out.moved_at)) >= 5, out.report(counts)
-    assert out.stall() <= KILL_GAP_S, out.report(counts)
+    assert out.moved_at - out.fault_at <= MOVE_BOUND_S["kill"], out.report(counts)
+    assert out.stall() <= STALL_BOUND_S, out.report(counts)
     print(out.report(counts))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (services/gateway/bridge.py, not fixed here): a gateway that reconnects to another node "
+    "while a command runs cannot reply to its request — nats-server grants allow_responses per server "
+    "connection, so the new node refuses the reply ('permissions violation for publish to _inbox_api...') — "
+    "and no late result is published: the run stays timed_out although it succeeded",
+)
+async def test_a_result_outlives_the_gateways_reconnect(fleet: Fleet) -> None:
+    """SIGKILL the gateway's node while the agent runs a command: the gateway is on another node when the
+    result comes; the run must end `succeeded` (by the reply or a late result), and ran once."""
+    await until_agent_connected(fleet.http)
+    where = await placement(fleet)
+    stream = CommandStream(fleet.http, "box", fleet.marks, timeout=COMMAND_TIMEOUT_S)
+    call = asyncio.create_task(stream.send("in-flight", f"sleep {IN_FLIGHT_S:g};"))
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(fleet.cluster.kill, where["gateway"])
+    await asyncio.to_thread(fleet.cluster.wait_node_of, fleet.names["gateway"], where["gateway"])
+    sent = await call
+    assert fleet.marks.read_text().split() == ["in-flight"]  # it ran, once
+    row = (await fleet.http.get(f"/api/commands/{sent.body['command_id']}")).json()
+    deadline = time.monotonic() + 3
+    while row["status"] != "succeeded" and time.monotonic() < deadline:  # a late result may settle it
+        await asyncio.sleep(0.1)
+        row = (await fleet.http.get(f"/api/commands/{sent.body['command_id']}")).json()
+    gateway_log = next(p for p in fleet.stack.procs if p.name == "gw1").log()
+    assert "permissions violation" not in gateway_log, gateway_log[-2000:]
+    assert row["status"] == "succeeded", row
