@@ -8,9 +8,11 @@ asks each node's monitoring port (``/connz``) where every service really is and 
 gateway is on (lame duck) or the API is on (SIGKILL).
 
 Every command appends a unique marker to a file on this machine, so the file counts how many times each
-ran, whichever path (agent or SSH) ran it. Asserted: every call answered with a final run; none pending in
-the database; a succeeded marker in the file exactly once, one that may have run (``timed_out``) at most
-once, any other never; commands succeed again after the loss, and the stream's stall is bounded.
+ran, whichever path (agent or SSH) ran it. Asserted: every call answered with a final run, or refused with
+503 "nothing was sent" while the API's own NATS connection was down (then it has no row and never ran);
+none pending in the database; a succeeded marker in the file exactly once, one that may have run
+(``timed_out``) at most once, any other never; commands succeed again after the loss, and the stream's
+stall is bounded.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ AFTER_S = 6.0  # ... and this long after every client of the lost node is on ano
 # without waiting); what can stall the stream is both workers' calls being in flight with their replies lost
 # with the node: each waits command timeout + exec grace and ends timed_out. Same bound for both faults.
 STALL_BOUND_S = COMMAND_TIMEOUT_S + API_EXEC_GRACE_S + 1.0
-# Clients moved off the node: after SIGKILL at once; in lame duck after the grace, then one client closed
-# per second at most (nats-server spreads the closes over the duration, a second apart at most).
+# Clients moved off the node: after SIGKILL at once; in lame duck after the grace, then nats-server closes
+# its clients one at a time, at most a second apart (server.go caps the interval at 1 s); three services.
 MOVE_BOUND_S = {"kill": 2.0, "ldm": LAME_DUCK_GRACE_S + 3 + 1.0}
 
 
@@ -115,6 +117,13 @@ class Outcome:
             f"({self.in_flight.body.get('error_code')}) after {self.in_flight.took():.1f}s"
         )
 
+    def check_refusals(self, bound: float) -> None:
+        """Calls refused (503, nothing sent) only while the API's NATS connection was down: sent after
+        the fault and before every client was on another node (+ `bound`)."""
+        for s in self.stream.sent:
+            if s.refused:
+                assert self.fault_at <= s.sent <= self.moved_at + bound, s
+
     def stall(self) -> float:
         """The longest time from the fault on without a command answered `succeeded`."""
         return self.stream.longest_gap(self.fault_at, max(s.answered or 0 for s in self.stream.sent))
@@ -159,9 +168,10 @@ async def test_lame_duck_node_of_the_gateway(fleet: Fleet) -> None:
     keep succeeding (stall ≤ STALL_BOUND_S), none lost, none run twice."""
     out = await run_with_fault(fleet, "gateway", "ldm")
     counts = out.stream.check()
-    await final_rows(fleet.http, "box", len(out.stream.sent))
+    await final_rows(fleet.http, out.stream)
     assert len(out.stream.succeeded_after(out.moved_at)) >= 5, out.report(counts)
     assert out.moved_at - out.fault_at <= MOVE_BOUND_S["ldm"], out.report(counts)
+    out.check_refusals(1.0)
     assert out.stall() <= STALL_BOUND_S, out.report(counts)
     print(out.report(counts))
 
@@ -171,9 +181,10 @@ async def test_sigkill_node_of_the_api(fleet: Fleet) -> None:
     commands keep succeeding (stall ≤ STALL_BOUND_S), none lost, none run twice."""
     out = await run_with_fault(fleet, "api", "kill")
     counts = out.stream.check()
-    await final_rows(fleet.http, "box", len(out.stream.sent))
+    await final_rows(fleet.http, out.stream)
     assert len(out.stream.succeeded_after(out.moved_at)) >= 5, out.report(counts)
     assert out.moved_at - out.fault_at <= MOVE_BOUND_S["kill"], out.report(counts)
+    out.check_refusals(1.0)
     assert out.stall() <= STALL_BOUND_S, out.report(counts)
     print(out.report(counts))
 

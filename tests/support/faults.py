@@ -38,6 +38,11 @@ class Sent:
         return (self.answered or time.monotonic()) - self.sent
 
     @property
+    def refused(self) -> bool:
+        """Answered 503 "nothing was sent" (the API's NATS connection was down): not accepted, not run."""
+        return self.http_status == 503 and "nothing was sent" in str(self.body.get("detail", ""))
+
+    @property
     def status(self) -> str | None:
         """The run's status in the answer."""
         value = self.body.get("status")
@@ -112,10 +117,15 @@ class CommandStream:
         lines = self.marks.read_text().split() if self.marks.exists() else []
         return Counter(lines)
 
+    def accepted(self) -> list[Sent]:
+        """The calls the API accepted (recorded and sent): all but the refused ones."""
+        return [s for s in self.sent if not s.refused]
+
     def check(self) -> dict[str, int]:
-        """Assert: every call was answered with a final run (HTTP 200); a succeeded run's marker is in the
+        """Assert: every call was answered with a final run (HTTP 200), or refused before anything was
+        recorded or sent (503 "nothing was sent": then it never ran); a succeeded run's marker is in the
         file exactly once; one that may have run, at most once; any other, never; no marker twice and
-        none the stream did not send. Returns the count of each status (and ``via:<via>``)."""
+        none the stream did not send. Returns the count of each status (``refused``, ``via:<via>``)."""
         ran = self.ran()
         markers = {s.marker for s in self.sent}
         twice = {m: c for m, c in ran.items() if c > 1}
@@ -124,6 +134,10 @@ class CommandStream:
         assert not strangers, f"markers nobody sent: {sorted(strangers)[:5]}"
         counts: Counter[str] = Counter()
         for s in self.sent:
+            if s.refused:
+                counts["refused"] += 1
+                assert ran[s.marker] == 0, f"{s.marker} ran although it was refused: {s.body}"
+                continue
             assert s.error is None, f"{s.marker}: {s.error}"
             assert s.http_status == 200, f"{s.marker}: {s.http_status} {s.body}"
             assert s.status in FINAL, f"{s.marker}: not final: {s.body}"
@@ -139,12 +153,16 @@ class CommandStream:
         return dict(counts)
 
 
-async def final_rows(http: httpx.AsyncClient, host: str, expected: int) -> list[dict[str, Any]]:
-    """The host's runs in the API's database (asserting there are `expected` and none is pending)."""
-    answer = await http.get(f"/api/hosts/{host}/commands", params={"limit": 1000})
+async def final_rows(http: httpx.AsyncClient, stream: CommandStream) -> list[dict[str, Any]]:
+    """The host's runs in the API's database: one per accepted call, none pending, none for a refused one."""
+    answer = await http.get(f"/api/hosts/{stream.host}/commands", params={"limit": 1000})
     assert answer.status_code == 200, answer.text
     rows: list[dict[str, Any]] = answer.json()
-    assert len(rows) == expected, f"{len(rows)} rows for {expected} commands"
+    expected = len(stream.accepted())
+    assert len(rows) == expected, f"{len(rows)} rows for {expected} accepted commands"
+    refused = {f" {s.marker} " for s in stream.sent if s.refused}
+    recorded = [r["command"] for r in rows if any(marker in r["command"] for marker in refused)]
+    assert not recorded, f"refused commands recorded: {recorded}"
     pending = [r for r in rows if r["status"] not in FINAL]
     assert not pending, f"runs left unsettled: {pending}"
     return rows
