@@ -29,7 +29,13 @@ COMMAND_TIMEOUT_S = 5.0
 def start_api(stack: Stack, db_url: str, name: str) -> Api:
     """An API whose reconciler looks every 0.5 s and orphans a run 1 s after the senders' waits."""
     return stack.start_api(
-        db_url, name, exec_grace="1", ssh_grace="1", reconcile_margin="1", reconcile_interval="0.5"
+        db_url,
+        name,
+        exec_grace="1",
+        ssh_grace="1",
+        reconcile_margin="1",
+        reconcile_interval="0.5",
+        wheel_dir=str(stack.root / "wheels"),  # GET /api/agent-wheel builds one here, not in the tree
     )
 
 
@@ -150,7 +156,7 @@ async def test_two_apis_serve_record_presence_once_and_survive_a_kill(stack: Sta
             again = (await http2.get(f"/api/commands/{orphan['command_id']}")).json()
             assert again["status"] == orphan_status, again
             print(
-                f"walked {len(walked)} GET paths on both APIs; orphan settled {orphan_status} "
+                f"walked {len(walked)} GET paths on both APIs ({walked}); orphan settled {orphan_status} "
                 f"({settled.get('error_code')}) {settled_after:.1f}s after the kill"
             )
         stack.close()
