@@ -24,8 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import nats
+import nats.errors
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
+from shared import subjects
 from tests.support.db import fresh_database
 from tests.support.faults import CommandStream, Sent, final_rows
 from tests.support.natsserver import LAME_DUCK_DURATION_S, LAME_DUCK_GRACE_S, NatsCluster
@@ -216,3 +221,52 @@ async def test_a_result_outlives_the_gateways_reconnect(fleet: Fleet) -> None:
     gateway_log = next(p for p in fleet.stack.procs if p.name == "gw1").log()
     assert "permissions violation" not in gateway_log, gateway_log[-2000:]
     assert row["status"] == "succeeded", row
+
+
+async def test_tls_cluster_routes_carry_requests_and_a_client_fails_over(tmp_path: Path) -> None:
+    """The cluster as production runs it: clients and routes over TLS, routes verified both ways
+    (`shared.natsauth`'s rendering). A request from a client on node 0 reaches a responder on node 1; when
+    node 1 is SIGKILLed the responder reconnects to node 2 over TLS (verifying 127.0.0.1) and answers
+    again, with the permission matrix enforced on every node."""
+    cluster = NatsCluster(tmp_path, tls=True)
+    try:
+        first, second, third = cluster.nodes
+        api = await first.connect("api", name="tls-api")
+        gateway = await nats.connect(
+            servers=[second.url, third.url],
+            name="tls-gateway",
+            dont_randomize=True,
+            reconnect_time_wait=0.2,
+            max_reconnect_attempts=-1,
+            **second.options("gateway"),
+        )
+        try:
+
+            async def answer(msg: Msg) -> None:
+                await msg.respond(b"pong")
+
+            await gateway.subscribe(subjects.agent_requests("box"), cb=answer)
+            await gateway.flush()
+            assert await request_until_answered(api) == b"pong"
+            clients = second.monitor("connz?limit=100").get("connections") or []
+            assert next(c.get("tls_version") for c in clients if c.get("name") == "tls-gateway")
+            cluster.kill(1)
+            moved = await asyncio.to_thread(cluster.wait_node_of, "tls-gateway", 1)
+            assert moved == 2
+            assert await request_until_answered(api) == b"pong"
+        finally:
+            await gateway.close()
+            await api.close()
+    finally:
+        cluster.stop()
+
+
+async def request_until_answered(nc: NATS, within: float = 5.0) -> bytes:
+    """The reply to a request on box's exec subject, retried while nobody answers (interest propagating)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return (await nc.request(subjects.agent_exec("box"), b"ping", timeout=1)).data
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            assert time.monotonic() < deadline, f"no answer within {within}s"
+            await asyncio.sleep(0.1)

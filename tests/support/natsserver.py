@@ -20,7 +20,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-from shared.natsauth import Cluster, ensure_nkeys, public_nkey, render_server_config
+from shared.natsauth import Cluster, TlsFiles, ensure_nkeys, public_nkey, render_server_config
 from shared.natsx import client_options
 from tests.support.procs import BIN, Proc, free_port
 
@@ -39,8 +39,9 @@ def nkey_files(directory: Path) -> dict[str, Path]:
 class NatsServer:
     """One nats-server process; `url` is its client URL. `auth=False` runs it without authorization.
 
-    `cluster` makes it a cluster node (routes rendered by `shared.natsauth`), `http_port` turns on the
-    monitoring endpoints (`connz`, `routez`), `extra` is appended to the config verbatim."""
+    `cluster` makes it a cluster node (routes rendered by `shared.natsauth`), `tls` requires TLS of its
+    clients (and, with `cluster`, of its routes, verified both ways), `http_port` turns on the monitoring
+    endpoints (`connz`, `routez`), `extra` is appended to the config verbatim."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class NatsServer:
         max_payload: str = "8MB",
         auth: bool = True,
         cluster: Cluster | None = None,
+        tls: TlsFiles | None = None,
         http_port: int | None = None,
         extra: str = "",
     ) -> None:
@@ -57,14 +59,16 @@ class NatsServer:
         self.name = name
         self.auth = auth
         self.http_port = http_port
+        self.ca_file = Path(tls.ca) if tls is not None else None
         self.nkeys = nkey_files(log_dir)
         if auth:
             public = {role: public_nkey(path) for role, path in self.nkeys.items()}
             text = render_server_config(
-                public, port=port, max_payload=max_payload, cluster=cluster, http_port=http_port
+                public, port=port, max_payload=max_payload, cluster=cluster, tls=tls, http_port=http_port
             )
         else:
             assert cluster is None, "a cluster node of the tests enforces the permission matrix"
+            assert tls is None, "a TLS node of the tests enforces the permission matrix"
             text = f"host: 127.0.0.1\nport: {port}\nmax_payload: {max_payload}\n"
             if http_port is not None:
                 text += f"http_port: {http_port}\n"
@@ -85,11 +89,14 @@ class NatsServer:
 
     def options(self, role: str) -> dict[str, Any]:
         """`nats.connect` options for `role`: its seed and its reply-inbox prefix."""
-        return client_options(role, self.nkeys[role] if self.auth else None)
+        return client_options(role, self.nkeys[role] if self.auth else None, self.ca_file)
 
     def env(self, role: str) -> dict[str, str]:
         """Environment for a child process connecting as `role`."""
-        return {"WARLOCK_NATS_URL": self.url, "WARLOCK_NATS_NKEY_FILE": str(self.nkeys[role])}
+        env = {"WARLOCK_NATS_URL": self.url, "WARLOCK_NATS_NKEY_FILE": str(self.nkeys[role])}
+        if self.ca_file is not None:
+            env["WARLOCK_NATS_CA_FILE"] = str(self.ca_file)
+        return env
 
     async def connect(self, role: str = "api", **options: Any) -> NATS:
         """A nats-py client connected as `role` (api, gateway, ssh-worker, operator)."""
@@ -137,16 +144,25 @@ class NatsCluster:
     """`size` nats-servers clustered on loopback, each enforcing the permission matrix with the same nkeys
     (one ``nkeys/`` in `log_dir`), each with a monitoring port to see who is connected where.
 
-    Routes are plain TCP on loopback (production routes use TLS with verify, `shared.natsauth.TlsFiles`);
-    `shared.natsauth` makes them listen on 0.0.0.0. Lame duck is nats-server's shortest duration (30 s)
-    with a `LAME_DUCK_GRACE_S` grace: a node closes its clients at most a second apart after the grace
-    and exits once none is left, long before the duration with the few clients of a test.
+    Routes are plain TCP on loopback unless `tls` (then clients and routes use TLS, routes verified both
+    ways, with one certificate for 127.0.0.1 from a throwaway CA, as `shared.natsauth` renders it for
+    production); `shared.natsauth` makes them listen on 0.0.0.0.
+
+    Lame duck is nats-server's shortest duration (30 s) with a `LAME_DUCK_GRACE_S` grace: a node closes
+    its clients at most a second apart after the grace and exits once none is left, long before the
+    duration with the few clients of a test.
     """
 
     def __init__(
-        self, log_dir: Path, size: int = 3, name: str = "nats", cluster: str = "warlock-test"
+        self,
+        log_dir: Path,
+        size: int = 3,
+        name: str = "nats",
+        cluster: str = "warlock-test",
+        tls: bool = False,
     ) -> None:
         route_ports = [free_port() for _ in range(size)]
+        self.tls = test_tls(log_dir / "nats-tls") if tls else None
         extra = (
             f'lame_duck_duration: "{LAME_DUCK_DURATION_S:g}s"\n'
             f'lame_duck_grace_period: "{LAME_DUCK_GRACE_S:g}s"'
@@ -157,7 +173,9 @@ class NatsCluster:
                 routes = tuple(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
                 node = Cluster(name=cluster, node=f"{name}{i}", port=port, routes=routes)
                 self.nodes.append(
-                    NatsServer(log_dir, f"{name}{i}", cluster=node, http_port=free_port(), extra=extra)
+                    NatsServer(
+                        log_dir, f"{name}{i}", cluster=node, tls=self.tls, http_port=free_port(), extra=extra
+                    )
                 )
             self.wait_routes()
         except BaseException:
@@ -221,6 +239,21 @@ class NatsCluster:
         """Stop every node."""
         for node in self.nodes:
             node.stop()
+
+
+def test_tls(directory: Path) -> TlsFiles:
+    """A throwaway CA (`trustme`) and one certificate for 127.0.0.1 / localhost, good for serving and as a
+    client (routes verify both ways); files in `directory`."""
+    import trustme
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = TlsFiles(str(directory / "node.pem"), str(directory / "node.key"), str(directory / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(files.cert)
+    cert.private_key_pem.write_to_path(files.key)
+    ca.cert_pem.write_to_path(files.ca)
+    return files
 
 
 def server_at(url: str) -> NatsServer | None:

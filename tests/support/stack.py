@@ -77,6 +77,8 @@ class Stack:
         url = nats_url or self.nats_url
         server = server_at(url)
         seed = server.nkey_file(role) if server is not None else nkey_files(self.root)[role]
+        if server is not None and server.ca_file is not None:
+            extra = {"WARLOCK_NATS_CA_FILE": str(server.ca_file), **extra}
         return {
             "WARLOCK_NATS_URL": url,
             "WARLOCK_NATS_NKEY_FILE": str(seed),
