@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -69,14 +70,17 @@ class Stack:
             self._signer = TestSigner(self.root)
         return self._signer
 
-    def env(self, role: str = "api", **extra: str) -> dict[str, str]:
-        """Environment for a child connecting to NATS as `role`: the NATS URL, the role's nkey seed file
-        (the test server's, else the one in this stack's ``nkeys/``, which a server started later in the
-        same directory uses too), plus `extra`."""
-        server = server_at(self.nats_url)
+    def env(self, role: str = "api", nats_url: str | None = None, **extra: str) -> dict[str, str]:
+        """Environment for a child connecting to NATS as `role`: the NATS URL(s) (`nats_url`, else the
+        stack's), the role's nkey seed file (the test server's, else the one in this stack's ``nkeys/``,
+        which a server started later in the same directory uses too), plus `extra`."""
+        url = nats_url or self.nats_url
+        server = server_at(url)
         seed = server.nkey_file(role) if server is not None else nkey_files(self.root)[role]
+        if server is not None and server.ca_file is not None:
+            extra = {"WARLOCK_NATS_CA_FILE": str(server.ca_file), **extra}
         return {
-            "WARLOCK_NATS_URL": self.nats_url,
+            "WARLOCK_NATS_URL": url,
             "WARLOCK_NATS_NKEY_FILE": str(seed),
             "WARLOCK_LOG_LEVEL": "INFO",
             **extra,
@@ -111,18 +115,30 @@ class Stack:
         proc.wait_for("token authority ready")
         return proc
 
-    def start_gateway(self, name: str = "gw1", port: int = 0, **settings: str) -> Gateway:
-        """Start a gateway on `port` (0: any) and wait until it listens."""
-        env = self.env("gateway", WARLOCK_GATEWAY_PORT=str(port), WARLOCK_GATEWAY_GATEWAY_ID=name)
+    def start_gateway(
+        self, name: str = "gw1", port: int = 0, nats_url: str | None = None, **settings: str
+    ) -> Gateway:
+        """Start a gateway on `port` (0: any) and wait until it listens (`nats_url`: its NATS URL list)."""
+        env = self.env("gateway", nats_url, WARLOCK_GATEWAY_PORT=str(port), WARLOCK_GATEWAY_GATEWAY_ID=name)
         env.update({f"WARLOCK_GATEWAY_{k.upper()}": v for k, v in settings.items()})
         return Gateway(self.start(name, [str(BIN / "warlock-gateway")], env))
 
-    def start_api(self, database_url: str, name: str = "api", port: int = 0, **settings: str) -> Api:
+    def start_api(
+        self,
+        database_url: str,
+        name: str = "api",
+        *,
+        port: int = 0,
+        nats_url: str | None = None,
+        **settings: str,
+    ) -> Api:
         """Start `warlock-api` on `database_url` (the token authority too) and wait until it listens;
-        `settings` are more ``WARLOCK_API_<NAME>`` values."""
+        `settings` are more ``WARLOCK_API_<NAME>`` values, `nats_url` its own NATS URL list. A second API
+        on the same database reads the bootstrap key the first one wrote (the same ``api-key`` file)."""
         key_file = self.root / "api-key"
         env = self.env(
             "api",
+            nats_url,
             WARLOCK_API_PORT=str(port),
             WARLOCK_API_DATABASE_URL=database_url,
             WARLOCK_API_API_KEY_FILE=str(key_file),
@@ -131,10 +147,13 @@ class Stack:
         env.update({f"WARLOCK_API_{k.upper()}": v for k, v in settings.items()})
         return Api(self.start(name, [str(BIN / "warlock-api")], env), database_url, key_file)
 
-    def start_fallback(self, key_file: Path, name: str = "ssh-worker") -> Proc:
+    def start_fallback(self, key_file: Path, name: str = "ssh-worker", nats_url: str | None = None) -> Proc:
         """Start the SSH worker with `key_file`, trusting the stack's API key; wait until it serves."""
         env = self.env(
-            "ssh-worker", WARLOCK_SSH_KEY_FILE=str(key_file), WARLOCK_SSH_TRUSTED_KEYS=self.signer.public_key
+            "ssh-worker",
+            nats_url,
+            WARLOCK_SSH_KEY_FILE=str(key_file),
+            WARLOCK_SSH_TRUSTED_KEYS=self.signer.public_key,
         )
         proc = self.start(name, [str(BIN / "warlock-fallback-ssh")], env)
         proc.wait_for(r"ssh fallback worker \S+ ready")
@@ -147,6 +166,24 @@ class Stack:
             [str(BIN / "warlock"), "agent-token", host], env=env, capture_output=True, text=True, check=True
         )
         return out.stdout.strip()
+
+    async def start_known_agent(
+        self, api: Api, name: str, host_id: str, urls: list[str], wait: bool = True, **cfg: Any
+    ) -> Proc:
+        """Issue `host_id` (registered in `api`) a token, record the agent's key in the API's database (as
+        `warlock agent-key` does), and start its agent: its results verify, its presence counts."""
+        from services.api import admin
+        from services.api.settings import ApiSettings
+        from shared import signing
+
+        token = await asyncio.to_thread(self.agent_token, api, host_id)
+        identity = self.root / f"{name}.key"
+        key, _ = signing.ensure_private(identity)
+        settings = ApiSettings(database_url=api.database_url, api_key_file=self.root / "unused-api-key")
+        await admin.register_agent_key(settings, host_id, signing.public_text(key))
+        return await asyncio.to_thread(
+            self.start_agent, name, host_id, token, urls, wait, identity_key_file=str(identity), **cfg
+        )
 
     def write_agent_config(self, name: str, host_id: str, token: str, urls: list[str], **cfg: Any) -> Path:
         """Write an agent config file (0600) and return its path.
