@@ -134,9 +134,27 @@ class Bridge:
             await self.nc.flush(timeout=2)
             await self.nc.flush(timeout=2)
 
-    async def settle(self, pending: Pending, answer: ExecResult | ErrorReply) -> None:
-        """Answer every request waiting on `pending`, then wake their tasks."""
+    def connection(self) -> int:
+        """Which NATS connection this is: how many times nats-py has reconnected so far."""
+        return int(self.nc.stats.get("reconnects", 0))
+
+    async def settle(
+        self, pending: Pending, answer: ExecResult | ErrorReply, host_id: str | None = None
+    ) -> None:
+        """Answer every request waiting on `pending`, then wake their tasks.
+
+        Requests that came by an earlier NATS connection cannot be answered: the connection now up did
+        not receive them, and the server refuses a reply it did not see the request of (``allow_responses``
+        is per client connection). Their result is published as a late result instead
+        (``warlock.result.<host>``), from which the API settles the run (verified by the agent's signature
+        like any result); an error is not (the API's wait ends `timed_out`: the command may have run).
+        """
         msgs, pending.msgs = pending.msgs, []
+        if msgs and pending.connection is not None and pending.connection != self.connection():
+            log.info("command %s: NATS reconnected since its request came", pending.command_id)
+            if host_id is not None and isinstance(answer, ExecResult):
+                await self.publish(subjects.result(host_id), answer)
+            msgs = []
         for msg in msgs:
             await self.answer(msg, answer)
         if not pending.future.done():
@@ -173,7 +191,7 @@ class Bridge:
             elif isinstance(action, Publish):
                 await self.publish(action.subject, action.message)
             elif isinstance(action, Settle):
-                await self.settle(action.pending, action.reply)
+                await self.settle(action.pending, action.reply, session.host_id)
             elif isinstance(action, Wake):
                 if not action.future.done():
                     action.future.set_result(None)
@@ -339,6 +357,8 @@ class Bridge:
             await self.answer(msg, error(ErrorCode.BAD_REQUEST, exc.message))
             return
         admission = session.admit_exec(request, msg, self.settings.max_in_flight)
+        if isinstance(admission, Started):
+            admission.pending.connection = self.connection()
         if isinstance(admission, Busy):
             await self.answer(msg, admission.reply)
             return

@@ -125,13 +125,14 @@ Action = Send | Publish | Settle | Wake | Confirm | Answered | Close
 class Pending:
     """One command in flight to the agent and the NATS requests waiting for its result."""
 
-    __slots__ = ("command_id", "future", "msgs", "sent")
+    __slots__ = ("command_id", "connection", "future", "msgs", "sent")
 
     def __init__(self, command_id: CommandId, future: asyncio.Future[None]) -> None:
         self.command_id = command_id
         self.future = future  # done once settled; request tasks wait on it
         self.msgs: list[Msg] = []
         self.sent = False  # its Exec frame was handed to the connection: from then on it may run
+        self.connection: int | None = None  # the NATS connection (reconnect count) its first request came by
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,15 +36,6 @@ from tests.support.natsserver import NatsServer
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
-FAST: dict[
-    str, str
-] = {  # a reconciler that asks after 1 s and passes every 0.3 s; deadlines at timeout + 1 s
-    "reconcile_interval": "0.3",
-    "reconcile_query_after": "1",
-    "reconcile_margin": "0",
-    "exec_grace": "1",
-    "ssh_grace": "1",
-}
 
 
 def _rows(db: Path, host: str) -> list[dict[str, Any]]:
@@ -83,7 +74,16 @@ async def test_runs_left_pending_are_settled_from_the_agents_ledger(
     settings = ApiSettings(database_url=db_url, api_key_file=tmp_path / "unused-api-key")
     ran = tmp_path / "ran.txt"
     forger_key = signing.generate()
-    api1 = stack.start_api(db_url, "api", 0, **FAST)
+    # a reconciler that asks after 1 s and passes every 0.3 s; deadlines at timeout + 1 s
+    api1 = stack.start_api(
+        db_url,
+        "api",
+        reconcile_interval="0.3",
+        reconcile_query_after="1",
+        reconcile_margin="0",
+        exec_grace="1",
+        ssh_grace="1",
+    )
     gateway = stack.start_gateway()
     async with httpx.AsyncClient(base_url=api1.url, headers=api1.auth, timeout=30) as http:
         identity = tmp_path / "box-agent.key"
@@ -151,7 +151,15 @@ async def test_runs_left_pending_are_settled_from_the_agents_ledger(
 
     sub = await gw_nc.subscribe(subjects.agent_result("fake"), cb=forge)
     try:
-        api2 = stack.start_api(db_url, "api2", 0, **FAST)
+        api2 = stack.start_api(
+            db_url,
+            "api2",
+            reconcile_interval="0.3",
+            reconcile_query_after="1",
+            reconcile_margin="0",
+            exec_grace="1",
+            ssh_grace="1",
+        )
         deadline = time.monotonic() + 20
         while True:
             box = {row["command_id"]: row for row in _rows(db, "box")}

@@ -194,13 +194,6 @@ async def test_sigkill_node_of_the_api(fleet: Fleet) -> None:
     print(out.report(counts))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (services/gateway/bridge.py, not fixed here): a gateway that reconnects to another node "
-    "while a command runs cannot reply to its request — nats-server grants allow_responses per server "
-    "connection, so the new node refuses the reply ('permissions violation for publish to _inbox_api...') — "
-    "and no late result is published: the run stays timed_out although it succeeded",
-)
 async def test_a_result_outlives_the_gateways_reconnect(fleet: Fleet) -> None:
     """SIGKILL the gateway's node while the agent runs a command: the gateway is on another node when the
     result comes; the run must end `succeeded` (by the reply or a late result), and ran once."""
