@@ -235,6 +235,16 @@ def run(args: argparse.Namespace) -> int:
     if args.node and not args.cluster_name:
         print("warlock nats-config: --node needs --cluster-name", file=sys.stderr)
         return 2
+    if args.node and not all(tls_parts):
+        # routes without TLS carry no authentication: anything that reaches the route port joins the
+        # cluster and bypasses the permission matrix
+        print(
+            "warlock nats-config: --node needs --tls-cert, --tls-key and --tls-ca (cluster routes are "
+            "authenticated by certificates verified both ways; without TLS anyone reaching the route "
+            "port could join)",
+            file=sys.stderr,
+        )
+        return 2
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if all(tls_parts) else None
     directory: Path = args.dir
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)

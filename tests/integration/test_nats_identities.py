@@ -70,6 +70,11 @@ def test_nats_config_writes_private_seeds_and_valid_configs(tmp_path: Path) -> N
     half = run([WARLOCK, "nats-config", "--dir", str(out), "--tls-cert", "x"])
     assert half.returncode == 2
     assert "go together" in half.stderr
+    bare = [WARLOCK, "nats-config", "--dir", str(tmp_path / "bare"), "--cluster-name", "w", "--node", "n1"]
+    plain = run(bare)  # routes without TLS would let anything that reaches the route port join
+    assert plain.returncode == 2
+    assert "--node needs --tls-cert" in plain.stderr
+    assert not (tmp_path / "bare").exists()
 
 
 @pytest.mark.parametrize(
