@@ -40,9 +40,8 @@ def start_api(stack: Stack, db_url: str, name: str) -> Api:
 
 
 ORPHAN_BOUND_S = COMMAND_TIMEOUT_S + 1 + 1 + 0.5 + 3.0  # deadline + one pass + slack for this machine
-# Statuses the orphaned run may be settled with: `timed_out` (error code `orphaned`) while the reconciler
-# does not ask the agent; `succeeded` once it settles from the agent's ledger. Tighten when that lands.
-ORPHAN_SETTLED_STATUSES = {"timed_out", "succeeded"}
+# The orphaned run ran to its end on the agent: the reconciler settles it from the agent's ledger, with the
+# agent's own signed result (not `timed_out`/`orphaned`, which is for an agent that cannot say).
 PRESENCE = re.compile(
     r"agent (\S+) of box \(session (\S+)\) recorded|presence (\S+) of box \(session (\S+)\) ignored"
 )
@@ -148,7 +147,7 @@ async def test_two_apis_serve_record_presence_once_and_survive_a_kill(stack: Sta
             settled = await until_settled(http2, orphan["command_id"], ORPHAN_BOUND_S)
             settled_after = time.monotonic() - killed
             orphan_status = settled["status"]
-            assert orphan_status in ORPHAN_SETTLED_STATUSES, settled
+            assert (orphan_status, settled["via"], settled["stdout"]) == ("succeeded", "agent", ""), settled
             assert "api2" in [p.name for p in stack.procs]
             await asyncio.sleep(1.5)  # never re-run: not by the reconciler, not by anyone
             assert marks.read_text().split().count("done-orphan") == 1, marks.read_text()
