@@ -3,7 +3,7 @@
 1. Exec round trip of `true`: NATS request → gateway → agent → /bin/sh, against the same chain built
    from nats-py + websockets + asyncio subprocess with no Warlock code (bench/raw_chain.py). Blocks of
    requests alternate between the two so machine noise hits both alike; p50/p99 and the ratio.
-2. Memory per idle agent on one gateway at 1,000 and 5,000 simulated agents (`warlock-agent swarm`),
+2. Memory per idle agent on one gateway at 1,000 and 5,000 simulated agents (`warlock swarm`),
    against the raw bridge holding the same number of websockets with one NATS subscription each.
 3. REST exec of `true` via agent and via the SSH worker's pooled connection, beside the raw chain and raw
    asyncssh on a pooled and on a fresh connection per command (bench/rest.py): with the API on SQLite,
@@ -96,7 +96,7 @@ def memory_warlock(root: Path, count: int) -> float:
         before = _settle_rss(gw.proc.pid, 1.0)
         swarm = stack.start(
             f"swarm-{count}",
-            [str(BIN / "warlock-agent"), "swarm", "--gateway", gw.url, "--tokens", str(tokens_file)],
+            [str(BIN / "warlock"), "swarm", "--gateway", gw.url, "--tokens", str(tokens_file)],
             stack.env(),
         )
         swarm.wait_for(rf"swarm: {count} sessions established", timeout=300)

@@ -31,8 +31,8 @@ import asyncssh
 import httpx
 
 from bench.common import RAW_SUBJECT, TRUE, start_raw_chain, timed_requests
-from services.api import admin
 from services.api.settings import ApiSettings
+from services.ctl import admin
 from shared import signing
 from tests.support.natsserver import NatsServer
 from tests.support.sshd import Sshd

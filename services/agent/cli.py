@@ -1,8 +1,8 @@
 """The ``warlock-agent`` entrypoint.
 
 ``warlock-agent --version``; ``warlock-agent run [--config PATH]``;
-``warlock-agent keygen [--config PATH | --key PATH]`` (make the identity key if absent, print its public key);
-``warlock-agent swarm --gateway URL --tokens FILE [--count N] [--concurrency 100]``.
+``warlock-agent keygen [--config PATH | --key PATH]`` (make the identity key if absent, print its public key).
+(The benchmark swarm of simulated agents is `warlock swarm`, in `services.dev.swarm`.)
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration error (one line on stderr:
 ``warlock-agent: config error: <field>: <message>``).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -39,7 +38,6 @@ from .config import (
 )
 from .ledger import Ledger
 from .results import Outbox
-from .swarm import load_tokens, run_swarm
 from .tokenstore import TokenStore
 from .trust import AgentTrust, load_identity
 
@@ -63,13 +61,6 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, help="read identity_key_file from this config file"
     )
     where.add_argument("--key", type=Path, default=None, help="the identity key file itself")
-    swarm = sub.add_parser("swarm", help="hold many simulated agent sessions (benchmark)")
-    swarm.add_argument(
-        "--gateway", required=True, help="gateway WebSocket URL, e.g. ws://127.0.0.1:8765/agent"
-    )
-    swarm.add_argument("--tokens", type=Path, required=True, help='JSON file {"<host_id>": "<token>", ...}')
-    swarm.add_argument("--count", type=int, default=None, help="use only the first N tokens")
-    swarm.add_argument("--concurrency", type=int, default=100, help="connects in flight at once")
     return parser
 
 
@@ -102,21 +93,6 @@ async def _run_agent(settings: AgentSettings, ledger: Ledger, store: TokenStore,
     log.info("agent stopped")
 
 
-async def _run_swarm(url: str, tokens_path: Path, count: int | None, concurrency: int) -> None:
-    """Run the swarm until a signal stops it."""
-    tokens = load_tokens(tokens_path, count)
-    task = asyncio.create_task(run_swarm(url, tokens, concurrency))
-
-    async def main() -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    def stop() -> None:
-        task.cancel()
-
-    await _until_signal(main, stop)
-
-
 def identity_key_path(config: Path | None, key: Path | None) -> Path:
     """Where `keygen` finds the identity key: --key; else the variable; else the config file's key; else
     the default."""
@@ -145,9 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(os.environ.get("WARLOCK_LOG_LEVEL", "INFO").upper())
     try:
-        if args.command == "swarm":
-            asyncio.run(_run_swarm(args.gateway, args.tokens, args.count, args.concurrency))
-            return 0
         if args.command == "keygen":
             return keygen(args.config, args.key)
         settings, store = load_agent_config(args.config)

@@ -27,23 +27,23 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import __version__
-from services.api.bus import Bus
-from services.api.db import SchemaMismatch, initialise, make_engine, sessionmaker
-from services.api.deps import ApiState, AuthCache, document_api_key
-from services.api.edge import ApiEdge, error_response
 from services.api.errors import ApiError
-from services.api.inflight import InFlight
-from services.api.lifecycle import AgentLifecycle
-from services.api.liveness import GatewayWatch
-from services.api.reconciler import Reconciler, reconcile_forever
-from services.api.routes import include_routes
-from services.api.runner import Runner
-from services.api.runstore import open_store
+from services.api.fleet.bus import Bus
+from services.api.fleet.inflight import InFlight
+from services.api.fleet.lifecycle import AgentLifecycle
+from services.api.fleet.liveness import GatewayWatch
+from services.api.fleet.reconciler import Reconciler, reconcile_forever
+from services.api.fleet.runner import Runner
+from services.api.fleet.signer import ApiSigner
+from services.api.fleet.tasks import TaskTracker
+from services.api.fleet.wheel import WheelSource
+from services.api.http.deps import ApiState, AuthCache, document_api_key
+from services.api.http.edge import ApiEdge, error_response
+from services.api.http.routes import include_routes
+from services.api.http.validation import request_validation_error
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
-from services.api.tasks import TaskTracker
-from services.api.validation import request_validation_error
-from services.api.wheel import WheelSource
+from services.api.store.db import SchemaMismatch, initialise, make_engine, sessionmaker
+from services.api.store.runstore import open_store
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.natsx import NatsLink, describe

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.api.runstore import check_database_url
+from services.api.store.runstore import check_database_url
 from shared.settings import NatsSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///.warlock/warlock.db"

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.micro.service import Service
 from websockets.asyncio.client import ClientConnection, connect
 
-from services.api.token_file import serve_token_file
+from services.dev.token_file import serve_token_file
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from shared.protocol import GatewayFrame, Hello, Message, Ping, Pong, Welcome, decode_gateway_frame, encode

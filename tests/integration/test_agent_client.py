@@ -20,7 +20,7 @@ from websockets.http11 import Request, Response
 from services.agent.client import Agent
 from services.agent.config import AgentSettings
 from services.agent.ledger import Ledger
-from services.agent.swarm import run_swarm
+from services.dev.swarm import run_swarm
 from shared import signing
 from shared.errors import CloseCode
 from shared.ids import CommandId, HostId, SessionId
@@ -345,7 +345,7 @@ async def test_swarm_holds_many_sessions(caplog: pytest.LogCaptureFixture) -> No
             answers.extend([decode_agent_frame(await ws.recv()), decode_agent_frame(await ws.recv())])
         await ws.wait_closed()
 
-    caplog.set_level(logging.INFO, logger="services.agent")
+    caplog.set_level(logging.INFO, logger="services.dev.swarm")
     async with serve(handler, "127.0.0.1", 0) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         task = asyncio.create_task(run_swarm(f"ws://127.0.0.1:{port}/agent", tokens, concurrency=5))

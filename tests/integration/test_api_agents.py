@@ -20,9 +20,9 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.api import crud
-from services.api.models import AgentConnection
-from services.api.routes import downloads
+from services.api.http.routes import downloads
+from services.api.store import crud
+from services.api.store.models import AgentConnection
 from shared import signing, subjects
 from shared.errors import ErrorCode
 from shared.natsx import error, reply

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from services.api import crud
+from services.api.store import crud
 from shared import subjects
 from shared.natsx import ERROR_CODE_HEADER
 from shared.protocol import (
@@ -148,7 +148,7 @@ async def test_presence_updates_agent_and_ignores_older_sessions_disconnect(
     assert agent["gateway_id"] == "gw-1"
     assert agent["connected_at"] is not None
 
-    caplog.set_level(logging.INFO, logger="services.api.bus")
+    caplog.set_level(logging.INFO, logger="services.api.fleet.bus")
     await gw.publish(subjects.presence("h1"), encode(_disconnected("s-old")))
     await gw.publish(subjects.presence("h1"), encode(_connected("s-old", time.time() - 20)))  # stale
 
@@ -225,7 +225,7 @@ async def test_unverified_presence_is_not_recorded(
 ) -> None:
     """A connected event whose hello is not signed by h1's agent key (or signed too long ago) does not
     mark the agent connected; it is counted and logged once per gateway and host, however many come."""
-    caplog.set_level(logging.WARNING, logger="services.api.verify")
+    caplog.set_level(logging.WARNING, logger="services.api.fleet.verify")
     now = time.time()
     if how == "unsigned":
         bad = _connected("s-bad", now).model_copy(update={"signature": None, "signed_at": None})

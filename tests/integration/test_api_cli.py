@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.api import crud
-from services.api.cli import main
+from services.api.store import crud
+from services.ctl.cli import main
 from shared import signing, subjects
 from shared.tokens import hash_token
 from tests.support.db import api_settings, running_api

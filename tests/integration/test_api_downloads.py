@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.api.wheel import WheelSource
+from services.api.fleet.wheel import WheelSource
 from shared.version import wheel_name
 from tests.support.db import RunningApi, api_settings, running_api
 from tests.support.natsserver import NatsServer

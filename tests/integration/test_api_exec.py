@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.api.models import CommandRun
+from services.api.store.models import CommandRun
 from shared import subjects
 from shared.errors import ErrorCode
 from shared.natsx import error, reply
@@ -54,7 +54,7 @@ _API: list[RunningApi] = []  # the API under test, for `_result`'s signature che
 
 async def _add_host(api: RunningApi, nats_server: NatsServer) -> None:
     """Register host h1 (10.0.0.7) and pin its key as an SSH check would (the probe is not this test's)."""
-    from services.api.models import Host
+    from services.api.store.models import Host
 
     body = {"id": "h1", "address": "10.0.0.7", "ssh_check": False}
     response = await api.client.post("/api/hosts", json=body, headers=api.auth)
@@ -367,7 +367,7 @@ async def test_forged_result_never_settles_the_row(
     """A reply that is not the agent's own signed result: the row is timed_out with bad_signature (the
     command may have run; nothing of the forged output is kept), counted, logged once per host, and
     never re-sent over SSH. A genuine late result still settles it afterwards."""
-    caplog.set_level(logging.WARNING, logger="services.api.verify")
+    caplog.set_level(logging.WARNING, logger="services.api.fleet.verify")
     ssh_seen: list[bytes] = []
 
     async def answer(msg: Msg) -> None:
@@ -405,7 +405,7 @@ async def test_result_of_an_agent_without_a_registered_key_is_not_taken(
 ) -> None:
     """A host whose agent key the API does not know: even a well-formed signed result does not count."""
     async with api.state.sessions() as session:
-        from services.api import crud
+        from services.api.store import crud
 
         await crud.set_agent_public_key(session, "h1", AgentKey().public_key)  # re-installed elsewhere
 

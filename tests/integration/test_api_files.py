@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.api.db import make_engine
+from services.api.store.db import make_engine
 from tests.support.natsserver import NatsServer
 from tests.support.procs import BIN, Proc
 
@@ -60,7 +60,7 @@ def test_readable_database_is_tightened_with_a_log_line(
     for path in (db, tmp_path / "old.db-wal"):
         path.write_bytes(b"")
         path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="services.api.db"):
+    with caplog.at_level(logging.WARNING, logger="services.api.store.db"):
         make_engine(f"sqlite+aiosqlite:///{db}").sync_engine.dispose()
     assert mode(db) == 0o600
     assert mode(tmp_path / "old.db-wal") == 0o600

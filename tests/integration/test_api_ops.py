@@ -17,7 +17,7 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.api import admin
+from services.ctl import admin
 from shared import signing, subjects
 from shared.ids import new_command_id
 from shared.natsx import reply

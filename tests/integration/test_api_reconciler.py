@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from services.api.models import CommandRun, CommandStatus, utcnow
-from services.api.reconciler import ORPHANED, settle_orphans
+from services.api.fleet.reconciler import ORPHANED, settle_orphans
+from services.api.store.models import CommandRun, CommandStatus, utcnow
 from shared import subjects
 from shared.protocol import encode
 from tests.support.db import RunningApi, api_settings, eventually, running_api

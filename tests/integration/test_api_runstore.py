@@ -15,12 +15,12 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.api import crud
-from services.api.db import initialise, make_engine, sessionmaker
 from services.api.errors import DatabaseUnavailable
-from services.api.models import AgentStatus, CommandStatus, Host, Via
-from services.api.runstore import HostTarget, NewRun, PgRunStore, RunStore, SqliteRunStore, open_store
 from services.api.settings import ApiSettings
+from services.api.store import crud
+from services.api.store.db import initialise, make_engine, sessionmaker
+from services.api.store.models import AgentStatus, CommandStatus, Host, Via
+from services.api.store.runstore import HostTarget, NewRun, PgRunStore, RunStore, SqliteRunStore, open_store
 from tests.support.db import BACKENDS, fresh_database
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)

@@ -25,8 +25,8 @@ SUBCOMMANDS = [
     ["warlock", "keys", "revoke"],
     ["warlock", "token-authority"],
     ["warlock", "nats-config"],
+    ["warlock", "swarm"],
     ["warlock-agent", "run"],
-    ["warlock-agent", "swarm"],
     ["warlock-gateway", "run"],
 ]
 

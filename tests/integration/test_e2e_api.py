@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.api import admin
 from services.api.settings import ApiSettings
+from services.ctl import admin
 from shared import signing
 from tests.support.db import fresh_database
 from tests.support.procs import Proc

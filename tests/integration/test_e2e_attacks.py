@@ -30,8 +30,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from websockets.asyncio.client import connect as ws_connect
 
-from services.api import admin
 from services.api.settings import ApiSettings
+from services.ctl import admin
 from shared import signing, subjects
 from shared.ids import new_command_id
 from shared.protocol import (

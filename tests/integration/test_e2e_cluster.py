@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from services.api.devprocs import ensure_route_tls
+from services.dev.procs import ensure_route_tls
 from shared.natsauth import Cluster, TlsFiles, write_server_config
 from tests.support.cluster import HOST, cluster_run, pid_alive
 from tests.support.procs import BIN

@@ -1,5 +1,5 @@
 """Gateway failover in `warlock run --cluster`: SIGKILL the gateway the agent is on, under a steady stream
-of commands through both APIs to the real agent and to 200 simulated agents (`services.agent.swarm`, signed
+of commands through both APIs to the real agent and to 200 simulated agents (`services.dev.swarm`, signed
 with per-agent keys; hosts provisioned with `tests.support.fleet`), half of them dialling each gateway first.
 
 Asserted: the real agent and every swarm agent are back through the surviving gateway within 15 s; both
@@ -25,7 +25,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from services.agent.swarm import Swarm
+from services.dev.swarm import Swarm
 from shared.ids import HostId
 from shared.protocol import Exec, decode_gateway_frame
 from tests.support.cluster import HOST, ClusterRun, cluster_run

@@ -21,7 +21,7 @@ import nats.aio.client
 import nats.errors
 import pytest
 
-from services.api.devprocs import ensure_ssh_key
+from services.dev.procs import ensure_ssh_key
 from shared import subjects
 from tests.support.procs import BIN
 from tests.support.sshd import Sshd

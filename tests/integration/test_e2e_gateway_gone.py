@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.api import admin
 from services.api.settings import ApiSettings
+from services.ctl import admin
 from shared import signing
 from tests.support.stack import Stack
 

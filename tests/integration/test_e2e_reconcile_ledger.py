@@ -25,10 +25,10 @@ import httpx
 import pytest
 from nats.aio.msg import Msg
 
-from services.api import admin
-from services.api.models import utcnow
-from services.api.runstore import sqlite_datetime
 from services.api.settings import ApiSettings
+from services.api.store.models import utcnow
+from services.api.store.runstore import sqlite_datetime
+from services.ctl import admin
 from shared import signing, subjects
 from shared.ids import CommandId
 from shared.protocol import ExecResult, ResultAnswer, ResultQuery, decode_model, encode

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.api.devprocs import ensure_ssh_key
+from services.dev.procs import ensure_ssh_key
 from tests.support.natsserver import NatsServer
 from tests.support.procs import BIN, Proc, free_port
 from tests.support.stack import Api, Stack

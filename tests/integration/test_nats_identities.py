@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from services.api.devprocs import ensure_dev_tls
+from services.dev.procs import ensure_dev_tls
 from shared.errors import ConfigError
 from shared.natsauth import ensure_nkeys, public_nkey, render_server_config
 from shared.natsx import NatsLink

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from services.agent.swarm import Swarm
-from services.api.db import make_engine
-from services.api.models import AgentConnection
+from services.api.store.db import make_engine
+from services.api.store.models import AgentConnection
+from services.dev.swarm import Swarm
 from shared import signing
 from shared.ids import HostId
 from tests.support.db import fresh_database

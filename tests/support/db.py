@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from services.api.deps import ApiState
+from services.api.http.deps import ApiState
 from services.api.main import create_app
 from services.api.settings import ApiSettings
 from tests.support.natsserver import server_at

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from services.api import crud
+from services.api.store import crud
 from shared import signing
 from shared.protocol import ExecRequest, ExecResult, Hello, PresenceConnected, SshExecRequest, decode_model
 from tests.support.db import RunningApi

@@ -1,9 +1,9 @@
 """Provision a simulated fleet in the API's database, in bulk: hosts, agent tokens, agent public keys.
 
-For the swarm (`services.agent.swarm`): host ids ``swarm-00001`` … , one agent token each, of which only
-the SHA-256 is stored (as `services.api.crud.replace_agent_token` does), and each host's agent public key
-(the swarm derives its agents' keys from their tokens: `swarm_public_key`). The tokens go to a JSON file
-``{"<host_id>": "<token>"}`` (0600) that ``warlock-agent swarm --tokens`` reads. Rows go in with one
+For the swarm (`services.dev.swarm`): host ids ``swarm-00001`` … , one agent token each, of which only
+the SHA-256 is stored (as `services.api.store.crud.replace_agent_token` does), and each host's agent
+public key (the swarm derives its agents' keys from their tokens: `swarm_public_key`). The tokens go to a
+JSON file ``{"<host_id>": "<token>"}`` (0600) that ``warlock swarm --tokens`` reads. Rows go in with one
 executemany per table (10,000 hosts in about a second on PostgreSQL): setup, not part of a measurement.
 
     python -m tests.support.fleet --database-url URL --count 10000 --tokens swarm.json [--prefix swarm]
@@ -28,9 +28,9 @@ from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import SQLModel
 
-from services.agent.swarm import swarm_public_key
-from services.api.db import make_engine
-from services.api.models import AgentConnection, AgentStatus, Host, utcnow
+from services.api.store.db import make_engine
+from services.api.store.models import AgentConnection, AgentStatus, Host, utcnow
+from services.dev.swarm import swarm_public_key
 from shared.ids import is_host_id
 from shared.tokens import generate_token, hash_token
 

@@ -172,8 +172,8 @@ class Stack:
     ) -> Proc:
         """Issue `host_id` (registered in `api`) a token, record the agent's key in the API's database (as
         `warlock agent-key` does), and start its agent: its results verify, its presence counts."""
-        from services.api import admin
         from services.api.settings import ApiSettings
+        from services.ctl import admin
         from shared import signing
 
         token = await asyncio.to_thread(self.agent_token, api, host_id)

@@ -13,6 +13,7 @@ import pytest
 
 from services.agent import __version__
 from services.agent.cli import main
+from services.ctl.cli import main as warlock_main
 from shared import signing
 
 BIN = Path(sys.executable).parent / "warlock-agent"
@@ -55,10 +56,10 @@ def test_missing_config_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_swarm_bad_tokens_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A swarm tokens file with a malformed token exits 2 naming the tokens file."""
+    """`warlock swarm` (services.dev.swarm): a tokens file with a malformed token exits 2 naming it."""
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"h1": "short"}))
-    assert main(["swarm", "--gateway", "ws://127.0.0.1:1/agent", "--tokens", str(tokens)]) == 2
+    assert warlock_main(["swarm", "--gateway", "ws://127.0.0.1:1/agent", "--tokens", str(tokens)]) == 2
     assert "config error: tokens" in capsys.readouterr().err
 
 

@@ -12,15 +12,15 @@ from typing import Any, cast
 import pytest
 from nats.aio.client import Client as NATS
 
-from services.api import crud
-from services.api.inflight import Gone, InFlight
-from services.api.liveness import GatewayWatch
-from services.api.models import CommandStatus, Via
-from services.api.runner import Runner, ssh_target
-from services.api.runstore import HostTarget
+from services.api.fleet.inflight import Gone, InFlight
+from services.api.fleet.liveness import GatewayWatch
+from services.api.fleet.runner import Runner, ssh_target
+from services.api.fleet.signer import ApiSigner
+from services.api.fleet.tasks import TaskTracker
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
-from services.api.tasks import TaskTracker
+from services.api.store import crud
+from services.api.store.models import CommandStatus, Via
+from services.api.store.runstore import HostTarget
 from shared import signing
 from shared.errors import ErrorCode
 from shared.ids import CommandId

@@ -12,20 +12,21 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client as NATS
 from sqlalchemy.exc import OperationalError
 
-from services.api.deps import AuthCache
 from services.api.errors import DatabaseUnavailable, NotFound
-from services.api.models import CommandStatus, ExecBody, Host, UtcDateTime, Via
-from services.api.runner import (
+from services.api.fleet.runner import (
     Runner,
     cap,
     outcome_of_reply,
     timed_out,
     undeliverable,
 )
-from services.api.runstore import HostTarget, NewRun
+from services.api.fleet.signer import ApiSigner
+from services.api.fleet.tasks import TaskTracker
+from services.api.http.deps import AuthCache
+from services.api.http.schemas import ExecBody
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
-from services.api.tasks import TaskTracker
+from services.api.store.models import CommandStatus, Host, UtcDateTime, Via
+from services.api.store.runstore import HostTarget, NewRun
 from shared import signing
 from shared.errors import MAY_HAVE_RUN, NOTHING_RAN, ErrorCode
 from shared.natsx import error
@@ -226,7 +227,7 @@ async def test_send_never_falls_back_on_other_failures(failure: BaseException, s
 
 
 def _target() -> Any:
-    from services.api.runner import ssh_target
+    from services.api.fleet.runner import ssh_target
 
     return ssh_target(_host())
 
@@ -279,7 +280,7 @@ def test_utc_datetime_round_trip() -> None:
 def test_auth_cache_expires_and_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cached key name is served until its TTL ends; TTL 0 caches nothing."""
     now = [100.0]
-    monkeypatch.setattr("services.api.deps.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("services.api.http.deps.time.monotonic", lambda: now[0])
     cache = AuthCache(ttl=5)
     cache.put("h", "ops")
     assert cache.get("h") == "ops"

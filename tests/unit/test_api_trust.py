@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from services.api.bus import reply_of
-from services.api.cli import ReqError, signed_exec
-from services.api.models import CommandStatus, Via
-from services.api.runner import Outcome, outcome_of_result, timed_out, undeliverable, unverified
-from services.api.verify import Rejections, hello_problem, result_problem
+from services.api.fleet.bus import reply_of
+from services.api.fleet.runner import Outcome, outcome_of_result, timed_out, undeliverable, unverified
+from services.api.fleet.verify import Rejections, hello_problem, result_problem
+from services.api.store.models import CommandStatus, Via
+from services.ctl.cli import ReqError, signed_exec
 from shared import signing
 from shared.errors import ErrorCode
 from shared.protocol import ErrorReply, ExecRequest, ExecResult, decode_model
@@ -51,7 +51,7 @@ def test_result_problem() -> None:
 def test_rejections_log_once_per_source_then_at_powers_of_ten(caplog: pytest.LogCaptureFixture) -> None:
     """1000 rejections from one source log 4 lines (1st, 10th, 100th, 1000th); another source logs its
     own first; every rejection is counted."""
-    caplog.set_level(logging.WARNING, logger="services.api.verify")
+    caplog.set_level(logging.WARNING, logger="services.api.fleet.verify")
     rejections = Rejections()
     for _ in range(1000):
         rejections.reject("result", "h1", "forged")

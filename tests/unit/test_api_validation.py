@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from services.api.validation import MAX_ERRORS, safe_input, safe_text, safe_value, validation_body
+from services.api.http.validation import MAX_ERRORS, safe_input, safe_text, safe_value, validation_body
 
 
 def strict_json(value: Any) -> str:

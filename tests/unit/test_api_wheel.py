@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.api.wheel import AgentWheel, WheelSource, WheelUnavailable, source_root
+from services.api.fleet.wheel import AgentWheel, WheelSource, WheelUnavailable, source_root
 from shared.version import wheel_name
 
 
@@ -49,7 +49,7 @@ def test_source_root_is_the_project_directory() -> None:
     root = source_root()
     assert root is not None
     assert (root / "pyproject.toml").is_file()
-    assert (root / "services" / "api" / "wheel.py").is_file()
+    assert (root / "services" / "api" / "fleet" / "wheel.py").is_file()
     assert source_root(Path("/usr/lib/python3/x.py")) is None
 
 
@@ -80,7 +80,7 @@ async def test_failed_build_is_remembered_and_pip_runs_once(
 ) -> None:
     """After a failed build, callers (at once or later) get the same error without pip running again."""
     source = WheelSource(None, tmp_path / "wheels", root=broken_tree(tmp_path), failure_ttl=60)
-    with caplog.at_level(logging.INFO, logger="services.api.wheel"):
+    with caplog.at_level(logging.INFO, logger="services.api.fleet.wheel"):
         together = await asyncio.gather(source.get(), source.get(), return_exceptions=True)
         with pytest.raises(WheelUnavailable, match="not retried for another"):
             await source.get()
@@ -91,7 +91,7 @@ async def test_failed_build_is_remembered_and_pip_runs_once(
 async def test_failure_is_retried_after_its_ttl(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Once the remembered failure expires, the next caller builds again."""
     source = WheelSource(None, tmp_path / "wheels", root=broken_tree(tmp_path), failure_ttl=0.1)
-    with caplog.at_level(logging.INFO, logger="services.api.wheel"):
+    with caplog.at_level(logging.INFO, logger="services.api.fleet.wheel"):
         with pytest.raises(WheelUnavailable):
             await source.get()
         await asyncio.sleep(0.2)

@@ -14,8 +14,8 @@ import pytest
 from services.agent.commands import Commands
 from services.agent.ledger import Ledger, Result
 from services.agent.results import Outbox
-from services.api.models import CommandStatus, Via
-from services.api.reconciler import NEVER_RAN, Settle, Wait, decide
+from services.api.fleet.reconciler import NEVER_RAN, Settle, Wait, decide
+from services.api.store.models import CommandStatus, Via
 from services.gateway.session import Answered, Session
 from shared import signing
 from shared.errors import ErrorCode

@@ -22,11 +22,11 @@ from types import ModuleType
 
 from fastapi import APIRouter, Request, Response
 
-from services.api import crud
-from services.api.agent_models import AgentWheelPublic, EnrollBody, EnrollPublic
-from services.api.deps import SessionDep, StateDep
 from services.api.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized
-from services.api.models import AgentConnection, utcnow
+from services.api.http.deps import SessionDep, StateDep
+from services.api.http.schemas import AgentWheelPublic, EnrollBody, EnrollPublic
+from services.api.store import crud
+from services.api.store.models import AgentConnection, utcnow
 from shared import signing
 from shared.tokens import hash_token, is_well_formed
 

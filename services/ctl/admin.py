@@ -15,11 +15,11 @@ import nats
 import nats.errors
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
-from services.api.db import initialise, make_engine, sessionmaker
 from services.api.errors import Conflict
-from services.api.models import OperatorKey
 from services.api.settings import ApiSettings
+from services.api.store import crud
+from services.api.store.db import initialise, make_engine, sessionmaker
+from services.api.store.models import OperatorKey
 from shared import signing, subjects
 from shared.protocol import TokenRevoked, encode
 from shared.settings import split_servers

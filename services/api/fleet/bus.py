@@ -1,7 +1,7 @@
 """NATS side of the API: the token authority, host targets, operator exec, presence, metrics, late results.
 
 Nothing here believes a gateway: a presence ``connected`` counts only if the hello it passes through is
-signed by the host's agent key, a late result only if the agent signed it (`services.api.verify`); what
+signed by the host's agent key, a late result only if the agent signed it (`services.api.fleet.verify`); what
 does not verify is counted and logged once per source. ``warlock.ops.<host>.exec`` runs a command an
 operator signed with a key in `OperatorKey` (``warlock req``), recorded and delivered like a REST exec.
 
@@ -30,14 +30,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import __version__, crud
+from services.api import __version__
 from services.api.errors import Conflict, DatabaseUnavailable
-from services.api.liveness import GatewayWatch
-from services.api.models import CommandStatus, Host, utcnow
-from services.api.runner import Outcome, Runner, late_result_values
-from services.api.runstore import NewRun
-from services.api.tasks import TaskTracker
-from services.api.verify import Rejections, hello_problem, result_problem
+from services.api.fleet.liveness import GatewayWatch
+from services.api.fleet.runner import Outcome, Runner, late_result_values
+from services.api.fleet.tasks import TaskTracker
+from services.api.fleet.verify import Rejections, hello_problem, result_problem
+from services.api.store import crud
+from services.api.store.models import CommandStatus, Host, utcnow
+from services.api.store.runstore import NewRun
 from shared import signing, subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
 from shared.natsx import error, respond

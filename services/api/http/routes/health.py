@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.api.db import ping
-from services.api.deps import StateDep
+from services.api.http.deps import StateDep
+from services.api.store.db import ping
 
 router = APIRouter(tags=["health"])
 

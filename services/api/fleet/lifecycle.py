@@ -27,9 +27,21 @@ from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
-from services.api.agent_health import check_health
-from services.api.agent_models import (
+from services.api.errors import (
+    ApiError,
+    Conflict,
+    DependencyUnavailable,
+    NotFound,
+    RemoteFailed,
+    RemoteTimeout,
+    SshCheckFailed,
+    WorkerUnavailable,
+)
+from services.api.fleet.agent_health import check_health
+from services.api.fleet.runner import ssh_target
+from services.api.fleet.signer import ApiSigner
+from services.api.fleet.wheel import WheelSource
+from services.api.http.schemas import (
     AgentHealthPublic,
     AgentInstallBody,
     AgentInstallPublic,
@@ -41,22 +53,10 @@ from services.api.agent_models import (
     steps_json,
     steps_of,
 )
-from services.api.errors import (
-    ApiError,
-    Conflict,
-    DependencyUnavailable,
-    NotFound,
-    RemoteFailed,
-    RemoteTimeout,
-    SshCheckFailed,
-    WorkerUnavailable,
-)
-from services.api.hostlock import HostLocks
-from services.api.models import AgentConnection, AgentStatus, Host, utcnow
-from services.api.runner import ssh_target
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
-from services.api.wheel import WheelSource
+from services.api.store import crud
+from services.api.store.hostlock import HostLocks
+from services.api.store.models import AgentConnection, AgentStatus, Host, utcnow
 from shared import signing, subjects
 from shared.errors import ErrorCode, ProtocolError
 from shared.ids import new_command_id

@@ -6,12 +6,19 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 
-from services.api import crud
-from services.api.agent_models import AgentInstallBody, HostAddPublic, InstallFailedPublic
-from services.api.deps import SessionDep, StateDep, api_key_name, app_state
 from services.api.errors import ApiError
-from services.api.models import CommandRunPublic, ExecBody, HostCreate, HostPublic
-from services.api.probe import probe_host
+from services.api.fleet.probe import probe_host
+from services.api.http.deps import SessionDep, StateDep, api_key_name, app_state
+from services.api.http.schemas import (
+    AgentInstallBody,
+    CommandRunPublic,
+    ExecBody,
+    HostAddPublic,
+    HostCreate,
+    HostPublic,
+    InstallFailedPublic,
+)
+from services.api.store import crud
 
 router = APIRouter(prefix="/hosts", tags=["hosts"])
 

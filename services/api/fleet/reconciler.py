@@ -44,12 +44,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
-from services.api.models import CommandRun, CommandStatus, Via, utcnow
-from services.api.runner import outcome_of_error, outcome_of_result
+from services.api.fleet.runner import outcome_of_error, outcome_of_result
+from services.api.fleet.signer import ApiSigner
+from services.api.fleet.verify import Rejections
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
-from services.api.verify import Rejections
+from services.api.store import crud
+from services.api.store.models import CommandRun, CommandStatus, Via, utcnow
 from shared import signing, subjects
 from shared.errors import ProtocolError
 from shared.ids import CommandId, new_command_id

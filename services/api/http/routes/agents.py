@@ -11,19 +11,20 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from services.api import crud
-from services.api.agent_models import (
+from services.api.http.deps import LifecycleDep, SessionDep
+from services.api.http.schemas import (
     AgentHealthPublic,
     AgentInstallBody,
     AgentInstallPublic,
     AgentPrefixBody,
+    AgentPublic,
     AgentRegenerateBody,
     AgentUninstallPublic,
     PullTokenPublic,
     TokenRegeneratedPublic,
 )
-from services.api.deps import LifecycleDep, SessionDep
-from services.api.models import AgentConnection, AgentPublic, AgentStatus, Host
+from services.api.store import crud
+from services.api.store.models import AgentConnection, AgentStatus, Host
 
 router = APIRouter(prefix="/agents", tags=["agents"])
 

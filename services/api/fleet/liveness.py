@@ -26,8 +26,8 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
-from services.api.inflight import InFlight
+from services.api.fleet.inflight import InFlight
+from services.api.store import crud
 from shared import subjects
 from shared.errors import InvalidIdError, ProtocolError
 from shared.protocol import GatewayHeartbeat, decode_model

@@ -26,15 +26,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.dev import control as devcontrol
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.natsx import describe
 from shared.settings import NatsSettings, load_settings, split_servers
-
-from . import __version__, devcontrol
+from shared.version import __version__
 
 if TYPE_CHECKING:
-    from services.api.admin import IssuedToken
+    from services.ctl.admin import IssuedToken
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,12 +93,24 @@ def _parser() -> argparse.ArgumentParser:
     opkeys_sub.add_parser("list", help="list operator keys (name, key id, created, revoked)")
     oprevoke = opkeys_sub.add_parser("revoke", help="revoke a key: the API refuses what it signs")
     oprevoke.add_argument("name")
+    swarm = sub.add_parser("swarm", help="hold many simulated agent sessions (benchmark)")
+    _swarm_arguments(swarm)
     return parser
+
+
+def _swarm_arguments(parser: argparse.ArgumentParser) -> None:
+    """`warlock swarm`'s options, without importing the swarm (and websockets) to build the parser."""
+    parser.add_argument(
+        "--gateway", required=True, help="gateway WebSocket URL, e.g. ws://127.0.0.1:8765/agent"
+    )
+    parser.add_argument("--tokens", type=Path, required=True, help='JSON file {"<host_id>": "<token>", ...}')
+    parser.add_argument("--count", type=int, default=None, help="use only the first N tokens")
+    parser.add_argument("--concurrency", type=int, default=100, help="connects in flight at once")
 
 
 def _agent(action: devcontrol.AgentAction) -> int:
     """Ask the running launcher (WARLOCK_DEV_DIR, default .warlock) to stop or start its agent."""
-    from .devstack import DevSettings
+    from services.dev.stack import DevSettings
 
     settings = load_settings(DevSettings)
     ok, message = devcontrol.ask(settings.dir.resolve() / devcontrol.SOCKET_NAME, action)
@@ -109,9 +121,9 @@ def _agent(action: devcontrol.AgentAction) -> int:
 def _admin(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from services.api import admin
     from services.api.errors import ApiError
     from services.api.settings import ApiSettings
+    from services.ctl import admin
 
     settings = load_settings(ApiSettings)
     try:
@@ -133,9 +145,9 @@ def _keys(args: argparse.Namespace) -> int:
     """`warlock keys create|list|revoke`: operator signing keys in the API's database."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from services.api import admin
     from services.api.errors import ApiError
     from services.api.settings import ApiSettings
+    from services.ctl import admin
 
     settings = load_settings(ApiSettings)
     try:
@@ -171,7 +183,7 @@ def _revoke_previous(issued: IssuedToken) -> int:
     replaced token (published on NATS: WARLOCK_NATS_URL, else .warlock/dev.json; gateways close them with
     4003). Exit status 3 (the token is printed and valid, the old one no longer verifies, but its session
     stays up) when NATS cannot be reached."""
-    from services.api.admin import revoke_sessions
+    from services.ctl.admin import revoke_sessions
 
     if issued.previous_hash is None:
         return 0  # the host had no token: no session can be using one
@@ -347,13 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "run":
-            from .devstack import run_dev_stack
+            from services.dev.stack import run_dev_stack
 
             return run_dev_stack(cluster=args.cluster)
         if args.cmd == "agent":
             return _agent(args.action)
         if args.cmd == "token-authority":
-            from .token_file import run_token_authority
+            from services.dev.token_file import run_token_authority
 
             settings = load_settings(NatsSettings)
             setup_logging(settings.log_level)
@@ -369,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
             return _admin(args)
         if args.cmd == "keys":
             return _keys(args)
+        if args.cmd == "swarm":
+            from services.dev import swarm
+
+            setup_logging(load_settings(NatsSettings).log_level)
+            return swarm.run(args)
         if args.cmd == "nats-config":
             from shared.natsauth import run as nats_config
 

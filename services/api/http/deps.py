@@ -1,5 +1,5 @@
 """Request dependencies, as ``Annotated`` aliases (app state, database session, lifecycle), and the API key
-check that `services.api.edge` runs before the app reads a request."""
+check that `services.api.http.edge` runs before the app reads a request."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
 from services.api.errors import DatabaseUnavailable, NatsUnavailable, Unauthorized
-from services.api.lifecycle import AgentLifecycle
-from services.api.runner import Runner
+from services.api.fleet.lifecycle import AgentLifecycle
+from services.api.fleet.runner import Runner
+from services.api.fleet.signer import ApiSigner
+from services.api.fleet.tasks import TaskTracker
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
-from services.api.tasks import TaskTracker
+from services.api.store import crud
 from shared.natsx import NatsLink
 from shared.tokens import hash_token
 
@@ -114,7 +114,7 @@ async def verify_api_key(state: ApiState, authorization: str) -> str:
     """The name of the API key in an ``Authorization`` header value; Unauthorized (401) when it is missing
     or unknown, DatabaseUnavailable (503) when it is not cached and the database is not ready.
 
-    Called by `services.api.edge.ApiEdge` before the app reads anything of the request.
+    Called by `services.api.http.edge.ApiEdge` before the app reads anything of the request.
     """
     scheme, _, key = authorization.partition(" ")
     key = key.strip()

@@ -1,4 +1,5 @@
-"""Database tables and API schemas, as SQLModel families: ``XBase`` → ``XPublic`` / ``X(table=True)``.
+"""Database tables, as SQLModel families: ``XBase`` → ``X(table=True)`` here, ``XPublic`` / ``XCreate``
+(the API's request and response schemas) in `services.api.http.schemas`.
 
 Datetimes are timezone-aware and stored as UTC on every backend (`UtcDateTime`); enums are stored as
 plain strings so a new member never needs a database enum migration.
@@ -10,14 +11,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AllowInfNan, StrictBool, StringConstraints, computed_field, model_validator
+from pydantic import StringConstraints
 from sqlalchemy import JSON, Dialect, Index, String, Text
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
-from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models declare
 
-from shared.ids import HOST_ID_PATTERN
-from shared.protocol import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, AgentInstallMode, CommandText
+from shared.protocol import DEFAULT_TIMEOUT_S
 
 SCHEMA_VERSION = 2  # 2: agent public keys, operator keys, requested_by on every run
 
@@ -26,7 +25,6 @@ SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.usern
 
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
 LabelValue = Annotated[str, StringConstraints(max_length=255)]
-FiniteFloat = Annotated[float, AllowInfNan(False)]  # NaN and ±Infinity (Python's JSON accepts them) → 422
 
 
 def utcnow() -> datetime:
@@ -96,31 +94,6 @@ class HostBase(SQLModel):
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, sa_type=JSON, max_length=64)
 
 
-class HostCreate(HostBase):
-    """Body of ``POST /api/hosts``; unknown fields are refused (422), not ignored."""
-
-    model_config = SQLModelConfig(extra="forbid")
-
-    id: str = Field(schema_extra={"pattern": HOST_ID_PATTERN}, description="host id, [a-z0-9_-]{1,63}")
-    # strict booleans: only JSON true / false (422 otherwise). Lax pydantic reads 0, "no" and "false" as
-    # False: a mistyped value would silently decide whether the host key gets pinned
-    ssh_check: StrictBool = Field(
-        default=True, description="probe the host over SSH and pin its host key (trust on first use)"
-    )
-    install_agent: StrictBool = Field(
-        default=False, description="after adding the host, install the agent over SSH (needs ssh_check)"
-    )
-    install_mode: AgentInstallMode = Field(
-        default="auto", description="with install_agent: auto, systemd or direct (no systemd)"
-    )
-
-    @model_validator(mode="after")
-    def _install_needs_check(self) -> HostCreate:
-        if self.install_agent and not self.ssh_check:
-            raise ValueError("install_agent needs ssh_check: the install goes over SSH to a pinned host key")
-        return self
-
-
 class Host(HostBase, table=True):
     """A managed host."""
 
@@ -129,16 +102,6 @@ class Host(HostBase, table=True):
     host_key_fingerprint: str | None = Field(default=None, max_length=128)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
-
-
-class HostPublic(HostBase):
-    """A host as the API returns it."""
-
-    id: str
-    host_key: str | None
-    host_key_fingerprint: str | None
-    created_at: datetime
-    updated_at: datetime
 
 
 # ----------------------------------------------------------------------------- agent connections
@@ -169,26 +132,7 @@ class AgentConnection(AgentConnectionBase, table=True):
     token_hash: str | None = Field(default=None, max_length=64, unique=True)
 
 
-class AgentPublic(AgentConnectionBase):
-    """An agent's state as the API returns it."""
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def connected(self) -> bool:
-        """Whether a gateway currently holds a session for the host."""
-        return self.status == AgentStatus.CONNECTED
-
-
 # ----------------------------------------------------------------------------- command runs
-
-
-class ExecBody(SQLModel):
-    """Body of ``POST /api/hosts/{host}/exec``; unknown fields are refused (422), not ignored."""
-
-    model_config = SQLModelConfig(extra="forbid")
-
-    command: CommandText
-    timeout: FiniteFloat = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
 
 
 class CommandRunBase(SQLModel):
@@ -219,16 +163,6 @@ class CommandRun(CommandRunBase, table=True):
 
     __tablename__ = "command_run"
     __table_args__ = (Index("ix_command_run_host_created", "host_id", "created_at"),)
-
-
-class CommandRunPublic(CommandRunBase):
-    """A command run as the API returns it (also the answer of exec)."""
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def timed_out(self) -> bool:
-        """Whether no answer came in time (the command may have run)."""
-        return self.status == CommandStatus.TIMED_OUT
 
 
 # ----------------------------------------------------------------------------- api keys, schema

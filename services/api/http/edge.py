@@ -26,8 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.deps import ApiState, verify_api_key
 from services.api.errors import ApiError, DependencyUnavailable, Unauthorized
+from services.api.http.deps import ApiState, verify_api_key
 
 log = logging.getLogger(__name__)
 

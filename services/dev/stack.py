@@ -5,7 +5,7 @@ state directory; it is also the token authority), the SSH fallback worker (with 
 the state directory), one gateway, registers this machine as a host, issues its agent a token and starts
 the agent. Writes `.warlock/dev.json` (0600) describing what runs (``parts``: every process with its pid,
 URL and log) and removes it on exit. Ctrl-C stops everything, newest process first.
-`warlock run --cluster` (`services.api.devcluster`) runs the same steps with three NATS nodes, two APIs on
+`warlock run --cluster` (`services.dev.cluster`) runs the same steps with three NATS nodes, two APIs on
 PostgreSQL and two gateways.
 
 Trust, as in production: nats-server enforces the permission matrix (`shared.permissions`, rendered by
@@ -18,7 +18,7 @@ kept across runs.
 
 Runs again in the same state directory, also after the launcher was killed: each child's log gets a
 header line per run and start detection reads only what this run wrote. The agent may exit, or be stopped
-and started with `warlock agent stop|start` (`devcontrol`), while the rest keeps running.
+and started with `warlock agent stop|start` (`services.dev.control`), while the rest keeps running.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
-from services.api import devcontrol
-from services.api.devprocs import (
+from services.dev import control as devcontrol
+from services.dev.procs import (
     BIN,
     Child,
     ensure_dev_tls,
@@ -139,8 +139,8 @@ async def _record_keys(database_url: str, host: str, agent_public: str, operator
     authorise the operator signing key ``dev`` (replacing a ``dev`` key of an earlier, removed key file)."""
     from sqlmodel import select
 
-    from services.api.db import make_engine, sessionmaker
-    from services.api.models import AgentConnection, OperatorKey
+    from services.api.store.db import make_engine, sessionmaker
+    from services.api.store.models import AgentConnection, OperatorKey
 
     engine = make_engine(database_url)
     try:
@@ -182,8 +182,8 @@ def _ensure_api_key(api_url: str, key_file: Path, database_url: str) -> None:
 async def _create_api_key(database_url: str, key_file: Path) -> None:
     import uuid
 
-    from services.api import crud
-    from services.api.db import make_engine, sessionmaker, write_key_file
+    from services.api.store import crud
+    from services.api.store.db import make_engine, sessionmaker, write_key_file
 
     engine = make_engine(database_url)
     try:
@@ -211,10 +211,10 @@ class DevStack:
     """The processes of `warlock run`, started in order and stopped in reverse.
 
     The agent is not like the others: it may exit, or be stopped and started again with
-    `warlock agent stop|start` (see `devcontrol`), while the rest keeps running, so a user can watch the
-    same command go by agent, then over SSH, then by agent again.
+    `warlock agent stop|start` (see `services.dev.control`), while the rest keeps running, so a user can
+    watch the same command go by agent, then over SSH, then by agent again.
 
-    One of each part here; `services.api.devcluster.ClusterStack` runs the same steps with three NATS
+    One of each part here; `services.dev.cluster.ClusterStack` runs the same steps with three NATS
     nodes, two APIs on PostgreSQL and two gateways.
     """
 
@@ -520,15 +520,15 @@ def _previous_run(dev_dir: Path) -> int | None:
 
 
 def run_dev_stack(cluster: bool = False) -> int:
-    """Run the dev stack (with `cluster`, `devcluster.ClusterStack`) until Ctrl-C or SIGTERM; return the
-    exit code.
+    """Run the dev stack (with `cluster`, `services.dev.cluster.ClusterStack`) until Ctrl-C or SIGTERM;
+    return the exit code.
 
     A part other than the agent that exits stops everything in the single-node stack (nothing works
     without it); in a cluster the launcher says so once and keeps running, since surviving the loss of a
     part is what a cluster is for."""
     settings = load_settings(DevSettings)
     if cluster:
-        from services.api.devcluster import ClusterStack
+        from services.dev.cluster import ClusterStack
 
         stack: DevStack = ClusterStack(settings)
     else:

@@ -38,7 +38,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from services.api.errors import DatabaseUnavailable
-from services.api.models import UtcDateTime
+from services.api.store.models import UtcDateTime
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class HostTarget:
     """What the runner needs of a host: its id (the NATS subject), its SSH target, its agent's public
     key (results must verify with it; None: no agent key registered, so no agent result counts), and the
     gateway its agent is recorded connected through (None: not recorded connected), which the runner
-    watches while it waits on the agent (`services.api.inflight`)."""
+    watches while it waits on the agent (`services.api.fleet.inflight`)."""
 
     id: str
     address: str
@@ -102,7 +102,7 @@ class RunStore(Protocol):
         """Record that the run goes over SSH (via = 'ssh', durably) if it is still pending; whether it is.
 
         Written before the SSH request is sent: a pending run without it never left by SSH, so the agent's
-        ledger alone says whether it ran (`services.api.reconciler`)."""
+        ledger alone says whether it ran (`services.api.fleet.reconciler`)."""
         ...
 
     async def close(self) -> None:
@@ -203,7 +203,7 @@ class SqliteRunStore:
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=NORMAL")  # as the engine's connections (services.api.db)
+        conn.execute("PRAGMA synchronous=NORMAL")  # as the engine's connections (services.api.store.db)
         return conn
 
     def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:

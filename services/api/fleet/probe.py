@@ -10,7 +10,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from services.api.errors import SshCheckFailed, WorkerUnavailable
-from services.api.signer import ApiSigner
+from services.api.fleet.signer import ApiSigner
 from shared import subjects
 from shared.errors import ProtocolError
 from shared.protocol import SshProbeOk, SshProbeRequest, decode_probe_reply, encode

@@ -1,11 +1,11 @@
-"""HTTP routes: ``/api/...`` (API key required, checked by `services.api.edge`), ``/healthz`` and
+"""HTTP routes: ``/api/...`` (API key required, checked by `services.api.http.edge`), ``/healthz`` and
 ``/agent/...`` downloads (open)."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.api.routes import agents, commands, downloads, health, hosts
+from services.api.http.routes import agents, commands, downloads, health, hosts
 
 
 def include_routes(app: FastAPI) -> None:

@@ -22,9 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionma
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
-from services.api.models import SCHEMA_VERSION, ApiKey, SchemaVersion
 from services.api.settings import ApiSettings
+from services.api.store import crud
+from services.api.store.models import SCHEMA_VERSION, ApiKey, SchemaVersion
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -13,18 +13,18 @@ from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api.errors import Conflict, NotFound
-from services.api.models import (
+from services.api.http.schemas import HostCreate
+from services.api.store.models import (
     AgentConnection,
     AgentStatus,
     ApiKey,
     CommandRun,
     CommandStatus,
     Host,
-    HostCreate,
     OperatorKey,
     utcnow,
 )
-from services.api.runstore import HostTarget, NewRun
+from services.api.store.runstore import HostTarget, NewRun
 from shared.ids import is_host_id
 from shared.protocol import PresenceConnected, PresenceDisconnected
 from shared.tokens import generate_token, hash_token, hashes_equal
@@ -320,7 +320,7 @@ async def set_agent_public_key(session: AsyncSession, host_id: str, public_key: 
 # ----------------------------------------------------------------------------- command runs
 
 
-# REST runs are inserted by services.api.runstore (the exec path's plain-SQL writes)
+# REST runs are inserted by services.api.store.runstore (the exec path's plain-SQL writes)
 
 
 async def start_run(session: AsyncSession, host_id: str, run: NewRun) -> HostTarget | None:

@@ -1,15 +1,97 @@
-"""Bodies and answers of the agent lifecycle endpoints (install, uninstall, health, regenerate-token)."""
+"""The API's request bodies and response models: hosts, agents, command runs (the ``XPublic`` / ``XCreate``
+members of the SQLModel families whose tables are in `services.api.store.models`), and the bodies and
+answers of the agent lifecycle endpoints (install, uninstall, health, regenerate-token)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import StringConstraints
+from pydantic import AllowInfNan, StrictBool, StringConstraints, computed_field, model_validator
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig  # the config type SQLModel models declare
 
-from services.api.models import HostPublic, Via
-from shared.protocol import AgentInstallMode, InstallStep
+from services.api.store.models import (
+    AgentConnectionBase,
+    AgentStatus,
+    CommandRunBase,
+    CommandStatus,
+    HostBase,
+    Via,
+)
+from shared.ids import HOST_ID_PATTERN
+from shared.protocol import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, AgentInstallMode, CommandText, InstallStep
+
+FiniteFloat = Annotated[float, AllowInfNan(False)]  # NaN and ±Infinity (Python's JSON accepts them) → 422
+
+# ----------------------------------------------------------------------------- hosts, agents, runs
+
+
+class HostCreate(HostBase):
+    """Body of ``POST /api/hosts``; unknown fields are refused (422), not ignored."""
+
+    model_config = SQLModelConfig(extra="forbid")
+
+    id: str = Field(schema_extra={"pattern": HOST_ID_PATTERN}, description="host id, [a-z0-9_-]{1,63}")
+    # strict booleans: only JSON true / false (422 otherwise). Lax pydantic reads 0, "no" and "false" as
+    # False: a mistyped value would silently decide whether the host key gets pinned
+    ssh_check: StrictBool = Field(
+        default=True, description="probe the host over SSH and pin its host key (trust on first use)"
+    )
+    install_agent: StrictBool = Field(
+        default=False, description="after adding the host, install the agent over SSH (needs ssh_check)"
+    )
+    install_mode: AgentInstallMode = Field(
+        default="auto", description="with install_agent: auto, systemd or direct (no systemd)"
+    )
+
+    @model_validator(mode="after")
+    def _install_needs_check(self) -> HostCreate:
+        if self.install_agent and not self.ssh_check:
+            raise ValueError("install_agent needs ssh_check: the install goes over SSH to a pinned host key")
+        return self
+
+
+class HostPublic(HostBase):
+    """A host as the API returns it."""
+
+    id: str
+    host_key: str | None
+    host_key_fingerprint: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AgentPublic(AgentConnectionBase):
+    """An agent's state as the API returns it."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def connected(self) -> bool:
+        """Whether a gateway currently holds a session for the host."""
+        return self.status == AgentStatus.CONNECTED
+
+
+class ExecBody(SQLModel):
+    """Body of ``POST /api/hosts/{host}/exec``; unknown fields are refused (422), not ignored."""
+
+    model_config = SQLModelConfig(extra="forbid")
+
+    command: CommandText
+    timeout: FiniteFloat = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="seconds")
+
+
+class CommandRunPublic(CommandRunBase):
+    """A command run as the API returns it (also the answer of exec)."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def timed_out(self) -> bool:
+        """Whether no answer came in time (the command may have run)."""
+        return self.status == CommandStatus.TIMED_OUT
+
+
+# ----------------------------------------------------------------------------- agent lifecycle
 
 PREFIX_PATTERN = r"^/[A-Za-z0-9_./-]*$"  # as shared.protocol.AgentInstallRequest.prefix
 GatewayUrl = Annotated[str, StringConstraints(pattern=r"^wss?://\S+$", max_length=2048)]

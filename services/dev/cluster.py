@@ -1,7 +1,7 @@
 """`warlock run --cluster` (`make cluster`): a Warlock cluster on one machine, to watch it survive the loss
 of any part.
 
-The same steps as `warlock run` (`devstack.DevStack`), with:
+The same steps as `warlock run` (`services.dev.stack.DevStack`), with:
 
 - three nats-servers in one cluster (``nats-1..3``, client ports from ``WARLOCK_DEV_NATS_PORT``), their
   routes on 127.0.0.1 over TLS with a certificate of the local dev CA (``tls/nats-route.pem``, server and
@@ -29,8 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from services.api.devprocs import Child, ensure_route_tls, pick_port
-from services.api.devstack import DevStack, _shown_url
+from services.dev.procs import Child, ensure_route_tls, pick_port
+from services.dev.stack import DevStack, _shown_url
 from shared.natsauth import Cluster, TlsFiles, write_server_config
 
 CLUSTER_NAME = "warlock-dev"

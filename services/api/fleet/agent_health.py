@@ -17,12 +17,12 @@ from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
-from services.api.agent_models import AgentHealthPublic
-from services.api.models import Host, Via, utcnow
-from services.api.runner import ssh_target
+from services.api.fleet.runner import ssh_target
+from services.api.fleet.signer import ApiSigner
+from services.api.http.schemas import AgentHealthPublic
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
+from services.api.store import crud
+from services.api.store.models import Host, Via, utcnow
 from shared import subjects
 from shared.errors import ProtocolError
 from shared.ids import new_command_id

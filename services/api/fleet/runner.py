@@ -14,8 +14,8 @@ so the rules are tested without I/O; `Runner` only writes rows, sends requests a
 
 Every request leaves signed by the API (`ApiSigner`): kind ``exec`` on the agent subject, ``ssh_exec`` on
 the SSH subject with the target (address, port, user, pinned key) inside the signed fields. An agent's
-result counts only if it verifies with the host's agent key (`services.api.verify`); the SSH worker's are
-authenticated by NATS itself: only the ssh-worker identity may subscribe to ``warlock.ssh.>``
+result counts only if it verifies with the host's agent key (`services.api.fleet.verify`); the SSH
+worker's are authenticated by NATS itself: only the ssh-worker identity may subscribe to ``warlock.ssh.>``
 (`shared.permissions`), so nobody else receives the request it answers.
 
 An agent request to a host recorded connected through a gateway is registered in `InFlight` under that
@@ -45,15 +45,16 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api import crud
 from services.api.errors import DatabaseUnavailable, NotFound
-from services.api.inflight import Gone, InFlight
-from services.api.models import CommandRun, CommandRunPublic, CommandStatus, ExecBody, Host, Via, utcnow
-from services.api.runstore import HostTarget, NewRun, RunStore
+from services.api.fleet.inflight import Gone, InFlight
+from services.api.fleet.signer import ApiSigner
+from services.api.fleet.tasks import TaskTracker
+from services.api.fleet.verify import Rejections, result_problem
+from services.api.http.schemas import CommandRunPublic, ExecBody
 from services.api.settings import ApiSettings
-from services.api.signer import ApiSigner
-from services.api.tasks import TaskTracker
-from services.api.verify import Rejections, result_problem
+from services.api.store import crud
+from services.api.store.models import CommandRun, CommandStatus, Host, Via, utcnow
+from services.api.store.runstore import HostTarget, NewRun, RunStore
 from shared import signing, subjects
 from shared.errors import MAY_HAVE_RUN, ErrorCode, ProtocolError
 from shared.ids import CommandId, new_command_id
@@ -201,7 +202,7 @@ def ssh_target(host: Host | HostTarget) -> SshTarget:
 class Runner:
     """Runs commands for the REST API; one per app.
 
-    The two writes of every command go through `store` (plain SQL, see services.api.runstore); the
+    The two writes of every command go through `store` (plain SQL, see services.api.store.runstore); the
     rare read after a lost race with a late result goes through the ORM sessions.
     """
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.api import crud
-from services.api.deps import SessionDep
-from services.api.models import CommandRunPublic
+from services.api.http.deps import SessionDep
+from services.api.http.schemas import CommandRunPublic
+from services.api.store import crud
 
 router = APIRouter(prefix="/commands", tags=["commands"])
 

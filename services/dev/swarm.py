@@ -11,15 +11,21 @@ metrics and stays connected. Given several gateway URLs (a list, or one string `
 first and moves to the next after every failed attempt or ended session, as the real agent does, with the
 real agent's reconnect policy (`ReconnectPolicy`, initial backoff 0.5 s). Connects go through a gate of
 bounded concurrency.
+
+    warlock swarm --gateway URL --tokens FILE [--count N] [--concurrency 100]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import resource
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -27,15 +33,14 @@ from nacl.signing import SigningKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from services.agent import dispatch
+from services.agent.backoff import Outcome, ReconnectPolicy, outcome_of_close
+from services.agent.trust import AgentTrust
 from shared import signing
 from shared.errors import ConfigError, ProtocolError
 from shared.ids import HostId, is_host_id
 from shared.protocol import Exec, ExecResult, Ping, Pong, decode_gateway_frame, encode
 from shared.tokens import is_well_formed
-
-from . import dispatch
-from .backoff import Outcome, ReconnectPolicy, outcome_of_close
-from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +224,28 @@ class Swarm:
 async def run_swarm(url: str | list[str], tokens: dict[HostId, str], concurrency: int = 100) -> None:
     """Hold one session per token against `url` (one URL, ``A,B`` or a list) until cancelled."""
     await Swarm(url, tokens, concurrency=concurrency).run()
+
+
+async def _until_signal(url: str, tokens: dict[HostId, str], concurrency: int) -> None:
+    """Run the swarm until SIGTERM or SIGINT."""
+    task = asyncio.create_task(run_swarm(url, tokens, concurrency))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the swarm of `args` until a signal; 0 after a clean stop, 2 for a bad tokens file."""
+    try:
+        tokens = load_tokens(args.tokens, args.count)
+    except ConfigError as exc:
+        print(f"warlock: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(_until_signal(args.gateway, tokens, args.concurrency))
+    return 0
