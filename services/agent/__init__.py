@@ -4,8 +4,8 @@ Modules: `config` (settings), `executor` (runs commands), `ledger` (run-at-most-
 `results` (trimming, output bounds and un-acked results), `commands` (the concurrency cap) and `budget`
 (sans-I/O: a command's timeout across its wait for a slot), `backoff` (reconnect policy), `dispatch`
 (sans-I/O frame decisions), `metrics` (psutil samples), `client` (the connection loop), `allocator`
-(glibc tuning), `swarm` (many simulated agents for the benchmark), `cli` (the ``warlock-agent``
-entrypoint).
+(glibc tuning), `cli` (the ``warlock-agent`` entrypoint). The benchmark swarm of simulated agents is
+`services.dev.swarm`, outside the agent package.
 """
 
 from shared.version import __version__
