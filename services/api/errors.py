@@ -1,19 +1,20 @@
-"""Errors the API raises on purpose, each with the HTTP status it answers.
+"""Domain errors: what went wrong, in the API's terms; no HTTP status here.
 
-    ApiError (a WarlockError)            status, detail
-    ├── NotFound                         404: unknown host or command
-    ├── Conflict                         409: duplicate host id or address; no pinned key; no systemd
-    ├── SshCheckFailed                   422: the SSH worker could not reach or log in to the host (code)
-    ├── RemoteFailed                     502: the SSH worker answered with another typed error (code)
-    ├── RemoteTimeout                    504: the SSH worker took too long; the operation may have run
-    ├── DependencyUnavailable            503
+    DomainError (a WarlockError)         detail, code, extra
+    ├── NotFound                         unknown host or command
+    ├── Conflict                         duplicate host id or address; no pinned key; no systemd
+    ├── SshCheckFailed                   the SSH worker could not reach or log in to the host (code)
+    ├── RemoteFailed                     the SSH worker answered with another typed error (code)
+    ├── RemoteTimeout                    the SSH worker took too long; the operation may have run
+    ├── DependencyUnavailable            retry later
     │   ├── DatabaseUnavailable          the database cannot be reached or is not initialised
     │   ├── WorkerUnavailable            no SSH worker answered
     │   ├── NatsUnavailable              NATS is not connected (at start, or reconnecting)
     │   └── WheelUnavailable (wheel.py)  the agent wheel could not be read or built
-    └── Unauthorized                     401: missing or unknown API key
+    └── Unauthorized                     missing or unknown API key
 
-Database driver errors are translated to DatabaseUnavailable by the exception handlers in `main`.
+The HTTP layer alone decides what each answers (`services.api.http.errors.STATUS`), as it alone turns
+database driver errors into answers.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from typing import Any
 from shared.errors import WarlockError
 
 
-class ApiError(WarlockError):
-    """Base: `status` is the HTTP status, `detail` the JSON body's detail."""
-
-    status = 500
+class DomainError(WarlockError):
+    """Base: `detail` says what went wrong, `code` a machine-readable reason, `extra` more fields."""
 
     def __init__(self, detail: str, code: str | None = None, extra: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
@@ -35,46 +34,32 @@ class ApiError(WarlockError):
         self.extra = extra or {}  # more JSON fields of the error body (e.g. install steps)
 
 
-class NotFound(ApiError):
+class NotFound(DomainError):
     """No such host or command."""
 
-    status = 404
 
-
-class Conflict(ApiError):
+class Conflict(DomainError):
     """Duplicate id or address."""
 
-    status = 409
 
-
-class SshCheckFailed(ApiError):
+class SshCheckFailed(DomainError):
     """The worker reached (or failed to reach) the host and said why."""
 
-    status = 422
 
-
-class RemoteFailed(ApiError):
+class RemoteFailed(DomainError):
     """The SSH worker reached the host but the operation failed there (typed error code)."""
 
-    status = 502
 
-
-class RemoteTimeout(ApiError):
+class RemoteTimeout(DomainError):
     """No answer in time: the operation may have run."""
 
-    status = 504
 
-
-class Unauthorized(ApiError):
+class Unauthorized(DomainError):
     """Missing or unknown API key."""
 
-    status = 401
 
-
-class DependencyUnavailable(ApiError):
+class DependencyUnavailable(DomainError):
     """A dependency (database, NATS worker) is unavailable; retry later."""
-
-    status = 503
 
 
 class DatabaseUnavailable(DependencyUnavailable):

@@ -20,14 +20,12 @@ from typing import Any
 import nats.errors
 import uvicorn
 import uvloop
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import __version__
-from services.api.errors import ApiError
 from services.api.fleet.bus import Bus
 from services.api.fleet.inflight import InFlight
 from services.api.fleet.lifecycle import AgentLifecycle
@@ -38,9 +36,9 @@ from services.api.fleet.signer import ApiSigner
 from services.api.fleet.tasks import TaskTracker
 from services.api.fleet.wheel import WheelSource
 from services.api.http.deps import ApiState, AuthCache, document_api_key
-from services.api.http.edge import ApiEdge, error_response
+from services.api.http.edge import ApiEdge
+from services.api.http.errors import install_error_handlers
 from services.api.http.routes import include_routes
-from services.api.http.validation import request_validation_error
 from services.api.settings import ApiSettings
 from services.api.store.db import SchemaMismatch, initialise, make_engine, sessionmaker
 from services.api.store.runstore import open_store
@@ -174,36 +172,6 @@ def _document_api_key(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return error_response(exc)
-
-
-async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
-    log.warning("integrity error: %s", type(exc).__name__)
-    return JSONResponse({"detail": "conflict with existing data"}, status_code=409)
-
-
-async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
-    log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
-    return JSONResponse({"detail": "database unavailable"}, status_code=503)
-
-
-async def _os_error(_request: Request, exc: Exception) -> JSONResponse:
-    log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
-    return JSONResponse({"detail": "a dependency is unavailable (database?)"}, status_code=503)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Typed errors → their status; bad input → 422 (`validation`); database and connection errors → 503;
-    all as JSON."""
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, request_validation_error)
-    app.add_exception_handler(IntegrityError, _integrity_error)
-    app.add_exception_handler(SQLAlchemyError, _database_error)
-    app.add_exception_handler(OSError, _os_error)
 
 
 class JsonServerErrors:

@@ -121,7 +121,7 @@ def _agent(action: devcontrol.AgentAction) -> int:
 def _admin(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from services.api.errors import ApiError
+    from services.api.errors import DomainError
     from services.api.settings import ApiSettings
     from services.ctl import admin
 
@@ -131,7 +131,7 @@ def _admin(args: argparse.Namespace) -> int:
             print(asyncio.run(admin.create_api_key(settings, args.name)))
             return 0
         issued = asyncio.run(admin.issue_agent_token(settings, args.host))
-    except ApiError as exc:
+    except DomainError as exc:
         print(f"warlock: {exc.detail}", file=sys.stderr)
         return 1
     except (OSError, SQLAlchemyError) as exc:
@@ -145,7 +145,7 @@ def _keys(args: argparse.Namespace) -> int:
     """`warlock keys create|list|revoke`: operator signing keys in the API's database."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from services.api.errors import ApiError
+    from services.api.errors import DomainError
     from services.api.settings import ApiSettings
     from services.ctl import admin
 
@@ -169,7 +169,7 @@ def _keys(args: argparse.Namespace) -> int:
             key = asyncio.run(admin.revoke_operator_key(settings, args.name))
             when = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "?"
             print(f"operator key {key.name} ({key.key_id}) revoked at {when}")
-    except ApiError as exc:
+    except DomainError as exc:
         print(f"warlock: {exc.detail}", file=sys.stderr)
         return 1
     except (OSError, SQLAlchemyError) as exc:

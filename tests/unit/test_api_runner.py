@@ -296,7 +296,8 @@ async def test_unexpected_errors_become_json_500_without_traceback() -> None:
     import httpx
     from fastapi import FastAPI
 
-    from services.api.main import JsonServerErrors, install_error_handlers
+    from services.api.http.errors import install_error_handlers
+    from services.api.main import JsonServerErrors
 
     app = FastAPI()
 

@@ -28,9 +28,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api.errors import (
-    ApiError,
     Conflict,
     DependencyUnavailable,
+    DomainError,
     NotFound,
     RemoteFailed,
     RemoteTimeout,
@@ -362,7 +362,7 @@ class AgentLifecycle:
         signed = self.signer.sign("configure", request, host.id)
         try:
             result = await self._agent_op(host.id, "configure", signed, self.settings.agent_op_timeout)
-        except ApiError as exc:
+        except DomainError as exc:
             note = f"{why}; configuring over SSH failed ({exc.detail}): {unchanged}"
             log.warning("no new token for %s: %s", host.id, note)
             return TokenRegeneratedPublic(host_id=host.id, delivered=None, note=note)

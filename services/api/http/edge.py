@@ -26,29 +26,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.errors import ApiError, DependencyUnavailable, Unauthorized
+from services.api.errors import DependencyUnavailable, DomainError
 from services.api.http.deps import ApiState, verify_api_key
+from services.api.http.errors import CLOSE, error_response
 
 log = logging.getLogger(__name__)
-
-CLOSE = {"Connection": "close"}
-
-
-def error_body(exc: ApiError) -> dict[str, object]:
-    """The JSON body of a typed API error: ``detail``, ``code`` when set, and its extra fields."""
-    body: dict[str, object] = {"detail": exc.detail}
-    if exc.code is not None:
-        body["code"] = exc.code
-    body.update((k, v) for k, v in exc.extra.items() if k not in body)
-    return body
-
-
-def error_response(exc: ApiError, close: bool = False) -> JSONResponse:
-    """The response to a typed API error (401 with ``WWW-Authenticate: Bearer``)."""
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
-    if close:
-        headers.update(CLOSE)
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
 class BodyTooLarge(HTTPException):
@@ -134,7 +116,7 @@ class ApiEdge:
             if state is None:
                 raise DependencyUnavailable("the API is starting")
             name = await verify_api_key(state, authorization)
-        except ApiError as exc:
+        except DomainError as exc:
             return error_response(exc, close=close)
         except (SQLAlchemyError, OSError) as exc:
             log.warning("API key check: database unavailable: %s", type(exc).__name__)

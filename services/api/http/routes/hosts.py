@@ -6,9 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 
-from services.api.errors import ApiError
+from services.api.errors import DomainError
 from services.api.fleet.probe import probe_host
 from services.api.http.deps import SessionDep, StateDep, api_key_name, app_state
+from services.api.http.errors import status_of
 from services.api.http.schemas import (
     AgentInstallBody,
     CommandRunPublic,
@@ -62,9 +63,9 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
     if body.install_agent:
         try:
             added.install = await state.lifecycle.install(host, AgentInstallBody(mode=body.install_mode))
-        except ApiError as exc:
+        except DomainError as exc:
             added.install = InstallFailedPublic.model_validate(
-                {**exc.extra, "status": exc.status, "detail": exc.detail, "code": exc.code}
+                {**exc.extra, "status": status_of(exc), "detail": exc.detail, "code": exc.code}
             )
     return added
 
