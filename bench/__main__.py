@@ -31,12 +31,12 @@ from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from bench.signing_cost import print_signing_cost
+from services.dev.procs import BIN, Proc, free_port, rss_kib
 from shared import signing
 from shared.protocol import ExecResult, decode_model
 from shared.tokens import generate_token
 from tests.support.db import PG_HOST, PG_PORT, create_pg_database, drop_pg_database, pg_url
 from tests.support.natsserver import NatsServer
-from tests.support.procs import BIN, Proc, free_port, rss_kib
 from tests.support.stack import Stack
 from tests.support.trust import TestSigner
 

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.dev.procs import BIN, Proc, rss_kib
 from shared import subjects
 from tests.support.natsserver import NatsServer, connect
-from tests.support.procs import BIN, Proc, rss_kib
 from tests.support.stack import Stack
 from tests.support.trust import TestSigner
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import nats
 
+from services.dev.procs import BIN, free_port
 from tests.support.natsserver import role_options
-from tests.support.procs import BIN, free_port
 from tests.support.stack import Stack
 
 RAW = [str(BIN / "python"), "-m", "bench.raw_chain"]

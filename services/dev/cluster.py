@@ -29,7 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from services.dev.procs import Child, ensure_route_tls, pick_port
+from services.dev.files import ensure_route_tls
+from services.dev.procs import Proc, pick_port
 from services.dev.stack import DevStack, _shown_url
 from shared.natsauth import Cluster, TlsFiles, write_server_config
 
@@ -177,7 +178,7 @@ class ClusterStack(DevStack):
             configs.append(conf)
         return configs
 
-    def wait_for_nats(self, nodes: list[Child]) -> None:
+    def wait_for_nats(self, nodes: list[Proc]) -> None:
         """Every node ready and routed to both others (TLS verified), else RuntimeError naming the node."""
         super().wait_for_nats(nodes)
         names = {node.name for node in nodes}
@@ -188,7 +189,7 @@ class ClusterStack(DevStack):
                     routed = sorted(_routes(monitor)) or "none"
                     raise RuntimeError(
                         f"{node.name} did not join the cluster within {ROUTE_TIMEOUT_S:.0f} s (routes to "
-                        f"{routed}; see {node.log_path}):\n{node.output()[-1500:]}"
+                        f"{routed}; see {node.log_path}):\n{node.log()[-1500:]}"
                     )
                 time.sleep(0.1)
 

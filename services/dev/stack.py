@@ -42,15 +42,8 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.dev import control as devcontrol
-from services.dev.procs import (
-    BIN,
-    Child,
-    ensure_dev_tls,
-    ensure_ssh_key,
-    nats_binary,
-    pick_port,
-    write_private,
-)
+from services.dev.files import ensure_dev_tls, ensure_ssh_key, write_private
+from services.dev.procs import BIN, Proc, nats_binary, pick_port
 from shared import signing
 from shared.ids import HOST_ID_PATTERN
 from shared.natsauth import write_server_config
@@ -207,6 +200,14 @@ def _user() -> str:
     return getpass.getuser()
 
 
+def launch(name: str, argv: list[str], logs: Path, env: dict[str, str]) -> Proc:
+    """A child of the launcher: its own process group (Ctrl-C reaches only the launcher, which stops the
+    children in order), SIGTERM if the launcher dies without stopping it, and a header line per run in
+    its log (kept across runs) after which its start is looked for."""
+    header = f"warlock run (pid {os.getpid()}) starts {name}"
+    return Proc(name, argv, logs, env, header=header, new_session=True, die_with_parent=True)
+
+
 class DevStack:
     """The processes of `warlock run`, started in order and stopped in reverse.
 
@@ -227,8 +228,8 @@ class DevStack:
         self.settings = settings
         self.dir = settings.dir.resolve()
         self.logs = self.dir / "logs"
-        self.children: list[Child] = []
-        self.agent: Child | None = None
+        self.children: list[Proc] = []
+        self.agent: Proc | None = None
         self.agent_argv: list[str] = []
         self.env: dict[str, str] = {}
         self.host = settings.host_id or local_host_id()
@@ -255,7 +256,7 @@ class DevStack:
         self.nkeys = write_server_config(conf, self.dir / "nats", host="127.0.0.1", port=ports[0])
         return [conf]
 
-    def wait_for_nats(self, nodes: list[Child]) -> None:
+    def wait_for_nats(self, nodes: list[Proc]) -> None:
         """Wait until every node is ready."""
         for node in nodes:
             node.wait_for(r"Server is ready")
@@ -409,16 +410,16 @@ class DevStack:
             self.info["parts"] = self.parts()
             write_private(self.dir / "dev.json", json.dumps(self.info, indent=2))
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
-        child = Child(name, argv, self.logs, env)
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        child = launch(name, argv, self.logs, env)
         self.children.append(child)
         return child
 
     # ------------------------------------------------------------------ the agent
 
-    def start_agent(self) -> Child:
+    def start_agent(self) -> Proc:
         """Start the local agent and wait for its session."""
-        self.agent = Child("agent", self.agent_argv, self.logs, self.env)
+        self.agent = launch("agent", self.agent_argv, self.logs, self.env)
         self.agent.wait_for(r"session \S+ established")
         self.write_info()
         return self.agent
@@ -458,7 +459,7 @@ class DevStack:
 
     # ------------------------------------------------------------------ the rest
 
-    def exited(self, known: Collection[str] = ()) -> Child | None:
+    def exited(self, known: Collection[str] = ()) -> Proc | None:
         """The first child other than the agent (and not named in `known`) that has exited, if any."""
         return next((c for c in self.children if c.name not in known and c.popen.poll() is not None), None)
 

@@ -16,6 +16,7 @@ import pytest
 from nacl.signing import VerifyKey
 from websockets.asyncio.server import ServerConnection, serve
 
+from services.dev.procs import BIN, Proc
 from shared import signing, subjects
 from shared.ids import CommandId, SessionId, new_command_id
 from shared.protocol import (
@@ -32,7 +33,6 @@ from shared.protocol import (
     encode,
 )
 from tests.support.natsserver import NatsServer
-from tests.support.procs import BIN, Proc
 from tests.support.stack import Stack
 
 HOST = "web-1"

@@ -21,6 +21,7 @@ import trustme
 from nacl.signing import VerifyKey
 from websockets.asyncio.server import ServerConnection, serve
 
+from services.dev.procs import BIN, Proc
 from shared import signing, subjects
 from shared.errors import ErrorCode
 from shared.ids import CommandId, new_command_id
@@ -41,7 +42,6 @@ from shared.protocol import (
     encode,
 )
 from tests.support.natsserver import NatsServer
-from tests.support.procs import BIN, Proc
 from tests.support.stack import Stack
 from tests.support.trust import TestSigner
 

@@ -63,7 +63,7 @@ async def test_warlock_api_process_logs_its_contract_lines(tmp_path: Path, nats_
     """`warlock-api` logs the key file path and `api listening on http://host:port` once, then serves."""
     import httpx
 
-    from tests.support.procs import BIN, Proc
+    from services.dev.procs import BIN, Proc
 
     key_file = tmp_path / "state" / "api-key"
     env = {
@@ -104,7 +104,7 @@ async def test_agent_token_without_nats_prints_the_token_and_exits_3(
 ) -> None:
     """A first token needs no NATS (exit 0). Replacing one with NATS unreachable still prints the new,
     valid token, but says on stderr that the live session was not closed, and exits 3."""
-    from tests.support.procs import free_port
+    from services.dev.procs import free_port
 
     monkeypatch.setenv("WARLOCK_API_DATABASE_URL", database)
     monkeypatch.setenv("WARLOCK_NATS_URL", f"nats://127.0.0.1:{free_port()}")  # nothing listens there

@@ -329,7 +329,7 @@ async def test_unreachable_database_at_start_is_503(
     if backend == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path}"  # a directory: cannot be opened as a database
     else:
-        from tests.support.procs import free_port
+        from services.dev.procs import free_port
 
         url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nowhere"
     seen: list[bytes] = []

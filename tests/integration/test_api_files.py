@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from services.api.store.db import make_engine
+from services.dev.procs import BIN, Proc
 from tests.support.natsserver import NatsServer
-from tests.support.procs import BIN, Proc
 
 
 def mode(path: Path) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from services.dev.procs import BIN
 from shared.version import __version__
-from tests.support.procs import BIN
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])

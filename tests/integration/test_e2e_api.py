@@ -14,9 +14,9 @@ import pytest
 
 from services.api.settings import ApiSettings
 from services.ctl import admin
+from services.dev.procs import Proc
 from shared import signing
 from tests.support.db import fresh_database
-from tests.support.procs import Proc
 from tests.support.sshd import Sshd
 from tests.support.stack import Api, Stack
 

@@ -32,6 +32,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from services.api.settings import ApiSettings
 from services.ctl import admin
+from services.dev.procs import Proc
 from shared import signing, subjects
 from shared.ids import new_command_id
 from shared.protocol import (
@@ -49,7 +50,6 @@ from shared.protocol import (
 )
 from shared.tokens import generate_token
 from tests.support.natsserver import NatsServer
-from tests.support.procs import Proc
 from tests.support.sshd import Sshd
 from tests.support.stack import Api, Gateway, Stack
 

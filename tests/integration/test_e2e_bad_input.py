@@ -10,9 +10,9 @@ from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from services.dev.procs import rss_kib
 from shared import subjects
 from shared.protocol import ExecResult, decode_exec_reply
-from tests.support.procs import rss_kib
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from services.dev.procs import ensure_route_tls
+from services.dev.files import ensure_route_tls
+from services.dev.procs import BIN
 from shared.natsauth import Cluster, TlsFiles, write_server_config
 from tests.support.cluster import HOST, cluster_run, pid_alive
-from tests.support.procs import BIN
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ import nats.aio.client
 import nats.errors
 import pytest
 
-from services.dev.procs import ensure_ssh_key
+from services.dev.files import ensure_ssh_key
+from services.dev.procs import BIN
 from shared import subjects
-from tests.support.procs import BIN
 from tests.support.sshd import Sshd
 
 pytestmark = pytest.mark.e2e

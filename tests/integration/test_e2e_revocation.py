@@ -17,9 +17,9 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 
+from services.dev.procs import Proc
 from shared import subjects
 from shared.protocol import ExecRequest, ExecResult, decode_exec_reply
-from tests.support.procs import Proc
 from tests.support.stack import Api, Gateway, Stack
 
 pytestmark = pytest.mark.e2e

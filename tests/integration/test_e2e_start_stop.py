@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.dev.procs import ensure_ssh_key
+from services.dev.files import ensure_ssh_key
+from services.dev.procs import BIN, Proc, free_port
 from tests.support.natsserver import NatsServer
-from tests.support.procs import BIN, Proc, free_port
 from tests.support.stack import Api, Stack
 
 pytestmark = pytest.mark.e2e

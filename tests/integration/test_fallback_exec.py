@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 from nats.aio.client import Client as NATS
 
+from services.dev.procs import free_port
 from services.fallback_ssh.settings import FallbackSettings, load_client_key
 from services.fallback_ssh.worker import Worker
 from shared import signing, subjects
@@ -35,7 +36,6 @@ from shared.protocol import (
 )
 from shared.settings import load_settings
 from tests.support.natsserver import NatsServer
-from tests.support.procs import free_port
 from tests.support.sshd import Sshd, keygen, sshd_fixture
 
 sshd = sshd_fixture()

@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.micro.service import ServiceVerb, control_subject
 
+from services.dev.procs import BIN, Proc, free_port
 from services.fallback_ssh.cli import serve
 from services.fallback_ssh.settings import FallbackSettings, load_client_key
 from services.fallback_ssh.worker import Worker, WorkerStatus
@@ -48,7 +49,6 @@ from tests.integration.test_fallback_exec import (
     worker,
 )
 from tests.support.natsserver import NatsServer
-from tests.support.procs import BIN, Proc, free_port
 from tests.support.sshd import Sshd, keygen
 
 __all__ = ["sshd", "start_worker", "worker"]  # fixtures shared with test_fallback_exec.py

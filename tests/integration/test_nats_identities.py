@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import trustme
 
-from services.dev.procs import ensure_dev_tls
+from services.dev.files import ensure_dev_tls
+from services.dev.procs import BIN, Proc
 from shared.errors import ConfigError
 from shared.natsauth import ensure_nkeys, public_nkey, render_server_config
 from shared.natsx import NatsLink
 from shared.permissions import ROLES
 from shared.settings import NatsSettings, load_settings
 from tests.support.natsserver import NatsServer
-from tests.support.procs import BIN, Proc
 
 WARLOCK = str(BIN / "warlock")
 

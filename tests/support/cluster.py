@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
+from services.dev.procs import BIN
 from tests.support.db import create_pg_database, drop_pg_database, pg_url
-from tests.support.procs import BIN
 
 HOST = "devbox"
 START_TIMEOUT_S = 90

@@ -20,9 +20,9 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from services.dev.procs import BIN, Proc, free_port
 from shared.natsauth import Cluster, TlsFiles, ensure_nkeys, public_nkey, render_server_config
 from shared.natsx import client_options
-from tests.support.procs import BIN, Proc, free_port
 
 NATS_SERVER = BIN / "nats-server"
 NKEY_DIR = "nkeys"

@@ -26,7 +26,7 @@ from typing import Literal
 
 import pytest
 
-from tests.support.procs import Proc, free_port
+from services.dev.procs import Proc, free_port
 
 SSHD = Path("/usr/sbin/sshd")
 SSH_KEYGEN = "ssh-keygen"

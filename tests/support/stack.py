@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from services.dev.procs import BIN, Proc
 from shared.tokens import generate_token, hash_token
 from tests.support.natsserver import nkey_files, server_at
-from tests.support.procs import BIN, Proc
 from tests.support.trust import TestSigner
 
 
