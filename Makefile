@@ -27,6 +27,7 @@ cluster: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -40,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .warlock .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .warlock .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
