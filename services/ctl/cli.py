@@ -1,4 +1,4 @@
-"""`warlock`: the dev launcher and admin commands.
+"""`warlock`: the operator CLI — the dev launcher (`services.dev`), admin commands, NATS requests.
 
 warlock run                       start NATS, API, SSH worker, gateway and a local agent (make run)
 warlock run --cluster             the same as a cluster: 3 NATS nodes, 2 APIs on PostgreSQL, 2 gateways
@@ -13,6 +13,7 @@ warlock api-key create --name N   create an API key in the API's database; print
 warlock agent-token HOST          issue a new agent token for a registered host; print it once
 warlock keys create NAME          make an operator signing key (private key to a 0600 file, public
                                   key into the API's database); `keys list`, `keys revoke NAME`
+warlock swarm --gateway URL --tokens F   many simulated agents in one process (benchmark; services.dev.swarm)
 
 `api-key`, `agent-token` and `keys` use the API's database (WARLOCK_API_DATABASE_URL).
 """
