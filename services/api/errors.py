@@ -11,7 +11,9 @@
     │   ├── WorkerUnavailable            no SSH worker answered
     │   ├── NatsUnavailable              NATS is not connected (at start, or reconnecting)
     │   └── WheelUnavailable (wheel.py)  the agent wheel could not be read or built
-    └── Unauthorized                     missing or unknown API key
+    ├── Unauthorized                     missing, unknown, expired or revoked API key
+    ├── Forbidden                        outside the key's role or label scope
+    └── RateLimited                      the key's rate limit is spent (retry_after seconds)
 
 The HTTP layer alone decides what each answers (`services.api.http.errors.STATUS`), as it alone turns
 database driver errors into answers.
@@ -56,6 +58,18 @@ class RemoteTimeout(DomainError):
 
 class Unauthorized(DomainError):
     """Missing or unknown API key."""
+
+
+class Forbidden(DomainError):
+    """The key is valid but its role or label scope does not cover this request."""
+
+
+class RateLimited(DomainError):
+    """The key's request budget is spent: retry after `retry_after` seconds."""
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail, code="rate_limited", extra={"retry_after": retry_after})
+        self.retry_after = retry_after
 
 
 class DependencyUnavailable(DomainError):

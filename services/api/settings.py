@@ -50,6 +50,23 @@ class ApiSettings(NatsSettings):
     auth_cache_ttl: float = Field(
         default=5.0, ge=0, description="seconds a verified API key hash is cached (0: look up every request)"
     )
+    rate_limit_per_minute: float = Field(
+        default=1200.0,
+        ge=0,
+        description="per API key and API instance: GET requests a minute, sustained (0: no limit)",
+    )
+    rate_limit_burst: int = Field(
+        default=600, ge=1, description="per API key and API instance: GET requests at once before the limit"
+    )
+    exec_rate_limit_per_minute: float = Field(
+        default=600.0,
+        ge=0,
+        description="per API key and API instance: other requests (exec, jobs, cancel, changes) a minute, "
+        "sustained (0: no limit); a job to many hosts is one request",
+    )
+    exec_rate_limit_burst: int = Field(
+        default=300, ge=1, description="per API key and API instance: other requests at once before the limit"
+    )
     db_retry_max: float = Field(
         default=30.0, gt=0, description="cap of the backoff between schema initialisation attempts"
     )

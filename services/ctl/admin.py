@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from services.api.errors import Conflict
 from services.api.settings import ApiSettings
 from services.api.store import crud
 from services.api.store.db import initialise, make_engine, sessionmaker
-from services.api.store.models import OperatorKey
+from services.api.store.models import KEY_NAME_PATTERN, KeyRole, OperatorKey
 from shared import signing, subjects
 from shared.protocol import TokenRevoked, encode
 from shared.settings import split_servers
@@ -39,10 +40,78 @@ async def _database(settings: ApiSettings) -> AsyncIterator[AsyncSession]:
         await engine.dispose()
 
 
-async def create_api_key(settings: ApiSettings, name: str) -> str:
-    """Create an API key named `name` (schema created if missing); return the key, shown once."""
+async def create_api_key(
+    settings: ApiSettings,
+    name: str,
+    role: str = KeyRole.ADMIN.value,
+    scope: Sequence[str] = (),
+    expires: str | None = None,
+) -> str:
+    """Create an API key named `name` with `role`, a label `scope` (``k=v`` items; read and operate keys
+    only) and an expiry (`parse_expiry`); the schema is created if missing. Return the key, shown once.
+    Conflict (code bad_request) on bad input, Conflict on a taken name."""
+    if not re.fullmatch(KEY_NAME_PATTERN, name):
+        raise Conflict(
+            f"bad key name {name[:80]!r}: 1-64 of A-Z a-z 0-9 _ . - (starting alphanumeric)", "bad_request"
+        )
+    try:
+        key_role = KeyRole(role)
+    except ValueError:
+        raise Conflict(f"bad role {role[:40]!r}: read, operate or admin", "bad_request") from None
+    labels = parse_scope(scope)
+    if labels is not None and key_role == KeyRole.ADMIN:
+        raise Conflict(
+            "admin keys cannot be scoped (an admin can create keys); use --role operate", "bad_request"
+        )
+    expires_at = parse_expiry(expires) if expires is not None else None
     async with _database(settings) as session:
-        return await crud.create_api_key(session, name)
+        return await crud.create_api_key(session, name, role=key_role, scope=labels, expires_at=expires_at)
+
+
+MAX_SCOPE_LABELS = 16
+_LABEL_KEY = re.compile(r"^[^=\s]{1,63}$")
+_DURATION = re.compile(r"^(\d+)([smhdw]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_scope(items: Sequence[str]) -> dict[str, str] | None:
+    """``["role=web", "dc=eu"]`` → ``{"role": "web", "dc": "eu"}``; None for no items; Conflict (code
+    bad_request) on an item without ``=``, an empty or repeated key, a value over 255 characters."""
+    if not items:
+        return None
+    labels: dict[str, str] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not _LABEL_KEY.fullmatch(k) or len(v) > 255 or k in labels:
+            raise Conflict(f"bad scope label {item[:80]!r}: give KEY=VALUE, each key once", "bad_request")
+        labels[k] = v
+    if len(labels) > MAX_SCOPE_LABELS:
+        raise Conflict(f"at most {MAX_SCOPE_LABELS} scope labels", "bad_request")
+    return labels
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    """A duration from now (``3600``, ``90m``, ``12h``, ``30d``, ``2w``) or an ISO 8601 time with a zone
+    (``2030-01-01T00:00:00Z``); Conflict (code bad_request) if neither, zero, or in the past."""
+    now = now or datetime.now(UTC)
+    match = _DURATION.fullmatch(text.strip())
+    if match:
+        seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+        if seconds <= 0 or seconds > 10 * 366 * 86400:
+            raise Conflict(f"bad --expires {text[:40]!r}: between 1 s and 10 years", "bad_request")
+        return now + timedelta(seconds=seconds)
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise Conflict(
+            f"bad --expires {text[:40]!r}: a duration (3600, 90m, 12h, 30d, 2w) or an ISO time with a zone",
+            "bad_request",
+        ) from None
+    if when.tzinfo is None:
+        raise Conflict(f"bad --expires {text[:40]!r}: give a time zone (e.g. Z)", "bad_request")
+    if when <= now:
+        raise Conflict(f"--expires {text[:40]!r} is in the past", "bad_request")
+    return when.astimezone(UTC)
 
 
 OPERATOR_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a file name

@@ -10,6 +10,7 @@ warlock req SUBJECT [JSON]        send a NATS request as the operator and print 
                                   warlock.ops.<host>.exec
 warlock nats-config --dir DIR     write one nkey per NATS role and the nats-server config enforcing them
 warlock api-key create --name N   create an API key in the API's database; print it once
+    [--role read|operate|admin] [--scope K=V]... [--expires 30d|ISO-TIME]   (default: admin, no scope)
 warlock agent-token HOST          issue a new agent token for a registered host; print it once
 warlock keys create NAME          make an operator signing key (private key to a 0600 file, public
                                   key into the API's database); `keys list`, `keys revoke NAME`
@@ -84,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="key_cmd", required=True)
     create = keys_sub.add_parser("create", help="create an API key and print it once")
     create.add_argument("--name", required=True, help="a unique name; recorded as requested_by")
+    create.add_argument(
+        "--role", choices=("read", "operate", "admin"), default="admin", help="default: admin"
+    )
+    create.add_argument(
+        "--scope", action="append", default=[], metavar="K=V", help="label scope (repeatable)"
+    )
+    create.add_argument("--expires", metavar="WHEN", help="a duration (90m, 12h, 30d, 2w) or an ISO time")
     token = sub.add_parser("agent-token", help="issue a new agent token for a host and print it once")
     token.add_argument("host", help="host id or address (the host must be registered)")
     opkeys = sub.add_parser("keys", help="operator signing keys for `warlock req` (API database)")
@@ -129,7 +137,7 @@ def _admin(args: argparse.Namespace) -> int:
     settings = load_settings(ApiSettings)
     try:
         if args.cmd == "api-key":
-            print(asyncio.run(admin.create_api_key(settings, args.name)))
+            print(asyncio.run(admin.create_api_key(settings, args.name, args.role, args.scope, args.expires)))
             return 0
         issued = asyncio.run(admin.issue_agent_token(settings, args.host))
     except DomainError as exc:

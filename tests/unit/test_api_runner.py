@@ -22,7 +22,7 @@ from services.api.fleet.runner import (
 )
 from services.api.fleet.signer import ApiSigner
 from services.api.fleet.tasks import TaskTracker
-from services.api.http.deps import AuthCache
+from services.api.http.deps import AuthCache, KeyInfo
 from services.api.http.schemas import ExecBody
 from services.api.settings import ApiSettings
 from services.api.store.models import CommandStatus, Host, UtcDateTime, Via
@@ -282,12 +282,12 @@ def test_auth_cache_expires_and_can_be_disabled(monkeypatch: pytest.MonkeyPatch)
     now = [100.0]
     monkeypatch.setattr("services.api.http.deps.time.monotonic", lambda: now[0])
     cache = AuthCache(ttl=5)
-    cache.put("h", "ops")
-    assert cache.get("h") == "ops"
+    cache.put("h", KeyInfo("ops"))
+    assert cache.get("h") == KeyInfo("ops")
     now[0] += 6
     assert cache.get("h") is None
     off = AuthCache(ttl=0)
-    off.put("h", "ops")
+    off.put("h", KeyInfo("ops"))
     assert off.get("h") is None
 
 

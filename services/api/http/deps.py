@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -18,35 +19,64 @@ from services.api.fleet.lifecycle import AgentLifecycle
 from services.api.fleet.runner import Runner
 from services.api.fleet.signer import ApiSigner
 from services.api.fleet.tasks import TaskTracker
+from services.api.http.ratelimit import Limit, RateLimiter
 from services.api.settings import ApiSettings
 from services.api.store import crud
+from services.api.store.models import ApiKey, KeyRole, utcnow
 from shared.natsx import NatsLink
 from shared.tokens import hash_token
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """What the edge knows of the verified API key of a request: its name, role, label scope, expiry."""
+
+    name: str
+    role: KeyRole = KeyRole.ADMIN
+    scope: dict[str, str] | None = None
+    expires_at: datetime | None = None
+    id: str = ""
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyInfo:
+        """The info of a stored key."""
+        return cls(
+            key.name, KeyRole(key.role), dict(key.scope) if key.scope else None, key.expires_at, key.id
+        )
+
+    def expired(self, now: datetime) -> bool:
+        """Whether the key's expiry has passed at `now`."""
+        return self.expires_at is not None and self.expires_at <= now
+
+
 class AuthCache:
-    """Recently verified API key hashes → key name, for `ttl` seconds (0 disables it)."""
+    """Recently verified API key hashes → key info, for `ttl` seconds (0 disables it)."""
 
     def __init__(self, ttl: float, size: int = 1024) -> None:
         self.ttl = ttl
         self.size = size
-        self._entries: dict[str, tuple[str, float]] = {}
+        self._entries: dict[str, tuple[KeyInfo, float]] = {}
 
-    def get(self, key_hash: str) -> str | None:
-        """The cached key name, if fresh."""
+    def get(self, key_hash: str) -> KeyInfo | None:
+        """The cached key info, if fresh."""
         entry = self._entries.get(key_hash)
         if entry is None or entry[1] <= time.monotonic():
             self._entries.pop(key_hash, None)
             return None
         return entry[0]
 
-    def put(self, key_hash: str, name: str) -> None:
+    def put(self, key_hash: str, info: KeyInfo) -> None:
         """Remember a verified key."""
         if self.ttl <= 0:
             return
         if len(self._entries) >= self.size:
             self._entries.clear()
-        self._entries[key_hash] = (name, time.monotonic() + self.ttl)
+        self._entries[key_hash] = (info, time.monotonic() + self.ttl)
+
+    def drop(self, name: str) -> None:
+        """Forget the key named `name` (revoked here: refused from the next request on)."""
+        for key_hash in [h for h, (info, _) in self._entries.items() if info.name == name]:
+            del self._entries[key_hash]
 
 
 @dataclass
@@ -64,6 +94,15 @@ class ApiState:
     signer: ApiSigner
     db_ready: bool = False
     db_error: str | None = field(default="not initialised yet")
+    limiter: RateLimiter = field(init=False)  # per-key rate limits (`services.api.http.auth`)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(
+            {
+                "read": Limit(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst),
+                "exec": Limit(self.settings.exec_rate_limit_per_minute, self.settings.exec_rate_limit_burst),
+            }
+        )
 
     @property
     def nc(self) -> NATS:
@@ -108,29 +147,53 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 SECURITY_SCHEME = "ApiKey"  # the OpenAPI name of the bearer scheme (see `document_api_key`)
 MISSING_KEY = "missing API key: send Authorization: Bearer <key>"
+LAST_USED_EVERY = timedelta(seconds=60)  # an API key's last_used_at is written at most this often
 
 
-async def verify_api_key(state: ApiState, authorization: str) -> str:
-    """The name of the API key in an ``Authorization`` header value; Unauthorized (401) when it is missing
-    or unknown, DatabaseUnavailable (503) when it is not cached and the database is not ready.
+async def verify_api_key(state: ApiState, authorization: str) -> KeyInfo:
+    """The API key of an ``Authorization`` header value; Unauthorized (401) when it is missing, unknown,
+    revoked or expired, DatabaseUnavailable (503) when it is not cached and the database is not ready.
 
-    Called by `services.api.http.edge.ApiEdge` before the app reads anything of the request.
+    Called by `services.api.http.edge.ApiEdge` before the app reads anything of the request. A cached key
+    is trusted for `auth_cache_ttl` seconds: a key revoked on another API instance stops working here
+    within that time (at once on the instance that revoked it, which drops it from its cache). Expiry is
+    checked on every request, cached or not.
     """
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise Unauthorized(MISSING_KEY)
     key_hash = hash_token(key)
-    name = state.auth_cache.get(key_hash)
-    if name is None:
+    info = state.auth_cache.get(key_hash)
+    now = utcnow()
+    if info is None:
         state.require_db()
         async with state.sessions() as session:  # its own short session: no connection held after
             found = await crud.api_key_by_hash(session, key_hash)
-        if found is None:
-            raise Unauthorized("invalid API key")
-        name = found.name
-        state.auth_cache.put(key_hash, name)
-    return name
+            if found is None:
+                raise Unauthorized("invalid API key")
+            if found.revoked_at is not None:
+                raise Unauthorized(f"API key {found.name!r} was revoked", code="key_revoked")
+            info = KeyInfo.of(found)
+            if not info.expired(now) and (
+                found.last_used_at is None or found.last_used_at < now - LAST_USED_EVERY
+            ):
+                await crud.touch_api_key(session, found.id, now, now - LAST_USED_EVERY)
+        state.auth_cache.put(key_hash, info)
+    if info.expired(now):
+        assert info.expires_at is not None
+        raise Unauthorized(
+            f"API key {info.name!r} expired at {info.expires_at.isoformat()}", code="key_expired"
+        )
+    return info
+
+
+def api_key_info(request: Request) -> KeyInfo:
+    """The key the edge verified for this request (``request.state.api_key_info``; ``/api`` routes only)."""
+    info = getattr(request.state, "api_key_info", None)
+    if not isinstance(info, KeyInfo):
+        raise Unauthorized(MISSING_KEY)
+    return info
 
 
 def api_key_name(request: Request) -> str:

@@ -14,7 +14,8 @@ was read carries ``Connection: close``: the server does not go on receiving a bo
 that send ``Expect: 100-continue``, as curl does for large bodies, never send it at all.)
 
 The verified key's name is left in ``scope["state"]["api_key"]``, where ``request.state.api_key`` (and
-`deps.api_key_name`) finds it.
+`deps.api_key_name`) finds it, and its role and scope in ``scope["state"]["api_key_info"]``
+(`deps.api_key_info`), where each route's role declaration (`services.api.http.auth`) checks them.
 """
 
 from __future__ import annotations
@@ -115,12 +116,13 @@ class ApiEdge:
         try:
             if state is None:
                 raise DependencyUnavailable("the API is starting")
-            name = await verify_api_key(state, authorization)
+            key = await verify_api_key(state, authorization)
         except DomainError as exc:
             return error_response(exc, close=close)
         except (SQLAlchemyError, OSError) as exc:
             log.warning("API key check: database unavailable: %s", type(exc).__name__)
             headers = CLOSE if close else None
             return JSONResponse({"detail": "database unavailable"}, status_code=503, headers=headers)
-        scope.setdefault("state", {})["api_key"] = name
+        scope.setdefault("state", {})["api_key"] = key.name
+        scope["state"]["api_key_info"] = key  # role, scope, expiry: `services.api.http.auth`
         return None

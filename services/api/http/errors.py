@@ -8,6 +8,8 @@
     RemoteTimeout                        504
     DependencyUnavailable (and kin)      503   database, SSH worker, NATS, agent wheel
     Unauthorized                         401   with ``WWW-Authenticate: Bearer``
+    Forbidden                            403   outside the key's role or scope
+    RateLimited                          429   with ``Retry-After`` (seconds)
 
 The body is ``{"detail": ..., "code": ...}`` plus the error's extra fields. Database driver errors that
 escape a handler answer 409 (an integrity error) or 503, and connection errors 503; bad input answers 422
@@ -28,7 +30,9 @@ from services.api.errors import (
     Conflict,
     DependencyUnavailable,
     DomainError,
+    Forbidden,
     NotFound,
+    RateLimited,
     RemoteFailed,
     RemoteTimeout,
     SshCheckFailed,
@@ -48,6 +52,8 @@ STATUS: dict[type[DomainError], int] = {
     RemoteTimeout: 504,
     Unauthorized: 401,
     DependencyUnavailable: 503,
+    Forbidden: 403,
+    RateLimited: 429,
 }
 
 
@@ -71,6 +77,8 @@ def error_body(exc: DomainError) -> dict[str, object]:
 def error_response(exc: DomainError, close: bool = False) -> JSONResponse:
     """The response to a domain error (401 with ``WWW-Authenticate: Bearer``)."""
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
     if close:
         headers.update(CLOSE)
     return JSONResponse(error_body(exc), status_code=status_of(exc), headers=headers)

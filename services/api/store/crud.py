@@ -21,6 +21,7 @@ from services.api.store.models import (
     CommandRun,
     CommandStatus,
     Host,
+    KeyRole,
     OperatorKey,
     utcnow,
 )
@@ -240,14 +241,34 @@ async def record_ping(session: AsyncSession, host_id: str, at: datetime) -> bool
 # ----------------------------------------------------------------------------- api keys
 
 
-async def create_api_key(session: AsyncSession, name: str, commit: bool = True) -> str:
-    """Create an API key named `name`, store only its hash, return the key once; Conflict on a taken name."""
+async def create_api_key(
+    session: AsyncSession,
+    name: str,
+    commit: bool = True,
+    role: KeyRole = KeyRole.ADMIN,
+    scope: dict[str, str] | None = None,
+    expires_at: datetime | None = None,
+) -> str:
+    """Create an API key named `name`, store only its hash, return the key once; Conflict on a taken name
+    (revoked keys' names included: a name always means one key)."""
     if (await session.exec(select(ApiKey).where(ApiKey.name == name))).first() is not None:
         raise Conflict(f"an API key named {name!r} exists")
     key = generate_token()
-    session.add(ApiKey(id=uuid.uuid4().hex[:16], name=name, key_hash=hash_token(key)))
+    row = ApiKey(
+        id=uuid.uuid4().hex[:16],
+        name=name,
+        key_hash=hash_token(key),
+        role=role,
+        scope=scope,
+        expires_at=expires_at,
+    )
+    session.add(row)
     if commit:
-        await session.commit()
+        try:
+            await session.commit()
+        except IntegrityError as exc:  # a concurrent create of the same name
+            await session.rollback()
+            raise Conflict(f"an API key named {name!r} exists") from exc
     else:
         await session.flush()
     return key
@@ -259,6 +280,38 @@ async def api_key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None
     if key is None or not hashes_equal(key.key_hash, key_hash):
         return None
     return key
+
+
+async def get_api_key(session: AsyncSession, name: str) -> ApiKey:
+    """The API key named `name` (revoked or expired too); NotFound if there is none."""
+    key = (await session.exec(select(ApiKey).where(ApiKey.name == name))).first()
+    if key is None:
+        raise NotFound(f"no API key named {name[:100]!r}")
+    return key
+
+
+async def list_api_keys(session: AsyncSession) -> Sequence[ApiKey]:
+    """Every API key (revoked and expired ones too), by name."""
+    return (await session.exec(select(ApiKey).order_by(col(ApiKey.name)))).all()
+
+
+async def revoke_api_key(session: AsyncSession, name: str) -> ApiKey:
+    """Mark the key named `name` revoked and commit; NotFound if there is none. Revoking a revoked key
+    keeps its first revocation time."""
+    key = await get_api_key(session, name)
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        await session.commit()
+        await session.refresh(key)
+    return key
+
+
+async def touch_api_key(session: AsyncSession, key_id: str, at: datetime, older_than: datetime) -> None:
+    """Set the key's `last_used_at` to `at` if it is unset or before `older_than` (one cheap UPDATE)."""
+    stale = or_(col(ApiKey.last_used_at).is_(None), col(ApiKey.last_used_at) < older_than)
+    await session.exec(update(ApiKey).where(col(ApiKey.id) == key_id).where(stale).values(last_used_at=at))
+    await session.commit()
 
 
 # ----------------------------------------------------------------------------- operator keys

@@ -18,7 +18,7 @@ from sqlmodel import Field, SQLModel
 
 from shared.protocol import DEFAULT_TIMEOUT_S
 
-SCHEMA_VERSION = 2  # 2: agent public keys, operator keys, requested_by on every run
+SCHEMA_VERSION = 3  # 2: agent public keys, operator keys, requested_by on every run
 
 ADDRESS_PATTERN = r"^[A-Za-z0-9.:_-]+$"  # as shared.protocol.SshTarget.address
 SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.username
@@ -70,6 +70,17 @@ class Via(StrEnum):
 
     AGENT = "agent"
     SSH = "ssh"
+
+
+class KeyRole(StrEnum):
+    """What an API key may do; each role may do everything of the ones before it."""
+
+    READ = "read"  # GETs
+    OPERATE = "operate"  # run commands (exec, jobs, cancel)
+    ADMIN = "admin"  # hosts, agents, keys
+
+
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # an API key's name, recorded as requested_by
 
 
 class AgentStatus(StrEnum):
@@ -177,6 +188,12 @@ class ApiKey(SQLModel, table=True):
     name: str = Field(max_length=255, unique=True)
     key_hash: str = Field(max_length=64, unique=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    role: KeyRole = Field(default=KeyRole.ADMIN, sa_type=String(16))
+    # labels a host must all carry for this key to see it or run on it; None: every host
+    scope: dict[str, str] | None = Field(default=None, sa_type=JSON)
+    expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)  # updated at most once a minute
 
 
 class OperatorKey(SQLModel, table=True):

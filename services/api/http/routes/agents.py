@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from services.api.http.auth import ADMIN, READ, check_host, in_scope, scoped
 from services.api.http.deps import LifecycleDep, SessionDep
 from services.api.http.schemas import (
     AgentHealthPublic,
@@ -46,16 +47,21 @@ async def _host(session: SessionDep, ref: str) -> Host:
     return found
 
 
-@router.get("", response_model=list[AgentPublic])
-async def list_agents(session: SessionDep) -> list[AgentPublic]:
-    """Every host's agent record."""
-    return [AgentPublic.model_validate(a, from_attributes=True) for a in await crud.list_agents(session)]
+@router.get("", response_model=list[AgentPublic], dependencies=[READ])
+async def list_agents(session: SessionDep, request: Request) -> list[AgentPublic]:
+    """Every host's agent record (a scoped key: of the hosts within its scope)."""
+    agents = await crud.list_agents(session)
+    if (key := scoped(request)) is not None:
+        visible = {h.id for h in await crud.list_hosts(session) if in_scope(key.scope, h.labels)}
+        agents = [a for a in agents if a.host_id in visible]
+    return [AgentPublic.model_validate(a, from_attributes=True) for a in agents]
 
 
-@router.get("/{host}", response_model=AgentPublic, responses=NOT_FOUND)
-async def get_agent(host: str, session: SessionDep) -> AgentPublic:
+@router.get("/{host}", response_model=AgentPublic, responses=NOT_FOUND, dependencies=[READ])
+async def get_agent(host: str, session: SessionDep, request: Request) -> AgentPublic:
     """One host's agent state (by host id or address); a host without agent record is disconnected."""
     found = await crud.get_host(session, host)
+    check_host(request, found.id, found.labels)
     agent = await crud.get_agent(session, found.id)
     if agent is None:
         agent = AgentConnection(host_id=found.id, status=AgentStatus.DISCONNECTED)
@@ -72,6 +78,7 @@ async def get_agent(host: str, session: SessionDep) -> AgentPublic:
             '{"mode": "direct"} (body has the steps and a hint; nothing changed)'
         },
     },
+    dependencies=[ADMIN],
 )
 async def install_agent(
     host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentInstallBody | None = None
@@ -81,7 +88,7 @@ async def install_agent(
     return await lifecycle.install(await _host(session, host), body or AgentInstallBody())
 
 
-@router.post("/{host}/uninstall", response_model=AgentUninstallPublic, responses=SSH_OP)
+@router.post("/{host}/uninstall", response_model=AgentUninstallPublic, responses=SSH_OP, dependencies=[ADMIN])
 async def uninstall_agent(
     host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentPrefixBody | None = None
 ) -> AgentUninstallPublic:
@@ -89,13 +96,18 @@ async def uninstall_agent(
     return await lifecycle.uninstall(await _host(session, host), body or AgentPrefixBody())
 
 
-@router.post("/{host}/health", response_model=AgentHealthPublic, responses=NOT_FOUND)
+@router.post("/{host}/health", response_model=AgentHealthPublic, responses=NOT_FOUND, dependencies=[ADMIN])
 async def agent_health(host: str, session: SessionDep, lifecycle: LifecycleDep) -> AgentHealthPublic:
     """Ping the agent through its gateway (latency on the API's clock); else check SSH reachability."""
     return await lifecycle.health(await _host(session, host))
 
 
-@router.post("/{host}/regenerate-token", response_model=TokenRegeneratedPublic, responses=NOT_FOUND)
+@router.post(
+    "/{host}/regenerate-token",
+    response_model=TokenRegeneratedPublic,
+    responses=NOT_FOUND,
+    dependencies=[ADMIN],
+)
 async def regenerate_token(
     host: str, session: SessionDep, lifecycle: LifecycleDep, body: AgentRegenerateBody | None = None
 ) -> TokenRegeneratedPublic:
@@ -107,7 +119,7 @@ async def regenerate_token(
     return await lifecycle.regenerate(await _host(session, host), body or AgentRegenerateBody())
 
 
-@router.post("/{host}/pull-token", response_model=PullTokenPublic, responses=NOT_FOUND)
+@router.post("/{host}/pull-token", response_model=PullTokenPublic, responses=NOT_FOUND, dependencies=[ADMIN])
 async def pull_token(host: str, session: SessionDep, lifecycle: LifecycleDep) -> PullTokenPublic:
     """A token for a host that pulls its install (GET /agent/install.sh), returned once: the old token
     stops verifying and its session closes; the install enrolls the agent's public key with it, once."""

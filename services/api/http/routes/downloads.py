@@ -23,6 +23,7 @@ from types import ModuleType
 from fastapi import APIRouter, Request, Response
 
 from services.api.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized
+from services.api.http.auth import READ
 from services.api.http.deps import SessionDep, StateDep
 from services.api.http.schemas import AgentWheelPublic, EnrollBody, EnrollPublic
 from services.api.store import crud
@@ -92,7 +93,7 @@ async def agent_wheel(name: str, state: StateDep) -> Response:
     return Response(wheel.data, media_type="application/octet-stream", headers=headers)
 
 
-@api_router.get("/agent-wheel", response_model=AgentWheelPublic)
+@api_router.get("/agent-wheel", response_model=AgentWheelPublic, dependencies=[READ])
 async def agent_wheel_info(state: StateDep, request: Request) -> AgentWheelPublic:
     """The agent wheel's file name and SHA-256, from an authenticated source (the API key), where to
     download it, and the API keys the agent must trust: a pull install takes the hash and keys from here,

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, Request, Response, status
 
 from services.api.errors import DomainError
 from services.api.fleet.probe import probe_host
-from services.api.http.deps import SessionDep, StateDep, api_key_name, app_state
+from services.api.http.auth import ADMIN, OPERATE, READ, check_host, in_scope, scoped
+from services.api.http.deps import SessionDep, StateDep, api_key_info, api_key_name, app_state
 from services.api.http.errors import status_of
 from services.api.http.schemas import (
     AgentInstallBody,
@@ -24,6 +25,7 @@ from services.api.store import crud
 router = APIRouter(prefix="/hosts", tags=["hosts"])
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host"}}
+OUT_OF_SCOPE: dict[int | str, dict[str, Any]] = {403: {"description": "the host is outside the key's scope"}}
 
 
 @router.post(
@@ -35,6 +37,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown host
         422: {"description": "bad body, or the SSH check failed (connect_failed, auth_failed ...)"},
         503: {"description": "no SSH worker answered the check, or NATS is unavailable"},
     },
+    dependencies=[ADMIN],
 )
 async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> HostAddPublic:
     """Register a host; with ``ssh_check`` (default) probe it over SSH and pin its host key.
@@ -70,22 +73,30 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
     return added
 
 
-@router.get("", response_model=list[HostPublic])
-async def list_hosts(session: SessionDep) -> list[HostPublic]:
-    """Every host."""
-    return [HostPublic.model_validate(h, from_attributes=True) for h in await crud.list_hosts(session)]
+@router.get("", response_model=list[HostPublic], dependencies=[READ])
+async def list_hosts(session: SessionDep, request: Request) -> list[HostPublic]:
+    """Every host (a scoped key: every host within its scope)."""
+    hosts = await crud.list_hosts(session)
+    if (key := scoped(request)) is not None:
+        hosts = [h for h in hosts if in_scope(key.scope, h.labels)]
+    return [HostPublic.model_validate(h, from_attributes=True) for h in hosts]
 
 
-@router.get("/{host}", response_model=HostPublic, responses=NOT_FOUND)
-async def get_host(host: str, session: SessionDep) -> HostPublic:
+@router.get(
+    "/{host}", response_model=HostPublic, responses={**NOT_FOUND, **OUT_OF_SCOPE}, dependencies=[READ]
+)
+async def get_host(host: str, session: SessionDep, request: Request) -> HostPublic:
     """One host, by id or address."""
-    return HostPublic.model_validate(await crud.get_host(session, host), from_attributes=True)
+    found = await crud.get_host(session, host)
+    check_host(request, found.id, found.labels)
+    return HostPublic.model_validate(found, from_attributes=True)
 
 
 @router.delete(
     "/{host}",
     status_code=status.HTTP_204_NO_CONTENT,
     responses={**NOT_FOUND, 503: {"description": "NATS unavailable: the live session could not be closed"}},
+    dependencies=[ADMIN],
 )
 async def delete_host(host: str, state: StateDep, session: SessionDep) -> Response:
     """Remove a host and its agent record, then revoke every token of the host: a live agent session is
@@ -101,7 +112,12 @@ async def delete_host(host: str, state: StateDep, session: SessionDep) -> Respon
 @router.post(
     "/{host}/exec",
     response_model=CommandRunPublic,
-    responses={**NOT_FOUND, 503: {"description": "database or NATS unavailable: nothing was sent"}},
+    responses={
+        **NOT_FOUND,
+        **OUT_OF_SCOPE,
+        503: {"description": "database or NATS unavailable: nothing was sent"},
+    },
+    dependencies=[OPERATE],
 )
 async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic:
     """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
@@ -109,14 +125,24 @@ async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRu
     state = app_state(request)
     state.require_db()
     state.require_nats()
+    if api_key_info(request).scope:  # one more lookup, for scoped keys only
+        async with state.sessions() as session:
+            found = await crud.get_host(session, host)
+        check_host(request, found.id, found.labels)
     return await state.runner.run(host, body, requested_by=f"api-key:{api_key_name(request)}")
 
 
-@router.get("/{host}/commands", response_model=list[CommandRunPublic], responses=NOT_FOUND)
+@router.get(
+    "/{host}/commands",
+    response_model=list[CommandRunPublic],
+    responses={**NOT_FOUND, **OUT_OF_SCOPE},
+    dependencies=[READ],
+)
 async def list_commands(
-    host: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    host: str, session: SessionDep, request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50
 ) -> list[CommandRunPublic]:
     """The host's command runs, newest first."""
     found = await crud.get_host(session, host)
+    check_host(request, found.id, found.labels)
     runs = await crud.list_runs(session, found.id, limit)
     return [CommandRunPublic.model_validate(r, from_attributes=True) for r in runs]
