@@ -184,6 +184,13 @@ async def test_scoped_key_sees_and_runs_only_on_its_hosts(api: RunningApi) -> No
     eu = await new_key(api, "web-eu", "read", scope={"role": "web", "dc": "eu"})
     assert [h["id"] for h in (await api.client.get("/api/hosts", headers=eu)).json()] == ["web2"]
     assert (await api.client.get("/api/hosts/nope", headers=web)).status_code == 404
+    # a deleted host's history is outside every scope (its labels are gone with it)
+    assert (await api.client.delete("/api/hosts/web2", headers=api.auth)).status_code == 204
+    gone = await api.client.get(f"/api/commands/{ran.json()['command_id']}", headers=web)
+    assert_forbidden(gone, "out_of_scope")
+    assert (
+        await api.client.get(f"/api/commands/{ran.json()['command_id']}", headers=api.auth)
+    ).status_code == 200
 
 
 async def test_job_selection_outside_the_scope_is_refused_before_recording(api: RunningApi) -> None:

@@ -13,8 +13,8 @@ app's routes and fails on an ``/api`` route without a declaration (tests/integra
 
 A key may also carry a label scope (``{"role": "web"}``): it sees and acts on only the hosts whose labels
 include every pair of it. The routes call `check_host` (403 ``out_of_scope`` for a host outside it),
-`check_hosts` (a job's whole selection, before anything is recorded); lists are filtered with `scoped`
-and `in_scope`.
+`check_hosts` (a job's whole selection, before anything is recorded) and `check_run_host` (a command
+run's host); lists are filtered with `scoped` and `in_scope`.
 Admin keys carry no scope: an admin can create keys, so a scope would not hold it.
 """
 
@@ -24,10 +24,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import Depends, Request
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api.errors import Forbidden, RateLimited
 from services.api.http.deps import KeyInfo, api_key_info, app_state
-from services.api.store.models import KeyRole
+from services.api.store.models import Host, KeyRole
 
 RANK = {KeyRole.READ: 0, KeyRole.OPERATE: 1, KeyRole.ADMIN: 2}
 MAX_LISTED = 20  # out-of-scope hosts named in a 403 body
@@ -99,6 +100,15 @@ def check_hosts(request: Request, hosts: Iterable[tuple[str, Mapping[str, str] |
             code="out_of_scope",
             extra={"hosts": outside[:MAX_LISTED]},
         )
+
+
+async def check_run_host(request: Request, session: AsyncSession, host_id: str) -> None:
+    """`check_host` for a command run's host, looked up only for a scoped key (a deleted host's runs are
+    outside every scope). For ``GET /api/commands/{id}``, its stream and its cancel."""
+    if scoped(request) is None:
+        return
+    host = await session.get(Host, host_id)
+    check_host(request, host_id, host.labels if host is not None else None)
 
 
 def scoped(request: Request) -> KeyInfo | None:

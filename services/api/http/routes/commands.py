@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from services.api.http.auth import READ, check_host, scoped
+from services.api.http.auth import READ, check_run_host
 from services.api.http.deps import SessionDep
 from services.api.http.schemas import CommandRunPublic
 from services.api.store import crud
-from services.api.store.models import Host
 
 router = APIRouter(prefix="/commands", tags=["commands"])
 
@@ -22,7 +21,5 @@ router = APIRouter(prefix="/commands", tags=["commands"])
 async def get_command(command_id: str, session: SessionDep, request: Request) -> CommandRunPublic:
     """A command run and its outcome."""
     run = await crud.get_run(session, command_id)
-    if scoped(request) is not None:  # a deleted host's runs are outside every scope
-        host = await session.get(Host, run.host_id)
-        check_host(request, run.host_id, host.labels if host is not None else None)
+    await check_run_host(request, session, run.host_id)
     return CommandRunPublic.model_validate(run, from_attributes=True)
