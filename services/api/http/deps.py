@@ -204,6 +204,13 @@ def api_key_name(request: Request) -> str:
     return name
 
 
+KEY_RESPONSES = {
+    "401": "no key, or an unknown, expired (key_expired) or revoked (key_revoked) key",
+    "403": "outside the key's role (forbidden) or label scope (out_of_scope)",
+    "429": "the key's rate limit is spent (rate_limited); Retry-After says when to retry",
+}
+
+
 def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
     """Declare the bearer scheme in an OpenAPI `schema` and require it on every ``/api`` operation."""
     schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
@@ -216,6 +223,8 @@ def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
         if path.startswith("/api/"):
             for operation in operations.values():
                 operation["security"] = [{SECURITY_SCHEME: []}]
+                for code, text in KEY_RESPONSES.items():
+                    operation.setdefault("responses", {}).setdefault(code, {"description": text})
     return schema
 
 
