@@ -426,3 +426,16 @@ async def test_cli_api_key_create_with_role_scope_and_expiry(
         assert (keys["root"].role, keys["root"].scope, keys["root"].expires_at) == ("admin", None, None)
         listed = await api.client.get("/api/hosts", headers={"Authorization": f"Bearer {key}"})
         assert listed.status_code == 200
+
+
+async def test_a_key_row_with_an_unknown_role_is_refused_not_a_500(api: RunningApi) -> None:
+    """A row edited by hand to a role this API does not know answers 401 `bad_key`, never a 500."""
+    odd = await new_key(api, "odd", "read")
+    async with api.state.sessions() as session:
+        row = (await session.exec(select(ApiKey).where(ApiKey.name == "odd"))).one()
+        row.role = "root"  # type: ignore[assignment]
+        session.add(row)
+        await session.commit()
+    refused = await api.client.get("/api/hosts", headers=odd)
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "bad_key"

@@ -174,7 +174,12 @@ async def verify_api_key(state: ApiState, authorization: str) -> KeyInfo:
                 raise Unauthorized("invalid API key")
             if found.revoked_at is not None:
                 raise Unauthorized(f"API key {found.name!r} was revoked", code="key_revoked")
-            info = KeyInfo.of(found)
+            try:
+                info = KeyInfo.of(found)
+            except (ValueError, TypeError):  # a row edited by hand: refuse rather than guess a role
+                raise Unauthorized(
+                    f"API key {found.name!r} has an invalid role or scope", code="bad_key"
+                ) from None
             if not info.expired(now) and (
                 found.last_used_at is None or found.last_used_at < now - LAST_USED_EVERY
             ):
