@@ -8,6 +8,10 @@ whose budget ran out is answered ``busy`` without running (`budget`).
 Before anything else a command's signature is checked (`services.agent.trust`), then the ledger refuses
 an id it has seen (`replay`). A refusal is sent once, straight to the gateway and not through the outbox
 (it must not replace the un-acked result of the command that did run under that id).
+
+A signed cancel (`cancel`, kind ``cancel``) of a command running here (or waiting for a slot) sets its
+cancel event: the executor kills its process group and its result, signed like any other, says
+``cancelled``. A cancel of a finished command changes nothing (``finished``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from shared import signing
 from shared.errors import ErrorCode
-from shared.protocol import Exec, ExecError, ExecResult, ResultAnswer, ResultQuery
+from shared.protocol import (
+    CancelAnswer,
+    CancelRequest,
+    Exec,
+    ExecError,
+    ExecResult,
+    ResultAnswer,
+    ResultQuery,
+)
 
 from . import budget
 from .allocator import release_after
-from .executor import run_command
+from .executor import CANCEL, run_command
 from .ledger import Ledger, Result
 from .results import SIGNATURE_ROOM, Outbox, fit_result
 from .trust import AgentTrust
@@ -58,6 +70,7 @@ class Commands:
         self.clock = clock
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cancels: dict[str, asyncio.Event] = {}  # command id → its cancel event, while it may run
 
     def __len__(self) -> int:
         """How many commands are running (or waiting for a slot)."""
@@ -82,7 +95,15 @@ class Commands:
 
         assert request.signature is not None  # check_exec refuses an unsigned request
         keep_until = request.signature.not_after
-        result = await self.ledger.run(request, self._execute, admit, keep_until=keep_until)
+        command_id = request.command_id
+        cancel: asyncio.Event | None = None
+        if command_id not in self._cancels and self.ledger.replay(command_id) is None:
+            cancel = self._cancels[command_id] = asyncio.Event()  # from here on a cancel is `accepted`
+        try:
+            result = await self.ledger.run(request, self._execute, admit, keep_until=keep_until)
+        finally:
+            if cancel is not None and self._cancels.get(command_id) is cancel:
+                del self._cancels[command_id]
         if isinstance(result, ExecError) and result.code is ErrorCode.REPLAY:
             await self.deliver(result)
             return
@@ -118,9 +139,13 @@ class Commands:
 
     async def _execute(self, request: Exec) -> Result:
         """Run the admitted command (it holds a slot) with what is left of its timeout; sign its result."""
-        result = self.trust.seal(
-            await run_command(request.command_id, request.command, request.timeout, self.max_output)
-        )
+        token = CANCEL.set(self._cancels.get(request.command_id))
+        try:
+            result = self.trust.seal(
+                await run_command(request.command_id, request.command, request.timeout, self.max_output)
+            )
+        finally:
+            CANCEL.reset(token)
         self.outbox.add(result)  # kept (on disk) before the ledger records it done: see `Ledger.learn`
         return result
 
@@ -150,6 +175,33 @@ class Commands:
         )
         log.info("result query %s about command %s: %s", query.query_id, query.command_id, state)
         return signing.sign_answer(self.trust.key, self.trust.host_id, answer)
+
+    def cancel(self, request: CancelRequest) -> CancelAnswer:
+        """Cancel a command if the API signed the cancel (kind ``cancel``, ``{command_id}``, this host):
+        ``accepted`` (running or waiting for a slot: killed now, its result says cancelled), ``finished``
+        (its result stands), ``not_running`` (unknown here), or ``refused`` with the typed code."""
+        command_id = request.command_id
+        fields = signing.signed_fields(request)
+        refused = self.trust.verify("cancel", command_id, fields, request.signature)
+        if refused is not None:
+            return CancelAnswer(
+                command_id=command_id,
+                state="refused",
+                code=refused.code,
+                description=refused.description[:1024],
+            )
+        event = self._cancels.get(command_id)
+        if event is not None:
+            event.set()
+            log.info("command %s: cancel accepted", command_id)
+            return CancelAnswer(command_id=command_id, state="accepted")
+        if self.ledger.lookup(command_id) is not None:
+            log.info("command %s: cancel of a finished command; its result stands", command_id)
+            return CancelAnswer(command_id=command_id, state="finished", description="it already finished")
+        log.info("command %s: cancel of a command not running here", command_id)
+        return CancelAnswer(
+            command_id=command_id, state="not_running", description="not running on this host"
+        )
 
     async def wait(self, grace: float) -> None:
         """Wait up to `grace` seconds for the running commands to finish."""

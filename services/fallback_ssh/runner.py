@@ -9,7 +9,13 @@ import time
 import asyncssh
 
 from services.fallback_ssh.errors import Disconnected
-from services.fallback_ssh.execution import build_result, exit_outcome, wrap_command
+from services.fallback_ssh.execution import (
+    build_result,
+    cancel_script,
+    exit_outcome,
+    killed_count,
+    wrap_command,
+)
 from services.fallback_ssh.pool import Pool
 from shared.ids import CommandId
 from shared.output import OutputCap
@@ -43,7 +49,7 @@ async def run_command(
     out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
     started = time.perf_counter()
     client_timed_out = False
-    async with pool.process(target, wrap_command(command, timeout_s)) as proc:
+    async with pool.process(target, wrap_command(command, timeout_s, command_id)) as proc:
         proc.stdin.write_eof()
         io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait_closed())
         try:
@@ -76,3 +82,26 @@ async def run_command(
             "the command may have run"
         )
     return build_result(command_id, outcome, out, err, duration_ms)
+
+
+CANCEL_TIMEOUT_S = 10.0
+
+
+async def kill_remote(pool: Pool, target: SshTarget, command_id: CommandId) -> int:
+    """Kill every process on `target` that runs under `command_id` (`execution.cancel_script`); return how
+    many were found. Raises an SshError when the host cannot be reached, Disconnected when the script's
+    channel is lost or it prints no count."""
+    out, err = OutputCap(64 * 1024), OutputCap(64 * 1024)
+    async with pool.process(target, cancel_script(command_id)) as proc:
+        proc.stdin.write_eof()
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait_closed())
+        except (TimeoutError, asyncssh.Error, OSError) as exc:
+            raise Disconnected(
+                f"cancel of {command_id} on {target.address}:{target.port} did not finish"
+            ) from exc
+    count = killed_count(out.text())
+    if count is None:
+        raise Disconnected(f"cancel of {command_id} on {target.address}:{target.port} reported nothing")
+    return count
