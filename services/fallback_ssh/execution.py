@@ -40,19 +40,27 @@ CANCEL_ROUNDS = 5
 
 # Kill every process whose environment carries WARLOCK_COMMAND_ID=<id>: first their process groups (GNU
 # timeout runs the command in a group of its own), then any stragglers one by one, a few rounds (a fork
-# made meanwhile inherits the marker and is found next round). Prints how many processes it found.
+# made meanwhile inherits the marker and is found next round). Prints how many processes it found. One
+# `grep -z` reads every environ where grep has it (GNU, recent busybox); else one `tr | grep` per process.
 _CANCEL = r"""
-want="$1"; found=0; round=0; me=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' ')
+want="$1"; found=0; seen=""; round=0; me=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' ')
+fast=0; printf 'a\0' | grep -qzxF a 2>/dev/null && fast=1  # grep -z: one grep for all of /proc
 while [ "$round" -lt {rounds} ]; do
   round=$((round + 1)); pids=""
-  for d in /proc/[0-9]*; do
-    p="${d#/proc/}"
-    [ "$p" = "$$" ] && continue
-    if tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -qxF "$want"; then pids="$pids $p"; fi
-  done
+  if [ "$fast" = 1 ]; then
+    for f in $(grep -lzxsF "$want" /proc/[0-9]*/environ); do
+      p="${f#/proc/}"; p="${p%/environ}"; [ "$p" = "$$" ] || pids="$pids $p"
+    done
+  else
+    for d in /proc/[0-9]*; do
+      p="${d#/proc/}"
+      [ "$p" = "$$" ] && continue
+      if tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -qxF "$want"; then pids="$pids $p"; fi
+    done
+  fi
   [ -z "$pids" ] && break
   for p in $pids; do
-    found=$((found + 1))
+    case " $seen " in *" $p "*) ;; *) found=$((found + 1)); seen="$seen $p" ;; esac
     g=$(ps -o pgid= -p "$p" 2>/dev/null | tr -d ' ')
     [ -n "$g" ] && [ "$g" != "0" ] && [ "$g" != "$me" ] && kill -KILL -- "-$g" 2>/dev/null
     kill -KILL "$p" 2>/dev/null
