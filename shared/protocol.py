@@ -292,14 +292,16 @@ class CancelRequest(Message):
     """Cancel a running command: the NATS request on ``warlock.agent.<host>.cancel`` and, unchanged, the
     gateway → agent frame. `signature` is the API's, kind ``cancel``, over ``{command_id}``; the agent
     verifies it (trusted key, this host, not expired) before it kills anything. Idempotent: a repeated
-    cancel of the same id kills nothing more, so no replay memory is needed."""
+    cancel of the same id kills nothing more, so no replay memory is needed. The signature covers
+    `exec_not_after` too: a cancel of an id the agent has not seen makes the id unusable until then."""
 
     type: Literal["cancel"] = "cancel"
     command_id: CommandIdField
+    exec_not_after: float | None = None  # the not-after of the exec that carries the id (as ResultQuery's)
     signature: CommandSignature | None = None
 
 
-CancelState = Literal["accepted", "finished", "not_running", "refused"]
+CancelState = Literal["accepted", "finished", "not_running", "never_ran", "refused"]
 
 
 class CancelAnswer(Message):
@@ -309,7 +311,10 @@ class CancelAnswer(Message):
     - ``accepted``: the command is running (or waiting for a slot) here; its process group is killed now and
       its result (signed by the agent) says ``cancelled: true``: that result settles the run.
     - ``finished``: it already ended here; its result stands, nothing was killed.
-    - ``not_running``: this host does not know the id (it never arrived, or was forgotten); nothing killed.
+    - ``never_ran``: the id never reached this agent and, from this answer on, never runs here (the ledger
+      refuses it until `exec_not_after`, as after a ResultQuery's ``never_ran``).
+    - ``not_running``: this host does not know the id (it never arrived, or was forgotten; without
+      `exec_not_after`, or past it); nothing killed.
     - ``refused``: the cancel did not verify; `code` says why (the gateway answers a typed ErrorReply).
     """
 

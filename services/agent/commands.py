@@ -77,13 +77,26 @@ class Commands:
         return len(self._tasks)
 
     def start(self, request: Exec) -> None:
-        """Run `request` in a tracked task; its timeout counts from now."""
+        """Run `request` in a tracked task; its timeout counts from now. From now on a cancel of its id
+        is `accepted` (the event is registered here, before the next frame is read, not in the task)."""
         received = self.clock()
-        task = asyncio.create_task(self._run(request, received), name=f"command-{request.command_id}")
+        command_id = request.command_id
+        cancel: asyncio.Event | None = None  # None: a replay (or its id runs now): it registers none
+        if command_id not in self._cancels and self.ledger.replay(command_id) is None:
+            cancel = self._cancels[command_id] = asyncio.Event()
+        task = asyncio.create_task(self._run(request, received, cancel), name=f"command-{command_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, request: Exec, received: float) -> None:
+    async def _run(self, request: Exec, received: float, cancel: asyncio.Event | None = None) -> None:
+        """`_run_once`, then forget the id's cancel event `cancel` (registered by `start` for this run)."""
+        try:
+            await self._run_once(request, received)
+        finally:
+            if cancel is not None and self._cancels.get(request.command_id) is cancel:
+                del self._cancels[request.command_id]
+
+    async def _run_once(self, request: Exec, received: float) -> None:
         """Signature, then ledger (a seen id does not run), then keep the result until acked; deliver it."""
         refused = self.trust.check_exec(request)
         if refused is not None:
@@ -95,15 +108,7 @@ class Commands:
 
         assert request.signature is not None  # check_exec refuses an unsigned request
         keep_until = request.signature.not_after
-        command_id = request.command_id
-        cancel: asyncio.Event | None = None
-        if command_id not in self._cancels and self.ledger.replay(command_id) is None:
-            cancel = self._cancels[command_id] = asyncio.Event()  # from here on a cancel is `accepted`
-        try:
-            result = await self.ledger.run(request, self._execute, admit, keep_until=keep_until)
-        finally:
-            if cancel is not None and self._cancels.get(command_id) is cancel:
-                del self._cancels[command_id]
+        result = await self.ledger.run(request, self._execute, admit, keep_until=keep_until)
         if isinstance(result, ExecError) and result.code is ErrorCode.REPLAY:
             await self.deliver(result)
             return
@@ -177,9 +182,10 @@ class Commands:
         return signing.sign_answer(self.trust.key, self.trust.host_id, answer)
 
     def cancel(self, request: CancelRequest) -> CancelAnswer:
-        """Cancel a command if the API signed the cancel (kind ``cancel``, ``{command_id}``, this host):
-        ``accepted`` (running or waiting for a slot: killed now, its result says cancelled), ``finished``
-        (its result stands), ``not_running`` (unknown here), or ``refused`` with the typed code."""
+        """Cancel a command if the API signed the cancel (kind ``cancel``, ``{command_id, exec_not_after}``,
+        this host): ``accepted`` (running or waiting for a slot: killed now, its result says cancelled),
+        ``finished`` (its result stands), ``never_ran`` (it never arrived; its id is refused from now on,
+        until `exec_not_after`), ``not_running`` (unknown here), or ``refused`` with the typed code."""
         command_id = request.command_id
         fields = signing.signed_fields(request)
         refused = self.trust.verify("cancel", command_id, fields, request.signature)
@@ -198,6 +204,12 @@ class Commands:
         if self.ledger.lookup(command_id) is not None:
             log.info("command %s: cancel of a finished command; its result stands", command_id)
             return CancelAnswer(command_id=command_id, state="finished", description="it already finished")
+        if request.exec_not_after is not None:
+            state, _ = self.ledger.query(command_id, request.exec_not_after)  # `never_ran` records it used
+            if state == "never_ran":
+                log.info("command %s: cancelled before it arrived; its id is now refused", command_id)
+                why = "it never reached this agent, and its id is now refused here"
+                return CancelAnswer(command_id=command_id, state="never_ran", description=why)
         log.info("command %s: cancel of a command not running here", command_id)
         return CancelAnswer(
             command_id=command_id, state="not_running", description="not running on this host"

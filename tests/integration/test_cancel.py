@@ -181,7 +181,7 @@ async def test_a_forged_or_unsigned_cancel_on_nats_is_refused_by_the_agent(
     plain = CancelRequest(command_id=command_id)
     stranger = TestSigner(tmp_path, name="stranger.key")
     api_signer = fleet.stack.signer
-    expired = signing.sign_command(api_signer.key, "cancel", {"command_id": command_id}, "box", 1.0, 1000.0)
+    expired = signing.sign_command(api_signer.key, "cancel", signing.signed_fields(plain), "box", 1.0, 1000.0)
     forged = [
         (plain, ErrorCode.UNSIGNED),
         (stranger.sign("cancel", plain, "box"), ErrorCode.UNKNOWN_KEY),

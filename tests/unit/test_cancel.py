@@ -152,7 +152,7 @@ async def test_agent_cancels_only_a_signed_cancel_for_itself(ledger: Ledger, tmp
             plain.model_copy(
                 update={
                     "signature": signing.sign_command(
-                        signer.key, "cancel", {"command_id": "long"}, HOST, 1.0, 1000.0
+                        signer.key, "cancel", signing.signed_fields(plain), HOST, 1.0, 1000.0
                     )
                 }
             ),
@@ -316,3 +316,64 @@ def test_the_kill_script_kills_every_process_of_the_command_and_no_other() -> No
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+async def test_a_cancel_right_after_the_exec_frame_is_accepted_and_nothing_starts(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """The exec frame and the cancel frame read back to back (the command's task has not run yet): the
+    cancel is accepted, nothing is spawned, the result says cancelled."""
+    results: dict[str, Result] = {}
+
+    async def deliver(result: Result) -> None:
+        results[result.command_id] = result
+
+    signer = TestSigner(tmp_path)
+    cmds = Commands(
+        ledger, Outbox(), deliver, trust=agent_trust(tmp_path, signer=signer), limit=4, max_output=MIB
+    )
+    flag = tmp_path / "ran"
+    cmds.start(signed_exec(signer, "fast", f"touch {flag}"))
+    request = signer.sign("cancel", CancelRequest(command_id=CommandId("fast")), HOST)
+    assert isinstance(request, CancelRequest)
+    assert cmds.cancel(request).state == "accepted"
+    await cmds.wait(5)
+    result = results["fast"]
+    assert isinstance(result, ExecResult)
+    assert result.cancelled
+    assert not flag.exists()
+
+
+async def test_a_cancel_before_the_exec_arrives_makes_its_id_unusable(ledger: Ledger, tmp_path: Path) -> None:
+    """With the exec's not-after, a cancel of an id the agent never saw answers never_ran and records the
+    id: the exec that arrives afterwards is refused as a replay and runs nothing. Without it (or past it):
+    not_running, and nothing is recorded."""
+    results: dict[str, Result] = {}
+
+    async def deliver(result: Result) -> None:
+        results[result.command_id] = result
+
+    signer = TestSigner(tmp_path)
+    cmds = Commands(
+        ledger, Outbox(), deliver, trust=agent_trust(tmp_path, signer=signer), limit=4, max_output=MIB
+    )
+    unknown = signer.sign("cancel", CancelRequest(command_id=CommandId("later")), HOST)
+    assert isinstance(unknown, CancelRequest)
+    assert cmds.cancel(unknown).state == "not_running"
+    past = CancelRequest(command_id=CommandId("later"), exec_not_after=time.time() - 10)
+    signed_past = signer.sign("cancel", past, HOST)
+    assert isinstance(signed_past, CancelRequest)
+    assert cmds.cancel(signed_past).state == "not_running"
+    ahead = CancelRequest(command_id=CommandId("later"), exec_not_after=time.time() + 60)
+    signed_ahead = signer.sign("cancel", ahead, HOST)
+    assert isinstance(signed_ahead, CancelRequest)
+    tampered = signed_ahead.model_copy(update={"exec_not_after": time.time() + 600})
+    assert cmds.cancel(tampered).code == ErrorCode.BAD_SIGNATURE  # the not-after is signed
+    assert cmds.cancel(signed_ahead).state == "never_ran"
+    flag = tmp_path / "ran"
+    cmds.start(signed_exec(signer, "later", f"touch {flag}"))
+    await cmds.wait(5)
+    refused = results["later"]
+    assert not isinstance(refused, ExecResult)
+    assert refused.code == ErrorCode.REPLAY
+    assert not flag.exists()

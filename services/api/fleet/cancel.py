@@ -8,6 +8,7 @@
                      └─ no responders, via still unset ──▶ warlock.ssh.<host>.cancel
     answer accepted ─▶ wait up to `wait` s for the row to be final: cancelled | finished (it ended first)
                        | cancelling (not final yet: the host's result will settle it)
+    answer never_ran ─▶ (agent: it never got the command and now refuses its id) cancelled, nothing ran
     answer finished / not_running ─▶ the row as it is (after a short wait for a result in flight)
 
 Only the cancel is ever sent, never the command. The run becomes ``cancelled`` through the host's own
@@ -30,7 +31,7 @@ import nats.errors
 
 from services.api.fleet.runner import OPEN, Runner, ssh_target
 from services.api.store import crud
-from services.api.store.models import CommandRun, CommandStatus, Via
+from services.api.store.models import CommandRun, CommandStatus, Via, utcnow
 from shared import subjects
 from shared.errors import ErrorCode, ProtocolError
 from shared.ids import CommandId
@@ -86,7 +87,8 @@ async def _settled(runner: Runner, command_id: str, wait: float) -> CommandRun:
 
 
 async def _send_agent(runner: Runner, run: CommandRun) -> bytes:
-    request = CancelRequest(command_id=CommandId(run.command_id))
+    exec_not_after = run.created_at.timestamp() + runner.settings.command_ttl  # as the reconciler's query
+    request = CancelRequest(command_id=CommandId(run.command_id), exec_not_after=exec_not_after)
     request = runner.signer.sign("cancel", request, run.host_id)
     msg = await runner.nc.request(
         subjects.agent_cancel(run.host_id), encode(request), timeout=AGENT_CANCEL_TIMEOUT_S
@@ -169,6 +171,8 @@ async def cancel_run(runner: Runner, command_id: str, wait: float = CANCEL_WAIT_
         if settled.status in OPEN:
             return CancelOutcome("cancelling", settled, "the host is killing the command", via=via)
         return CancelOutcome("finished", settled, "the command ended before it was killed", via=via)
+    if answer.state == "never_ran":
+        return await _never_ran(runner, command_id, answer.description)
     if answer.state == "finished":
         settled = await _settled(runner, command_id, FINISHED_WAIT_S)
         return CancelOutcome("finished", settled, "the command already ended; its result stands", via=via)
@@ -192,3 +196,26 @@ async def _killed_by_us(runner: Runner, run: CommandRun) -> CommandRun:
     async with runner.sessions() as session:
         await crud.update_run(session, run.command_id, values, when=(CommandStatus.FAILED,))
     return await _read(runner, run.command_id)
+
+
+async def _never_ran(runner: Runner, command_id: str, description: str) -> CancelOutcome:
+    """The agent never got the command and now refuses its id: the run, still pending and not routed over
+    SSH, is recorded ``cancelled`` (nothing ran); the exec, if it still arrives, is refused as a replay."""
+    values = {
+        "status": CommandStatus.CANCELLED,
+        "error_description": "cancelled before it reached the agent; it never ran",
+        "finished_at": utcnow(),
+    }
+    async with runner.sessions() as session:
+        changed = await crud.update_run(
+            session, command_id, values, when=(CommandStatus.PENDING,), unrouted=True
+        )
+    run = await _read(runner, command_id)
+    if changed:
+        why = "it never ran: cancelled before it reached the agent"
+        return CancelOutcome("cancelled", run, why, via=Via.AGENT)
+    if run.status in OPEN:  # routed over SSH meanwhile
+        return CancelOutcome(
+            "not_running", run, description or "not on the agent; routed over SSH", via=Via.AGENT
+        )
+    return CancelOutcome("finished", run, "the command ended meanwhile; its result stands", via=Via.AGENT)
