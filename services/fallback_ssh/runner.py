@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import asyncssh
 
@@ -40,16 +41,18 @@ async def run_command(
     timeout_s: float,
     max_output_bytes: int,
     grace_s: float,
+    cancelled: Callable[[], bool] | None = None,
 ) -> ExecResult:
     """Run `command` on `target` with a remote timeout that kills its process group; return its result.
 
     Raises an SshError when nothing ran (connect, auth, host key, busy) or when the connection was lost
-    with the command in flight (`Disconnected`: it may have run).
+    with the command in flight (`Disconnected`: it may have run); `pool.NotStarted` when `cancelled` said
+    so once a channel was free (nothing ran).
     """
     out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
     started = time.perf_counter()
     client_timed_out = False
-    async with pool.process(target, wrap_command(command, timeout_s, command_id)) as proc:
+    async with pool.process(target, wrap_command(command, timeout_s, command_id), cancelled) as proc:
         proc.stdin.write_eof()
         io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait_closed())
         try:
@@ -88,11 +91,12 @@ CANCEL_TIMEOUT_S = 10.0
 
 
 async def kill_remote(pool: Pool, target: SshTarget, command_id: CommandId) -> int:
-    """Kill every process on `target` that runs under `command_id` (`execution.cancel_script`); return how
-    many were found. Raises an SshError when the host cannot be reached, Disconnected when the script's
+    """Kill every process on `target` that runs under `command_id` (`execution.cancel_script`), over a
+    connection of its own (`Pool.side_process`: not behind the host's channel cap); return how many were
+    found. Raises an SshError when the host cannot be reached, Disconnected when the script's
     channel is lost or it prints no count."""
     out, err = OutputCap(64 * 1024), OutputCap(64 * 1024)
-    async with pool.process(target, cancel_script(command_id)) as proc:
+    async with pool.side_process(target, cancel_script(command_id)) as proc:
         proc.stdin.write_eof()
         try:
             async with asyncio.timeout(CANCEL_TIMEOUT_S):

@@ -33,9 +33,9 @@ from nats.micro.service import Service
 from services.fallback_ssh import __version__
 from services.fallback_ssh.agent_ops import OP_MODELS, plan
 from services.fallback_ssh.errors import SshError
-from services.fallback_ssh.execution import fit_result
+from services.fallback_ssh.execution import KILL, fit_result
 from services.fallback_ssh.installer import run_agent_op
-from services.fallback_ssh.pool import Pool
+from services.fallback_ssh.pool import NotStarted, Pool
 from services.fallback_ssh.probe import probe
 from services.fallback_ssh.runner import kill_remote, run_command
 from services.fallback_ssh.settings import FallbackSettings
@@ -58,6 +58,8 @@ from shared.signing import CommandRefused
 log = logging.getLogger("services.fallback_ssh")
 
 SERVICE_NAME = "warlock-fallback-ssh"
+CANCEL_RETRIES = 5  # a command this worker runs whose processes a cancel did not find: look again ...
+CANCEL_RETRY_S = 0.2  # ... this often (its channel may be opening; one still queued is stopped by `abort`)
 
 
 class WorkerStatus(Message):
@@ -220,6 +222,14 @@ class Worker:
                 request.timeout,
                 self.settings.max_output_bytes,
                 self.settings.exec_grace,
+                lambda: command_id in self._cancelled,
+            )
+        except NotStarted:
+            log.info(
+                "command %s on %s: cancelled while it waited for a channel; nothing ran", command_id, host
+            )
+            return ExecResult(
+                command_id=command_id, exit_code=None, duration_ms=0.0, via="ssh", cancelled=True
             )
         except SshError as exc:
             log.info("command %s on %s: %s: %s", command_id, host, exc.code, exc.description)
@@ -236,7 +246,7 @@ class Worker:
             self._running.discard(command_id)
             cancelled = command_id in self._cancelled
             self._cancelled.discard(command_id)
-        if cancelled:
+        if cancelled and result.signal == KILL:  # killed by the cancel (not ended on its own just before)
             result = result.model_copy(update={"cancelled": True, "timed_out": False})
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -272,6 +282,11 @@ class Worker:
             self._cancelled.add(command_id)
         try:
             killed = await kill_remote(self.pool, request.target, command_id)
+            for _ in range(CANCEL_RETRIES):  # running here but not found: its channel may be opening now
+                if killed or command_id not in self._running:
+                    break
+                await asyncio.sleep(CANCEL_RETRY_S)
+                killed = await kill_remote(self.pool, request.target, command_id)
         except SshError as exc:
             self._cancelled.discard(command_id)
             log.info("cancel of %s on %s: %s: %s", command_id, host, exc.code, exc.description)
