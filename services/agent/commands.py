@@ -196,14 +196,14 @@ class Commands:
                 code=refused.code,
                 description=refused.description[:1024],
             )
+        if self.ledger.lookup(command_id) is not None:  # recorded (synchronously) as soon as it ended
+            log.info("command %s: cancel of a finished command; its result stands", command_id)
+            return CancelAnswer(command_id=command_id, state="finished", description="it already finished")
         event = self._cancels.get(command_id)
         if event is not None:
             event.set()
             log.info("command %s: cancel accepted", command_id)
             return CancelAnswer(command_id=command_id, state="accepted")
-        if self.ledger.lookup(command_id) is not None:
-            log.info("command %s: cancel of a finished command; its result stands", command_id)
-            return CancelAnswer(command_id=command_id, state="finished", description="it already finished")
         if request.exec_not_after is not None:
             state, _ = self.ledger.query(command_id, request.exec_not_after)  # `never_ran` records it used
             if state == "never_ran":
