@@ -174,7 +174,7 @@ def rest_latency(root: Path, rounds: int, block: int, database_url: str) -> dict
         path.chmod(mode)  # sshd reads authorized_keys as the (unprivileged) bench user
     stack = Stack(root, server.url)
     try:
-        api = stack.start_api(database_url)
+        api = stack.start_api(database_url, exec_rate_limit_per_minute="0", rate_limit_per_minute="0")
         stack.start_fallback(sshd.client_key_path)
         gw = stack.start_gateway("rest-gw")
         for host, address in (("bench-agent", "127.0.0.1"), ("bench-ssh", "localhost")):

@@ -57,6 +57,8 @@ ROLES: dict[str, Role] = {
             s.TOKEN_REVOKED,
             f"{P}.gateway.*.sessions",
             f"{P}.ssh.*.status",
+            f"{P}.agent.*.cancel",
+            s.ssh_cancel_wildcard(),
         ),
         subscribe=(
             s.TOKEN_VERIFY,

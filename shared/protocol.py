@@ -14,6 +14,9 @@ Channels:
 - NATS ``warlock.presence.<host>``: connected | disconnected
 - NATS ``warlock.metrics.<host>``: metrics_event;  ``warlock.result.<host>``: result
 - NATS ``warlock.session.<host>.claim``: claim
+- NATS ``warlock.agent.<host>.cancel``: CancelRequest → cancel_answer | error (also the gateway → agent
+  frame; the agent answers cancel_answer)
+- NATS ``warlock.ssh.<host>.cancel``: SshCancelRequest → cancel_answer | error
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class ExecResult(Message):
     duration_ms: float = Field(ge=0)
     via: Literal["agent", "ssh"] = "agent"
     signature: Signature64 | None = None  # the agent's, over `shared.signing.result_bytes`
+    cancelled: bool = False  # a signed cancel killed the process group (covered by the signature when set)
 
 
 class ErrorReply(Message):
@@ -284,12 +288,63 @@ class ResultAnswer(Message):
     signature: Signature64 | None = None
 
 
+class CancelRequest(Message):
+    """Cancel a running command: the NATS request on ``warlock.agent.<host>.cancel`` and, unchanged, the
+    gateway → agent frame. `signature` is the API's, kind ``cancel``, over ``{command_id}``; the agent
+    verifies it (trusted key, this host, not expired) before it kills anything. Idempotent: a repeated
+    cancel of the same id kills nothing more, so no replay memory is needed. The signature covers
+    `exec_not_after` too: a cancel of an id the agent has not seen makes the id unusable until then."""
+
+    type: Literal["cancel"] = "cancel"
+    command_id: CommandIdField
+    exec_not_after: float | None = None  # the not-after of the exec that carries the id (as ResultQuery's)
+    signature: CommandSignature | None = None
+
+
+CancelState = Literal["accepted", "finished", "not_running", "never_ran", "refused"]
+
+
+class CancelAnswer(Message):
+    """Agent → gateway (and, but for ``refused``, the NATS reply), and the SSH worker's reply: what a cancel
+    found.
+
+    - ``accepted``: the command is running (or waiting for a slot) here; its process group is killed now and
+      its result (signed by the agent) says ``cancelled: true``: that result settles the run.
+    - ``finished``: it already ended here; its result stands, nothing was killed.
+    - ``never_ran``: the id never reached this agent and, from this answer on, never runs here (the ledger
+      refuses it until `exec_not_after`, as after a ResultQuery's ``never_ran``).
+    - ``not_running``: this host does not know the id (it never arrived, or was forgotten; without
+      `exec_not_after`, or past it); nothing killed.
+    - ``refused``: the cancel did not verify; `code` says why (the gateway answers a typed ErrorReply).
+    """
+
+    type: Literal["cancel_answer"] = "cancel_answer"
+    command_id: CommandIdField
+    state: CancelState
+    code: ErrorCode | None = None
+    description: Annotated[str, Field(max_length=1024)] = ""
+
+
+class SshCancelRequest(Message):
+    """Request on ``warlock.ssh.<host>.cancel``: kill what runs on `target` under `command_id`.
+
+    Signed by the API, kind ``ssh_cancel``, over ``{command_id, target}``: the worker dials only the signed
+    target. Answered with a CancelAnswer (or a typed error).
+    """
+
+    type: Literal["ssh_cancel"] = "ssh_cancel"
+    command_id: CommandIdField
+    target: SshTarget
+    signature: CommandSignature | None = None
+
+
 AgentFrame = Annotated[
-    Hello | ExecResult | ExecError | Metrics | Ping | Pong | TokenRotated | ResultAnswer,
+    Hello | ExecResult | ExecError | Metrics | Ping | Pong | TokenRotated | ResultAnswer | CancelAnswer,
     Field(discriminator="type"),
 ]
 GatewayFrame = Annotated[
-    Welcome | Exec | Ack | Ping | Pong | RotateToken | ResultQuery, Field(discriminator="type")
+    Welcome | Exec | Ack | Ping | Pong | RotateToken | ResultQuery | CancelRequest,
+    Field(discriminator="type"),
 ]
 
 # ----------------------------------------------------------------------------- NATS payloads
@@ -549,6 +604,7 @@ RotateReply = Annotated[RotateOk | ErrorReply, Field(discriminator="type")]
 AgentOpReply = Annotated[AgentOpResult | ErrorReply, Field(discriminator="type")]
 ProbeReply = Annotated[SshProbeOk | ErrorReply, Field(discriminator="type")]
 ResultReply = Annotated[ResultAnswer | ErrorReply, Field(discriminator="type")]
+CancelReply = Annotated[CancelAnswer | ErrorReply, Field(discriminator="type")]
 
 _LAZY = ConfigDict(defer_build=True)  # built on first decode, like the models
 _agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame, config=_LAZY)
@@ -561,6 +617,7 @@ _probe_replies: TypeAdapter[ProbeReply] = TypeAdapter(ProbeReply, config=_LAZY)
 _rotate_replies: TypeAdapter[RotateReply] = TypeAdapter(RotateReply, config=_LAZY)
 _agent_op_replies: TypeAdapter[AgentOpReply] = TypeAdapter(AgentOpReply, config=_LAZY)
 _result_replies: TypeAdapter[ResultReply] = TypeAdapter(ResultReply, config=_LAZY)
+_cancel_replies: TypeAdapter[CancelReply] = TypeAdapter(CancelReply, config=_LAZY)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -649,3 +706,8 @@ def decode_agent_op_reply(data: bytes | str) -> AgentOpReply:
 def decode_result_reply(data: bytes | str) -> ResultReply:
     """Decode the answer to a result query (the agent's ResultAnswer, or the gateway's typed error)."""
     return _decode(_result_replies, data)
+
+
+def decode_cancel_reply(data: bytes | str) -> CancelReply:
+    """Decode the answer to a cancel (the agent's or SSH worker's CancelAnswer, or a typed error)."""
+    return _decode(_cancel_replies, data)

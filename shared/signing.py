@@ -13,7 +13,11 @@ Commands (`sign_command` / `verify_command`)
 
 Results (`sign_result` / `verify_result`)
     The agent signs the outcome of a command: host, command id, exit code, signal, flags, timing and the
-    SHA-256 of stdout and stderr (`result_bytes`).
+    SHA-256 of stdout and stderr (`result_bytes`); ``cancelled`` only when set (a cancel killed it).
+
+Command kinds: ``exec``, ``ssh_exec``, ``ops_exec``, ``rotate``, ``result_query``, ``install``,
+``uninstall``, ``configure``, ``probe``, ``cancel`` (``{command_id}``: the agent kills that running
+command) and ``ssh_cancel`` (``{command_id, target}``: the SSH worker kills it on the signed target).
 
 Ed25519 comes from PyNaCl (libsodium): it costs the agent ~1 MiB of RSS where `cryptography` costs ~10.
 
@@ -272,6 +276,8 @@ def result_bytes(host_id: str, result: ExecResult) -> bytes:
         "stderr_sha256": _digest(result.stderr),
         "via": result.via,
     }
+    if result.cancelled:  # only when set: the bytes of every other result are unchanged
+        values["cancelled"] = True
     return _canonical(RESULT_DOMAIN, values)
 
 

@@ -24,6 +24,8 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
 | warlock.ops.<host>.exec          | request          | the API: a command signed with an operator key  |
 | warlock.gateway.<id>.heartbeat   | publish          | every API: this gateway is alive (stale presence) |
+| warlock.agent.<host>.cancel      | request          | the gateway holding <host>: agent kills a command |
+| warlock.ssh.<host>.cancel        | request          | SSH worker: kill a command's remote processes |
 
 Who may publish and subscribe to each is declared once, in `shared/permissions.py`.
 """
@@ -51,7 +53,7 @@ ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
 GATEWAY_HEARTBEATS = f"{PREFIX}.gateway.*.heartbeat"
 
-AGENT_VERBS = ("exec", "ping", "rotate", "result")
+AGENT_VERBS = ("exec", "ping", "rotate", "result", "cancel")
 SRV_PREFIX = "$SRV"  # NATS micro discovery ($SRV.PING, $SRV.INFO.<name>, ...)
 
 
@@ -218,3 +220,23 @@ def gateway_heartbeat(gateway_id: str) -> str:
 def parse_gateway_heartbeat(subject: str) -> HostId:
     """The gateway id of a ``warlock.gateway.<id>.heartbeat`` subject; InvalidIdError otherwise."""
     return _host_of(subject, "gateway", "heartbeat")[0]
+
+
+def agent_cancel(host: str) -> str:
+    """Subject on which the gateway holding `host` asks its agent to kill a running command."""
+    return f"{PREFIX}.agent.{host_id(host)}.cancel"
+
+
+def ssh_cancel(host: str) -> str:
+    """Subject on which the SSH worker kills the remote processes of a command on `host`."""
+    return f"{PREFIX}.ssh.{host_id(host)}.cancel"
+
+
+def ssh_cancel_wildcard() -> str:
+    """Wildcard covering every host's SSH cancel subject (the SSH worker's subscription)."""
+    return f"{PREFIX}.ssh.*.cancel"
+
+
+def parse_ssh_cancel(subject: str) -> HostId:
+    """Return the host of a ``warlock.ssh.<host>.cancel`` subject; raise InvalidIdError otherwise."""
+    return _host_of(subject, "ssh", "cancel")[0]

@@ -234,6 +234,8 @@ class Agent:
                     elif isinstance(action, dispatch.Query):
                         answer = self.commands.answer(action.query, state.welcome.max_result_bytes)
                         await self._send(ws, answer)
+                    elif isinstance(action, dispatch.Cancel):
+                        await self._send(ws, self.commands.cancel(action.request))
                     else:
                         await ws.close(action.code, action.reason)
                         return Outcome.CLOSED

@@ -8,6 +8,10 @@ whose budget ran out is answered ``busy`` without running (`budget`).
 Before anything else a command's signature is checked (`services.agent.trust`), then the ledger refuses
 an id it has seen (`replay`). A refusal is sent once, straight to the gateway and not through the outbox
 (it must not replace the un-acked result of the command that did run under that id).
+
+A signed cancel (`cancel`, kind ``cancel``) of a command running here (or waiting for a slot) sets its
+cancel event: the executor kills its process group and its result, signed like any other, says
+``cancelled``. A cancel of a finished command changes nothing (``finished``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from shared import signing
 from shared.errors import ErrorCode
-from shared.protocol import Exec, ExecError, ExecResult, ResultAnswer, ResultQuery
+from shared.protocol import (
+    CancelAnswer,
+    CancelRequest,
+    Exec,
+    ExecError,
+    ExecResult,
+    ResultAnswer,
+    ResultQuery,
+)
 
 from . import budget
 from .allocator import release_after
-from .executor import run_command
+from .executor import CANCEL, run_command
 from .ledger import Ledger, Result
 from .results import SIGNATURE_ROOM, Outbox, fit_result
 from .trust import AgentTrust
@@ -58,19 +70,33 @@ class Commands:
         self.clock = clock
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cancels: dict[str, asyncio.Event] = {}  # command id → its cancel event, while it may run
 
     def __len__(self) -> int:
         """How many commands are running (or waiting for a slot)."""
         return len(self._tasks)
 
     def start(self, request: Exec) -> None:
-        """Run `request` in a tracked task; its timeout counts from now."""
+        """Run `request` in a tracked task; its timeout counts from now. From now on a cancel of its id
+        is `accepted` (the event is registered here, before the next frame is read, not in the task)."""
         received = self.clock()
-        task = asyncio.create_task(self._run(request, received), name=f"command-{request.command_id}")
+        command_id = request.command_id
+        cancel: asyncio.Event | None = None  # None: a replay (or its id runs now): it registers none
+        if command_id not in self._cancels and self.ledger.replay(command_id) is None:
+            cancel = self._cancels[command_id] = asyncio.Event()
+        task = asyncio.create_task(self._run(request, received, cancel), name=f"command-{command_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, request: Exec, received: float) -> None:
+    async def _run(self, request: Exec, received: float, cancel: asyncio.Event | None = None) -> None:
+        """`_run_once`, then forget the id's cancel event `cancel` (registered by `start` for this run)."""
+        try:
+            await self._run_once(request, received)
+        finally:
+            if cancel is not None and self._cancels.get(request.command_id) is cancel:
+                del self._cancels[request.command_id]
+
+    async def _run_once(self, request: Exec, received: float) -> None:
         """Signature, then ledger (a seen id does not run), then keep the result until acked; deliver it."""
         refused = self.trust.check_exec(request)
         if refused is not None:
@@ -118,9 +144,13 @@ class Commands:
 
     async def _execute(self, request: Exec) -> Result:
         """Run the admitted command (it holds a slot) with what is left of its timeout; sign its result."""
-        result = self.trust.seal(
-            await run_command(request.command_id, request.command, request.timeout, self.max_output)
-        )
+        token = CANCEL.set(self._cancels.get(request.command_id))
+        try:
+            result = self.trust.seal(
+                await run_command(request.command_id, request.command, request.timeout, self.max_output)
+            )
+        finally:
+            CANCEL.reset(token)
         self.outbox.add(result)  # kept (on disk) before the ledger records it done: see `Ledger.learn`
         return result
 
@@ -150,6 +180,40 @@ class Commands:
         )
         log.info("result query %s about command %s: %s", query.query_id, query.command_id, state)
         return signing.sign_answer(self.trust.key, self.trust.host_id, answer)
+
+    def cancel(self, request: CancelRequest) -> CancelAnswer:
+        """Cancel a command if the API signed the cancel (kind ``cancel``, ``{command_id, exec_not_after}``,
+        this host): ``accepted`` (running or waiting for a slot: killed now, its result says cancelled),
+        ``finished`` (its result stands), ``never_ran`` (it never arrived; its id is refused from now on,
+        until `exec_not_after`), ``not_running`` (unknown here), or ``refused`` with the typed code."""
+        command_id = request.command_id
+        fields = signing.signed_fields(request)
+        refused = self.trust.verify("cancel", command_id, fields, request.signature)
+        if refused is not None:
+            return CancelAnswer(
+                command_id=command_id,
+                state="refused",
+                code=refused.code,
+                description=refused.description[:1024],
+            )
+        if self.ledger.lookup(command_id) is not None:  # recorded (synchronously) as soon as it ended
+            log.info("command %s: cancel of a finished command; its result stands", command_id)
+            return CancelAnswer(command_id=command_id, state="finished", description="it already finished")
+        event = self._cancels.get(command_id)
+        if event is not None:
+            event.set()
+            log.info("command %s: cancel accepted", command_id)
+            return CancelAnswer(command_id=command_id, state="accepted")
+        if request.exec_not_after is not None:
+            state, _ = self.ledger.query(command_id, request.exec_not_after)  # `never_ran` records it used
+            if state == "never_ran":
+                log.info("command %s: cancelled before it arrived; its id is now refused", command_id)
+                why = "it never reached this agent, and its id is now refused here"
+                return CancelAnswer(command_id=command_id, state="never_ran", description=why)
+        log.info("command %s: cancel of a command not running here", command_id)
+        return CancelAnswer(
+            command_id=command_id, state="not_running", description="not running on this host"
+        )
 
     async def wait(self, grace: float) -> None:
         """Wait up to `grace` seconds for the running commands to finish."""

@@ -15,6 +15,7 @@ from shared.errors import CloseCode, ProtocolError
 from shared.ids import HostId
 from shared.protocol import (
     Ack,
+    CancelRequest,
     Exec,
     Hello,
     Message,
@@ -32,7 +33,7 @@ from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ("exec", "metrics", "ledger", "result_query")
+CAPABILITIES = ("exec", "metrics", "ledger", "result_query", "cancel")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """Verify a signed cancel and kill the command it names (`Commands.cancel`), then send the answer."""
+
+    request: CancelRequest
+
+
+@dataclass(frozen=True)
 class Close:
     """Close the connection with `code` and `reason`, then reconnect."""
 
@@ -71,7 +79,7 @@ class Close:
     reason: str
 
 
-Action = Send | Run | Rotate | Query | Close
+Action = Send | Run | Rotate | Query | Close | Cancel
 
 
 @dataclass
@@ -114,6 +122,8 @@ def on_frame(state: SessionState, raw: bytes | str, now: float) -> list[Action]:
         return [Rotate(frame)]
     if isinstance(frame, ResultQuery):
         return [Query(frame)]
+    if isinstance(frame, CancelRequest):
+        return [Cancel(frame)]
     return [Close(CloseCode.POLICY_VIOLATION, "unexpected second welcome")]
 
 

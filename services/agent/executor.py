@@ -1,7 +1,8 @@
 """Run one shell command in its own process group, with a timeout and capped output.
 
 The command string is the ``-c`` argument of ``/bin/sh``; the agent never builds a shell string itself.
-A timeout kills the whole process group with SIGKILL, so children the command started die with it.
+A timeout kills the whole process group with SIGKILL, so children the command started die with it; so
+does a cancel (`cancel` set): the result then says ``cancelled``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import os
 import signal
 import time
+from contextvars import ContextVar
+from typing import Any
 
 from shared.errors import ErrorCode
 from shared.ids import CommandId
@@ -24,6 +27,9 @@ log = logging.getLogger(__name__)
 SHELL = "/bin/sh"
 CHUNK = 64 * 1024
 REAP_TIMEOUT_S = AGENT_REAP_S  # after SIGKILL, how long to wait for the group to let go of the pipes
+# The cancel event of the command the current task runs (`services.agent.commands` sets it around the
+# call): `run_command` uses it when it is given none.
+CANCEL: ContextVar[asyncio.Event | None] = ContextVar("warlock_cancel", default=None)
 
 
 async def _drain(stream: asyncio.StreamReader | None, capture: OutputCap) -> None:
@@ -40,10 +46,43 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+async def _until_done_or_cancelled(io: asyncio.Future[Any], cancel: asyncio.Event | None) -> bool:
+    """Wait for `io` (shielded); return True when `cancel` was set first (the command is still running)."""
+    if cancel is None:
+        await asyncio.shield(io)
+        return False
+    cancelled = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({io, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancelled.cancel()
+    if io.done():
+        io.result()  # re-raise what the I/O raised, as `await asyncio.shield(io)` would
+        return False
+    return True
+
+
+def _cancelled_before_start(command_id: CommandId) -> ExecResult:
+    """The result of a command cancelled before it started (it waited for a slot): nothing ran."""
+    return ExecResult(command_id=command_id, exit_code=None, duration_ms=0.0, cancelled=True)
+
+
 async def run_command(
-    command_id: CommandId, command: str, timeout_s: float, max_output_bytes: int
+    command_id: CommandId,
+    command: str,
+    timeout_s: float,
+    max_output_bytes: int,
+    cancel: asyncio.Event | None = None,
 ) -> ExecResult | ExecError:
-    """Run `command` with ``/bin/sh -c`` in a new session; return its result or an EXEC_FAILED error."""
+    """Run `command` with ``/bin/sh -c`` in a new session; return its result or an EXEC_FAILED error.
+
+    `cancel` (default: the task's `CANCEL`) set while it runs: the process group is killed (SIGKILL) and
+    the result says ``cancelled``.
+    """
+    if cancel is None:
+        cancel = CANCEL.get()
+    if cancel is not None and cancel.is_set():
+        return _cancelled_before_start(command_id)
     if "\0" in command:
         # exec() takes C strings: a NUL cannot reach the shell (spawning would raise ValueError).
         log.warning("command %s: refused, it contains a NUL byte", command_id)
@@ -71,11 +110,15 @@ async def run_command(
     out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
     io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait())
     timed_out = False
+    cancelled = False
     try:
         async with asyncio.timeout(timeout_s):
-            await asyncio.shield(io)
+            cancelled = await _until_done_or_cancelled(io, cancel)
+            if cancelled:
+                log.info("command %s: cancelled; killing its process group", command_id)
+                raise TimeoutError  # the same kill and reap as a timeout
     except TimeoutError:
-        timed_out = True
+        timed_out = not cancelled
         _kill_group(proc.pid)
         try:
             async with asyncio.timeout(REAP_TIMEOUT_S):
@@ -96,7 +139,7 @@ async def run_command(
         raise
     duration_ms = (time.perf_counter() - started) * 1000
     code = proc.returncode
-    if timed_out:
+    if timed_out or cancelled:
         exit_code, sig = None, int(signal.SIGKILL)
     elif code is not None and code < 0:
         exit_code, sig = None, -code
@@ -111,4 +154,5 @@ async def run_command(
         truncated=bool(out.dropped or err.dropped),
         timed_out=timed_out,
         duration_ms=duration_ms,
+        cancelled=cancelled,
     )

@@ -22,14 +22,67 @@ MIN_TIMEOUT_S = 0.001  # GNU timeout treats 0 as "no timeout"; never send it
 KILL = int(signal.SIGKILL)
 
 
-def wrap_command(command: str, timeout_s: float) -> str:
+def wrap_command(command: str, timeout_s: float, command_id: str | None = None) -> str:
     """The remote command line: ``exec timeout -s KILL <secs> /bin/sh -c '<command>'``, safely quoted.
 
     The login shell of the account parses this line; `command` reaches ``/bin/sh -c`` as one argument,
-    so nothing in it (``;``, quotes, ``$(...)``, newlines) can run outside the timeout.
+    so nothing in it (``;``, quotes, ``$(...)``, newlines) can run outside the timeout. With `command_id`
+    the line starts ``exec env WARLOCK_COMMAND_ID=<id>``: every process of the command inherits the marker,
+    so a cancel finds them all (`cancel_script`).
     """
     secs = f"{max(timeout_s, MIN_TIMEOUT_S):.3f}"
-    return f"exec timeout -s KILL {secs} {SHELL} -c {shlex.quote(command)}"
+    marker = "" if command_id is None else f"env {shlex.quote(f'{MARKER}={command_id}')} "
+    return f"exec {marker}timeout -s KILL {secs} {SHELL} -c {shlex.quote(command)}"
+
+
+MARKER = "WARLOCK_COMMAND_ID"
+CANCEL_ROUNDS = 5
+
+# Kill every process whose environment carries WARLOCK_COMMAND_ID=<id>: first their process groups (GNU
+# timeout runs the command in a group of its own), then any stragglers one by one, a few rounds (a fork
+# made meanwhile inherits the marker and is found next round). Prints how many processes it found. One
+# `grep -z` reads every environ where grep has it (GNU, recent busybox); else one `tr | grep` per process.
+_CANCEL = r"""
+want="$1"; found=0; seen=""; round=0; me=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' ')
+fast=0; printf 'a\0' | grep -qzxF a 2>/dev/null && fast=1  # grep -z: one grep for all of /proc
+while [ "$round" -lt {rounds} ]; do
+  round=$((round + 1)); pids=""
+  if [ "$fast" = 1 ]; then
+    for f in $(grep -lzxsF "$want" /proc/[0-9]*/environ); do
+      p="${f#/proc/}"; p="${p%/environ}"; [ "$p" = "$$" ] || pids="$pids $p"
+    done
+  else
+    for d in /proc/[0-9]*; do
+      p="${d#/proc/}"
+      [ "$p" = "$$" ] && continue
+      if tr '\0' '\n' < "$d/environ" 2>/dev/null | grep -qxF "$want"; then pids="$pids $p"; fi
+    done
+  fi
+  [ -z "$pids" ] && break
+  for p in $pids; do
+    case " $seen " in *" $p "*) ;; *) found=$((found + 1)); seen="$seen $p" ;; esac
+    g=$(ps -o pgid= -p "$p" 2>/dev/null | tr -d ' ')
+    [ -n "$g" ] && [ "$g" != "0" ] && [ "$g" != "$me" ] && kill -KILL -- "-$g" 2>/dev/null
+    kill -KILL "$p" 2>/dev/null
+  done
+done
+echo "killed $found"
+"""
+
+
+def cancel_script(command_id: str) -> str:
+    """The remote command line that kills what runs under `command_id` and prints ``killed <n>``."""
+    script = _CANCEL.replace("{rounds}", str(CANCEL_ROUNDS))
+    return f"exec {SHELL} -c {shlex.quote(script)} warlock-cancel {shlex.quote(f'{MARKER}={command_id}')}"
+
+
+def killed_count(stdout: str) -> int | None:
+    """The count the cancel script printed (``killed <n>``); None if it printed no such line."""
+    for line in reversed(stdout.splitlines()):
+        word, _, count = line.strip().partition(" ")
+        if word == "killed" and count.isdigit():
+            return int(count)
+    return None
 
 
 @dataclass(frozen=True)

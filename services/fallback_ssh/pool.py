@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import asyncssh
@@ -27,6 +27,11 @@ from services.fallback_ssh.settings import FallbackSettings
 from shared.protocol import SshTarget
 
 log = logging.getLogger(__name__)
+
+
+class NotStarted(Exception):
+    """A command's `abort` said stop before it was sent (`Pool.process`): nothing ran."""
+
 
 Process = asyncssh.SSHClientProcess[bytes]
 
@@ -151,8 +156,13 @@ class Pool:
         return PoolStats(connections=len(live), in_flight=busy, dials=self.dials, reuses=self.reuses)
 
     @contextlib.asynccontextmanager
-    async def process(self, target: SshTarget, command: str) -> AsyncIterator[Process]:
-        """Run `command` on a pooled channel to `target`; the channel is closed when the block exits."""
+    async def process(
+        self, target: SshTarget, command: str, abort: Callable[[], bool] | None = None
+    ) -> AsyncIterator[Process]:
+        """Run `command` on a pooled channel to `target`; the channel is closed when the block exits.
+
+        `abort` is asked once a channel is free, before the command is sent: True raises `NotStarted`
+        (a cancel came while the command waited for a channel; nothing ran)."""
         key = pool_key(target)
         slot = self._slots.get(key)
         if slot is None:
@@ -169,6 +179,8 @@ class Pool:
                 ) from None
             slot.in_flight += 1
             try:
+                if abort is not None and abort():
+                    raise NotStarted(f"{key.where()}: cancelled before it started; nothing ran")
                 proc = await self._open(slot, command)
                 try:
                     yield proc
@@ -180,6 +192,27 @@ class Pool:
         finally:
             slot.users -= 1
             slot.last_used = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def side_process(self, target: SshTarget, command: str) -> AsyncIterator[Process]:
+        """Run `command` on a connection of its own to `target`, outside the pool and its channel cap: a
+        cancel must get through while every channel of the host is taken (by what it cancels)."""
+        key = pool_key(target)
+        host_key = asyncssh.import_public_key(key.host_key)
+        conn = await dial(key.address, key.port, key.username, host_key, self.client_key, self.settings)
+        try:
+            try:
+                proc = await conn.create_process(command, encoding=None)
+            except (OSError, asyncssh.Error) as exc:
+                raise ExecFailed(f"{key.where()}: could not start the command: {exc}") from exc
+            try:
+                yield proc
+            finally:
+                proc.close()
+        finally:
+            conn.close()
+            with contextlib.suppress(OSError, asyncssh.Error):
+                await conn.wait_closed()
 
     async def _connection(self, slot: _Slot) -> tuple[asyncssh.SSHClientConnection, bool]:
         """The slot's live connection, dialling one if needed; the flag says whether it is new."""

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import asyncssh
 
 from services.fallback_ssh.errors import Disconnected
-from services.fallback_ssh.execution import build_result, exit_outcome, wrap_command
+from services.fallback_ssh.execution import (
+    build_result,
+    cancel_script,
+    exit_outcome,
+    killed_count,
+    wrap_command,
+)
 from services.fallback_ssh.pool import Pool
 from shared.ids import CommandId
 from shared.output import OutputCap
@@ -34,16 +41,18 @@ async def run_command(
     timeout_s: float,
     max_output_bytes: int,
     grace_s: float,
+    cancelled: Callable[[], bool] | None = None,
 ) -> ExecResult:
     """Run `command` on `target` with a remote timeout that kills its process group; return its result.
 
     Raises an SshError when nothing ran (connect, auth, host key, busy) or when the connection was lost
-    with the command in flight (`Disconnected`: it may have run).
+    with the command in flight (`Disconnected`: it may have run); `pool.NotStarted` when `cancelled` said
+    so once a channel was free (nothing ran).
     """
     out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
     started = time.perf_counter()
     client_timed_out = False
-    async with pool.process(target, wrap_command(command, timeout_s)) as proc:
+    async with pool.process(target, wrap_command(command, timeout_s, command_id), cancelled) as proc:
         proc.stdin.write_eof()
         io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait_closed())
         try:
@@ -76,3 +85,27 @@ async def run_command(
             "the command may have run"
         )
     return build_result(command_id, outcome, out, err, duration_ms)
+
+
+CANCEL_TIMEOUT_S = 10.0
+
+
+async def kill_remote(pool: Pool, target: SshTarget, command_id: CommandId) -> int:
+    """Kill every process on `target` that runs under `command_id` (`execution.cancel_script`), over a
+    connection of its own (`Pool.side_process`: not behind the host's channel cap); return how many were
+    found. Raises an SshError when the host cannot be reached, Disconnected when the script's
+    channel is lost or it prints no count."""
+    out, err = OutputCap(64 * 1024), OutputCap(64 * 1024)
+    async with pool.side_process(target, cancel_script(command_id)) as proc:
+        proc.stdin.write_eof()
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait_closed())
+        except (TimeoutError, asyncssh.Error, OSError) as exc:
+            raise Disconnected(
+                f"cancel of {command_id} on {target.address}:{target.port} did not finish"
+            ) from exc
+    count = killed_count(out.text())
+    if count is None:
+        raise Disconnected(f"cancel of {command_id} on {target.address}:{target.port} reported nothing")
+    return count

@@ -1,7 +1,9 @@
 """The NATS side of the SSH fallback worker: subscriptions, signature checks, replies, shutdown.
 
-Subscriptions (queue group ``warlock-ssh``): ``warlock.ssh.*.exec``, ``warlock.ssh.probe`` and the agent
-operations ``warlock.ssh.*.install`` / ``.uninstall`` / ``.configure`` (see `installer`). nats-py
+Subscriptions (queue group ``warlock-ssh``): ``warlock.ssh.*.exec``, ``warlock.ssh.probe``, the agent
+operations ``warlock.ssh.*.install`` / ``.uninstall`` / ``.configure`` (see `installer`) and
+``warlock.ssh.*.cancel`` (kill a command's remote processes: `runner.kill_remote`; the result of a command
+this worker runs then says ``cancelled``). nats-py
 runs a subscription's callbacks one at a time, so a callback only starts a tracked task; the task runs
 the SSH work and replies. Every request is checked by `trust.Verifier` (the API's signature, the host,
 replays) before anything is dialed; the SSH target comes only from the signed request. Every outcome
@@ -31,19 +33,21 @@ from nats.micro.service import Service
 from services.fallback_ssh import __version__
 from services.fallback_ssh.agent_ops import OP_MODELS, plan
 from services.fallback_ssh.errors import SshError
-from services.fallback_ssh.execution import fit_result
+from services.fallback_ssh.execution import KILL, fit_result
 from services.fallback_ssh.installer import run_agent_op
-from services.fallback_ssh.pool import Pool
+from services.fallback_ssh.pool import NotStarted, Pool
 from services.fallback_ssh.probe import probe
-from services.fallback_ssh.runner import run_command
+from services.fallback_ssh.runner import kill_remote, run_command
 from services.fallback_ssh.settings import FallbackSettings
 from services.fallback_ssh.trust import Verifier
-from shared import subjects
+from shared import signing, subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
 from shared.natsx import error, reply
 from shared.protocol import (
+    CancelAnswer,
     ExecResult,
     Message,
+    SshCancelRequest,
     SshExecRequest,
     SshProbeRequest,
     decode_model,
@@ -54,6 +58,8 @@ from shared.signing import CommandRefused
 log = logging.getLogger("services.fallback_ssh")
 
 SERVICE_NAME = "warlock-fallback-ssh"
+CANCEL_RETRIES = 5  # a command this worker runs whose processes a cancel did not find: look again ...
+CANCEL_RETRY_S = 0.2  # ... this often (its channel may be opening; one still queued is stopped by `abort`)
 
 
 class WorkerStatus(Message):
@@ -81,6 +87,8 @@ class Worker:
         self._subs: list[Subscription] = []
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[str] = set()  # command ids this worker is running
+        self._cancelled: set[str] = set()  # of those, the ones a cancel killed
 
     async def start(self) -> None:
         """Subscribe and register the micro service."""
@@ -89,6 +97,11 @@ class Worker:
             await self.nc.subscribe(subjects.ssh_exec_wildcard(), queue=subjects.SSH_QUEUE, cb=self._on_exec),
             await self.nc.subscribe(subjects.SSH_PROBE, queue=subjects.SSH_QUEUE, cb=self._on_probe),
         ]
+        self._subs.append(
+            await self.nc.subscribe(
+                subjects.ssh_cancel_wildcard(), queue=subjects.SSH_QUEUE, cb=self._on_cancel
+            )
+        )
         for op in subjects.SSH_AGENT_OPS:
             self._subs.append(
                 await self.nc.subscribe(
@@ -126,6 +139,10 @@ class Worker:
     async def _on_agent_op(self, msg: Msg) -> None:
         """Start handling an agent install / uninstall / configure request in its own task."""
         self._spawn(self._answer(msg, self._agent_op(msg)), f"ssh-agent-op-{msg.subject}")
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """Start handling a cancel request in its own task."""
+        self._spawn(self._answer(msg, self._cancel(msg)), f"ssh-cancel-{msg.subject}")
 
     async def _on_status(self, request: Request) -> None:
         """Answer the micro status endpoint at once."""
@@ -195,6 +212,7 @@ class Worker:
                 request.command_id,
             )
         command_id = request.command_id
+        self._running.add(command_id)
         try:
             result = await run_command(
                 self.pool,
@@ -204,6 +222,14 @@ class Worker:
                 request.timeout,
                 self.settings.max_output_bytes,
                 self.settings.exec_grace,
+                lambda: command_id in self._cancelled,
+            )
+        except NotStarted:
+            log.info(
+                "command %s on %s: cancelled while it waited for a channel; nothing ran", command_id, host
+            )
+            return ExecResult(
+                command_id=command_id, exit_code=None, duration_ms=0.0, via="ssh", cancelled=True
             )
         except SshError as exc:
             log.info("command %s on %s: %s: %s", command_id, host, exc.code, exc.description)
@@ -216,11 +242,63 @@ class Worker:
                 "internal error in the SSH worker; the command may have run",
                 command_id,
             )
+        finally:
+            self._running.discard(command_id)
+            cancelled = command_id in self._cancelled
+            self._cancelled.discard(command_id)
+        if cancelled and result.signal == KILL:  # killed by the cancel (not ended on its own just before)
+            result = result.model_copy(update={"cancelled": True, "timed_out": False})
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "command %s on %s: exit %s in %.1f ms", command_id, host, result.exit_code, result.duration_ms
             )
         return result
+
+    async def _cancel(self, msg: Msg) -> Message:
+        """Verify a cancel (kind ``ssh_cancel``: command id and target) and kill the command's processes on
+        the signed target. ``accepted`` when this worker runs it (its result then says cancelled) or
+        processes were found and killed; else ``not_running``. Idempotent: no replay memory."""
+        try:
+            host = subjects.parse_ssh_cancel(msg.subject)
+            request = decode_model(SshCancelRequest, msg.data)
+        except (InvalidIdError, ProtocolError) as exc:
+            return error(ErrorCode.BAD_REQUEST, str(exc))
+        command_id = request.command_id
+        verifier = self.verifier
+        try:
+            signing.verify_command(
+                "ssh_cancel",
+                signing.signed_fields(request),
+                request.signature,
+                verifier.trusted,
+                host,
+                verifier.max_ttl,
+                now=verifier.clock(),
+            )
+        except CommandRefused as exc:
+            return self._refused("ssh cancel", host, exc, command_id)
+        running_here = command_id in self._running
+        if running_here:
+            self._cancelled.add(command_id)
+        try:
+            killed = await kill_remote(self.pool, request.target, command_id)
+            for _ in range(CANCEL_RETRIES):  # running here but not found: its channel may be opening now
+                if killed or command_id not in self._running:
+                    break
+                await asyncio.sleep(CANCEL_RETRY_S)
+                killed = await kill_remote(self.pool, request.target, command_id)
+        except SshError as exc:
+            self._cancelled.discard(command_id)
+            log.info("cancel of %s on %s: %s: %s", command_id, host, exc.code, exc.description)
+            return error(exc.code, exc.description, command_id)
+        log.info("cancel of %s on %s: %d process(es) killed", command_id, host, killed)
+        if running_here or killed:
+            return CancelAnswer(
+                command_id=command_id, state="accepted", description=f"{killed} process(es) killed"
+            )
+        return CancelAnswer(
+            command_id=command_id, state="not_running", description="no process of it on the host"
+        )
 
     async def _probe(self, msg: Msg) -> Message:
         """Decode a probe request and probe the host."""

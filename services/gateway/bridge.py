@@ -32,6 +32,7 @@ from services.gateway.session import (
     Action,
     Answered,
     Busy,
+    CancelAnswered,
     Close,
     Confirm,
     Joined,
@@ -50,6 +51,8 @@ from shared.ids import CommandId, GatewayId, HostId
 from shared.logs import ContextAdapter
 from shared.natsx import error, reply
 from shared.protocol import (
+    CancelAnswer,
+    CancelRequest,
     ErrorReply,
     ExecRequest,
     ExecResult,
@@ -103,6 +106,7 @@ class Bridge:
             "exec": self._start_exec,
             "ping": self._start_ping,
             "result": self._start_query,
+            "cancel": self._start_cancel,
         }
 
     # ------------------------------------------------------------------------- NATS output
@@ -195,7 +199,7 @@ class Bridge:
             elif isinstance(action, Wake):
                 if not action.future.done():
                     action.future.set_result(None)
-            elif isinstance(action, Confirm | Answered):
+            elif isinstance(action, Confirm | Answered | CancelAnswered):
                 action.resolve()
             else:
                 return action
@@ -454,5 +458,42 @@ class Bridge:
             return
         if answer is None:
             await self.answer(msg, error(ErrorCode.DISCONNECTED, "the agent disconnected"))
+            return
+        await self.answer(msg, answer)
+
+    async def _start_cancel(self, session: GwSession, msg: Msg) -> None:
+        """Admit a cancel and hand the round trip to a session task. The API's signature passes through
+        unchanged; the agent verifies it before it kills anything."""
+        try:
+            request = decode_model(CancelRequest, msg.data)
+        except ProtocolError as exc:
+            await self.answer(msg, error(ErrorCode.BAD_REQUEST, exc.message))
+            return
+        started = session.start_cancel(request, self.settings.max_in_flight)
+        if isinstance(started, ErrorReply):
+            await self.answer(msg, started)
+            return
+        frame, future = started
+        self.track(session, self._await_cancel(session, msg, frame, future))
+
+    async def _await_cancel(
+        self, session: GwSession, msg: Msg, frame: CancelRequest, future: asyncio.Future[CancelAnswer | None]
+    ) -> None:
+        """Send the cancel; answer with the agent's CancelAnswer (a refusal as its typed error), or a typed
+        timeout / disconnected."""
+        await self.send(session, frame)
+        try:
+            async with asyncio.timeout(self.settings.agent_ping_timeout):
+                answer = await future
+        except TimeoutError:
+            session.cancels.pop(frame.command_id, None)
+            await self.answer(msg, error(ErrorCode.TIMEOUT, "the agent did not answer the cancel"))
+            return
+        if answer is None:
+            await self.answer(msg, error(ErrorCode.DISCONNECTED, "the agent disconnected", frame.command_id))
+            return
+        if answer.state == "refused":
+            code = answer.code or ErrorCode.BAD_REQUEST
+            await self.answer(msg, error(code, answer.description or "cancel refused", frame.command_id))
             return
         await self.answer(msg, answer)

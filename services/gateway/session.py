@@ -18,6 +18,8 @@ from shared.natsx import error
 from shared.protocol import (
     Ack,
     AgentFrame,
+    CancelAnswer,
+    CancelRequest,
     ErrorReply,
     Exec,
     ExecError,
@@ -112,6 +114,19 @@ class Answered:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelAnswered:
+    """Resolve a cancel waiter with the agent's answer."""
+
+    future: asyncio.Future[CancelAnswer | None]
+    answer: CancelAnswer
+
+    def resolve(self) -> None:
+        """Hand the answer to the waiting task (unless it gave up)."""
+        if not self.future.done():
+            self.future.set_result(self.answer)
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the agent's connection with `code`."""
 
@@ -119,7 +134,7 @@ class Close:
     reason: str
 
 
-Action = Send | Publish | Settle | Wake | Confirm | Answered | Close
+Action = Send | Publish | Settle | Wake | Confirm | Answered | Close | CancelAnswered
 
 
 class Pending:
@@ -160,6 +175,7 @@ class Started:
 Admission = Busy | Joined | Started
 Rotation = tuple[RotateToken, "asyncio.Future[TokenRotated | None]"]
 RESULT_QUERY = "result_query"  # the hello capability of an agent that answers result queries
+CANCEL = "cancel"  # the hello capability of an agent that takes cancel frames (an older one would close)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -204,6 +220,7 @@ class Session(Generic[C]):
     """A registered agent session; `conn` is the shell's connection object, never touched here."""
 
     __slots__ = (
+        "cancels",
         "conn",
         "connected_at",
         "ended",
@@ -243,6 +260,7 @@ class Session(Generic[C]):
         self.pings: dict[str, asyncio.Future[None]] = {}
         self.rotations: dict[str, asyncio.Future[TokenRotated | None]] = {}
         self.queries: dict[str, asyncio.Future[ResultAnswer | None]] = {}
+        self.cancels: dict[str, asyncio.Future[CancelAnswer | None]] = {}  # by command id
         self.token_sha256 = token_sha256  # of the token this session authenticated with; never changes
         self.tasks: set[asyncio.Task[None]] = set()
         self.sub: Subscription | None = None
@@ -298,6 +316,23 @@ class Session(Generic[C]):
         self.queries[query.query_id] = future
         return query, future
 
+    def start_cancel(
+        self, request: CancelRequest, max_in_flight: int
+    ) -> tuple[CancelRequest, asyncio.Future[CancelAnswer | None]] | ErrorReply:
+        """The frame to send (the request itself: the API's signature passes through) and the future the
+        agent's answer resolves; a typed error when the agent takes no cancels or too many wait."""
+        if CANCEL not in self.hello.capabilities:
+            why = f"the agent (version {self.hello.agent_version}) does not take cancels"
+            return error(ErrorCode.UNAVAILABLE, why, request.command_id)
+        if len(self.cancels) >= max_in_flight:
+            return error(ErrorCode.BUSY, "too many cancels in flight", request.command_id)
+        if request.command_id in self.cancels:
+            why = f"a cancel of {request.command_id} is already in flight"
+            return error(ErrorCode.BUSY, why, request.command_id)
+        future: asyncio.Future[CancelAnswer | None] = asyncio.get_running_loop().create_future()
+        self.cancels[request.command_id] = future
+        return request, future
+
     def handle(self, frame: AgentFrame) -> list[Action]:
         """Decide what a frame received after the hello leads to."""
         if isinstance(frame, ExecResult):
@@ -319,6 +354,9 @@ class Session(Generic[C]):
         if isinstance(frame, ResultAnswer):
             query = self.queries.pop(frame.query_id, None)
             return [Answered(query, frame)] if query is not None else []  # late: its request is gone
+        if isinstance(frame, CancelAnswer):
+            cancel = self.cancels.pop(frame.command_id, None)
+            return [CancelAnswered(cancel, frame)] if cancel is not None else []  # late: its request is gone
         return [Close(CloseCode.POLICY_VIOLATION, "unexpected hello")]
 
     def _settle(self, command_id: CommandId, reply: ExecResult | ErrorReply) -> list[Action]:
@@ -378,4 +416,8 @@ class Session(Generic[C]):
             if not query.done():
                 query.set_result(None)  # no answer: the waiting task answers disconnected
         self.queries.clear()
+        for cancel in self.cancels.values():
+            if not cancel.done():
+                cancel.set_result(None)  # no answer: the waiting task answers disconnected
+        self.cancels.clear()
         return pending

@@ -38,7 +38,9 @@ CONCRETE: dict[str, str] = {
     "agent_ping": s.agent_ping(HOST),
     "agent_rotate": s.agent_rotate(HOST),
     "agent_result": s.agent_result(HOST),
+    "agent_cancel": s.agent_cancel(HOST),
     "ssh_exec": s.ssh_exec(HOST),
+    "ssh_cancel": s.ssh_cancel(HOST),
     **{f"ssh_agent_op:{op}": s.ssh_agent_op(HOST, op) for op in s.SSH_AGENT_OPS},
     "ssh_worker_status": s.ssh_worker_status(WORKER),
     "metrics": s.metrics(HOST),
@@ -59,6 +61,7 @@ CONCRETE: dict[str, str] = {
 WILDCARDS: dict[str, str] = {
     "agent_requests": s.agent_requests(HOST),
     "ssh_exec_wildcard": s.ssh_exec_wildcard(),
+    "ssh_cancel_wildcard": s.ssh_cancel_wildcard(),
     **{f"ssh_agent_op_wildcard:{op}": s.ssh_agent_op_wildcard(op) for op in s.SSH_AGENT_OPS},
     "ops_exec_wildcard": s.ops_exec_wildcard(),
     "SESSION_CLAIMS": s.SESSION_CLAIMS,
@@ -192,6 +195,12 @@ def test_the_matrix_keeps_its_promises() -> None:
     # a result query (read-only, API-signed): only the api asks, only gateways receive it
     assert [r for r in ROLES.values() if may_publish(r, s.agent_result(HOST))] == [api]
     assert [r for r in ROLES.values() if may_subscribe(r, s.agent_result(HOST))] == [gateway]
+    # a cancel (API-signed, verified where it runs): only the api sends it; gateways carry it to the agent,
+    # the SSH worker kills over SSH; the operator cannot cancel straight over NATS
+    assert [r for r in ROLES.values() if may_publish(r, s.agent_cancel(HOST))] == [api]
+    assert [r for r in ROLES.values() if may_subscribe(r, s.agent_cancel(HOST))] == [gateway]
+    assert [r for r in ROLES.values() if may_publish(r, s.ssh_cancel(HOST))] == [api]
+    assert [r for r in ROLES.values() if may_subscribe(r, s.ssh_cancel(HOST))] == [worker]
 
 
 async def test_publish_and_request_are_allowed_exactly_as_declared(

@@ -331,6 +331,7 @@ def reply_of(outcome: Outcome, command_id: str) -> Message:
             timed_out=outcome.status == CommandStatus.TIMED_OUT,
             duration_ms=outcome.duration_ms or 0.0,
             via="ssh" if outcome.via == "ssh" else "agent",
+            cancelled=outcome.status == CommandStatus.CANCELLED,
         )
     codes = {str(c) for c in ErrorCode}
     code = ErrorCode(outcome.error_code) if outcome.error_code in codes else ErrorCode.INTERNAL

@@ -106,7 +106,9 @@ def outcome_of_result(result: ExecResult, via: Via, max_chars: int) -> Outcome:
     """A result: succeeded on exit 0, timed_out if the timeout killed it, else failed."""
     stdout, cut_out = cap(result.stdout, max_chars)
     stderr, cut_err = cap(result.stderr, max_chars)
-    if result.timed_out:
+    if result.cancelled:
+        status, code, text = CommandStatus.CANCELLED, None, "cancelled; the process group was killed"
+    elif result.timed_out:
         status, code, text = CommandStatus.TIMED_OUT, ErrorCode.TIMEOUT, "timed out; the process was killed"
     elif result.exit_code == 0:
         status, code, text = CommandStatus.SUCCEEDED, None, None

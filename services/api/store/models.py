@@ -63,6 +63,7 @@ class CommandStatus(StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"  # no answer in time: the command may have run; never re-sent
     UNDELIVERABLE = "undeliverable"  # neither an agent session nor an SSH worker answered; nothing ran
+    CANCELLED = "cancelled"  # a cancel killed it (the host's result says so); output up to then is kept
 
 
 class Via(StrEnum):
