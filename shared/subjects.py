@@ -24,6 +24,7 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.ssh.probe                | request          | SSH worker: reachability + host key of a new host |
 | warlock.ops.<host>.exec          | request          | the API: a command signed with an operator key  |
 | warlock.gateway.<id>.heartbeat   | publish          | every API: this gateway is alive (stale presence) |
+| warlock.output.<host>.<command>  | publish          | gateways, SSH workers: output chunks, not final |
 
 Who may publish and subscribe to each is declared once, in `shared/permissions.py`.
 """
@@ -31,7 +32,7 @@ Who may publish and subscribe to each is declared once, in `shared/permissions.p
 from __future__ import annotations
 
 from shared.errors import InvalidIdError
-from shared.ids import HostId, is_host_id
+from shared.ids import CommandId, HostId, is_command_id, is_host_id
 
 PREFIX = "warlock"
 
@@ -50,6 +51,7 @@ ALL_METRICS = f"{PREFIX}.metrics.*"
 ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
 GATEWAY_HEARTBEATS = f"{PREFIX}.gateway.*.heartbeat"
+ALL_OUTPUT = f"{PREFIX}.output.*.*"
 
 AGENT_VERBS = ("exec", "ping", "rotate", "result")
 SRV_PREFIX = "$SRV"  # NATS micro discovery ($SRV.PING, $SRV.INFO.<name>, ...)
@@ -218,3 +220,18 @@ def gateway_heartbeat(gateway_id: str) -> str:
 def parse_gateway_heartbeat(subject: str) -> HostId:
     """The gateway id of a ``warlock.gateway.<id>.heartbeat`` subject; InvalidIdError otherwise."""
     return _host_of(subject, "gateway", "heartbeat")[0]
+
+
+def output(host: str, command_id: str) -> str:
+    """Subject on which the output chunks of command `command_id` on `host` are published."""
+    if not is_command_id(command_id):
+        raise InvalidIdError(f"invalid command id {command_id[:80]!r}")
+    return f"{PREFIX}.output.{host_id(host)}.{command_id}"
+
+
+def parse_output(subject: str) -> tuple[HostId, CommandId]:
+    """Split ``warlock.output.<host>.<command_id>`` into (host, command id); InvalidIdError otherwise."""
+    host, parts = _host_of(subject, "output", None)
+    if not is_command_id(parts[3]):
+        raise InvalidIdError(f"invalid command id in {subject[:120]!r}")
+    return host, CommandId(parts[3])

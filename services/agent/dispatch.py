@@ -18,6 +18,7 @@ from shared.protocol import (
     Exec,
     Hello,
     Message,
+    OutputOn,
     Ping,
     Pong,
     ResultQuery,
@@ -28,11 +29,12 @@ from shared.protocol import (
 
 from . import __version__
 from .results import SIGNATURE_ROOM, Outbox, Result, fit_result
+from .stream import OUTPUT_STREAM
 from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ("exec", "metrics", "ledger", "result_query")
+CAPABILITIES = ("exec", "metrics", "ledger", "result_query", OUTPUT_STREAM)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class SessionState:
     welcome: Welcome
     last_received: float
     outbox: Outbox = field(default_factory=Outbox)
+    output_stream: bool = False  # the gateway said `output_on`: it takes output chunks
 
 
 def expect_welcome(raw: bytes | str) -> Welcome:
@@ -114,6 +117,9 @@ def on_frame(state: SessionState, raw: bytes | str, now: float) -> list[Action]:
         return [Rotate(frame)]
     if isinstance(frame, ResultQuery):
         return [Query(frame)]
+    if isinstance(frame, OutputOn):
+        state.output_stream = True
+        return []
     return [Close(CloseCode.POLICY_VIOLATION, "unexpected second welcome")]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import asyncssh
@@ -44,12 +44,14 @@ from shared.natsx import error, reply
 from shared.protocol import (
     ExecResult,
     Message,
+    OutputChunk,
     SshExecRequest,
     SshProbeRequest,
     decode_model,
     encode,
 )
 from shared.signing import CommandRefused
+from shared.stream import OutputStreamer
 
 log = logging.getLogger("services.fallback_ssh")
 
@@ -195,6 +197,7 @@ class Worker:
                 request.command_id,
             )
         command_id = request.command_id
+        chunks = OutputStreamer(command_id, self._chunk_sender(host, command_id)).start()
         try:
             result = await run_command(
                 self.pool,
@@ -204,6 +207,7 @@ class Worker:
                 request.timeout,
                 self.settings.max_output_bytes,
                 self.settings.exec_grace,
+                chunks,
             )
         except SshError as exc:
             log.info("command %s on %s: %s: %s", command_id, host, exc.code, exc.description)
@@ -216,11 +220,28 @@ class Worker:
                 "internal error in the SSH worker; the command may have run",
                 command_id,
             )
+        finally:
+            await chunks.abort()  # a no-op once `run_command` closed it
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "command %s on %s: exit %s in %.1f ms", command_id, host, result.exit_code, result.duration_ms
             )
         return result
+
+    def _chunk_sender(self, host: str, command_id: str) -> Callable[[OutputChunk], Awaitable[bool]]:
+        """Publishes a command's output chunks on ``warlock.output.<host>.<command_id>`` (not authoritative:
+        the API records the final result; a chunk NATS cannot take now is dropped)."""
+        subject = subjects.output(host, command_id)
+
+        async def send(chunk: OutputChunk) -> bool:
+            try:
+                await self.nc.publish(subject, encode(chunk))
+            except (nats.errors.Error, OSError) as exc:
+                log.debug("output chunk of %s not published: %s", command_id, exc)
+                return False
+            return True
+
+        return send
 
     async def _probe(self, msg: Msg) -> Message:
         """Decode a probe request and probe the host."""
