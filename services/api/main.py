@@ -222,6 +222,14 @@ class _Server(uvicorn.Server):
                     port = int(sock.getsockname()[1])
             log.info("api listening on http://%s:%d", self.config.host, port)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End the open output streams first (uvicorn waits for every response to finish before the
+        lifespan's shutdown): their clients reconnect, to another instance, with Last-Event-ID."""
+        output = getattr(getattr(self.config.app, "state", None), "output", None)
+        if isinstance(output, OutputHub):
+            output.close_streams()
+        await super().shutdown(sockets)
+
 
 async def serve(settings: ApiSettings) -> int:
     """Run the API with uvicorn until a signal stops it; 1 if it could not start."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Fleet:
 
     stack: Stack
     api: Api
+    api2: Api
     http: httpx.AsyncClient
     http2: httpx.AsyncClient
     sshd: Sshd
@@ -67,11 +69,15 @@ class Fleet:
 
 
 async def read_events(
-    http: httpx.AsyncClient, command_id: str, last_event_id: str | None = None, stop_after: int | None = None
+    http: httpx.AsyncClient,
+    command_id: str,
+    last_event_id: str | None = None,
+    stop_after: int | None = None,
+    into: list[Event] | None = None,
 ) -> list[Event]:
-    """Read the stream to its end (or until `stop_after` output events, then hang up)."""
+    """Read the stream to its end (or until `stop_after` output events, then hang up), into `into`."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
-    events: list[Event] = []
+    events: list[Event] = [] if into is None else into
     async with http.stream("GET", f"/api/commands/{command_id}/stream", headers=headers) as response:
         assert response.status_code == 200, await response.aread()
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -125,7 +131,7 @@ async def fleet(stack: Stack, tmp_path: Path) -> AsyncIterator[Fleet]:
                 agent_key, _ = signing.ensure_private(identity)
                 settings = ApiSettings(database_url=db_url, api_key_file=tmp_path / "unused-api-key")
                 await admin.register_agent_key(settings, "box", signing.public_text(agent_key))
-                fleet = Fleet(stack, api, http, http2, sshd)
+                fleet = Fleet(stack, api, api2, http, http2, sshd)
                 stack.start_agent("box-agent", "box", token, [gw.url], identity_key_file=str(identity))
                 for _ in range(100):
                     answer = await http.get("/api/agents/box")
@@ -265,3 +271,32 @@ async def test_unknown_command_is_404_json_and_the_key_is_required(fleet: Fleet)
         refused = await anonymous.get("/api/commands/nope/stream")
         assert refused.status_code == 401
         assert "detail" in refused.json()
+
+
+async def test_an_api_that_stops_ends_its_streams_and_the_client_resumes_on_another(fleet: Fleet) -> None:
+    """SIGTERM the instance serving a stream: the stream ends at once without the end event (uvicorn would
+    otherwise wait for it), the API exits 0, and the client resumes on the other instance: no gap, no dup."""
+    command = "for i in $(seq 1 40); do echo n$i; sleep 0.05; done"
+    call = fleet.start(command)
+    command_id = await fleet.running_id(command)
+    seen: list[Event] = []
+    reading = asyncio.create_task(read_events(fleet.http2, command_id, into=seen))
+    for _ in range(200):
+        if len(seen) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    began = time.monotonic()
+    fleet.api2.proc.signal(signal.SIGTERM)
+    async with asyncio.timeout(3):
+        await reading
+    assert time.monotonic() - began < 2
+    assert await asyncio.to_thread(fleet.api2.proc.popen.wait, 10) == 0
+    assert len(seen) >= 3
+    assert all(e.event == "output" for e in seen)  # no end event: the client resumes
+    rest = await read_events(fleet.http, command_id, last_event_id=seen[-1].id)
+    events = seen + rest
+    seqs = [int(e.id) for e in events if e.event == "output" and e.id is not None]
+    assert seqs == list(range(1, len(seqs) + 1))
+    answer = (await call).json()
+    assert chunks(events) == answer["stdout"] == "".join(f"n{i}\n" for i in range(1, 41))
+    assert events[-1].event == "end"

@@ -126,6 +126,7 @@ class OutputHub:
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._writer: asyncio.Task[None] | None = None
+        self.closing = asyncio.Event()  # the API is stopping: open streams end (resumable) at once
 
     # ------------------------------------------------------------------------- storing
 
@@ -135,8 +136,13 @@ class OutputHub:
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_forever(), name="output-writer")
 
+    def close_streams(self) -> None:
+        """End every open stream without its end event (the API is stopping; clients resume elsewhere)."""
+        self.closing.set()
+
     async def stop(self) -> None:
-        """Unsubscribe, write what is buffered, stop the writer."""
+        """End open streams, unsubscribe, write what is buffered, stop the writer."""
+        self.close_streams()
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
@@ -246,7 +252,9 @@ class OutputHub:
         return self.events(run, after)
 
     async def events(self, run: CommandRun, after: int) -> AsyncIterator[Event]:
-        """Chunks with seq > `after`, in order, each once, live until the run is final; then its outcome."""
+        """Chunks with seq > `after`, in order, each once, live until the run is final; then its outcome.
+        When the API stops first (`close_streams`), the events end without the outcome: the client
+        reconnects (to another instance) with the last chunk's id."""
         command_id = run.command_id
         next_seq = after + 1
         held: dict[int, ChunkEvent] = {}
@@ -271,6 +279,9 @@ class OutputHub:
                     del held[seq]
                 if final is not None:
                     break
+                if self.closing.is_set():
+                    log.info("stream of %s ended: the API is stopping (the client resumes)", command_id)
+                    return
                 if catch_up and time.monotonic() >= catch_up[0]:
                     catch_up.pop(0)
                     for event in await self._stored(command_id, next_seq - 1):
