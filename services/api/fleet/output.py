@@ -133,6 +133,7 @@ class OutputHub:
     async def start(self) -> None:
         """Subscribe to every command's output (queue group) and start the writer."""
         self._sub = await self.nc.subscribe(subjects.ALL_OUTPUT, queue=subjects.API_QUEUE, cb=self._on_chunk)
+        await self.nc.flush()
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_forever(), name="output-writer")
 

@@ -5,9 +5,10 @@
     read_chunks(session, id, after)    a command's chunks after a seq, in order
     purge(session, before)             drop chunks older than the retention
 
-The cap counts UTF-8 bytes per command; the chunk that crosses it is stored cut and marked truncated, later
-ones are not stored. Two API instances writing chunks of one command at the same moment can overshoot the
-cap by at most one batch each (the sums are read, then written): a bound, not an exact figure.
+The cap counts UTF-8 bytes per command; the chunk that crosses it is stored cut and marked truncated, and
+nothing after a truncated chunk is stored. Two API instances writing chunks of one command at the same
+moment can overshoot the cap by at most one batch each (the sums are read, then written): a bound, not an
+exact figure.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func
+from sqlalchemy import case, delete, func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, select
@@ -56,12 +57,16 @@ async def add_chunks(session: AsyncSession, chunks: Sequence[Chunk], cap_bytes: 
         col(CommandRun.command_id).in_(ids)
     )
     owners: dict[str, str] = {row[0]: row[1] for row in (await session.exec(found)).all()}
+    cut = func.sum(case((col(CommandOutput.truncated), 1), else_=0))
     sums = (
-        select(col(CommandOutput.command_id), func.coalesce(func.sum(col(CommandOutput.size)), 0))
+        select(col(CommandOutput.command_id), func.coalesce(func.sum(col(CommandOutput.size)), 0), cut)
         .where(col(CommandOutput.command_id).in_(ids))
         .group_by(col(CommandOutput.command_id))
     )
-    stored: dict[str, int] = {row[0]: int(row[1]) for row in (await session.exec(sums)).all()}
+    # a command whose stream was cut (here, or by its source's budget) keeps nothing more
+    stored: dict[str, int] = {
+        row[0]: cap_bytes if row[2] else int(row[1]) for row in (await session.exec(sums)).all()
+    }
     now = utcnow()
     rows: list[dict[str, Any]] = []
     for chunk in sorted(chunks, key=lambda c: (c.command_id, c.seq)):
@@ -94,9 +99,9 @@ async def add_chunks(session: AsyncSession, chunks: Sequence[Chunk], cap_bytes: 
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = insert(CommandOutput).values(rows).on_conflict_do_nothing(index_elements=["command_id", "seq"])
-    await session.exec(stmt)
+    result = await session.exec(stmt)
     await session.commit()
-    return len(rows)
+    return int(result.rowcount)
 
 
 async def read_chunks(
