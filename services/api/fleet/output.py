@@ -54,7 +54,7 @@ FLUSH_INTERVAL_S = 0.1  # chunk batches are written at most this often
 CAP_BYTES = 1024 * 1024  # stored output per command
 RETENTION_S = 24 * 3600.0  # stored chunks older than this are swept
 SWEEP_EVERY_S = 60.0
-MAX_BUFFERED = 10_000  # chunks waiting for the writer; past it they are dropped (counted)
+MAX_BUFFERED_BYTES = 8 * 1024 * 1024  # chunk data waiting for the writer; past it: dropped (counted)
 TICK_S = 0.25  # a stream checks the run's status this often
 GAP_WAIT_S = 1.0  # a missing seq is skipped after this long
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
@@ -123,6 +123,7 @@ class OutputHub:
         self.gap_wait = gap_wait
         self.dropped = 0  # chunks not stored: buffer full, database down, undecodable
         self._buffer: list[store.Chunk] = []
+        self._buffered = 0  # characters of chunk data in `_buffer`
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -164,16 +165,17 @@ class OutputHub:
             self.dropped += 1
             log.debug("ignoring output on %s: %s", msg.subject, exc)
             return
-        if chunk.command_id != command_id or len(self._buffer) >= MAX_BUFFERED:
+        if chunk.command_id != command_id or self._buffered + len(chunk.data) > MAX_BUFFERED_BYTES:
             self.dropped += 1
             return
+        self._buffered += len(chunk.data)
         self._buffer.append(
             store.Chunk(host, command_id, chunk.seq, chunk.stream, chunk.data, chunk.truncated)
         )
         self._wake.set()
 
     async def _write(self) -> None:
-        batch, self._buffer = self._buffer, []
+        batch, self._buffer, self._buffered = self._buffer, [], 0
         if not batch:
             return
         try:
