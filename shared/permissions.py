@@ -11,8 +11,8 @@ only the api publishes revocations and requests that change hosts (which are als
 `shared.signing`: a NATS credential alone runs nothing). Responders answer through ``allow_responses``
 (one reply to each request they received), and every role has its own reply-inbox prefix
 (`subjects.inbox_prefix`), so no role can read another's replies. The read-only ``operator`` identity is
-for people with the NATS CLI: it watches presence, metrics and results, pings agents, lists micro
-services, and sends operator-signed commands to the API; it cannot request exec from an agent or SSH.
+for people with the NATS CLI: it watches presence, metrics, results and output chunks, pings agents, lists
+micro services, and sends operator-signed commands to the API; it cannot request exec from an agent or SSH.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ ROLES: dict[str, Role] = {
             s.ALL_RESULTS,
             s.GATEWAY_HEARTBEATS,
             SRV,
+            s.ALL_OUTPUT,
         ),
         allow_responses=True,
         purpose="REST API, token authority, runner: sends signed commands, records results",
@@ -81,6 +82,7 @@ ROLES: dict[str, Role] = {
             s.ALL_RESULTS,
             s.SESSION_CLAIMS,
             s.GATEWAY_HEARTBEATS,
+            s.ALL_OUTPUT,
         ),
         subscribe=(
             f"{P}.agent.>",
@@ -94,7 +96,7 @@ ROLES: dict[str, Role] = {
     ),
     "ssh-worker": Role(
         name="ssh-worker",
-        publish=(),
+        publish=(s.ALL_OUTPUT,),
         subscribe=(f"{P}.ssh.>", SRV),
         allow_responses=True,
         purpose="runs API-signed commands and agent installs over SSH",
@@ -108,7 +110,7 @@ ROLES: dict[str, Role] = {
             f"{P}.ssh.*.status",
             SRV,
         ),
-        subscribe=(s.ALL_PRESENCE, s.ALL_METRICS, s.ALL_RESULTS, s.GATEWAY_HEARTBEATS, SRV),
+        subscribe=(s.ALL_PRESENCE, s.ALL_METRICS, s.ALL_RESULTS, s.GATEWAY_HEARTBEATS, SRV, s.ALL_OUTPUT),
         allow_responses=False,
         purpose="people with the NATS CLI: watch, ping, `nats micro`, operator-signed exec via the API",
     ),

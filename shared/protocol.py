@@ -6,8 +6,8 @@ with a ``decode_*`` function that raises `ProtocolError` carrying the WebSocket 
 1007 for bytes that are not JSON, 1008 for an unknown type, a wrong version or a bad field.
 
 Channels:
-- agent → gateway (WebSocket): hello, result, exec_error, metrics, ping, pong
-- gateway → agent (WebSocket): welcome, exec, ack, ping, pong
+- agent → gateway (WebSocket): hello, result, exec_error, metrics, ping, pong, output
+- gateway → agent (WebSocket): welcome, exec, ack, ping, pong, output_on
 - NATS ``warlock.agent.<host>.exec`` / ``warlock.ssh.<host>.exec``: ExecRequest → result | error
 - NATS ``warlock.agent.<host>.ping``: PingRequest → pong_reply | error
 - NATS ``warlock.auth.verify``: TokenVerifyRequest → token_ok | error
@@ -17,6 +17,7 @@ Channels:
 - NATS ``warlock.agent.<host>.cancel``: CancelRequest → cancel_answer | error (also the gateway → agent
   frame; the agent answers cancel_answer)
 - NATS ``warlock.ssh.<host>.cancel``: SshCancelRequest → cancel_answer | error
+- NATS ``warlock.output.<host>.<command_id>``: output (chunks while a command runs; not authoritative)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PROTOCOL_VERSION: Literal[1] = 1
 MAX_COMMAND_CHARS = 64 * 1024
 MAX_TIMEOUT_S = 24 * 3600.0
 DEFAULT_TIMEOUT_S = 30.0
+MAX_CHUNK_BYTES = 16 * 1024  # an output chunk's data, in bytes before decoding (so also in characters)
 
 ShortText = Annotated[str, Field(max_length=255)]
 SshAddress = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")]
@@ -146,6 +148,26 @@ class MetricsSample(Message):
 # ----------------------------------------------------------------------------- agent → gateway
 
 
+OutputStreamName = Literal["stdout", "stderr"]
+
+
+class OutputChunk(Message):
+    """Agent → gateway while a command runs, and the payload on ``warlock.output.<host>.<command_id>``.
+
+    `seq` counts the chunks of one command from 1 without gaps (a chunk that could not be sent does not use
+    a number). Not authoritative: the final, signed result is (a gateway can forge or drop chunks; it cannot
+    change the recorded result). `truncated`: streaming stopped here (the per-command budget was spent);
+    the result still carries the output up to its own cap.
+    """
+
+    type: Literal["output"] = "output"
+    command_id: CommandIdField
+    seq: int = Field(ge=1)
+    stream: OutputStreamName
+    data: Annotated[str, Field(max_length=MAX_CHUNK_BYTES)] = ""
+    truncated: bool = False
+
+
 class Hello(Message):
     """First frame of a session: who the agent is."""
 
@@ -210,6 +232,14 @@ class Exec(Message):
     command: CommandText
     timeout: float = Field(gt=0, le=MAX_TIMEOUT_S)
     signature: CommandSignature | None = None  # passed through from the ExecRequest, verified by the agent
+
+
+class OutputOn(Message):
+    """Gateway → agent, once after the welcome, only to an agent whose hello announces ``output_stream``:
+    this gateway takes `OutputChunk` frames (an agent never sends them to a gateway that did not say so)."""
+
+    type: Literal["output_on"] = "output_on"
+    max_chunk_bytes: int = Field(gt=0, le=MAX_CHUNK_BYTES)
 
 
 class Ack(Message):
@@ -339,11 +369,20 @@ class SshCancelRequest(Message):
 
 
 AgentFrame = Annotated[
-    Hello | ExecResult | ExecError | Metrics | Ping | Pong | TokenRotated | ResultAnswer | CancelAnswer,
+    Hello
+    | ExecResult
+    | ExecError
+    | Metrics
+    | Ping
+    | Pong
+    | TokenRotated
+    | ResultAnswer
+    | CancelAnswer
+    | OutputChunk,
     Field(discriminator="type"),
 ]
 GatewayFrame = Annotated[
-    Welcome | Exec | Ack | Ping | Pong | RotateToken | ResultQuery | CancelRequest,
+    Welcome | Exec | Ack | Ping | Pong | RotateToken | ResultQuery | CancelRequest | OutputOn,
     Field(discriminator="type"),
 ]
 

@@ -26,6 +26,7 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.gateway.<id>.heartbeat   | publish          | every API: this gateway is alive (stale presence) |
 | warlock.agent.<host>.cancel      | request          | the gateway holding <host>: agent kills a command |
 | warlock.ssh.<host>.cancel        | request          | SSH worker: kill a command's remote processes |
+| warlock.output.<host>.<command>  | publish          | gateways, SSH workers: output chunks, not final |
 
 Who may publish and subscribe to each is declared once, in `shared/permissions.py`.
 """
@@ -33,7 +34,7 @@ Who may publish and subscribe to each is declared once, in `shared/permissions.p
 from __future__ import annotations
 
 from shared.errors import InvalidIdError
-from shared.ids import HostId, is_host_id
+from shared.ids import CommandId, HostId, is_command_id, is_host_id
 
 PREFIX = "warlock"
 
@@ -52,6 +53,7 @@ ALL_METRICS = f"{PREFIX}.metrics.*"
 ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
 GATEWAY_HEARTBEATS = f"{PREFIX}.gateway.*.heartbeat"
+ALL_OUTPUT = f"{PREFIX}.output.*.*"
 
 AGENT_VERBS = ("exec", "ping", "rotate", "result", "cancel")
 SRV_PREFIX = "$SRV"  # NATS micro discovery ($SRV.PING, $SRV.INFO.<name>, ...)
@@ -240,3 +242,18 @@ def ssh_cancel_wildcard() -> str:
 def parse_ssh_cancel(subject: str) -> HostId:
     """Return the host of a ``warlock.ssh.<host>.cancel`` subject; raise InvalidIdError otherwise."""
     return _host_of(subject, "ssh", "cancel")[0]
+
+
+def output(host: str, command_id: str) -> str:
+    """Subject on which the output chunks of command `command_id` on `host` are published."""
+    if not is_command_id(command_id):
+        raise InvalidIdError(f"invalid command id {command_id[:80]!r}")
+    return f"{PREFIX}.output.{host_id(host)}.{command_id}"
+
+
+def parse_output(subject: str) -> tuple[HostId, CommandId]:
+    """Split ``warlock.output.<host>.<command_id>`` into (host, command id); InvalidIdError otherwise."""
+    host, parts = _host_of(subject, "output", None)
+    if not is_command_id(parts[3]):
+        raise InvalidIdError(f"invalid command id in {subject[:120]!r}")
+    return host, CommandId(parts[3])

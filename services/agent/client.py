@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from shared.errors import CloseCode, ProtocolError
-from shared.protocol import Message, Metrics, Ping, RotateToken, TokenRotated, encode
+from shared.protocol import Message, Metrics, OutputChunk, Ping, RotateToken, TokenRotated, encode
 from shared.tokens import fingerprint, generate_token, hash_token
 
 from . import __version__, dispatch, metrics
@@ -32,6 +32,7 @@ from .config import AgentSettings, is_loopback_url, outbox_dir
 from .ledger import Ledger, Result
 from .outbox import OutboxStore
 from .results import Outbox
+from .stream import STREAMER, Streamer
 from .tokenstore import TokenStore
 from .trust import AgentTrust
 
@@ -93,6 +94,7 @@ class Agent:
             limit=settings.max_concurrent_commands,
             max_output=settings.max_output_bytes,
         )
+        self.streamer = Streamer(self._send_output)
         self._state: dispatch.SessionState | None = None
         self._ws: ClientConnection | None = None
         self._url_index = 0
@@ -228,7 +230,9 @@ class Agent:
                     if isinstance(action, dispatch.Send):
                         await self._send(ws, action.message)
                     elif isinstance(action, dispatch.Run):
+                        token = STREAMER.set(self.streamer)  # the command's task streams its output
                         self.commands.start(action.request)
+                        STREAMER.reset(token)
                     elif isinstance(action, dispatch.Rotate):
                         await self._send(ws, await self._rotate_safely(action.request))
                     elif isinstance(action, dispatch.Query):
@@ -361,6 +365,17 @@ class Agent:
         return TokenRotated(rotation_id=rotation_id, ok=True, token_sha256=token_sha256, signature=signature)
 
     # ------------------------------------------------------------------ results
+
+    async def _send_output(self, chunk: OutputChunk) -> bool:
+        """Send an output chunk if the session up now takes them; False when it could not leave."""
+        ws, state = self._ws, self._state
+        if ws is None or state is None or not state.output_stream:
+            return False
+        try:
+            await self._send(ws, chunk)
+        except (ConnectionClosed, TimeoutError):
+            return False
+        return True
 
     async def _deliver(self, result: Result) -> None:
         """Send a finished command's result if a session is up (it stays in the outbox until acked)."""

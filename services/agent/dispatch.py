@@ -19,6 +19,7 @@ from shared.protocol import (
     Exec,
     Hello,
     Message,
+    OutputOn,
     Ping,
     Pong,
     ResultQuery,
@@ -29,11 +30,12 @@ from shared.protocol import (
 
 from . import __version__
 from .results import SIGNATURE_ROOM, Outbox, Result, fit_result
+from .stream import OUTPUT_STREAM
 from .trust import AgentTrust
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ("exec", "metrics", "ledger", "result_query", "cancel")
+CAPABILITIES = ("exec", "metrics", "ledger", "result_query", "cancel", OUTPUT_STREAM)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class SessionState:
     welcome: Welcome
     last_received: float
     outbox: Outbox = field(default_factory=Outbox)
+    output_stream: bool = False  # the gateway said `output_on`: it takes output chunks
 
 
 def expect_welcome(raw: bytes | str) -> Welcome:
@@ -124,6 +127,9 @@ def on_frame(state: SessionState, raw: bytes | str, now: float) -> list[Action]:
         return [Query(frame)]
     if isinstance(frame, CancelRequest):
         return [Cancel(frame)]
+    if isinstance(frame, OutputOn):
+        state.output_stream = True
+        return []
     return [Close(CloseCode.POLICY_VIOLATION, "unexpected second welcome")]
 
 

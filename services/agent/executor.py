@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -21,6 +23,8 @@ from shared.ids import CommandId
 from shared.limits import AGENT_REAP_S
 from shared.output import OutputCap
 from shared.protocol import ExecError, ExecResult
+
+from .stream import open_stream
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +36,16 @@ REAP_TIMEOUT_S = AGENT_REAP_S  # after SIGKILL, how long to wait for the group t
 CANCEL: ContextVar[asyncio.Event | None] = ContextVar("warlock_cancel", default=None)
 
 
-async def _drain(stream: asyncio.StreamReader | None, capture: OutputCap) -> None:
-    """Read `stream` to its end, feeding `capture` (keeps reading past the cap)."""
+async def _drain(
+    stream: asyncio.StreamReader | None, capture: OutputCap, tee: Callable[[bytes], None] | None = None
+) -> None:
+    """Read `stream` to its end, feeding `capture` (keeps reading past the cap) and `tee` (streaming)."""
     if stream is None:
         return
     while chunk := await stream.read(CHUNK):
         capture.feed(chunk)
+        if tee is not None:
+            tee(chunk)
 
 
 def _kill_group(pid: int) -> None:
@@ -108,7 +116,10 @@ async def run_command(
             command_id=command_id, code=ErrorCode.EXEC_FAILED, description=f"could not start {SHELL}: {exc}"
         )
     out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
-    io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait())
+    chunks = open_stream(command_id)  # output as it happens, when a session takes chunks (`stream`)
+    tee_out = functools.partial(chunks.feed, "stdout") if chunks is not None else None
+    tee_err = functools.partial(chunks.feed, "stderr") if chunks is not None else None
+    io = asyncio.gather(_drain(proc.stdout, out, tee_out), _drain(proc.stderr, err, tee_err), proc.wait())
     timed_out = False
     cancelled = False
     try:
@@ -136,8 +147,12 @@ async def run_command(
         io.cancel()
         with contextlib.suppress(asyncio.CancelledError, ProcessLookupError):
             await proc.wait()
+        if chunks is not None:
+            await chunks.abort()
         raise
     duration_ms = (time.perf_counter() - started) * 1000
+    if chunks is not None:
+        await chunks.close()  # the last chunks leave before the result does
     code = proc.returncode
     if timed_out or cancelled:
         exit_code, sig = None, int(signal.SIGKILL)

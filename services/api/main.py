@@ -30,6 +30,7 @@ from services.api.fleet.bus import Bus
 from services.api.fleet.inflight import InFlight
 from services.api.fleet.lifecycle import AgentLifecycle
 from services.api.fleet.liveness import GatewayWatch
+from services.api.fleet.output import OutputHub
 from services.api.fleet.reconciler import Reconciler, reconcile_forever
 from services.api.fleet.runner import Runner
 from services.api.fleet.signer import ApiSigner
@@ -74,12 +75,16 @@ async def _initialise_until_ready(state: ApiState) -> None:
     log.info("database ready")
 
 
-async def _connect_nats(link: NatsLink, bus: Bus, stop: asyncio.Event) -> None:
+async def _connect_nats(
+    link: NatsLink, bus: Bus, stop: asyncio.Event, output: OutputHub | None = None
+) -> None:
     """Connect to NATS (retrying until `stop`), then start the responders and consumers."""
     if not await link.connect(stop):
         return
     try:
         await bus.start()
+        if output is not None:
+            await output.start()
     except nats.errors.Error as exc:
         log.error("NATS responders not started: %s", describe(exc))
 
@@ -114,6 +119,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             command_ttl=settings.command_ttl,
             watch=watch,
         )
+        output = OutputHub(nc, sessions, ready=lambda: state.db_ready)  # output chunks: store, follow
+        app.state.output = output
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
         try:
@@ -126,7 +133,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             reconciling = reconcile_forever(reconciler, settings, ready=lambda: state.db_ready)
             background.append(asyncio.create_task(reconciling, name="reconciler"))
             background.append(asyncio.create_task(watch.run(lambda: state.db_ready), name="gateway-watch"))
-            connecting = asyncio.create_task(_connect_nats(link, bus, stop), name="nats-connect")
+            connecting = asyncio.create_task(_connect_nats(link, bus, stop, output), name="nats-connect")
             background.append(connecting)
             failed = asyncio.create_task(link.failed.wait())
             first = {connecting, failed}
@@ -142,6 +149,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await bus.stop()
+            await output.stop()
             await tasks.close(settings.shutdown_timeout)
             await runner.stop_listening()
             await link.close()
@@ -213,6 +221,14 @@ class _Server(uvicorn.Server):
                 for sock in srv.sockets:
                     port = int(sock.getsockname()[1])
             log.info("api listening on http://%s:%d", self.config.host, port)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End the open output streams first (uvicorn waits for every response to finish before the
+        lifespan's shutdown): their clients reconnect, to another instance, with Last-Event-ID."""
+        output = getattr(getattr(self.config.app, "state", None), "output", None)
+        if isinstance(output, OutputHub):
+            output.close_streams()
+        await super().shutdown(sockets)
 
 
 async def serve(settings: ApiSettings) -> int:

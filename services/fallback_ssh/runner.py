@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -21,16 +22,22 @@ from services.fallback_ssh.pool import Pool
 from shared.ids import CommandId
 from shared.output import OutputCap
 from shared.protocol import ExecResult, SshTarget
+from shared.stream import OutputStreamer
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 
 
-async def _drain(stream: asyncssh.SSHReader[bytes], cap: OutputCap) -> None:
-    """Read `stream` to its end, feeding `cap` (keeps reading past the cap so the channel never stalls)."""
+async def _drain(
+    stream: asyncssh.SSHReader[bytes], cap: OutputCap, tee: Callable[[bytes], None] | None = None
+) -> None:
+    """Read `stream` to its end, feeding `cap` (keeps reading past the cap so the channel never stalls)
+    and `tee` (output streaming)."""
     while chunk := await stream.read(CHUNK):
         cap.feed(chunk)
+        if tee is not None:
+            tee(chunk)
 
 
 async def run_command(
@@ -42,19 +49,25 @@ async def run_command(
     max_output_bytes: int,
     grace_s: float,
     cancelled: Callable[[], bool] | None = None,
+    chunks: OutputStreamer | None = None,
 ) -> ExecResult:
     """Run `command` on `target` with a remote timeout that kills its process group; return its result.
 
     Raises an SshError when nothing ran (connect, auth, host key, busy) or when the connection was lost
     with the command in flight (`Disconnected`: it may have run); `pool.NotStarted` when `cancelled` said
-    so once a channel was free (nothing ran).
+    so once a channel was free (nothing ran). `chunks`: where output is streamed as it arrives; closed here
+    before the result is returned (the caller aborts it on a failure).
     """
     out, err = OutputCap(max_output_bytes), OutputCap(max_output_bytes)
     started = time.perf_counter()
     client_timed_out = False
     async with pool.process(target, wrap_command(command, timeout_s, command_id), cancelled) as proc:
         proc.stdin.write_eof()
-        io = asyncio.gather(_drain(proc.stdout, out), _drain(proc.stderr, err), proc.wait_closed())
+        tee_out = functools.partial(chunks.feed, "stdout") if chunks is not None else None
+        tee_err = functools.partial(chunks.feed, "stderr") if chunks is not None else None
+        io = asyncio.gather(
+            _drain(proc.stdout, out, tee_out), _drain(proc.stderr, err, tee_err), proc.wait_closed()
+        )
         try:
             async with asyncio.timeout(timeout_s + grace_s):
                 await io
@@ -72,6 +85,8 @@ async def run_command(
             ) from exc
         exit_status, exit_signal = proc.exit_status, proc.exit_signal
     duration_ms = (time.perf_counter() - started) * 1000
+    if chunks is not None:
+        await chunks.close()  # the last chunks leave before the result does
     outcome = exit_outcome(
         exit_status,
         exit_signal[0] if exit_signal else None,

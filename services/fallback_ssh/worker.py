@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import asyncssh
@@ -47,6 +47,7 @@ from shared.protocol import (
     CancelAnswer,
     ExecResult,
     Message,
+    OutputChunk,
     SshCancelRequest,
     SshExecRequest,
     SshProbeRequest,
@@ -54,6 +55,7 @@ from shared.protocol import (
     encode,
 )
 from shared.signing import CommandRefused
+from shared.stream import OutputStreamer
 
 log = logging.getLogger("services.fallback_ssh")
 
@@ -213,6 +215,7 @@ class Worker:
             )
         command_id = request.command_id
         self._running.add(command_id)
+        chunks = OutputStreamer(command_id, self._chunk_sender(host, command_id)).start()
         try:
             result = await run_command(
                 self.pool,
@@ -223,6 +226,7 @@ class Worker:
                 self.settings.max_output_bytes,
                 self.settings.exec_grace,
                 lambda: command_id in self._cancelled,
+                chunks,
             )
         except NotStarted:
             log.info(
@@ -243,6 +247,7 @@ class Worker:
                 command_id,
             )
         finally:
+            await chunks.abort()  # a no-op once `run_command` closed it
             self._running.discard(command_id)
             cancelled = command_id in self._cancelled
             self._cancelled.discard(command_id)
@@ -299,6 +304,21 @@ class Worker:
         return CancelAnswer(
             command_id=command_id, state="not_running", description="no process of it on the host"
         )
+
+    def _chunk_sender(self, host: str, command_id: str) -> Callable[[OutputChunk], Awaitable[bool]]:
+        """Publishes a command's output chunks on ``warlock.output.<host>.<command_id>`` (not authoritative:
+        the API records the final result; a chunk NATS cannot take now is dropped)."""
+        subject = subjects.output(host, command_id)
+
+        async def send(chunk: OutputChunk) -> bool:
+            try:
+                await self.nc.publish(subject, encode(chunk))
+            except (nats.errors.Error, OSError) as exc:
+                log.debug("output chunk of %s not published: %s", command_id, exc)
+                return False
+            return True
+
+        return send
 
     async def _probe(self, msg: Msg) -> Message:
         """Decode a probe request and probe the host."""

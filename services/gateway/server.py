@@ -263,6 +263,8 @@ class Gateway:
             max_result_bytes=max_result_bytes(self.settings.max_frame_bytes, max_payload),
         )
         await bridge.send(session, welcome)
+        if (output_on := session.output_on()) is not None and not session.ended:
+            await bridge.send(session, output_on)  # this gateway takes output chunks
         if session.ended:  # the welcome itself timed out (see Bridge.send)
             return False
         session_log(session).info(

@@ -16,6 +16,7 @@ from shared.errors import CloseCode, ErrorCode, ProtocolError
 from shared.ids import CommandId, GatewayId, HostId, SessionId, new_command_id, new_session_id
 from shared.natsx import error
 from shared.protocol import (
+    MAX_CHUNK_BYTES,
     Ack,
     AgentFrame,
     CancelAnswer,
@@ -29,6 +30,8 @@ from shared.protocol import (
     Message,
     Metrics,
     MetricsEvent,
+    OutputChunk,
+    OutputOn,
     Ping,
     Pong,
     ResultAnswer,
@@ -40,6 +43,7 @@ from shared.protocol import (
     TokenRotated,
     decode_agent_frame,
 )
+from shared.stream import COMMAND_BUDGET_BYTES
 from shared.tokens import hashes_equal
 
 if TYPE_CHECKING:
@@ -176,6 +180,10 @@ Admission = Busy | Joined | Started
 Rotation = tuple[RotateToken, "asyncio.Future[TokenRotated | None]"]
 RESULT_QUERY = "result_query"  # the hello capability of an agent that answers result queries
 CANCEL = "cancel"  # the hello capability of an agent that takes cancel frames (an older one would close)
+OUTPUT_STREAM = "output_stream"  # the hello capability of an agent that streams output (`output_on`)
+# what one command may stream through this gateway (characters of chunk data): the agent's own budget
+# (`shared.stream`) with room for its replacement characters; an agent that ignores it is cut off here
+STREAM_BUDGET_CHARS = COMMAND_BUDGET_BYTES + 64 * 1024
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -233,6 +241,7 @@ class Session(Generic[C]):
         "queries",
         "rotations",
         "session_id",
+        "streamed",
         "sub",
         "tasks",
         "token_sha256",
@@ -264,6 +273,7 @@ class Session(Generic[C]):
         self.token_sha256 = token_sha256  # of the token this session authenticated with; never changes
         self.tasks: set[asyncio.Task[None]] = set()
         self.sub: Subscription | None = None
+        self.streamed: dict[CommandId, int] = {}  # output characters published per command in flight
 
     def claim(self) -> SessionClaim:
         """The claim this session announces to every gateway."""
@@ -357,10 +367,31 @@ class Session(Generic[C]):
         if isinstance(frame, CancelAnswer):
             cancel = self.cancels.pop(frame.command_id, None)
             return [CancelAnswered(cancel, frame)] if cancel is not None else []  # late: its request is gone
+        if isinstance(frame, OutputChunk):
+            return self._output(frame)
         return [Close(CloseCode.POLICY_VIOLATION, "unexpected hello")]
+
+    def output_on(self) -> OutputOn | None:
+        """The frame that tells the agent this gateway takes output chunks (None: it did not announce
+        ``output_stream``, so it never gets a frame it does not know)."""
+        if OUTPUT_STREAM not in self.hello.capabilities:
+            return None
+        return OutputOn(max_chunk_bytes=MAX_CHUNK_BYTES)
+
+    def _output(self, chunk: OutputChunk) -> list[Action]:
+        """Publish an output chunk of a command in flight here, within the per-command budget; a chunk of
+        a command this session does not wait on (or past the budget) is dropped: not authoritative."""
+        if chunk.command_id not in self.pending:
+            return []
+        spent = self.streamed.get(chunk.command_id, 0) + len(chunk.data)
+        if spent > STREAM_BUDGET_CHARS:
+            return []
+        self.streamed[chunk.command_id] = spent
+        return [Publish(subjects.output(self.host_id, chunk.command_id), chunk)]
 
     def _settle(self, command_id: CommandId, reply: ExecResult | ErrorReply) -> list[Action]:
         """A result: answer its waiting requests, or publish it when nobody waits; Ack it either way."""
+        self.streamed.pop(command_id, None)
         ack = Send(Ack(command_id=command_id))
         pending = self.pending.pop(command_id, None)
         if pending is not None:
@@ -404,6 +435,7 @@ class Session(Generic[C]):
         self.ended = True
         pending = list(self.pending.values())
         self.pending.clear()
+        self.streamed.clear()
         for waiter in self.pings.values():
             if not waiter.done():
                 waiter.set_result(None)  # the waiting task sees `ended` and answers disconnected

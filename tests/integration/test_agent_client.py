@@ -193,7 +193,7 @@ async def test_exec_round_trip_with_ack(
     assert gateway.auth_headers[0] == f"Bearer {gateway.token}"
     hello = gateway.hellos[0]
     assert hello.host_id == "web-1"
-    assert set(hello.capabilities) == {"exec", "metrics", "ledger", "result_query", "cancel"}
+    assert set(hello.capabilities) == {"exec", "metrics", "ledger", "result_query", "cancel", "output_stream"}
     assert hello.agent_version == __version__
     assert results[0].command_id == "c1"
     assert results[0].stdout == "hi\n"

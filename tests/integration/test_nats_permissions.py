@@ -50,6 +50,7 @@ CONCRETE: dict[str, str] = {
     "gateway_heartbeat": s.gateway_heartbeat(GATEWAY),
     "session_claim": s.session_claim(HOST),
     "ops_exec": s.ops_exec(HOST),
+    "output": s.output(HOST, "cmd-1"),
     "TOKEN_VERIFY": s.TOKEN_VERIFY,
     "SSH_PROBE": s.SSH_PROBE,
     "TOKEN_REVOKED": s.TOKEN_REVOKED,
@@ -69,6 +70,8 @@ WILDCARDS: dict[str, str] = {
     "ALL_PRESENCE": s.ALL_PRESENCE,
     "ALL_RESULTS": s.ALL_RESULTS,
     "GATEWAY_HEARTBEATS": s.GATEWAY_HEARTBEATS,
+    "ALL_OUTPUT": s.ALL_OUTPUT,
+    "cli_output": f"{s.PREFIX}.output.>",
     "everything": ">",
     "cli_presence": f"{s.PREFIX}.presence.>",  # what the README's `nats sub` examples use
     "cli_metrics": f"{s.PREFIX}.metrics.>",
@@ -201,6 +204,10 @@ def test_the_matrix_keeps_its_promises() -> None:
     assert [r for r in ROLES.values() if may_subscribe(r, s.agent_cancel(HOST))] == [gateway]
     assert [r for r in ROLES.values() if may_publish(r, s.ssh_cancel(HOST))] == [api]
     assert [r for r in ROLES.values() if may_subscribe(r, s.ssh_cancel(HOST))] == [worker]
+    # output chunks: published by gateways and SSH workers, read by the api and (read-only) the operator
+    chunks = s.output(HOST, "cmd-1")
+    assert [r for r in ROLES.values() if may_publish(r, chunks)] == [gateway, worker]
+    assert [r for r in ROLES.values() if may_subscribe(r, chunks)] == [api, operator]
 
 
 async def test_publish_and_request_are_allowed_exactly_as_declared(

@@ -18,7 +18,7 @@ from sqlmodel import Field, SQLModel
 
 from shared.protocol import DEFAULT_TIMEOUT_S
 
-SCHEMA_VERSION = 3  # 2: agent public keys, operator keys, requested_by on every run
+SCHEMA_VERSION = 3  # 2: agent public keys, operator keys, requested_by on every run; 3: issue 11
 
 ADDRESS_PATTERN = r"^[A-Za-z0-9.:_-]+$"  # as shared.protocol.SshTarget.address
 SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.username
@@ -175,6 +175,23 @@ class CommandRun(CommandRunBase, table=True):
 
     __tablename__ = "command_run"
     __table_args__ = (Index("ix_command_run_host_created", "host_id", "created_at"),)
+
+
+class CommandOutput(SQLModel, table=True):
+    """One output chunk of a command, as streamed while it ran (``warlock.output.<host>.<id>``), kept for
+    ``GET /api/commands/{id}/stream`` to replay. Not authoritative: the run's stdout/stderr are. Bounded per
+    command (`services.api.store.output`) and by age (swept after the retention)."""
+
+    __tablename__ = "command_output"
+    __table_args__ = (Index("ix_command_output_created", "created_at"),)
+
+    command_id: str = Field(primary_key=True, max_length=64)  # no foreign key: chunks may come first
+    seq: int = Field(primary_key=True)
+    stream: str = Field(max_length=8)
+    data: str = Field(default="", sa_type=Text)
+    size: int = 0  # bytes of `data` in UTF-8: what the per-command cap counts
+    truncated: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
 
 
 # ----------------------------------------------------------------------------- api keys, schema

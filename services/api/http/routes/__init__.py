@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.api.http.routes import agents, commands, downloads, health, hosts, keys
+from services.api.http.routes import agents, commands, downloads, health, hosts, keys, stream
 
 
 def include_routes(app: FastAPI) -> None:
@@ -17,5 +17,6 @@ def include_routes(app: FastAPI) -> None:
     """
     for router in (hosts.router, agents.router, commands.router, downloads.api_router, keys.router):
         app.include_router(router, prefix="/api")
+    app.include_router(stream.router, prefix="/api")
     app.include_router(health.router)
     app.include_router(downloads.router)
