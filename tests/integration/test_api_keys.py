@@ -180,6 +180,10 @@ async def test_scoped_key_sees_and_runs_only_on_its_hosts(api: RunningApi) -> No
     assert_forbidden(
         await api.client.get(f"/api/commands/{other.json()['command_id']}", headers=web), "out_of_scope"
     )
+    for path in ("stream", "cancel"):  # its output and its cancel are just as out of reach
+        method = api.client.get if path == "stream" else api.client.post
+        url = f"/api/commands/{other.json()['command_id']}/{path}"
+        assert_forbidden(await method(url, headers=web), "out_of_scope")
     # two labels: only web2 carries both
     eu = await new_key(api, "web-eu", "read", scope={"role": "web", "dc": "eu"})
     assert [h["id"] for h in (await api.client.get("/api/hosts", headers=eu)).json()] == ["web2"]

@@ -22,7 +22,9 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.api.fleet.output import ChunkEvent, EndEvent, Event, OutputHub
+from services.api.http.auth import READ, check_run_host, scoped
 from services.api.http.deps import app_state
+from services.api.store import crud
 
 router = APIRouter(prefix="/commands", tags=["commands"])
 
@@ -53,8 +55,10 @@ def output_hub(request: Request) -> OutputHub:
         200: {"content": {"text/event-stream": {}}, "description": "output events, then the outcome"},
         204: {"description": "Last-Event-ID was the end event: nothing more will come"},
         400: {"description": "Last-Event-ID is neither a chunk number nor `end`"},
+        403: {"description": "its host is outside the key's scope"},
         404: {"description": "unknown command"},
     },
+    dependencies=[READ],
 )
 async def stream_command(
     command_id: str,
@@ -63,7 +67,12 @@ async def stream_command(
 ) -> Response:
     """The command's output as it happens (Server-Sent Events), replayed from the start or after
     ``Last-Event-ID``, followed until the run is recorded final, then its outcome."""
-    app_state(request).require_db()
+    state = app_state(request)
+    state.require_db()
+    if scoped(request) is not None:  # a short session of its own: none is held while the stream is open
+        async with state.sessions() as session:
+            run = await crud.get_run(session, command_id)  # unknown: 404
+            await check_run_host(request, session, run.host_id)
     after = 0
     if last_event_id is not None and last_event_id.strip():
         value = last_event_id.strip()
