@@ -1,0 +1,84 @@
+"""The token authority under a storm: concurrent checks share queries, and nothing is cached.
+
+`services.api.bus.TokenLookup` on a real database (PostgreSQL, and SQLite): 400 concurrent checks are
+answered right from a handful of queries; a token replaced or deleted stops verifying at the next check,
+on this lookup and on another one (a second API instance) alike; a database that is down fails the checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.agent.swarm import swarm_public_key
+from services.api import crud
+from services.api.bus import TokenLookup
+from services.api.db import make_engine, sessionmaker
+from shared.tokens import generate_token, hash_token
+from tests.support.fleet import provision
+
+COUNT = 400
+
+
+async def test_concurrent_checks_share_queries_and_revocation_is_immediate(database: str) -> None:
+    tokens = await provision(database, COUNT)
+    engine = make_engine(database)
+    sessions = sessionmaker(engine)
+    first, second = TokenLookup(sessions), TokenLookup(sessions)
+    try:
+        unknown = hash_token(generate_token())
+        asked = [hash_token(t) for t in tokens.values()] + [unknown]
+        answers = await asyncio.gather(*(first.lookup(h) for h in asked))
+        expected = [(host, swarm_public_key(token)) for host, token in tokens.items()]
+        assert answers == [*expected, None]
+        assert 1 <= first.queries <= 4  # the first query alone, then the rest at most 500 at a time
+
+        victim, gone = "swarm-00007", "swarm-00008"
+        old_hash = hash_token(tokens[victim])
+        assert await second.lookup(old_hash) == (victim, swarm_public_key(tokens[victim]))
+        async with sessions() as session:
+            new_token, previous = await crud.replace_agent_token(session, victim)
+            assert previous == old_hash
+            assert await crud.delete_agent(session, gone) == (True, hash_token(tokens[gone]))
+        for lookup in (first, second):  # both "instances" see it at once: nothing was cached
+            assert await lookup.lookup(old_hash) is None
+            assert await lookup.lookup(hash_token(tokens[gone])) is None
+            assert await lookup.lookup(hash_token(new_token)) == (victim, swarm_public_key(tokens[victim]))
+    finally:
+        await first.stop()
+        await second.stop()
+        await engine.dispose()
+
+
+async def test_checks_fail_when_the_database_is_down(tmp_path: Path) -> None:
+    """A database that cannot be reached fails every waiting check (the bus answers `unavailable`)."""
+    engine = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/nothing")
+    lookup = TokenLookup(sessionmaker(engine))
+    try:
+        results = await asyncio.gather(
+            *(lookup.lookup(hash_token(generate_token())) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, (OSError, SQLAlchemyError)) for r in results), results
+    finally:
+        await lookup.stop()
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("max_batch", [1, 7])
+async def test_small_batches_answer_everyone(tmp_path: Path, max_batch: int) -> None:
+    """However small the batch, every waiting check gets its own answer."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'tokens.db'}"
+    tokens = await provision(database, 30)
+    engine = make_engine(database)
+    lookup = TokenLookup(sessionmaker(engine), max_batch=max_batch)
+    try:
+        hashes = [hash_token(t) for t in tokens.values()]
+        answers = await asyncio.gather(*(lookup.lookup(h) for h in hashes + hashes))
+        assert [a[0] if a else None for a in answers] == list(tokens) * 2
+        assert lookup.queries >= 60 // max_batch // 2
+    finally:
+        await lookup.stop()
+        await engine.dispose()
