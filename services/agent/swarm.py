@@ -15,13 +15,20 @@ bounded concurrency.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import resource
+import signal
+import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from nacl.signing import SigningKey
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,6 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from shared import signing
 from shared.errors import ConfigError, ProtocolError
 from shared.ids import HostId, is_host_id
+from shared.logs import setup_logging
 from shared.protocol import Exec, ExecResult, Ping, Pong, decode_gateway_frame, encode
 from shared.tokens import is_well_formed
 
@@ -37,7 +45,7 @@ from . import dispatch
 from .backoff import Outcome, ReconnectPolicy, outcome_of_close
 from .trust import AgentTrust
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("services.agent.swarm")  # also when run as __main__
 
 REPORT_EVERY_S = 10.0
 MAX_FRAME_BYTES = 1024 * 1024
@@ -219,3 +227,43 @@ class Swarm:
 async def run_swarm(url: str | list[str], tokens: dict[HostId, str], concurrency: int = 100) -> None:
     """Hold one session per token against `url` (one URL, ``A,B`` or a list) until cancelled."""
     await Swarm(url, tokens, concurrency=concurrency).run()
+
+
+async def _until_signal(url: str, tokens: dict[HostId, str], concurrency: int) -> None:
+    task = asyncio.create_task(run_swarm(url, tokens, concurrency))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.agent.swarm``: ``warlock-agent swarm`` on uvloop when it is installed.
+
+    The benches run the swarm this way: the simulator shares the machine with the processes measured, and
+    uvloop cuts its CPU (the real agent keeps asyncio's loop for its RSS)."""
+    parser = argparse.ArgumentParser(prog="python -m services.agent.swarm", description="simulated agents")
+    parser.add_argument("--gateway", required=True, help="gateway WebSocket URL(s): URL or A,B")
+    parser.add_argument("--tokens", type=Path, required=True, help='JSON file {"<host_id>": "<token>", ...}')
+    parser.add_argument("--count", type=int, default=None, help="use only the first N tokens")
+    parser.add_argument("--concurrency", type=int, default=100, help="connects in flight at once")
+    args = parser.parse_args(argv)
+    setup_logging(os.environ.get("WARLOCK_LOG_LEVEL", "INFO").upper())
+    try:
+        tokens = load_tokens(args.tokens, args.count)
+        gateway_urls(args.gateway)
+    except ConfigError as exc:
+        print(f"swarm: {exc}", file=sys.stderr)
+        return 2
+    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    runner(_until_signal(args.gateway, tokens, args.concurrency))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

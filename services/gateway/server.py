@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats import micro
@@ -46,6 +47,38 @@ def close_info(exc: ConnectionClosed) -> tuple[str, int | None]:
     return "connection lost", None
 
 
+class SharedSync:
+    """`Bridge.sync` shared by the sessions registering at once (a group commit).
+
+    A caller's SUB is already written when it calls; it waits for a sync that begins after its call, so
+    the server has processed that SUB when it returns. Callers arriving while a sync runs share the next
+    one: in a connect storm two round trips serve every session registered meanwhile instead of two each.
+    """
+
+    def __init__(self, sync: Callable[[], Awaitable[None]]) -> None:
+        self._sync = sync
+        self._next: asyncio.Future[None] | None = None
+        self._driver: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> None:
+        """Return once a sync that began after this call has completed."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        future = self._next
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive(), name="shared-sync")
+        await asyncio.shield(future)
+
+    async def _drive(self) -> None:
+        while self._next is not None:
+            future, self._next = self._next, None
+            try:
+                await self._sync()
+            finally:
+                if not future.done():
+                    future.set_result(None)
+
+
 class Gateway:
     """One gateway: call `start`, then `stop` (or use `async with`)."""
 
@@ -58,6 +91,7 @@ class Gateway:
         self.auth = Authenticator(nc, cache, settings.verify_timeout)
         self.gate = UpgradeGate(nc, self.bridge, self.auth)
         self.rekey = Rekeyer(self.bridge, cache, settings.rotate_timeout)
+        self.sync = SharedSync(self.bridge.sync)
         self.bridge.verbs["rotate"] = self.rekey.start_rotation
         self.port = 0
         self._server: Server | None = None
@@ -251,7 +285,7 @@ class Gateway:
             await bridge.end(session, "NATS unavailable", int(CloseCode.INTERNAL_ERROR))
             await session.conn.close(CloseCode.INTERNAL_ERROR, "NATS unavailable")
             return False
-        await bridge.sync()  # the subscription is live on the server before the agent hears Welcome
+        await self.sync()  # the subscription is live on the server before the agent hears Welcome
         if session.ended:  # superseded while registering
             await bridge.unsubscribe(session)
             return False
