@@ -17,6 +17,7 @@ from services.agent.swarm import swarm_public_key
 from services.api import crud
 from services.api.bus import TokenLookup
 from services.api.db import make_engine, sessionmaker
+from services.gateway.server import SharedSync
 from shared.tokens import generate_token, hash_token
 from tests.support.fleet import provision
 
@@ -82,3 +83,31 @@ async def test_small_batches_answer_everyone(tmp_path: Path, max_batch: int) -> 
     finally:
         await lookup.stop()
         await engine.dispose()
+
+
+async def test_sessions_registering_at_once_share_a_sync_that_began_after_them() -> None:
+    """The gateway's SharedSync: a caller never returns on a sync that began before it called."""
+    began: list[asyncio.Event] = []
+    release: list[asyncio.Event] = []
+
+    async def sync() -> None:
+        began.append(asyncio.Event())
+        release.append(asyncio.Event())
+        began[-1].set()
+        await release[-1].wait()
+
+    shared = SharedSync(sync)
+    first = asyncio.create_task(shared())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(began) == 1  # sync 1 runs for `first`
+    later = [asyncio.create_task(shared()) for _ in range(50)]  # called while sync 1 runs
+    await asyncio.sleep(0)
+    release[0].set()
+    await first
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in later)  # sync 1 began before they called: not theirs
+    assert len(began) == 2  # one more sync serves all fifty
+    release[1].set()
+    await asyncio.gather(*later)
+    assert len(began) == 2
