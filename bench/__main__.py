@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--storm-agents", type=int, default=10_000, help="agents in the connect storm")
     parser.add_argument("--storm-concurrency", type=int, default=500, help="swarm connects in flight")
     parser.add_argument("--failover-agents", type=int, default=1_000, help="agents moved by the failover")
+    parser.add_argument("--fleet-runs", type=int, default=3, help="storms and failovers, each (median)")
     parser.add_argument("--only", nargs="+", choices=BLOCKS, default=list(BLOCKS), help="blocks to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
@@ -176,14 +177,14 @@ def main() -> None:
 def _fleet_blocks(root: Path, args: argparse.Namespace) -> None:
     """The storm and the gateway RSS (one storm serves both), then the failover."""
     if "storm" in args.only or "gateway-rss" in args.only:
-        storm = connect_storm(root / "storm", args.storm_agents, args.storm_concurrency)
+        storms = connect_storm(root / "storm", args.storm_agents, args.storm_concurrency, args.fleet_runs)
         if "storm" in args.only:
-            print_storm(storm)
+            print_storm(storms)
         if "gateway-rss" in args.only:
-            print_rss(storm)
+            print_rss(storms)
     if "failover" in args.only:
         count = args.failover_agents
-        print_failover(failover(root / "failover", count, args.storm_concurrency), count)
+        print_failover(failover(root / "failover", count, args.storm_concurrency, args.fleet_runs), count)
 
 
 def _latency_block(root: Path, rounds: int, block: int) -> None:
