@@ -78,6 +78,7 @@ OPS_HOWTO = (
 
 
 VERIFY_BATCH = 500  # token hashes per query at most (bind parameters: SQLite allows 32,766)
+VERIFY_QUERY_TIMEOUT_S = 5.0  # a stuck query fails its checks (`unavailable`) instead of every later one
 
 
 class TokenLookup:
@@ -89,9 +90,15 @@ class TokenLookup:
     answer comes from a query that began after the check arrived: nothing is remembered between queries.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = VERIFY_BATCH) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        max_batch: int = VERIFY_BATCH,
+        timeout: float = VERIFY_QUERY_TIMEOUT_S,
+    ) -> None:
         self.sessions, self._engine = own_connection(sessions)
         self.max_batch = max_batch
+        self.timeout = timeout
         self.queries = 0  # how many queries were made (for tests and the bench)
         self._waiting: dict[str, list[asyncio.Future[tuple[str, str | None] | None]]] = {}
         self._runner: asyncio.Task[None] | None = None
@@ -113,7 +120,7 @@ class TokenLookup:
             batch = {h: self._waiting.pop(h) for h in hashes}
             try:
                 self.queries += 1
-                async with self.sessions() as session:
+                async with asyncio.timeout(self.timeout), self.sessions() as session:
                     found = await crud.agents_for_token_hashes(session, hashes)
             except BaseException as exc:  # the waiters get it (cancelled: they are failed below)
                 for futures in batch.values():
@@ -151,7 +158,7 @@ def own_connection(
     few queries: token checks queued behind them for a pooled connection would miss the gateway's timeout
     (measured: 3,500 of 10,000 agents refused once). SQLite keeps the shared engine (one file, one writer).
     """
-    engine = sessions.kw.get("bind")
+    engine = getattr(sessions, "kw", {}).get("bind")
     if not isinstance(engine, AsyncEngine) or engine.dialect.name != "postgresql":
         return sessions, None
     own = create_async_engine(

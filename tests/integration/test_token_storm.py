@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import cast
 
 import pytest
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.agent.swarm import swarm_public_key
 from services.api import crud
@@ -111,3 +114,37 @@ async def test_sessions_registering_at_once_share_a_sync_that_began_after_them()
     release[1].set()
     await asyncio.gather(*later)
     assert len(began) == 2
+
+
+class _StuckSession:
+    """A session whose query never returns (a half-open connection to the database)."""
+
+    async def __aenter__(self) -> _StuckSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def exec(self, statement: object) -> None:
+        await asyncio.sleep(3600)
+
+
+async def test_a_stuck_query_fails_its_checks_and_the_next_query_runs() -> None:
+    """A query that hangs fails its checks within the timeout; checks asked later get a query of their own."""
+    calls: list[int] = []
+
+    def sessions() -> _StuckSession:
+        calls.append(1)
+        return _StuckSession()
+
+    lookup = TokenLookup(cast("async_sessionmaker[AsyncSession]", sessions), timeout=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        first = await asyncio.gather(lookup.lookup("a" * 64), return_exceptions=True)
+        assert isinstance(first[0], TimeoutError)
+        second = await asyncio.gather(lookup.lookup("b" * 64), return_exceptions=True)
+        assert isinstance(second[0], TimeoutError)
+        assert asyncio.get_running_loop().time() - started < 2.0
+        assert len(calls) == 2
+    finally:
+        await lookup.stop()
