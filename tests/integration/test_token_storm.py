@@ -21,7 +21,9 @@ from services.api import crud
 from services.api.bus import TokenLookup
 from services.api.db import make_engine, sessionmaker
 from services.gateway.server import SharedSync
+from shared.ids import HostId
 from shared.tokens import generate_token, hash_token
+from tests.integration.gateway_fixtures import Fleet, agent, nats_server, running_gateway, token_authority
 from tests.support.fleet import provision
 
 COUNT = 400
@@ -148,3 +150,20 @@ async def test_a_stuck_query_fails_its_checks_and_the_next_query_runs() -> None:
         assert len(calls) == 2
     finally:
         await lookup.stop()
+
+
+async def test_a_session_keeps_no_copy_of_its_bearer_token(tmp_path: Path) -> None:
+    """Once the handler runs, the upgrade's headers (the Authorization header among them) are dropped."""
+    with nats_server(tmp_path) as nats_url:
+        hosts = Fleet(tmp_path / "tokens.json", ("box",))
+        async with (
+            token_authority(nats_url, hosts.path),
+            running_gateway(nats_url) as gateway,
+            agent(gateway, "box", hosts.tokens["box"]),
+        ):
+            conn = gateway.sessions[HostId("box")].conn
+            assert conn.request is not None
+            assert conn.response is not None
+            assert len(conn.request.headers) == 0
+            assert len(conn.response.headers) == 0
+            assert hosts.tokens["box"] not in repr(vars(conn))
