@@ -12,7 +12,13 @@
 4. The agent's own RSS, idle and after ten 1 MiB-output commands (with its ledger file's size), beside
    the bare interpreter's and `import pydantic`'s (bench/agent_memory.py).
 
-`--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory).
+5. Fleet scale (bench/storm.py; the API on PostgreSQL as the token authority): a connect storm of
+   10,000 swarm agents on one gateway (time, agents/s, CPU seconds of the API and of the gateway), the
+   gateway's RSS with those 10,000 agents idle, and the failover time of 1,000 agents after their
+   gateway is SIGKILLed.
+
+`--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory, storm, gateway-rss,
+failover).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from bench.signing_cost import print_signing_cost
+from bench.storm import connect_storm, failover, print_failover, print_rss, print_storm
 from services.dev.procs import BIN, Proc, free_port, rss_kib
 from shared import signing
 from shared.protocol import ExecResult, decode_model
@@ -129,7 +136,7 @@ def memory_raw(root: Path, count: int) -> float:
         server.stop()
 
 
-BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory")
+BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory", "storm", "gateway-rss", "failover")
 
 
 def main() -> None:
@@ -146,6 +153,10 @@ def main() -> None:
         action="store_false",
         help="skip the REST rows with the API on PostgreSQL (127.0.0.1:5432)",
     )
+    parser.add_argument("--storm-agents", type=int, default=10_000, help="agents in the connect storm")
+    parser.add_argument("--storm-concurrency", type=int, default=500, help="swarm connects in flight")
+    parser.add_argument("--failover-agents", type=int, default=1_000, help="agents moved by the failover")
+    parser.add_argument("--fleet-runs", type=int, default=3, help="storms and failovers, each (median)")
     parser.add_argument("--only", nargs="+", choices=BLOCKS, default=list(BLOCKS), help="blocks to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
@@ -160,6 +171,20 @@ def main() -> None:
             _rest_block(root, args.rest_rounds, args.rest_block, args.postgresql)
         if "agent-memory" in args.only:
             print_agent_memory(agent_memory(root))
+        _fleet_blocks(root, args)
+
+
+def _fleet_blocks(root: Path, args: argparse.Namespace) -> None:
+    """The storm and the gateway RSS (one storm serves both), then the failover."""
+    if "storm" in args.only or "gateway-rss" in args.only:
+        storms = connect_storm(root / "storm", args.storm_agents, args.storm_concurrency, args.fleet_runs)
+        if "storm" in args.only:
+            print_storm(storms)
+        if "gateway-rss" in args.only:
+            print_rss(storms)
+    if "failover" in args.only:
+        count = args.failover_agents
+        print_failover(failover(root / "failover", count, args.storm_concurrency, args.fleet_runs), count)
 
 
 def _latency_block(root: Path, rounds: int, block: int) -> None:

@@ -23,11 +23,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import resource
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from nacl.signing import SigningKey
 from websockets.asyncio.client import ClientConnection, connect
@@ -39,10 +42,11 @@ from services.agent.trust import AgentTrust
 from shared import signing
 from shared.errors import ConfigError, ProtocolError
 from shared.ids import HostId, is_host_id
+from shared.logs import setup_logging
 from shared.protocol import Exec, ExecResult, Ping, Pong, decode_gateway_frame, encode
 from shared.tokens import is_well_formed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("services.dev.swarm")  # also when run as __main__
 
 REPORT_EVERY_S = 10.0
 MAX_FRAME_BYTES = 1024 * 1024
@@ -241,11 +245,35 @@ async def _until_signal(url: str, tokens: dict[HostId, str], concurrency: int) -
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the swarm of `args` until a signal; 0 after a clean stop, 2 for a bad tokens file."""
+    """Run the swarm of `args` until a signal, on uvloop when it is installed (the simulator shares the
+    machine with the processes the benches measure, and uvloop cuts its CPU); 0 after a clean stop, 2 for
+    a bad tokens file or gateway URL."""
     try:
         tokens = load_tokens(args.tokens, args.count)
+        gateway_urls(args.gateway)
     except ConfigError as exc:
         print(f"warlock: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_until_signal(args.gateway, tokens, args.concurrency))
+    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    runner(_until_signal(args.gateway, tokens, args.concurrency))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.dev.swarm``: the same as ``warlock swarm``."""
+    parser = argparse.ArgumentParser(prog="python -m services.dev.swarm", description="simulated agents")
+    parser.add_argument("--gateway", required=True, help="gateway WebSocket URL(s): URL or A,B")
+    parser.add_argument("--tokens", type=Path, required=True, help='JSON file {"<host_id>": "<token>", ...}')
+    parser.add_argument("--count", type=int, default=None, help="use only the first N tokens")
+    parser.add_argument("--concurrency", type=int, default=100, help="connects in flight at once")
+    args = parser.parse_args(argv)
+    setup_logging(os.environ.get("WARLOCK_LOG_LEVEL", "INFO").upper())
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats import micro
@@ -46,6 +47,48 @@ def close_info(exc: ConnectionClosed) -> tuple[str, int | None]:
     return "connection lost", None
 
 
+def forget_handshake(conn: ServerConnection) -> None:
+    """Drop the upgrade's headers, which websockets keeps for the whole connection: the bearer token
+    needs no copy in memory once checked, and they are ~3 KiB of every idle session's ~24 KiB."""
+    if conn.request is not None:
+        conn.request.headers.clear()
+    if conn.response is not None:
+        conn.response.headers.clear()
+        conn.response.body = b""
+
+
+class SharedSync:
+    """`Bridge.sync` shared by the sessions registering at once (a group commit).
+
+    A caller's SUB is already written when it calls; it waits for a sync that begins after its call, so
+    the server has processed that SUB when it returns. Callers arriving while a sync runs share the next
+    one: in a connect storm two round trips serve every session registered meanwhile instead of two each.
+    """
+
+    def __init__(self, sync: Callable[[], Awaitable[None]]) -> None:
+        self._sync = sync
+        self._next: asyncio.Future[None] | None = None
+        self._driver: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> None:
+        """Return once a sync that began after this call has completed."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        future = self._next
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive(), name="shared-sync")
+        await asyncio.shield(future)
+
+    async def _drive(self) -> None:
+        while self._next is not None:
+            future, self._next = self._next, None
+            try:
+                await self._sync()
+            finally:
+                if not future.done():
+                    future.set_result(None)
+
+
 class Gateway:
     """One gateway: call `start`, then `stop` (or use `async with`)."""
 
@@ -58,6 +101,7 @@ class Gateway:
         self.auth = Authenticator(nc, cache, settings.verify_timeout)
         self.gate = UpgradeGate(nc, self.bridge, self.auth)
         self.rekey = Rekeyer(self.bridge, cache, settings.rotate_timeout)
+        self.sync = SharedSync(self.bridge.sync)
         self.bridge.verbs["rotate"] = self.rekey.start_rotation
         self.port = 0
         self._server: Server | None = None
@@ -181,6 +225,7 @@ class Gateway:
 
     async def _handle(self, conn: ServerConnection) -> None:
         """One agent connection: hello, registration, frames until it closes, then cleanup."""
+        forget_handshake(conn)
         plog = ContextAdapter(log, {"host": conn.username, "peer": peer_of(conn)})
         try:
             async with asyncio.timeout(self.settings.auth_timeout):
@@ -251,7 +296,7 @@ class Gateway:
             await bridge.end(session, "NATS unavailable", int(CloseCode.INTERNAL_ERROR))
             await session.conn.close(CloseCode.INTERNAL_ERROR, "NATS unavailable")
             return False
-        await bridge.sync()  # the subscription is live on the server before the agent hears Welcome
+        await self.sync()  # the subscription is live on the server before the agent hears Welcome
         if session.ended:  # superseded while registering
             await bridge.unsubscribe(session)
             return False

@@ -164,6 +164,24 @@ async def agent_for_token_hash(session: AsyncSession, token_hash: str) -> AgentC
     return agent
 
 
+async def agents_for_token_hashes(
+    session: AsyncSession, token_hashes: Iterable[str]
+) -> dict[str, tuple[str, str | None]]:
+    """In one query: for each of `token_hashes` that is an agent's current token hash, that hash →
+    (host id, agent public key). Hashes of no agent are absent; the match is exact (stored == asked)."""
+    wanted = set(token_hashes)
+    if not wanted:
+        return {}
+    statement = select(AgentConnection.host_id, AgentConnection.public_key, AgentConnection.token_hash).where(
+        col(AgentConnection.token_hash).in_(wanted)
+    )
+    found: dict[str, tuple[str, str | None]] = {}
+    for host_id, public_key, stored in (await session.exec(statement)).all():
+        if stored is not None and stored in wanted:
+            found[stored] = (host_id, public_key)
+    return found
+
+
 async def host_for_token_hash(session: AsyncSession, token_hash: str) -> str | None:
     """The host whose stored token hash equals `token_hash` (compared in constant time), else None."""
     agent = await agent_for_token_hash(session, token_hash)
