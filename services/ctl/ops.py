@@ -366,14 +366,18 @@ def exec_cmd(
         try:
             final = await Follower(api, sink, show_output=not quiet).follow(job_id)
         except (KeyboardInterrupt, asyncio.CancelledError):
+            sink.stop()
             sink.note(
                 f"stopped following; job {job_id} goes on (warlock job {job_id}; "
                 f"warlock cancel --job {job_id})"
             )
             raise
         except ApiUnreachable as exc:
+            sink.stop()
             sink.note(f"{exc}; job {job_id} goes on without us: warlock job {job_id}")
             return UNREACHABLE
+        finally:
+            sink.stop()
         code = exit_status(final)
         sink.finish(final, code)
         return code

@@ -136,6 +136,7 @@ class Sink(Protocol):
     def progress(self, job: Mapping[str, Any]) -> None: ...
     def finish(self, job: Mapping[str, Any], status: int) -> None: ...
     def note(self, message: str) -> None: ...
+    def stop(self) -> None: ...
 
 
 class _Lines:
@@ -199,6 +200,9 @@ class PlainSink:
     def note(self, message: str) -> None:
         print(f"warlock: {message}", file=sys.stderr, flush=True)
 
+    def stop(self) -> None:
+        pass
+
 
 class TerminalSink(PlainSink):
     """On a terminal: output lines above a live progress bar (done/total, counts so far), coloured
@@ -259,6 +263,9 @@ class TerminalSink(PlainSink):
         shown = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v and k != "pending")
         self.bar.update(self.task, total=total, completed=done, description=shown or "running")
 
+    def stop(self) -> None:
+        self.bar.stop()  # the cursor back, whatever happened
+
     def finish(self, job: Mapping[str, Any], status: int) -> None:
         self.bar.stop()
         first, *rest = summary_lines(job)
@@ -298,3 +305,6 @@ class JsonSink:
 
     def note(self, message: str) -> None:
         print(f"warlock: {message}", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        pass

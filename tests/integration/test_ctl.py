@@ -1,0 +1,160 @@
+"""The operator CLI's REST commands as an operator runs them: the real `warlock` script (piped, so plain
+and JSON output), against a real `warlock-api` process on a real nats-server, configured by the
+environment or by a `warlock run`'s dev.json. SQLite only: the CLI sees HTTP, not the database."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.dev.procs import BIN
+from tests.support.stack import Api, Stack
+
+HOSTS = {
+    "web1": {"role": "web", "dc": "a"},
+    "web2": {"role": "web", "dc": "b"},
+    "db1": {"role": "db", "dc": "a"},
+}
+
+
+def warlock(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the installed `warlock` script, stdout and stderr piped, with only `env` (and PATH/HOME)."""
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}
+    return subprocess.run(
+        [str(BIN / "warlock"), *argv],
+        cwd=cwd,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def api(stack: Stack, tmp_path: Path) -> Api:
+    """A real API with three labelled hosts (no SSH check: no host needs to exist for a listing)."""
+    api = stack.start_api(f"sqlite+aiosqlite:///{tmp_path / 'api.db'}")
+    with httpx.Client(base_url=api.url, headers=api.auth, timeout=30) as http:
+        for host, labels in HOSTS.items():
+            address = f"10.9.0.{len(host)}{host[-1]}"
+            added = http.post(
+                "/api/hosts", json={"id": host, "address": address, "labels": labels, "ssh_check": False}
+            )
+            assert added.status_code == 201, added.text
+    return api
+
+
+def test_hosts_by_environment_piped_json_and_by_label(api: Api, stack: Stack, tmp_path: Path) -> None:
+    env = {"WARLOCK_API_URL": api.url, "WARLOCK_API_KEY_FILE": str(stack.root / "api-key")}
+    started = time.monotonic()
+    done = warlock(["hosts"], tmp_path, env)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["host", "address", "labels", "agent"]
+    assert [line.split()[0] for line in lines[1:]] == ["db1", "web1", "web2"]
+    assert lines[2].split()[2:] == ["dc=a,role=web", "-"]  # no agent ever connected
+    assert elapsed < 10, f"warlock hosts took {elapsed:.2f} s"
+
+    done = warlock(["hosts", "--label", "role=web", "--json"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert sorted(h["id"] for h in listed) == ["web1", "web2"]
+    assert {h["id"]: h["labels"] for h in listed} == {"web1": HOSTS["web1"], "web2": HOSTS["web2"]}
+
+    done = warlock(["hosts", "-l", "role=web", "-l", "dc=b"], tmp_path, env)
+    assert [line.split()[0] for line in done.stdout.splitlines()[1:]] == ["web2"]
+    done = warlock(["hosts", "-l", "role=none"], tmp_path, env)
+    assert (done.returncode, done.stdout.splitlines()) == (0, ["host  address  labels  agent"])
+
+
+def test_hosts_from_dev_json(api: Api, stack: Stack, tmp_path: Path) -> None:
+    """With no WARLOCK_API_URL, a `warlock run`'s .warlock/dev.json in the working directory says where."""
+    cwd = tmp_path / "project"
+    (cwd / ".warlock").mkdir(parents=True)
+    (cwd / ".warlock" / "dev.json").write_text(
+        json.dumps({"api_url": api.url, "api_key_file": str(stack.root / "api-key"), "nats_url": "nats://x"})
+    )
+    done = warlock(["hosts", "--json"], cwd, {})
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)) == 3
+
+
+def test_a_refused_key_exits_2_and_an_absent_api_exits_3(api: Api, tmp_path: Path) -> None:
+    done = warlock(["hosts"], tmp_path, {"WARLOCK_API_URL": api.url, "WARLOCK_API_KEY": "not-the-key"})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("warlock: the API refused the key (")
+    assert len(done.stderr.splitlines()) == 1
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+        done = warlock(["jobs"], tmp_path, {"WARLOCK_API_URL": url, "WARLOCK_API_KEY": "k"})
+    assert (done.returncode, done.stdout) == (3, "")
+    assert done.stderr.startswith(f"warlock: cannot reach the API at {url}: ConnectError: ")
+    assert len(done.stderr.splitlines()) == 1
+
+    done = warlock(["hosts"], tmp_path, {})
+    assert done.returncode == 2
+    assert "no API configured" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hosts"],
+        ["exec"],
+        ["jobs"],
+        ["job"],
+        ["cancel"],
+        ["keys"],
+        ["keys", "list"],
+        ["keys", "create"],
+        ["keys", "revoke"],
+    ],
+    ids=" ".join,
+)
+def test_help_of_the_rest_commands(argv: list[str], tmp_path: Path) -> None:
+    """`--help` prints plain usage and exits 0 without reading any configuration or writing a file."""
+    done = warlock([*argv, "--help"], tmp_path, {})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Usage: warlock {' '.join(argv)}")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_exec_one_host_through_a_job(stack: Stack, tmp_path: Path) -> None:
+    """`warlock exec` on a host with a real agent: the job's output and outcome, as JSON lines. Needs the
+    API's jobs (POST /api/jobs): skipped against an API without them."""
+    api = stack.start_api(f"sqlite+aiosqlite:///{tmp_path / 'api.db'}")
+    gateway = stack.start_gateway()
+    async with httpx.AsyncClient(base_url=api.url, headers=api.auth, timeout=30) as http:
+        added = await http.post("/api/hosts", json={"id": "box", "address": "10.9.9.9", "ssh_check": False})
+        assert added.status_code == 201, added.text
+        probe = await http.get("/api/jobs")
+        if probe.status_code in (404, 405):
+            pytest.skip("this API has no /api/jobs yet")
+    await stack.start_known_agent(api, "box", "box", [gateway.url])
+    env = {"WARLOCK_API_URL": api.url, "WARLOCK_API_KEY_FILE": str(stack.root / "api-key")}
+    done = warlock(
+        ["exec", "echo a; sleep 1; echo b; exit 3", "box", "--timeout", "20", "--json"], tmp_path, env
+    )
+    assert done.returncode == 1, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[0]["event"] == "job"
+    output = "".join(e["data"] for e in events if e["event"] == "output" and e["stream"] == "stdout")
+    assert output == "a\nb\n"
+    (host,) = [e for e in events if e["event"] == "host"]
+    assert (host["host_id"], host["status"], host["exit_code"], host["via"]) == ("box", "failed", 3, "agent")
+    assert events[-1]["event"] == "summary"
+    assert events[-1]["exit_status"] == 1
+
+    done = warlock(["exec", "true", "box"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].endswith("1 hosts: 1 succeeded")
