@@ -11,9 +11,10 @@ dev.json's URL: with ``WARLOCK_API_URL`` set, the key must come from the environ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,12 @@ CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
 STREAM_READ_TIMEOUT_S = 300.0  # an SSE stream may be silent while a command thinks (the API sends pings)
 
-JOB_ACTIVE_STATES = frozenset({"pending", "queued", "running"})
-HOST_ACTIVE_STATUSES = frozenset({"pending", "queued", "running"})
+JOB_ACTIVE_STATES = frozenset({"pending", "queued", "running"})  # a job: more outcomes to come
+HOST_ACTIVE_STATUSES = frozenset({"pending", "queued", "running"})  # a run: not final yet
+STREAMABLE_STATUSES = frozenset({"pending", "running"})  # a run sent (or being sent): output may come
+OUTCOMES_PAGE = 10_000  # outcomes per GET /api/jobs/{id}
+RATE_LIMIT_RETRIES = 5  # a GET answered 429 is tried again after Retry-After (capped), this many times
+RATE_LIMIT_WAIT_CAP_S = 10.0
 FINAL_EVENTS = frozenset({"end", "result", "outcome", "final", "done"})  # SSE event names of the last event
 
 
@@ -188,16 +193,22 @@ class Api:
     async def _call(
         self, method: str, path: str, *, params: Any = None, json_body: Any = None, ok: tuple[int, ...] = ()
     ) -> Any:
-        try:
-            response = await self._client.request(method, path, params=params, json=json_body)
-        except httpx.HTTPError as exc:
-            raise ApiUnreachable(f"cannot reach the API at {self.config.url}: {_why(exc)}") from None
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                response = await self._client.request(method, path, params=params, json=json_body)
+            except httpx.HTTPError as exc:
+                raise ApiUnreachable(f"cannot reach the API at {self.config.url}: {_why(exc)}") from None
+            # a GET refused by the key's rate limit did nothing: ask again when told. Anything else is
+            # not sent twice (a 429 POST did nothing either, but whether to send it again is the operator's)
+            if response.status_code != 429 or method != "GET" or attempt == RATE_LIMIT_RETRIES:
+                break
+            await asyncio.sleep(retry_after(response))
         return self._answer(response, ok)
 
     def _answer(self, response: httpx.Response, ok: tuple[int, ...] = ()) -> Any:
         if response.status_code >= 500:
             detail, _ = _detail(response)
-            raise ApiUnreachable(f"the API at {self.config.url} failed: {response.status_code} {detail}")
+            raise ApiUnreachable(f"the API at {self.config.url} answered {response.status_code}: {detail}")
         if response.status_code >= 400 and response.status_code not in ok:
             detail, body = _detail(response)
             raise ApiError(response.status_code, detail, body)
@@ -212,9 +223,9 @@ class Api:
             ) from None
 
     # ------------------------------------------------------------------ hosts
-    async def hosts(self, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        """``GET /api/hosts?label=k=v&...`` (every label must match)."""
-        params = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+    async def hosts(self, labels: Sequence[tuple[str, str | None]] = ()) -> list[dict[str, Any]]:
+        """``GET /api/hosts?label=k=v&label=k2...`` (every selector must match; ``k``: has the label)."""
+        params = [("label", k if v is None else f"{k}={v}") for k, v in labels]
         found = await self._call("GET", "/api/hosts", params=params)
         return list(found or [])
 
@@ -243,8 +254,18 @@ class Api:
         return dict(await self._call("POST", "/api/jobs", json_body=body))
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        """``GET /api/jobs/{id}``: state, counts, one outcome per host."""
-        return dict(await self._call("GET", f"/api/jobs/{_seg(job_id)}"))
+        """``GET /api/jobs/{id}``: state, counts, and one outcome per host (``outcomes``, every page)."""
+        path = f"/api/jobs/{_seg(job_id)}"
+        doc = dict(await self._call("GET", path, params={"limit": OUTCOMES_PAGE}))
+        outcomes, targets = doc.get("outcomes"), doc.get("targets")
+        if isinstance(outcomes, list) and isinstance(targets, int):
+            while len(outcomes) < targets:
+                more = await self._call("GET", path, params={"limit": OUTCOMES_PAGE, "offset": len(outcomes)})
+                page = more.get("outcomes") if isinstance(more, dict) else None
+                if not page:
+                    break
+                outcomes.extend(page)
+        return doc
 
     async def jobs(self, limit: int) -> list[dict[str, Any]]:
         """``GET /api/jobs?limit=N``: recent jobs, newest first."""
@@ -323,6 +344,15 @@ class Api:
     async def revoke_key(self, name: str) -> None:
         """``DELETE /api/keys/{name}``."""
         await self._call("DELETE", f"/api/keys/{_seg(name)}")
+
+
+def retry_after(response: httpx.Response) -> float:
+    """Seconds to wait after a 429: its ``Retry-After`` (seconds), capped; 1 if absent or unreadable."""
+    try:
+        wait = float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        wait = 1.0
+    return min(max(wait, 0.0), RATE_LIMIT_WAIT_CAP_S)
 
 
 def _seg(value: str) -> str:

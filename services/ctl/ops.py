@@ -104,6 +104,17 @@ def parse_labels(values: list[str] | None, option: str = "--label") -> dict[str,
     return labels
 
 
+def parse_selectors(values: list[str] | None) -> list[tuple[str, str | None]]:
+    """`warlock hosts --label`: ``k=v`` (the label equals v) or ``k`` (the host has label k)."""
+    selectors: list[tuple[str, str | None]] = []
+    for value in values or []:
+        key, sep, val = value.partition("=")
+        if not key:
+            raise typer.BadParameter(f"{value!r} is not KEY=VALUE or KEY", param_hint="--label")
+        selectors.append((key, val if sep else None))
+    return selectors
+
+
 def _console() -> Console | None:
     """A rich console when stdout is a terminal, else None (plain output)."""
     return Console() if sys.stdout.isatty() else None
@@ -122,12 +133,21 @@ LabelOpt = Annotated[
         "--label", "-l", metavar="KEY=VALUE", help="only hosts with this label (repeat: all must match)"
     ),
 ]
+SelectorOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label",
+        "-l",
+        metavar="KEY[=VALUE]",
+        help="only hosts with this label value (KEY=VALUE) or label (KEY); repeat: all must match",
+    ),
+]
 
 
 @app.command("hosts")
-def hosts_cmd(label: LabelOpt = None, as_json: JsonOpt = False) -> None:
+def hosts_cmd(label: SelectorOpt = None, as_json: JsonOpt = False) -> None:
     """The hosts: id, address, labels and agent state (filtered by label)."""
-    labels = parse_labels(label)
+    labels = parse_selectors(label)
 
     async def body(api: Api) -> int:
         found = [h for h in await api.hosts(labels) if _matches(h, labels)]
@@ -148,11 +168,11 @@ def hosts_cmd(label: LabelOpt = None, as_json: JsonOpt = False) -> None:
     _finish(run(body))
 
 
-def _matches(host: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+def _matches(host: Mapping[str, Any], labels: list[tuple[str, str | None]]) -> bool:
     """Whether `host` has every label (the API filters already; an API that ignored ?label= would list
     every host, and running a command on them by mistake is what this prevents from spreading)."""
     have = host.get("labels") or {}
-    return all(have.get(k) == v for k, v in labels.items())
+    return all(k in have if v is None else have.get(k) == v for k, v in labels)
 
 
 # ----------------------------------------------------------------------------- exec
@@ -203,12 +223,13 @@ class Follower:
         try:
             while True:
                 job = await self.api.job(job_id)
-                for entry in job.get("hosts") or []:
+                for entry in render.outcomes_of(job):
                     self._see(entry)
                 self.sink.progress(job)
-                if str(job.get("state")) not in client.JOB_ACTIVE_STATES:
+                if job_done(job):
                     break
-                await asyncio.sleep(self.poll_s)
+                # a big job's outcomes are a big answer: ask less often (10,000 hosts: every 5 s)
+                await asyncio.sleep(max(self.poll_s, min(5.0, render.targets_of(job) / 2000)))
             finishing = [s.finish_task for s in self.hosts.values() if s.finish_task is not None]
             await asyncio.gather(*finishing)
             for state in self.hosts.values():  # still pending in a finished job: say so, once
@@ -230,7 +251,7 @@ class Follower:
         state.command_id = entry.get("command_id") or state.command_id
         active = state.status in client.HOST_ACTIVE_STATUSES
         if (
-            active
+            state.status in client.STREAMABLE_STATUSES
             and self.show_output
             and self.streams_supported
             and state.command_id
@@ -294,9 +315,20 @@ class Follower:
         self.sink.host_done(state.entry)
 
 
+def job_done(job: Mapping[str, Any]) -> bool:
+    """No more outcomes to come: the job is not running (finished, or cancelled) and no run of it is in
+    flight (a cancelled job's runs already sent finish first)."""
+    if str(job.get("state")) in client.JOB_ACTIVE_STATES:
+        return False
+    counts = job.get("counts")
+    if isinstance(counts, dict) and isinstance(counts.get("pending"), int):
+        return bool(counts["pending"] == 0)
+    return all(o.get("status") not in client.HOST_ACTIVE_STATUSES for o in render.outcomes_of(job))
+
+
 def exit_status(job: Mapping[str, Any]) -> int:
     """0 when the job has hosts and every one succeeded, else 1."""
-    hosts = list(job.get("hosts") or [])
+    hosts = render.outcomes_of(job)
     return OK if hosts and all(h.get("status") == "succeeded" for h in hosts) else FAILED
 
 
@@ -440,7 +472,7 @@ def job_cmd(job_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonO
                 str(h.get("command_id") or "-"),
                 render.why(h) if h.get("status") not in ("pending", "running") else "-",
             ]
-            for h in sorted(job.get("hosts") or [], key=render.host_id)
+            for h in sorted(render.outcomes_of(job), key=render.host_id)
         ]
         render.print_table(console, None, ["host", "status", "command", "detail"], rows)
         return OK
@@ -520,10 +552,11 @@ def keys_list(as_json: JsonOpt = False) -> None:
                 str(k.get("role") or "-"),
                 _scope_text(k.get("scope")),
                 str(k.get("expires_at") or "never"),
+                str(k.get("state") or "-"),
             ]
             for k in found
         ]
-        render.print_table(_console(), None, ["name", "role", "scope", "expires"], rows)
+        render.print_table(_console(), None, ["name", "role", "scope", "expires", "state"], rows)
         return OK
 
     _finish(run(body))

@@ -21,7 +21,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-COUNT_KEYS = ("succeeded", "failed", "timed_out", "unreachable", "cancelled", "pending")
+from services.ctl.client import HOST_ACTIVE_STATUSES as ACTIVE_STATUSES
+
+COUNT_KEYS = ("succeeded", "failed", "timed_out", "unreachable", "cancelled", "skipped", "pending")
 STATUS_STYLE = {
     "succeeded": "green",
     "failed": "red",
@@ -29,12 +31,27 @@ STATUS_STYLE = {
     "unreachable": "magenta",
     "undeliverable": "magenta",
     "cancelled": "yellow",
+    "skipped": "yellow",
 }
 
 
 def labels_text(labels: Mapping[str, Any] | None) -> str:
     """``k=v,k2=v2`` (sorted), or ``-``."""
     return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or "-"
+
+
+def outcomes_of(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The job's per-host outcomes (``outcomes``; ``hosts`` accepted too)."""
+    found = job.get("outcomes")
+    if found is None:
+        found = job.get("hosts")
+    return list(found) if isinstance(found, list) else []
+
+
+def targets_of(job: Mapping[str, Any]) -> int:
+    """How many hosts the job targets (``targets``, else the outcomes listed)."""
+    given = job.get("targets")
+    return given if isinstance(given, int) and not isinstance(given, bool) else len(outcomes_of(job))
 
 
 def host_id(entry: Mapping[str, Any]) -> str:
@@ -48,7 +65,7 @@ def counts_of(job: Mapping[str, Any]) -> dict[str, int]:
     if isinstance(given, dict) and given:
         return {k: int(v) for k, v in given.items() if isinstance(v, int)}
     counts: dict[str, int] = {}
-    for entry in job.get("hosts") or []:
+    for entry in outcomes_of(job):
         status = str(entry.get("status") or "pending")
         counts[status] = counts.get(status, 0) + 1
     return counts
@@ -88,16 +105,16 @@ def outcome_line(entry: Mapping[str, Any]) -> str:
 
 def summary_lines(job: Mapping[str, Any]) -> list[str]:
     """The final summary: the job, its counts, and one line per host that did not succeed."""
-    hosts = list(job.get("hosts") or [])
+    hosts = outcomes_of(job)
     counts = counts_of(job)
-    lines = [
-        f"job {job.get('job_id', '?')} {job.get('state', '?')}: {len(hosts)} hosts: {counts_text(counts)}"
-    ]
+    total = targets_of(job)
+    lines = [f"job {job.get('job_id', '?')} {job.get('state', '?')}: {total} hosts: {counts_text(counts)}"]
     failed = [h for h in hosts if h.get("status") != "succeeded"]
     width = max((len(host_id(h)) for h in failed), default=0)
+    status_width = max((len(str(h.get("status") or "pending")) for h in failed), default=0)
     for entry in sorted(failed, key=host_id):
         status = str(entry.get("status") or "pending")
-        lines.append(f"  {host_id(entry):<{width}}  {status:<11}  {why(entry)}")
+        lines.append(f"  {host_id(entry):<{width}}  {status:<{status_width}}  {why(entry)}")
     return lines
 
 
@@ -176,8 +193,8 @@ class PlainSink:
         print(text, file=self.out, flush=True)
 
     def start(self, job: Mapping[str, Any]) -> None:
-        hosts = job.get("hosts")
-        size = f" on {len(hosts)} hosts" if isinstance(hosts, list) and hosts else ""
+        total = targets_of(job)
+        size = f" on {total} hosts" if total else ""
         self._print(f"job {job.get('job_id')}{size}")
 
     def output(self, host: str, command_id: str, stream: str, data: str) -> None:
@@ -256,10 +273,10 @@ class TerminalSink(PlainSink):
         )
 
     def progress(self, job: Mapping[str, Any]) -> None:
-        hosts = job.get("hosts") or []
+        hosts = outcomes_of(job)
         counts = counts_of(job)
-        total = len(hosts) or None
-        done = sum(1 for h in hosts if h.get("status") not in ("pending", "queued", "running", None))
+        total = targets_of(job) or None
+        done = sum(1 for h in hosts if h.get("status") is not None and h.get("status") not in ACTIVE_STATUSES)
         shown = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v and k != "pending")
         self.bar.update(self.task, total=total, completed=done, description=shown or "running")
 

@@ -38,6 +38,8 @@ class FakeApi:
         self.stream_status = 200
         self.break_stream_once: set[str] = set()  # hosts whose first stream breaks after one chunk
         self.ignore_label_query = False
+        self.cancelled = False  # the job's state says cancelled at once; its runs in flight finish later
+        self.limited: set[str] = set()  # paths answered 429 once
 
     # ------------------------------------------------------------------ scripting
     def outcome(self, host: str, status: str, stdout: str = "", stderr: str = "", **extra: Any) -> None:
@@ -62,14 +64,16 @@ class FakeApi:
                 entries.append({**final, "status": "running", "exit_code": None, "error_code": None})
         counts = dict.fromkeys(render.COUNT_KEYS, 0)
         for e in entries:
-            key = "pending" if e["status"] == "running" else e["status"]
+            key = {"running": "pending", "undeliverable": "unreachable"}.get(e["status"], e["status"])
             counts[key] = counts.get(key, 0) + 1
         done = all(e["status"] != "running" for e in entries)
+        state = "cancelled" if self.cancelled else "finished" if done else "running"
         return {
             "job_id": "j1",
-            "state": "finished" if done else "running",
+            "state": state,
+            "targets": len(entries),
             "counts": counts,
-            "hosts": entries,
+            "outcomes": entries,
         }
 
     # ------------------------------------------------------------------ HTTP
@@ -81,6 +85,9 @@ class FakeApi:
         if request.headers.get("authorization") != f"Bearer {KEY}":
             return httpx.Response(401, json={"detail": "invalid API key"})
         path, method = request.url.path, request.method
+        if path in self.limited:
+            self.limited.discard(path)
+            return httpx.Response(429, headers={"Retry-After": "0"}, json={"detail": "rate limited"})
         if path == "/api/hosts" and method == "GET":
             wanted = {k: v for k, _, v in (p.partition("=") for p in request.url.params.get_list("label"))}
             if self.ignore_label_query:
@@ -97,8 +104,12 @@ class FakeApi:
                 200, json=[{**self.job(), "command": "uptime", "created_at": "2026-12-01T12:00:00Z"}]
             )
         if path == "/api/jobs/j1":
-            self.polls += 1
-            return httpx.Response(200, json=self.job())
+            offset = int(request.url.params.get("offset", "0"))
+            if offset == 0:
+                self.polls += 1
+            job = self.job()
+            limit = int(request.url.params.get("limit", "10000"))
+            return httpx.Response(200, json={**job, "outcomes": job["outcomes"][offset : offset + limit]})
         if path.startswith("/api/jobs/") and path.endswith("/cancel"):
             return httpx.Response(202, json={"job_id": path.split("/")[3], "state": "cancelling"})
         if path.startswith("/api/commands/") and path.endswith("/cancel"):
@@ -113,7 +124,16 @@ class FakeApi:
             return httpx.Response(200, json={**self.outcomes[host], **self.output[host], "truncated": False})
         if path == "/api/keys" and method == "GET":
             return httpx.Response(
-                200, json=[{"name": "ci", "role": "operate", "scope": {"role": "web"}, "expires_at": None}]
+                200,
+                json=[
+                    {
+                        "name": "ci",
+                        "role": "operate",
+                        "scope": {"role": "web"},
+                        "expires_at": None,
+                        "state": "active",
+                    }
+                ],
             )
         if path == "/api/keys" and method == "POST":
             body = json.loads(request.content)
@@ -262,11 +282,22 @@ def test_hosts_piped_table_json_and_label_filter(api: FakeApi, capsys: pytest.Ca
     assert [h["id"] for h in json.loads(out)] == ["db1"]
 
 
-def test_hosts_bad_label_is_a_usage_error(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(["hosts", "--label", "role"], capsys)
+def test_hosts_by_label_presence_and_a_bad_label(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--label dc`` asks for hosts that have the label at all; ``--label =x`` is a usage error."""
+    code, out, _ = _run(["hosts", "--label", "dc", "--json"], capsys)
+    assert code == 0
+    assert api.requests[0].url.params.get_list("label") == ["dc"]
+    api.ignore_label_query = True
+    code, out, _ = _run(["hosts", "--label", "dc", "--json"], capsys)
+    assert [h["id"] for h in json.loads(out)] == ["web2"]
+    sent = len(api.requests)
+    code, out, err = _run(["hosts", "--label", "=x"], capsys)
     assert (code, out) == (2, "")
-    assert "'role' is not KEY=VALUE" in err
-    assert api.requests == []
+    assert "'=x' is not KEY=VALUE or KEY" in err
+    assert len(api.requests) == sent
+    code, out, err = _run(["exec", "true", "--label", "dc"], capsys)  # a job's labels are KEY=VALUE
+    assert (code, out) == (2, "")
+    assert "'dc' is not KEY=VALUE" in err
 
 
 # ----------------------------------------------------------------------------- exec
@@ -277,7 +308,7 @@ def _fleet(api: FakeApi) -> None:
     api.outcome("web2", "failed", stdout="partial", exit_code=2)
     api.outcome(
         "db1",
-        "unreachable",
+        "undeliverable",
         via=None,
         error_code="unreachable",
         error_description="no agent session; SSH: connection refused",
@@ -312,11 +343,11 @@ def test_exec_piped_shows_lines_outcomes_and_a_summary_exit_1(
         "web2: partial",
         "web2 => failed (exit 2, via agent)",
     ]
-    assert "db1 => unreachable (unreachable: no agent session; SSH: connection refused)" in lines
+    assert "db1 => undeliverable (unreachable: no agent session; SSH: connection refused)" in lines
     assert lines[-3:] == [
         "job j1 finished: 3 hosts: 1 succeeded, 1 failed, 1 unreachable",
-        "  db1   unreachable  unreachable: no agent session; SSH: connection refused",
-        "  web2  failed       exit 2, via agent",
+        "  db1   undeliverable  unreachable: no agent session; SSH: connection refused",
+        "  web2  failed         exit 2, via agent",
     ]
     streamed = [r.url.path for r in api.requests if r.url.path.endswith("/stream")]
     assert "/api/commands/c-web1/stream" in streamed
@@ -350,7 +381,7 @@ def test_exec_json_is_one_object_per_line_ending_with_the_summary(
     assert {e["host_id"]: e["status"] for e in events if e["event"] == "host"} == {
         "web1": "succeeded",
         "web2": "failed",
-        "db1": "unreachable",
+        "db1": "undeliverable",
     }
     assert events[-1]["event"] == "summary"
     assert events[-1]["exit_status"] == 1
@@ -390,6 +421,54 @@ def test_without_streams_the_output_is_fetched_once_per_host(
     second_poll = [i for i, r in enumerate(api.requests) if r.url.path == "/api/jobs/j1"][1]
     assert max(tried) < second_poll
     assert sum(r.url.path == "/api/commands/c-web1" for r in api.requests) == 1
+
+
+def test_outcomes_are_read_page_by_page(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job with more hosts than one page of outcomes: every host is followed and summed up."""
+    monkeypatch.setattr(client, "OUTCOMES_PAGE", 2)
+    for i in range(5):
+        api.outcome(f"h{i}", "succeeded", stdout=f"out {i}\n")
+    code, out, _ = _run(["exec", "x", "--all", "--json"], capsys)
+    assert code == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert sorted(e["host_id"] for e in events if e["event"] == "host") == [f"h{i}" for i in range(5)]
+    offsets = {r.url.params.get("offset") for r in api.requests if r.url.path == "/api/jobs/j1"}
+    assert offsets == {None, "2", "4"}
+
+
+def test_a_rate_limited_poll_is_asked_again(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
+    """GET answered 429: asked again after Retry-After; a POST answered 429 is not sent again."""
+    api.outcome("web1", "succeeded")
+    api.limited.add("/api/jobs/j1")
+    code, _, err = _run(["exec", "true", "web1", "-q"], capsys)
+    assert code == 0, err
+    polls = [r for r in api.requests if r.url.path == "/api/jobs/j1"]
+    assert len(polls) == api.polls + 1
+    sent = len(api.requests)
+    api.limited.add("/api/jobs")
+    code, _, err = _run(["exec", "true", "web1"], capsys)
+    assert (code, err) == (1, "warlock: rate limited (HTTP 429)\n")
+    assert [r.method for r in api.requests[sent:]] == ["POST"]
+
+
+def test_a_cancelled_job_is_followed_until_its_runs_in_flight_end(
+    api: FakeApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state cancelled with runs still in flight (counts.pending > 0): not the end yet."""
+    api.outcome("web1", "succeeded", stdout="done\n")
+    api.outcome("web2", "cancelled", via=None, error_description="cancelled before its batch")
+    api.cancelled = True
+    code, out, _ = _run(["exec", "x", "--all"], capsys)
+    assert code == 1
+    lines = out.splitlines()
+    assert "web1: done" in lines
+    assert lines[-2:] == [
+        "job j1 cancelled: 2 hosts: 1 succeeded, 1 cancelled",
+        "  web2  cancelled  cancelled before its batch",
+    ]
+    assert api.polls == 3  # web2 final from the third poll on
 
 
 def test_exec_quiet_and_detach(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
@@ -440,7 +519,7 @@ def test_exit_statuses_of_api_failures(
 
     monkeypatch.setattr(ops, "TRANSPORT", httpx.MockTransport(failing))
     code, _, err = _run(["job", "j1"], capsys)
-    assert (code, err) == (3, "warlock: the API at http://api.test failed: 503 database unavailable\n")
+    assert (code, err) == (3, "warlock: the API at http://api.test answered 503: database unavailable\n")
 
     def refused(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("[Errno 111] Connection refused")
@@ -470,7 +549,7 @@ def test_jobs_job_and_cancel(api: FakeApi, capsys: pytest.CaptureFixture[str]) -
     assert lines[0] == "job j1 finished: 1 succeeded, 1 failed, 1 unreachable"
     assert lines[2].split() == [
         "db1",
-        "unreachable",
+        "undeliverable",
         "c-db1",
         "unreachable:",
         "no",
@@ -512,7 +591,10 @@ def test_keys_create_prints_the_key_alone_on_stdout(api: FakeApi, capsys: pytest
     assert code == 2
     assert "one of read, operate, admin" in err
     code, out, _ = _run(["keys", "list"], capsys)
-    assert out.splitlines() == ["name  role     scope     expires", "ci    operate  role=web  never"]
+    assert out.splitlines() == [
+        "name  role     scope     expires  state",
+        "ci    operate  role=web  never    active",
+    ]
     code, out, _ = _run(["keys", "revoke", "ci"], capsys)
     assert (code, out) == (0, "API key ci revoked\n")
     assert (api.requests[-1].method, api.requests[-1].url.path) == ("DELETE", "/api/keys/ci")
