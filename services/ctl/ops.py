@@ -5,7 +5,7 @@ warlock exec 'CMD' (HOST... | --label k=v | --all) [--batch N|P%] [--timeout S] 
                                                    run CMD as one job; output and outcomes as they come
 warlock jobs [--limit N]                           recent jobs
 warlock job ID                                     a job: state, counts, one outcome per host
-warlock cancel ID [--job]                          cancel a command (by default) or a job (--job)
+warlock cancel ID [--job]                          cancel a command, or a job (an id job-..., or --job)
 warlock keys list|create|revoke                    API keys: role read|operate|admin, label scope, expiry
 
 The API's URL and key: WARLOCK_API_URL with WARLOCK_API_KEY_FILE (or WARLOCK_API_KEY), else the
@@ -36,6 +36,7 @@ from services.ctl import client, render
 from services.ctl.client import Api, ApiError, ApiUnreachable, ConfigError, StreamUnavailable
 
 OK, FAILED, USAGE, UNREACHABLE, INTERRUPTED = 0, 1, 2, 3, 130
+JOB_ID_PREFIX = "job-"  # job ids look like job-<hex>; command ids are 32 hex digits
 
 POLL_S = 0.5  # how often `warlock exec` asks for the job's state
 STREAM_LIMIT = 16  # output streams followed at once; other hosts' output is fetched when they finish
@@ -482,7 +483,9 @@ def job_cmd(job_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonO
 
 @app.command("cancel")
 def cancel_cmd(
-    target: Annotated[str, typer.Argument(metavar="ID", help="a command id (a job id with --job)")],
+    target: Annotated[
+        str, typer.Argument(metavar="ID", help="a command id, or a job id (job-...; or with --job)")
+    ],
     job: Annotated[
         bool, typer.Option("--job", help="ID is a job: cancel its commands and start no more")
     ] = False,
@@ -491,12 +494,13 @@ def cancel_cmd(
     """Cancel a running command (its process is killed; a finished one keeps its result) or a job."""
 
     async def body(api: Api) -> int:
-        answer = await (api.cancel_job(target) if job else api.cancel_command(target))
+        is_job = job or target.startswith(JOB_ID_PREFIX)
+        answer = await (api.cancel_job(target) if is_job else api.cancel_command(target))
         if as_json:
             _dump(answer)
             return OK
         state = (answer or {}).get("state") or (answer or {}).get("status") or "cancel requested"
-        print(f"{'job' if job else 'command'} {target}: {state}")
+        print(f"{'job' if is_job else 'command'} {target}: {state}")
         return OK
 
     _finish(run(body))

@@ -135,7 +135,8 @@ async def test_exec_one_host_through_a_job(stack: Stack, tmp_path: Path) -> None
     api = stack.start_api(f"sqlite+aiosqlite:///{tmp_path / 'api.db'}")
     gateway = stack.start_gateway()
     async with httpx.AsyncClient(base_url=api.url, headers=api.auth, timeout=30) as http:
-        added = await http.post("/api/hosts", json={"id": "box", "address": "10.9.9.9", "ssh_check": False})
+        box = {"id": "box", "address": "10.9.9.9", "labels": {"role": "web"}, "ssh_check": False}
+        added = await http.post("/api/hosts", json=box)
         assert added.status_code == 201, added.text
         probe = await http.get("/api/jobs")
         if probe.status_code in (404, 405):
@@ -158,3 +159,33 @@ async def test_exec_one_host_through_a_job(stack: Stack, tmp_path: Path) -> None
     done = warlock(["exec", "true", "box"], tmp_path, env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].endswith("1 hosts: 1 succeeded")
+
+    # by label, one host without an agent (and no SSH worker): its outcome says why; exit 1
+    async with httpx.AsyncClient(base_url=api.url, headers=api.auth, timeout=30) as http:
+        for host, labels in (("ghost", {"role": "web"}), ("db", {"role": "db"})):
+            address = f"10.9.9.{len(host)}"
+            added = await http.post(
+                "/api/hosts", json={"id": host, "address": address, "labels": labels, "ssh_check": False}
+            )
+            assert added.status_code == 201, added.text
+    done = warlock(["exec", "echo hi", "--label", "role=web"], tmp_path, env)
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert "box: hi" in lines
+    assert "box => succeeded (exit 0, via agent)" in lines
+    (ghost,) = [ln for ln in lines if ln.startswith("ghost => ")]
+    assert ghost.startswith("ghost => undeliverable (")
+    assert not [ln for ln in lines if ln.startswith("db")]
+    job_id = lines[0].split()[1]
+    assert lines[-2] == f"job {job_id} finished: 2 hosts: 1 succeeded, 1 unreachable"
+    assert lines[-1].split()[:2] == ["ghost", "undeliverable"]
+
+    done = warlock(["jobs"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].split()[0] == job_id  # newest first
+    done = warlock(["job", job_id, "--json"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert "ghost" in {o["host_id"] for o in json.loads(done.stdout)["outcomes"]}
+    done = warlock(["job", "no-such-job"], tmp_path, env)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "unknown job" in done.stderr

@@ -567,6 +567,8 @@ def test_jobs_job_and_cancel(api: FakeApi, capsys: pytest.CaptureFixture[str]) -
     code, out, _ = _run(["cancel", "--job", "j/../x"], capsys)
     assert (code, out) == (0, "job j/../x: cancelling\n")
     assert api.requests[-1].url.raw_path == b"/api/jobs/j%2F..%2Fx/cancel"  # one path segment, always
+    code, out, _ = _run(["cancel", "job-5f3a"], capsys)  # a job id by its prefix
+    assert (code, out) == (0, "job job-5f3a: cancelling\n")
 
 
 # ----------------------------------------------------------------------------- keys
