@@ -189,3 +189,46 @@ async def test_exec_one_host_through_a_job(stack: Stack, tmp_path: Path) -> None
     done = warlock(["job", "no-such-job"], tmp_path, env)
     assert (done.returncode, done.stdout) == (1, "")
     assert "unknown job" in done.stderr
+
+
+def test_api_keys_over_rest(api: Api, stack: Stack, tmp_path: Path) -> None:
+    """`warlock keys create|list|revoke` with the (admin) bootstrap key: the printed key works at once
+    and within its scope only, and is refused after revoke. Needs /api/keys: skipped against an API
+    without it."""
+    env = {"WARLOCK_API_URL": api.url, "WARLOCK_API_KEY_FILE": str(stack.root / "api-key")}
+    probe = httpx.get(f"{api.url}/api/keys", headers=api.auth, timeout=30)
+    if probe.status_code in (404, 405):
+        pytest.skip("this API has no /api/keys yet")
+    done = warlock(
+        ["keys", "create", "web-reader", "--role", "read", "--scope", "role=web", "--expires", "1d"],
+        tmp_path,
+        env,
+    )
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    assert len(done.stdout.splitlines()) == 1
+    assert "role read, scope role=web, expires " in done.stderr
+    assert key not in done.stderr
+
+    scoped = {"WARLOCK_API_URL": api.url, "WARLOCK_API_KEY": key}
+    done = warlock(["hosts", "--json"], tmp_path, scoped)
+    assert done.returncode == 0, done.stderr
+    assert sorted(h["id"] for h in json.loads(done.stdout)) == ["web1", "web2"]  # its scope only
+    done = warlock(["keys", "list"], tmp_path, scoped)
+    assert (done.returncode, done.stdout) == (1, "")  # keys are for admin keys: 403
+    assert "(HTTP 403)" in done.stderr
+
+    done = warlock(["keys", "list"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    (row,) = [line.split() for line in done.stdout.splitlines() if line.startswith("web-reader ")]
+    assert row[1:3] == ["read", "role=web"]
+    assert row[-1] == "active"
+    done = warlock(["keys", "create", "web-reader"], tmp_path, env)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "(HTTP 409)" in done.stderr
+
+    done = warlock(["keys", "revoke", "web-reader"], tmp_path, env)
+    assert (done.returncode, done.stdout) == (0, "API key web-reader revoked\n")
+    done = warlock(["hosts"], tmp_path, scoped)
+    assert done.returncode == 2
+    assert "the API refused the key" in done.stderr
