@@ -222,6 +222,7 @@ class Follower:
     async def follow(self, job_id: str) -> dict[str, Any]:
         """Until the job is no longer pending or running and every outcome is reported; the final job."""
         try:
+            polls = 0
             while True:
                 job = await self.api.job(job_id)
                 for entry in render.outcomes_of(job):
@@ -229,8 +230,11 @@ class Follower:
                 self.sink.progress(job)
                 if job_done(job):
                     break
-                # a big job's outcomes are a big answer: ask less often (10,000 hosts: every 5 s)
-                await asyncio.sleep(max(self.poll_s, min(5.0, render.targets_of(job) / 2000)))
+                # soon at first (a quick command is done in 0.1 s), then every poll_s; a big job's outcomes
+                # are a big answer: ask less often (10,000 hosts: every 5 s)
+                polls += 1
+                wait = max(self.poll_s, min(5.0, render.targets_of(job) / 2000))
+                await asyncio.sleep(min(wait, 0.05 * 2**polls))
             finishing = [s.finish_task for s in self.hosts.values() if s.finish_task is not None]
             await asyncio.gather(*finishing)
             for state in self.hosts.values():  # still pending in a finished job: say so, once

@@ -4,6 +4,7 @@ environment or by a `warlock run`'s dev.json. SQLite only: the CLI sees HTTP, no
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -232,3 +233,41 @@ def test_api_keys_over_rest(api: Api, stack: Stack, tmp_path: Path) -> None:
     done = warlock(["hosts"], tmp_path, scoped)
     assert done.returncode == 2
     assert "the API refused the key" in done.stderr
+
+
+async def test_cancel_a_running_command_of_a_detached_job(stack: Stack, tmp_path: Path) -> None:
+    """`warlock exec --detach` prints the job id; `warlock cancel COMMAND_ID` kills the run (its outcome:
+    cancelled); `warlock exec` then exits 1 on such a job. Needs jobs and cancel: skipped without them."""
+    api = stack.start_api(f"sqlite+aiosqlite:///{tmp_path / 'api.db'}")
+    gateway = stack.start_gateway()
+    async with httpx.AsyncClient(base_url=api.url, headers=api.auth, timeout=30) as http:
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        if "/api/jobs" not in paths or "/api/commands/{command_id}/cancel" not in paths:
+            pytest.skip("this API has no jobs or no command cancel yet")
+        added = await http.post("/api/hosts", json={"id": "box", "address": "10.9.9.9", "ssh_check": False})
+        assert added.status_code == 201, added.text
+    await stack.start_known_agent(api, "box", "box", [gateway.url])
+    env = {"WARLOCK_API_URL": api.url, "WARLOCK_API_KEY_FILE": str(stack.root / "api-key")}
+    done = warlock(["exec", "sleep 60", "box", "--detach"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert job_id.startswith("job-")
+    done = warlock(["job", job_id, "--json"], tmp_path, env)
+    (outcome,) = json.loads(done.stdout)["outcomes"]
+    assert outcome["status"] in ("pending", "running"), outcome  # sent (the API says pending until the end)
+    command_id = outcome["command_id"]
+    await asyncio.sleep(1.5)  # the agent has started the sleep
+
+    started = time.monotonic()
+    done = warlock(["cancel", command_id], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"command {command_id}: ")
+    done = warlock(["exec", "true", "box", "-q"], tmp_path, env)  # the host is free again
+    assert done.returncode == 0, done.stderr
+    done = warlock(["job", job_id, "--json"], tmp_path, env)
+    (outcome,) = json.loads(done.stdout)["outcomes"]
+    assert outcome["status"] == "cancelled", outcome
+    assert time.monotonic() - started < 30  # not the 60 s of the sleep
+    done = warlock(["cancel", command_id], tmp_path, env)  # finished: the API says so (409)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "(HTTP 409)" in done.stderr

@@ -647,3 +647,42 @@ def test_argparse_commands_stay_and_list_the_new_ones(capsys: pytest.CaptureFixt
     assert out.startswith("usage: warlock")
     for name in ("signing-keys", "hosts", "exec", "jobs", "job", "cancel", "keys", "req", "api-key"):
         assert f"    {name} " in out
+
+
+def test_ctrl_c_stops_following_and_says_the_job_goes_on(tmp_path: Path) -> None:
+    """SIGINT while following: exit 130 and how to look at or cancel the job (which is not cancelled)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        "from tests.unit.test_ctl import FakeApi, KEY\n"
+        "from services.ctl import cli, ops\n"
+        "fake = FakeApi()\n"
+        "fake.outcome('web1', 'succeeded', stdout='x\\n')\n"
+        "fake.polls = -10**9  # never done\n"
+        "ops.TRANSPORT = fake.transport()\n"
+        "os.environ.update(WARLOCK_API_URL='http://api.test', WARLOCK_API_KEY=KEY)\n"
+        "sys.exit(cli.main(['exec', 'sleep 100', 'web1']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(driver)],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "job j1\n"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert "web1: x" in out
+    assert err == "warlock: stopped following; job j1 goes on (warlock job j1; warlock cancel --job j1)\n"
