@@ -43,6 +43,7 @@ STREAM_LIMIT = 16  # output streams followed at once; other hosts' output is fet
 FETCH_LIMIT = 16  # results fetched at once
 STREAM_RETRIES = 3  # reconnects (with Last-Event-ID) of a broken output stream
 FINISH_GRACE_S = 5.0  # after a host's outcome, how long its stream may take to deliver the rest
+OUTPUT_HOSTS = 50  # `warlock exec` shows the output of this many hosts (--output-hosts): each costs a request
 
 app = typer.Typer(
     name="warlock",
@@ -203,18 +204,28 @@ class Follower:
         api: Api,
         sink: render.Sink,
         *,
-        show_output: bool = True,
+        output_hosts: int | None = None,
         poll_s: float | None = None,
         stream_limit: int = STREAM_LIMIT,
     ) -> None:
         self.api = api
         self.sink = sink
-        self.show_output = show_output
+        self.output_hosts = OUTPUT_HOSTS if output_hosts is None else output_hosts
+        self.with_output: set[str] = set()  # hosts whose output is shown (streamed or fetched)
         self.poll_s = POLL_S if poll_s is None else poll_s
         self.stream_limit = stream_limit
         self.streams_supported = True
         self.hosts: dict[str, HostState] = {}
         self.fetch_slots = asyncio.Semaphore(FETCH_LIMIT)
+
+    def _output_for(self, host: str) -> bool:
+        """Whether `host`'s output is shown: the first `output_hosts` hosts asked about get it."""
+        if host in self.with_output:
+            return True
+        if len(self.with_output) < self.output_hosts:
+            self.with_output.add(host)
+            return True
+        return False
 
     def _streaming(self) -> int:
         return sum(1 for s in self.hosts.values() if s.stream_task is not None and not s.stream_task.done())
@@ -241,6 +252,12 @@ class Follower:
                 if not state.reported:
                     state.reported = True
                     self.sink.host_done(state.entry)
+            hidden = len(self.hosts) - len(self.with_output)
+            if self.output_hosts and hidden > 0:
+                self.sink.note(
+                    f"output of {hidden} hosts not shown (--output-hosts N shows more; each host's output: "
+                    f"warlock job {job_id} --json gives the command ids, GET /api/commands/ID the output)"
+                )
             return job
         finally:
             for state in self.hosts.values():
@@ -257,7 +274,7 @@ class Follower:
         active = state.status in client.HOST_ACTIVE_STATUSES
         if (
             state.status in client.STREAMABLE_STATUSES
-            and self.show_output
+            and self._output_for(state.host)
             and self.streams_supported
             and state.command_id
             and state.stream_task is None
@@ -303,7 +320,7 @@ class Follower:
                 complete = await asyncio.wait_for(asyncio.shield(state.stream_task), FINISH_GRACE_S)
             except TimeoutError:
                 state.stream_task.cancel()
-        if self.show_output and not complete and state.command_id:
+        if state.command_id and not complete and self._output_for(state.host):
             async with self.fetch_slots:
                 try:
                     run_ = await self.api.command(state.command_id)
@@ -370,6 +387,9 @@ def exec_cmd(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="outcomes and summary only, no output")
     ] = False,
+    output_hosts: Annotated[
+        int, typer.Option(min=0, help="show the output of at most this many hosts (each costs a request)")
+    ] = OUTPUT_HOSTS,
     detach: Annotated[
         bool, typer.Option("--detach", help="print the job id and return; follow with `warlock job ID`")
     ] = False,
@@ -401,7 +421,7 @@ def exec_cmd(
         )
         sink.start(job)
         try:
-            final = await Follower(api, sink, show_output=not quiet).follow(job_id)
+            final = await Follower(api, sink, output_hosts=0 if quiet else output_hosts).follow(job_id)
         except (KeyboardInterrupt, asyncio.CancelledError):
             sink.stop()
             sink.note(

@@ -471,6 +471,19 @@ def test_a_cancelled_job_is_followed_until_its_runs_in_flight_end(
     assert api.polls == 3  # web2 final from the third poll on
 
 
+def test_output_of_at_most_output_hosts_hosts(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
+    """--output-hosts 1: one host's output (one stream or fetch), the others' outcomes only, and a note."""
+    _fleet(api)
+    code, out, err = _run(["exec", "uptime", "--all", "--output-hosts", "1"], capsys)
+    assert code == 1
+    assert "web1: alpha" in out.splitlines()
+    assert "web2: partial" not in out
+    assert "web2 => failed (exit 2, via agent)" in out.splitlines()
+    asked = {r.url.path.split("/")[3] for r in api.requests if r.url.path.startswith("/api/commands/")}
+    assert asked == {"c-web1"}
+    assert err.startswith("warlock: output of 2 hosts not shown (--output-hosts N shows more;")
+
+
 def test_exec_quiet_and_detach(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
     _fleet(api)
     code, out, _ = _run(["exec", "uptime", "--all", "-q"], capsys)
