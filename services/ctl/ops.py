@@ -369,9 +369,10 @@ def parse_batch(value: str | None) -> int | str | None:
 
 @app.command("exec")
 def exec_cmd(
-    command: Annotated[str, typer.Argument(help="the shell command, quoted")],
+    command: Annotated[str, typer.Argument(metavar="CMD", help="the shell command, quoted")],
     hosts: Annotated[
-        list[str] | None, typer.Argument(help="hosts by id or address", show_default=False)
+        list[str] | None,
+        typer.Argument(metavar="HOST", help="hosts by id or address", show_default=False),
     ] = None,
     label: LabelOpt = None,
     all_hosts: Annotated[bool, typer.Option("--all", help="every host")] = False,
@@ -379,7 +380,7 @@ def exec_cmd(
         str | None, typer.Option(metavar="N|P%", help="hosts at a time (10) or a share (10%)")
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option(min=0.1, help="seconds the command may run on each host")
+        float | None, typer.Option(min=0.1, metavar="S", help="seconds the command may run on each host")
     ] = None,
     stop_on_failure: Annotated[
         bool, typer.Option("--stop-on-failure", help="start no new batch after a host failed")
@@ -388,14 +389,17 @@ def exec_cmd(
         bool, typer.Option("--quiet", "-q", help="outcomes and summary only, no output")
     ] = False,
     output_hosts: Annotated[
-        int, typer.Option(min=0, help="show the output of at most this many hosts (each costs a request)")
+        int,
+        typer.Option(
+            min=0, metavar="N", help="show the output of at most this many hosts (each costs a request)"
+        ),
     ] = OUTPUT_HOSTS,
     detach: Annotated[
         bool, typer.Option("--detach", help="print the job id and return; follow with `warlock job ID`")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run COMMAND on hosts as one job; show each host's output and outcome as they come, then a summary.
+    """Run CMD on hosts as one job; show each host's output and outcome as they come, then a summary.
     Exit status 0 only when every host succeeded."""
     labels = parse_labels(label)
     chosen = [bool(hosts), bool(labels), all_hosts]
@@ -447,7 +451,9 @@ def exec_cmd(
 
 @app.command("jobs")
 def jobs_cmd(
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="at most this many, newest first")] = 20,
+    limit: Annotated[
+        int, typer.Option(min=1, max=1000, metavar="N", help="at most this many, newest first")
+    ] = 20,
     as_json: JsonOpt = False,
 ) -> None:
     """Recent jobs: id, state, counts, command."""
@@ -592,9 +598,9 @@ def keys_list(as_json: JsonOpt = False) -> None:
 
 @keys_app.command("create")
 def keys_create(
-    name: Annotated[str, typer.Argument(help="a unique name; recorded as requested_by")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="a unique name; recorded as requested_by")],
     role: Annotated[
-        str, typer.Option(help="read | operate (run commands) | admin (hosts, agents, keys)")
+        str, typer.Option(metavar="ROLE", help="read | operate (run commands) | admin (hosts, agents, keys)")
     ] = "read",
     scope: Annotated[
         list[str] | None,
@@ -632,7 +638,7 @@ def keys_create(
 
 
 @keys_app.command("revoke")
-def keys_revoke(name: Annotated[str, typer.Argument()]) -> None:
+def keys_revoke(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
     """Revoke an API key: requests with it are refused (401) from now on."""
 
     async def body(api: Api) -> int:
