@@ -1,4 +1,5 @@
-"""Admin actions on the database, for `warlock api-key create`, `warlock agent-token` and `warlock keys`."""
+"""Admin actions on the database, for `warlock api-key create`, `warlock agent-token` and
+`warlock signing-keys`."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ OPERATOR_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a f
 
 
 def default_operator_key_path(name: str) -> Path:
-    """Where `warlock keys create NAME` writes the private key: ``$XDG_CONFIG_HOME/warlock/NAME.key``
+    """Where `warlock signing-keys create NAME` writes the private key: ``$XDG_CONFIG_HOME/warlock/NAME.key``
     (``~/.config/warlock/NAME.key``)."""
     config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(config) / "warlock" / f"{name}.key"

@@ -12,11 +12,14 @@ warlock nats-config --dir DIR     write one nkey per NATS role and the nats-serv
 warlock api-key create --name N   create an API key in the API's database; print it once
     [--role read|operate|admin] [--scope K=V]... [--expires 30d|ISO-TIME]   (default: admin, no scope)
 warlock agent-token HOST          issue a new agent token for a registered host; print it once
-warlock keys create NAME          make an operator signing key (private key to a 0600 file, public
-                                  key into the API's database); `keys list`, `keys revoke NAME`
+warlock signing-keys create NAME  make an operator signing key (private key to a 0600 file, public
+                                  key into the API's database); `signing-keys list`, `signing-keys
+                                  revoke NAME`
 warlock swarm --gateway URL --tokens F   many simulated agents in one process (benchmark; services.dev.swarm)
+warlock hosts|exec|jobs|job|cancel|keys   the operator's commands over the API's REST interface
+                                  (typer + rich: `services.ctl.ops`; WARLOCK_API_URL or dev.json)
 
-`api-key`, `agent-token` and `keys` use the API's database (WARLOCK_API_DATABASE_URL).
+`api-key`, `agent-token` and `signing-keys` use the API's database (WARLOCK_API_DATABASE_URL).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "--key",
         type=Path,
         help="operator signing key for exec (default: WARLOCK_OPERATOR_KEY, else .warlock/dev.json's "
-        "operator_key); make one with `warlock keys create NAME`",
+        "operator_key); make one with `warlock signing-keys create NAME`",
     )
     req.add_argument(
         "--nkey",
@@ -94,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--expires", metavar="WHEN", help="a duration (90m, 12h, 30d, 2w) or an ISO time")
     token = sub.add_parser("agent-token", help="issue a new agent token for a host and print it once")
     token.add_argument("host", help="host id or address (the host must be registered)")
-    opkeys = sub.add_parser("keys", help="operator signing keys for `warlock req` (API database)")
+    opkeys = sub.add_parser("signing-keys", help="operator signing keys for `warlock req` (API database)")
     opkeys_sub = opkeys.add_subparsers(dest="keys_cmd", required=True)
     opcreate = opkeys_sub.add_parser("create", help="make a key pair; print where the private key went")
     opcreate.add_argument("name", help="a unique name, recorded as requested_by operator:NAME")
@@ -104,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     oprevoke.add_argument("name")
     swarm = sub.add_parser("swarm", help="hold many simulated agent sessions (benchmark)")
     _swarm_arguments(swarm)
+    for name, text in OPS_COMMANDS.items():  # listed in --help; `main` hands them to `services.ctl.ops`
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -151,7 +156,7 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    """`warlock keys create|list|revoke`: operator signing keys in the API's database."""
+    """`warlock signing-keys create|list|revoke`: operator signing keys in the API's database."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from services.api.errors import DomainError
@@ -306,7 +311,7 @@ def signed_exec(subject: str, data: str, key_file: Path | None) -> tuple[str, st
     if key_file is None:
         raise ReqError(
             "an exec must be signed with an operator key: pass --key FILE or set WARLOCK_OPERATOR_KEY "
-            "(make one with `warlock keys create NAME`)"
+            "(make one with `warlock signing-keys create NAME`)"
         )
     key = signing.load_private(key_file, "--key / WARLOCK_OPERATOR_KEY")
     try:
@@ -363,8 +368,23 @@ def _nats_for(role: str, server: str | None, nkey: Path | None) -> tuple[str, di
     return str(server), settings_options(settings, role)
 
 
+OPS_COMMANDS = {  # the commands over the API's REST interface (typer: `services.ctl.ops`)
+    "hosts": "the hosts, by label (a table; --json)",
+    "exec": "run a command on hosts as one job, with live output and a summary",
+    "jobs": "recent jobs",
+    "job": "one job: state, counts, every host's outcome",
+    "cancel": "cancel a command, or a job (--job)",
+    "keys": "API keys over the API: list, create (role, label scope, expiry), revoke",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `warlock` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OPS_COMMANDS:
+        from services.ctl import ops
+
+        return ops.main(argv)
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "run":
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.cmd in ("api-key", "agent-token"):
             return _admin(args)
-        if args.cmd == "keys":
+        if args.cmd == "signing-keys":
             return _keys(args)
         if args.cmd == "swarm":
             from services.dev import swarm

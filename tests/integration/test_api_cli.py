@@ -1,5 +1,5 @@
-"""`warlock api-key create`, `warlock agent-token`, `warlock keys` and `warlock req`'s signing against the
-API's database (and a real nats-server)."""
+"""`warlock api-key create`, `warlock agent-token`, `warlock signing-keys` and `warlock req`'s signing against
+the API's database (and a real nats-server)."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ async def test_keys_and_signed_req(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`warlock keys create` writes a 0600 private key and prints its path and id (never the key);
+    """`warlock signing-keys create` writes a 0600 private key and prints its path and id (never the key);
     `warlock req` on an agent exec subject is rewritten to the ops subject, signed with that key, run once
     and recorded as operator:NAME; without a key it refuses; after `keys revoke` the API says forbidden."""
     from nats.aio.msg import Msg
@@ -151,19 +151,21 @@ async def test_keys_and_signed_req(
         "WARLOCK_NATS_NKEY_FILE", str(nats_server.nkey_file("operator"))
     )  # `req` is the operator
     key_file = tmp_path / "keys" / "alice.key"
-    code, out, _ = await _cli(["keys", "create", "alice", "--out", str(key_file)], capsys)
+    code, out, _ = await _cli(["signing-keys", "create", "alice", "--out", str(key_file)], capsys)
     assert code == 0, out
     key = signing.load_private(key_file)  # 0600, else this raises
     assert str(key_file) in out
     assert signing.key_id(key) in out
     assert "PRIVATE" not in out
-    code, out, _ = await _cli(["keys", "create", "bob"], capsys)
+    code, out, _ = await _cli(["signing-keys", "create", "bob"], capsys)
     assert code == 0
     assert (tmp_path / "config" / "warlock" / "bob.key").exists()
-    code, _, err = await _cli(["keys", "create", "alice", "--out", str(tmp_path / "other.key")], capsys)
+    code, _, err = await _cli(
+        ["signing-keys", "create", "alice", "--out", str(tmp_path / "other.key")], capsys
+    )
     assert (code, "exists" in err) == (1, True)
     assert not (tmp_path / "other.key").exists()
-    code, _, err = await _cli(["keys", "create", "../evil"], capsys)
+    code, _, err = await _cli(["signing-keys", "create", "../evil"], capsys)
     assert (code, "bad key name" in err) == (1, True)
 
     agent = AgentKey()
@@ -194,14 +196,14 @@ async def test_keys_and_signed_req(
 
             code, out, err = await _cli(req, capsys)  # no key anywhere
             assert code == 2
-            assert "warlock keys create" in err
+            assert "warlock signing-keys create" in err
             assert len(seen) == 1
 
-            code, out, _ = await _cli(["keys", "list"], capsys)
+            code, out, _ = await _cli(["signing-keys", "list"], capsys)
             assert code == 0
             lines = out.splitlines()
             assert [line.split()[0] for line in lines[1:]] == ["alice", "bob"]
-            code, out, _ = await _cli(["keys", "revoke", "alice"], capsys)
+            code, out, _ = await _cli(["signing-keys", "revoke", "alice"], capsys)
             assert (code, "revoked" in out) == (0, True)
             monkeypatch.setenv("WARLOCK_OPERATOR_KEY", str(key_file))
             code, out, err = await _cli(req, capsys)

@@ -41,7 +41,7 @@ async def api(tmp_path: Path, nats_server: NatsServer, database: str) -> AsyncIt
 
 @pytest.fixture
 async def operator(api: RunningApi, tmp_path: Path) -> SigningKey:
-    """Operator key `alice`, made as `warlock keys create alice --out FILE` does."""
+    """Operator key `alice`, made as `warlock signing-keys create alice --out FILE` does."""
     made = await admin.create_operator_key(api.settings, "alice", tmp_path / "alice.key")
     assert made.path.stat().st_mode & 0o777 == 0o600
     return signing.load_private(made.path)
@@ -206,7 +206,8 @@ async def test_refused_operator_execs_run_nothing_and_record_nothing(
 async def test_revoked_operator_key_is_refused(
     api: RunningApi, ids: Identities, operator: SigningKey
 ) -> None:
-    """After `warlock keys revoke alice` the key's commands are forbidden (nothing runs); list shows it."""
+    """After `warlock signing-keys revoke alice` the key's commands are forbidden (nothing runs); list
+    shows it."""
     agent = await FakeAgent(api, ids.gateway).start()
     assert isinstance(await _ops(ids.operator, _signed(operator)), ExecResult)
     revoked = await admin.revoke_operator_key(api.settings, "alice")

@@ -96,7 +96,7 @@ def test_req_leaves_other_subjects_alone_and_refuses_bad_exec(tmp_path: Path) ->
     path, _ = _key(tmp_path)
     assert signed_exec("warlock.agent.web-1.ping", "", None) == ("warlock.agent.web-1.ping", "", None)
     assert signed_exec("$SRV.PING", "", None) == ("$SRV.PING", "", None)
-    with pytest.raises(ReqError, match="warlock keys create"):
+    with pytest.raises(ReqError, match="warlock signing-keys create"):
         signed_exec("warlock.ops.web-1.exec", '{"command": "id"}', None)
     with pytest.raises(ReqError, match="not an exec request"):
         signed_exec("warlock.ops.web-1.exec", '{"cmd": "id"}', path)
