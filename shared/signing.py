@@ -226,7 +226,7 @@ def verify_command(
         raise CommandRefused(
             ErrorCode.UNSIGNED,
             f"unsigned {kind}: commands must be signed by the API (or sent with `warlock req` and an "
-            "operator key the API authorised: warlock keys create NAME); nothing ran",
+            "operator key the API authorised: warlock signing-keys create NAME); nothing ran",
         )
     public = trusted.get(signature.key_id)
     if public is None:

@@ -121,7 +121,7 @@ async def test_envelopes_that_do_not_verify_run_nothing(rig: Rig, tmp_path: Path
     await rig.refused(signed_request(signer, touch, ttl=3600), ErrorCode.EXPIRED)  # outlives the ledger
     await rig.refused(signed_request(stranger, touch), ErrorCode.UNKNOWN_KEY)
     unsigned = await rig.refused(encode(ExecRequest(command=touch)), ErrorCode.UNSIGNED)
-    assert "warlock keys" in unsigned.description
+    assert "warlock signing-keys" in unsigned.description
     assert not marker.exists()
 
     result = await rig.exec(original)

@@ -176,7 +176,7 @@ async def test_refused_operator_execs_run_nothing_and_record_nothing(
     unsigned = await _ops(ids.operator, b'{"command": "id"}')
     assert isinstance(unsigned, ErrorReply)
     assert unsigned.code == "unsigned"
-    assert "warlock keys create" in unsigned.description
+    assert "warlock signing-keys create" in unsigned.description
     assert "warlock req" in unsigned.description
 
     stranger = await _ops(ids.operator, _signed(signing.generate()))

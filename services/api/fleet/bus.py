@@ -73,7 +73,7 @@ KEY_WAIT_S = 15.0  # a hello of a host without an agent key is checked again for
 KEY_POLL_S = 0.5
 OPS_HOWTO = (
     "commands on warlock.ops.<host>.exec must be signed with an operator key the API authorised: "
-    "create one with `warlock keys create NAME`, then send `warlock req warlock.ops.<host>.exec "
+    "create one with `warlock signing-keys create NAME`, then send `warlock req warlock.ops.<host>.exec "
     '\'{"command": "uptime"}\' --key FILE` (or set WARLOCK_OPERATOR_KEY); nothing ran'
 )
 
@@ -309,7 +309,7 @@ class Bus:
         async with self.sessions() as session:
             key = await crud.get_operator_key(session, signature.key_id)
         if key is None:
-            why = f"key {signature.key_id} is not an operator key of this API (warlock keys list)"
+            why = f"key {signature.key_id} is not an operator key of this API (warlock signing-keys list)"
             why += "; nothing ran"
             return self._refuse(ErrorCode.UNKNOWN_KEY, why, request, host_id)
         if key.revoked_at is not None:
