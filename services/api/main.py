@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.api import __version__
 from services.api.fleet.bus import Bus
 from services.api.fleet.inflight import InFlight
+from services.api.fleet.jobs import JobRunner
 from services.api.fleet.lifecycle import AgentLifecycle
 from services.api.fleet.liveness import GatewayWatch
 from services.api.fleet.reconciler import Reconciler, reconcile_forever
@@ -104,6 +105,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         auth = AuthCache(settings.auth_cache_ttl)
         state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)
         watch = GatewayWatch(sessions, settings.gateway_silence, inflight=inflight)
+        jobs = JobRunner(runner, engine, tasks)
         bus = Bus(
             nc,
             sessions,
@@ -126,6 +128,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             reconciling = reconcile_forever(reconciler, settings, ready=lambda: state.db_ready)
             background.append(asyncio.create_task(reconciling, name="reconciler"))
             background.append(asyncio.create_task(watch.run(lambda: state.db_ready), name="gateway-watch"))
+            background.append(
+                asyncio.create_task(jobs.maintain_forever(lambda: state.db_ready), name="job-maintenance")
+            )
             connecting = asyncio.create_task(_connect_nats(link, bus, stop), name="nats-connect")
             background.append(connecting)
             failed = asyncio.create_task(link.failed.wait())
@@ -135,6 +140,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             if not link.connected:
                 log.warning("serving without NATS (503 on what needs it) while retrying: %s", link.problem)
             app.state.api = state
+            app.state.jobs = jobs
             yield
         finally:
             stop.set()

@@ -243,6 +243,17 @@ class Runner:
         task = self.tasks.spawn(self._deliver(run, host), name=f"exec-{run.command_id}")
         return (await asyncio.shield(task))[0]
 
+    async def run_async(self, ref: str, body: ExecBody, requested_by: str | None) -> str:
+        """As `run`, but return the command id once the pending row is committed: delivery goes on in a
+        tracked task and records the outcome (``GET /api/commands/{id}``). NotFound and
+        DatabaseUnavailable as `run` (nothing sent)."""
+        run = NewRun(new_command_id(), body.command, body.timeout, requested_by, utcnow())
+        host = await self.store.start(ref, run)
+        if host is None:
+            raise NotFound(f"unknown host {ref[:100]!r}")
+        self.tasks.spawn(self._deliver(run, host), name=f"exec-{run.command_id}")
+        return run.command_id
+
     async def deliver(self, run: NewRun, host: HostTarget) -> tuple[CommandRunPublic, Outcome]:
         """Deliver a run already recorded as pending, in a tracked task shielded from the caller; return
         what was recorded and the outcome itself (the operator exec path answers with the latter)."""

@@ -18,7 +18,7 @@ from sqlmodel import Field, SQLModel
 
 from shared.protocol import DEFAULT_TIMEOUT_S
 
-SCHEMA_VERSION = 2  # 2: agent public keys, operator keys, requested_by on every run
+SCHEMA_VERSION = 3  # 2: agent public keys, operator keys, requested_by on every run; 3: issue 11
 
 ADDRESS_PATTERN = r"^[A-Za-z0-9.:_-]+$"  # as shared.protocol.SshTarget.address
 SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.username
@@ -63,6 +63,9 @@ class CommandStatus(StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"  # no answer in time: the command may have run; never re-sent
     UNDELIVERABLE = "undeliverable"  # neither an agent session nor an SSH worker answered; nothing ran
+    QUEUED = "queued"  # a job's run whose batch has not started: nothing sent yet
+    SKIPPED = "skipped"  # a job's run never sent (stop_on_failure, or the job's API stopped): nothing ran
+    CANCELLED = "cancelled"  # cancelled; a job's run cancelled before its batch started: nothing ran
 
 
 class Via(StrEnum):
@@ -156,6 +159,7 @@ class CommandRunBase(SQLModel):
     started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     duration_ms: float | None = None
+    job_id: str | None = Field(default=None, max_length=32, index=True)  # the job it is part of, if any
 
 
 class CommandRun(CommandRunBase, table=True):
@@ -163,6 +167,39 @@ class CommandRun(CommandRunBase, table=True):
 
     __tablename__ = "command_run"
     __table_args__ = (Index("ix_command_run_host_created", "host_id", "created_at"),)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+class JobState(StrEnum):
+    """A job: running until every target has a final outcome; cancelled once a cancel was asked (batches
+    not yet started are not sent; `Job.finished_at` is set when the last run in flight ended)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+class Job(SQLModel, table=True):
+    """One command to many hosts (`services.api.fleet.jobs`); each host's run is a CommandRun with job_id."""
+
+    __tablename__ = "job"
+
+    job_id: str = Field(primary_key=True, max_length=32)
+    command: str = Field(sa_type=Text)
+    timeout: float = DEFAULT_TIMEOUT_S
+    selection: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # the targets as asked
+    targets: int = 0  # how many hosts the selection named (one run each)
+    batch: str | None = Field(default=None, max_length=16)  # as asked: "10" or "10%"; None: all at once
+    batch_size: int = 0  # hosts per batch, resolved
+    stop_on_failure: bool = False
+    state: JobState = Field(default=JobState.RUNNING, sa_type=String(16))
+    requested_by: str | None = Field(default=None, max_length=255)
+    api_instance: str | None = Field(default=None, max_length=64)  # the API process running it
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime, index=True)
+    heartbeat_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)  # its API is alive
+    finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 # ----------------------------------------------------------------------------- api keys, schema

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from services.api.errors import DomainError
 from services.api.fleet.probe import probe_host
 from services.api.http.deps import SessionDep, StateDep, api_key_name, app_state
 from services.api.http.errors import status_of
+from services.api.http.routes.jobs import parse_label_selectors
 from services.api.http.schemas import (
     AgentInstallBody,
     CommandRunPublic,
@@ -20,6 +23,7 @@ from services.api.http.schemas import (
     InstallFailedPublic,
 )
 from services.api.store import crud
+from services.api.store.jobs import labels_match
 
 router = APIRouter(prefix="/hosts", tags=["hosts"])
 
@@ -70,10 +74,20 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
     return added
 
 
-@router.get("", response_model=list[HostPublic])
-async def list_hosts(session: SessionDep) -> list[HostPublic]:
-    """Every host."""
-    return [HostPublic.model_validate(h, from_attributes=True) for h in await crud.list_hosts(session)]
+@router.get("", response_model=list[HostPublic], responses={422: {"description": "malformed label"}})
+async def list_hosts(
+    session: SessionDep,
+    label: Annotated[
+        list[str] | None,
+        Query(description="k=v: the label equals v; k: the host has label k; repeated: all must match"),
+    ] = None,
+) -> list[HostPublic]:
+    """Every host, or those whose labels match every ``label`` selector."""
+    selectors = parse_label_selectors(label or [])
+    hosts = await crud.list_hosts(session)
+    if selectors:
+        hosts = [h for h in hosts if labels_match(h.labels, selectors)]
+    return [HostPublic.model_validate(h, from_attributes=True) for h in hosts]
 
 
 @router.get("/{host}", response_model=HostPublic, responses=NOT_FOUND)
@@ -103,13 +117,33 @@ async def delete_host(host: str, state: StateDep, session: SessionDep) -> Respon
     response_model=CommandRunPublic,
     responses={**NOT_FOUND, 503: {"description": "database or NATS unavailable: nothing was sent"}},
 )
-async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic:
-    """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
+async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic | JSONResponse:
+    """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`).
+
+    With ``?async=true``: 202 ``{command_id, status: "pending"}`` and ``Location: /api/commands/{id}`` as
+    soon as the run is recorded; the command runs on in the API (GET the command for its outcome)."""
     # no further dependencies (state, runner, key name): FastAPI resolves each on every command
     state = app_state(request)
     state.require_db()
     state.require_nats()
-    return await state.runner.run(host, body, requested_by=f"api-key:{api_key_name(request)}")
+    requested_by = f"api-key:{api_key_name(request)}"
+    if request.query_params.get("async") is not None and exec_async(request.query_params.getlist("async")):
+        command_id = await state.runner.run_async(host, body, requested_by=requested_by)
+        return JSONResponse(
+            {"command_id": command_id, "status": "pending"},
+            status_code=status.HTTP_202_ACCEPTED,
+            headers={"Location": f"/api/commands/{command_id}"},
+        )
+    return await state.runner.run(host, body, requested_by=requested_by)
+
+
+def exec_async(values: list[str]) -> bool:
+    """The ``async`` query parameter: ``true`` or ``false`` once (422 naming the parameter otherwise)."""
+    if len(values) == 1 and values[0] in ("true", "false"):
+        return values[0] == "true"
+    raise RequestValidationError(
+        [{"type": "bool_parsing", "loc": ("query", "async"), "msg": "true or false", "input": values}]
+    )
 
 
 @router.get("/{host}/commands", response_model=list[CommandRunPublic], responses=NOT_FOUND)
