@@ -12,7 +12,10 @@
 4. The agent's own RSS, idle and after ten 1 MiB-output commands (with its ledger file's size), beside
    the bare interpreter's and `import pydantic`'s (bench/agent_memory.py).
 
-`--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory).
+5. Job fan-out of `true` to 1,000 swarm agents on one gateway and 10,000 across two, every outcome recorded,
+   beside one exec request per host straight over NATS in the same run; the API's RSS (bench/fanout.py).
+
+`--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory, fanout).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
+from bench.fanout import fanout, print_fanout
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from bench.signing_cost import print_signing_cost
 from services.dev.procs import BIN, Proc, free_port, rss_kib
@@ -129,7 +133,7 @@ def memory_raw(root: Path, count: int) -> float:
         server.stop()
 
 
-BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory")
+BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory", "fanout")
 
 
 def main() -> None:
@@ -146,6 +150,10 @@ def main() -> None:
         action="store_false",
         help="skip the REST rows with the API on PostgreSQL (127.0.0.1:5432)",
     )
+    parser.add_argument("--fanout-runs", type=int, default=3, help="fan-out jobs per size (median)")
+    parser.add_argument(
+        "--fanout-agents", type=int, nargs=2, default=[1000, 10000], help="fan-out sizes: one gateway, two"
+    )
     parser.add_argument("--only", nargs="+", choices=BLOCKS, default=list(BLOCKS), help="blocks to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
@@ -160,6 +168,9 @@ def main() -> None:
             _rest_block(root, args.rest_rounds, args.rest_block, args.postgresql)
         if "agent-memory" in args.only:
             print_agent_memory(agent_memory(root))
+        if "fanout" in args.only:
+            small, large = args.fanout_agents
+            print_fanout(fanout(root / "fanout", small, large, args.fanout_runs))
 
 
 def _latency_block(root: Path, rounds: int, block: int) -> None:
