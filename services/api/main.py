@@ -150,6 +150,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await bus.stop()
             await tasks.close(settings.shutdown_timeout)
             await runner.stop_listening()
+            await jobs.mux.close()
             await link.close()
             await store.close()
             await engine.dispose()

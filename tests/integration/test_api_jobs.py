@@ -49,6 +49,7 @@ class Fleet:
     answering: set[asyncio.Task[None]] = field(default_factory=set)
     received: list[tuple[str, str]] = field(default_factory=list)  # (host, via)
     exit_codes: dict[str, int] = field(default_factory=dict)
+    silent: set[str] = field(default_factory=set)  # hosts that receive and never answer
     holding: int = 0
     most: int = 0
 
@@ -60,6 +61,8 @@ class Fleet:
     async def _answer(self, peer: NATS, msg: Msg, host: str, via: str) -> None:
         request = checked_request(self.api, host, msg.data)  # raises (no answer) unless signed for host
         self.received.append((host, via))
+        if host in self.silent:
+            return
         self.holding += 1
         self.most = max(self.most, self.holding)
         try:
@@ -201,12 +204,15 @@ async def test_batches_respect_their_size(api: RunningApi, fleet: Fleet) -> None
 
 async def test_partly_unreachable_fleet(api: RunningApi, fleet: Fleet) -> None:
     """Agent up → via agent; agent down, SSH up → via ssh; both down → unreachable, with why; a failing
-    command → failed with its exit code. Every host has its outcome."""
+    command → failed with its exit code; an agent that never answers → timed_out (may have run, not
+    re-sent). Every host has its outcome."""
+    await fleet.agent_up("lb-1")
+    fleet.silent.add("lb-1")
     await fleet.agent_up("web-1")
     await fleet.agent_up("web-2")
     fleet.exit_codes["web-2"] = 3
     await fleet.ssh_up("db-1")
-    job = await _submit(api, targets={"hosts": ["web-1", "web-2", "db-1", "db-2"]})
+    job = await _submit(api, targets={"hosts": ["web-1", "web-2", "db-1", "db-2", "lb-1"]}, timeout=0.5)
     done = await _finished(api, job["job_id"])
     outcomes = _by_host(done)
     assert (outcomes["web-1"]["status"], outcomes["web-1"]["via"]) == ("succeeded", "agent")
@@ -215,9 +221,13 @@ async def test_partly_unreachable_fleet(api: RunningApi, fleet: Fleet) -> None:
     down = outcomes["db-2"]
     assert (down["status"], down["via"], down["error_code"]) == ("undeliverable", None, "unavailable")
     assert "no agent session and no SSH worker" in down["error_description"]
+    silent = outcomes["lb-1"]
+    assert (silent["status"], silent["via"], silent["error_code"]) == ("timed_out", "agent", "timeout")
     counts = done["counts"]
-    assert (counts["succeeded"], counts["failed"], counts["unreachable"], counts["pending"]) == (2, 1, 1, 0)
-    assert sorted(fleet.received) == [("db-1", "ssh"), ("web-1", "agent"), ("web-2", "agent")]
+    assert (counts["succeeded"], counts["failed"], counts["unreachable"], counts["timed_out"]) == (2, 1, 1, 1)
+    assert counts["pending"] == 0
+    received = [("db-1", "ssh"), ("lb-1", "agent"), ("web-1", "agent"), ("web-2", "agent")]
+    assert sorted(fleet.received) == received  # once each: nothing re-sent
 
 
 async def test_stop_on_failure_skips_later_batches(api: RunningApi, fleet: Fleet) -> None:
@@ -336,3 +346,35 @@ async def test_host_list_label_filter(api: RunningApi, fleet: Fleet) -> None:
         answer = await api.client.get(f"/api/hosts?{bad}", headers=api.auth)
         assert answer.status_code == 422, (bad, answer.text)
         assert answer.json()["detail"][0]["loc"] == ["query", "label"]
+
+
+async def test_a_dead_apis_job_gets_its_queued_hosts_skipped(api: RunningApi, fleet: Fleet) -> None:
+    """A job whose API stopped (heartbeat STALE_S old): its queued runs (never sent) → skipped with why,
+    the job finished; its pending runs are left to the reconciler (they may have been sent)."""
+    from datetime import timedelta
+
+    from services.api.fleet.jobs import STALE_S, JobRunner
+    from services.api.store import jobs as store
+    from services.api.store.models import Job, JobState, utcnow
+
+    old = utcnow() - timedelta(seconds=STALE_S + 5)
+    job = Job(job_id="job-dead", command="true", targets=3, batch_size=1, state=JobState.RUNNING)
+    job.created_at = job.heartbeat_at = old
+    runs = [store.JobRun(f"dead-{i}", host, i == 0) for i, host in enumerate(["db-1", "db-2", "lb-1"])]
+    await store.create_job(api.state.engine, job, runs)
+    fresh = Job(job_id="job-alive", command="true", targets=1, batch_size=1, state=JobState.RUNNING)
+    await store.create_job(api.state.engine, fresh, [store.JobRun("alive-0", "db-1", False)])
+    jobs: JobRunner = api.app.state.jobs
+    assert await jobs.settle_stale() == 1
+    done = (await api.client.get("/api/jobs/job-dead", headers=api.auth)).json()
+    assert done["state"] == "finished"
+    assert done["finished_at"] is not None
+    outcomes = _by_host(done)
+    assert outcomes["db-1"]["status"] == "pending"  # sent or not: the reconciler asks the agent
+    for host in ("db-2", "lb-1"):
+        assert (outcomes[host]["status"], outcomes[host]["error_code"]) == ("skipped", "not_sent")
+        assert "never sent" in outcomes[host]["error_description"]
+    alive = (await api.client.get("/api/jobs/job-alive", headers=api.auth)).json()
+    assert alive["finished_at"] is None
+    assert alive["outcomes"][0]["status"] == "queued"
+    assert await jobs.settle_stale() == 0

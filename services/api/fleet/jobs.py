@@ -28,6 +28,7 @@ cancel any job); the running job starts no further batch. Runs in flight are lef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -36,6 +37,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -55,6 +60,7 @@ FLUSH_S = 0.02  # outcomes are written together every this often
 FLUSH_ROWS = 2000  # ... or as soon as this many wait
 HEARTBEAT_S = 5.0
 STALE_S = 30.0  # a job whose heartbeat is this old has no API running it
+STATUS_HEADER, NO_RESPONDERS = "Status", "503"  # what nats-server sets on a request nobody took
 SKIPPED = "skipped"
 NOT_SENT = "not_sent"
 FAILURE = frozenset(
@@ -151,6 +157,76 @@ class OutcomeWriter:
         await self._task
 
 
+class ReplyMux:
+    """Jobs' agent requests over one reply subscription (``<api inbox>.<nuid>.<n>``, inside the API's own
+    reply-inbox prefix: no new subject or permission), as `NATS.request` but without its per-request
+    future callback, ``wait_for`` and timer: one sweep every `SWEEP_S` fails the requests past their
+    timeout (nats TimeoutError); a *no responders* status reply raises NoRespondersError, as there."""
+
+    SWEEP_S = 0.25
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.base = ""
+        self.waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
+        self._count = 0
+
+    async def _open(self) -> None:
+        async with self._opening:
+            if self._sub is None:
+                self.base = self.nc.new_inbox()
+                self._sub = await self.nc.subscribe(f"{self.base}.*", cb=self._on_reply)
+                self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self.waiting.pop(msg.subject[len(self.base) + 1 :], None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.SWEEP_S)
+            now = time.monotonic()
+            late = [token for token, (_, deadline) in self.waiting.items() if deadline <= now]
+            for token in late:
+                future, _ = self.waiting.pop(token)
+                if not future.done():
+                    future.set_exception(nats.errors.TimeoutError())
+
+    async def request(self, subject: str, payload: bytes, *, timeout: float) -> Msg:  # noqa: ASYNC109 - as NATS.request
+        """The reply to `payload` on `subject` (see the class docstring)."""
+        if self._sub is None:
+            await self._open()
+        self._count += 1
+        token = str(self._count)
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self.waiting[token] = (future, time.monotonic() + timeout)
+        try:
+            await self.nc.publish(subject, payload, reply=f"{self.base}.{token}")
+            msg = await future
+        finally:
+            self.waiting.pop(token, None)
+        if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            raise nats.errors.NoRespondersError
+        return msg
+
+    async def close(self) -> None:
+        """Stop the sweep and the subscription (requests still waiting fail as NATS would)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for future, _ in self.waiting.values():
+            if not future.done():
+                future.set_exception(nats.errors.ConnectionClosedError())
+        self.waiting.clear()
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
 class JobRunner:
     """Runs jobs in this API process (tracked tasks); settles the queued runs of jobs whose API died."""
 
@@ -164,6 +240,7 @@ class JobRunner:
         # per-command cancel of runs in flight (None: they are left to finish)
         self.cancel_in_flight: Callable[[Sequence[str]], Awaitable[None]] | None = None
         self._in_flight: dict[str, set[str]] = {}  # job id -> command ids in flight
+        self.mux = ReplyMux(runner.nc)
 
     async def submit(self, spec: JobSpec, requested_by: str | None) -> tuple[Job, asyncio.Task[None]]:
         """Select the hosts, record the job and its runs (committed), start it; BadSelection (nothing
@@ -292,6 +369,7 @@ class JobRunner:
                 gateway_id=target.gateway_id,
                 issued_at=issued_at,
                 before_ssh=lambda: runner.store.route_ssh(command_id),
+                requester=self.mux.request,
             )
         except Exception as exc:  # one host's failure must not lose the others' outcomes
             log.exception("job %s: command %s on %s failed", job.job_id, command_id, target.id)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -71,6 +71,12 @@ from shared.protocol import (
 log = logging.getLogger(__name__)
 
 OPEN = (CommandStatus.PENDING, CommandStatus.RUNNING)
+
+
+class Requester(Protocol):
+    """Sends a NATS request and returns its reply, as `NATS.request` (raising the same errors)."""
+
+    def __call__(self, subject: str, payload: bytes, *, timeout: float) -> Awaitable[Msg]: ...
 
 
 @dataclass(frozen=True)
@@ -317,6 +323,7 @@ class Runner:
         gateway_id: str | None = None,
         issued_at: float | None = None,
         before_ssh: Callable[[], Awaitable[bool]] | None = None,
+        requester: Requester | None = None,
     ) -> Outcome:
         """Deliver one command, signed: agent subject first, the SSH subject only if the agent had no
         responders. An agent result counts only if it verifies with `public_key` (the host's agent key).
@@ -325,7 +332,9 @@ class Runner:
         if it is found silent before the agent answers, the caller stops waiting (`session_gone`).
         `issued_at`: the exec's signed issued-at (the run's created_at: its not-after is then created_at +
         command_ttl, which the reconciler's result query names). `before_ssh`: records the SSH route before
-        the SSH request leaves (False or a database error: nothing is sent)."""
+        the SSH request leaves (False or a database error: nothing is sent). `requester`: what sends the
+        agent request (as `NATS.request`, raising its errors; default the connection's own): jobs pass
+        one reply subscription for all their requests (`services.api.fleet.jobs.ReplyMux`)."""
         wait = command_timeout + self.settings.exec_grace
         max_chars = self.settings.max_output_chars
         request = ExecRequest(command=command, timeout=command_timeout, command_id=command_id)
@@ -336,7 +345,7 @@ class Runner:
         request = request.model_copy(update={"signature": signature})
         try:
             msg = await self._agent_request(
-                host_id, command_id, encode(request), wait, public_key, gateway_id
+                host_id, command_id, encode(request), wait, public_key, gateway_id, requester
             )
         except SessionGone as exc:
             log.warning("command %s on %s: %s; caller answered, not re-sent", command_id, host_id, exc)
@@ -384,10 +393,12 @@ class Runner:
         wait: float,
         public_key: str | None,
         gateway_id: str | None,
+        requester: Requester | None = None,
     ) -> Msg:
         """The agent's reply to `payload` (NATS errors raised as they come), or SessionGone when the
         request's gateway is found gone first; the request then keeps listening (`_listen_late`)."""
-        request = self.nc.request(subjects.agent_exec(host_id), payload, timeout=wait)
+        send = self.nc.request if requester is None else requester
+        request = send(subjects.agent_exec(host_id), payload, timeout=wait)
         if gateway_id is None or self.inflight is None:
             return await request
         answer = asyncio.ensure_future(request)
