@@ -13,7 +13,8 @@
    the bare interpreter's and `import pydantic`'s (bench/agent_memory.py).
 
 5. Job fan-out of `true` to 1,000 swarm agents on one gateway and 10,000 across two, every outcome recorded,
-   beside one exec request per host straight over NATS in the same run; the API's RSS (bench/fanout.py).
+   beside one exec request per host straight over NATS in the same run; the API's RSS; then a job to 20
+   real agents beside raw asyncssh to the same 20 hosts, fresh and pooled connections (bench/fanout.py).
 
 `--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory, fanout).
 """
@@ -32,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
-from bench.fanout import fanout, print_fanout
+from bench.fanout import fanout, print_fanout, print_real_agents, real_agents
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from bench.signing_cost import print_signing_cost
 from services.dev.procs import BIN, Proc, free_port, rss_kib
@@ -171,6 +172,7 @@ def main() -> None:
         if "fanout" in args.only:
             small, large = args.fanout_agents
             print_fanout(fanout(root / "fanout", small, large, args.fanout_runs))
+            print_real_agents(real_agents(root / "real-agents"))
 
 
 def _latency_block(root: Path, rounds: int, block: int) -> None:
