@@ -378,3 +378,24 @@ async def test_a_dead_apis_job_gets_its_queued_hosts_skipped(api: RunningApi, fl
     assert alive["finished_at"] is None
     assert alive["outcomes"][0]["status"] == "queued"
     assert await jobs.settle_stale() == 0
+
+
+async def test_a_job_stopped_with_its_api_skips_what_it_never_sent(api: RunningApi, fleet: Fleet) -> None:
+    """The job's task is cancelled (the API shutting down past its grace): the batch in flight stays
+    pending for the reconciler (it may have run); hosts never sent are skipped; the job ends."""
+    from services.api.fleet.jobs import JobRunner
+
+    for host in LABELS:
+        await fleet.agent_up(host)
+    job = await _submit(api, targets={"all": True}, batch=2)
+    await eventually(lambda: asyncio.sleep(0, result=bool(fleet.received)), timeout=5)
+    jobs: JobRunner = api.app.state.jobs
+    task = jobs.running[job["job_id"]]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    done = (await api.client.get(f"/api/jobs/{job['job_id']}", headers=api.auth)).json()
+    assert done["state"] == "finished"
+    outcomes = _by_host(done)
+    statuses = sorted(o["status"] for o in outcomes.values())
+    assert statuses == ["pending", "pending", "skipped", "skipped", "skipped", "skipped"]
+    assert {h for h, _ in fleet.received} == {h for h, o in outcomes.items() if o["status"] == "pending"}

@@ -62,6 +62,7 @@ HEARTBEAT_S = 5.0
 STALE_S = 30.0  # a job whose heartbeat is this old has no API running it
 STATUS_HEADER, NO_RESPONDERS = "Status", "503"  # what nats-server sets on a request nobody took
 SKIPPED = "skipped"
+STOPPED = "never sent: the API running the job stopped before this host's batch started; nothing ran"
 NOT_SENT = "not_sent"
 FAILURE = frozenset(
     {CommandStatus.FAILED, CommandStatus.TIMED_OUT, CommandStatus.UNDELIVERABLE, CommandStatus.CANCELLED}
@@ -293,6 +294,7 @@ class JobRunner:
     async def _run(self, job: Job, work: list[tuple[str, HostTarget]]) -> None:
         writer = OutcomeWriter(self.engine)
         created = job.created_at
+        completed = False
         try:
             for number, batch in enumerate(batches(work, job.batch_size)):
                 if number > 0:
@@ -313,10 +315,15 @@ class JobRunner:
                     )
                     log.info("job %s: stopped on failure, %d hosts skipped", job.job_id, n)
                     break
+            completed = True
         finally:
             await writer.close()
             self.cancelled.discard(job.job_id)
             try:
+                if not completed:  # the API is stopping (or a bug): what was never sent is skipped
+                    await store.settle_queued(
+                        self.engine, job.job_id, CommandStatus.SKIPPED, NOT_SENT, STOPPED, utcnow()
+                    )
                 await store.finish_job(self.engine, job.job_id, utcnow())
             except (SQLAlchemyError, OSError) as exc:
                 log.error("job %s: end not recorded: %s", job.job_id, exc)
@@ -415,7 +422,7 @@ class JobRunner:
                 job_id,
                 CommandStatus.SKIPPED,
                 NOT_SENT,
-                "never sent: the API running the job stopped before this host's batch started; nothing ran",
+                STOPPED,
                 now,
             )
             await store.finish_job(self.engine, job_id, now)
