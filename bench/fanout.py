@@ -198,7 +198,7 @@ def print_fanout(out: dict[str, Any]) -> None:
         f"\n## Job fan-out of `true`, every outcome recorded (API on PostgreSQL; median of {out['runs']})\n"
     )
     print(
-        "| agents | gateways | raw NATS s | job (POST → all recorded) s | API span s | job / raw | target |"
+        "| agents | gateways | raw NATS s | job: POST → recorded s | API span s | 202 after s | job / raw |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, gateways, target in (("small", 1, 0.5), ("large", 2, 5.0)):

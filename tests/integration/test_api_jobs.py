@@ -399,3 +399,26 @@ async def test_a_job_stopped_with_its_api_skips_what_it_never_sent(api: RunningA
     statuses = sorted(o["status"] for o in outcomes.values())
     assert statuses == ["pending", "pending", "skipped", "skipped", "skipped", "skipped"]
     assert {h for h, _ in fleet.received} == {h for h, o in outcomes.items() if o["status"] == "pending"}
+
+
+async def test_long_host_lists_and_big_batches(
+    api: RunningApi, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_IN values a host list is matched in Python and a batch promoted in chunks (drivers cap
+    bound parameters): the same hosts, the same outcomes, an unknown one still refused."""
+    from services.api.store import jobs as store
+
+    monkeypatch.setattr(store, "MAX_IN", 2)
+    for host in LABELS:
+        await fleet.agent_up(host)
+    refused = await api.client.post(
+        "/api/jobs", json={"command": "x", "targets": {"hosts": ["web-1", "db-1", "nope"]}}, headers=api.auth
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["input"] == ["nope"]
+    hosts = ["web-1", "web-2", "web-3", "10.0.0.4", "db-2", "lb-1"]  # 10.0.0.4: db-1's address
+    job = await _submit(api, targets={"hosts": hosts}, batch=3)
+    done = await _finished(api, job["job_id"])
+    assert set(_by_host(done)) == set(LABELS)
+    assert done["counts"]["succeeded"] == 6
+    assert fleet.most == 3

@@ -40,6 +40,7 @@ AGENT: Table = AgentConnection.__table__  # type: ignore[attr-defined]
 RUN: Table = CommandRun.__table__  # type: ignore[attr-defined]
 JOB: Table = Job.__table__  # type: ignore[attr-defined]
 
+MAX_IN = 5000  # values in one IN list (drivers cap bound parameters: 32,767 on asyncpg)
 OPEN_STATUSES = (CommandStatus.PENDING.value, CommandStatus.RUNNING.value)
 # statuses counted as not settled yet in a job's counts
 UNSETTLED = (CommandStatus.PENDING.value, CommandStatus.RUNNING.value, CommandStatus.QUEUED.value)
@@ -89,12 +90,14 @@ async def select_targets(
     """The hosts named by `hosts` (ids or addresses; those naming none are in `unknown`), else those whose
     labels match every one of `labels`, else (both None) every host; each once, sorted by id."""
     stmt = select(*_target_columns()).select_from(HOST.outerjoin(AGENT, AGENT.c.host_id == HOST.c.id))
-    if hosts is not None:
+    if hosts is not None and len(hosts) <= MAX_IN:  # a long list: read every host, match here
         refs = list(dict.fromkeys(hosts))
         stmt = stmt.where(or_(HOST.c.id.in_(refs), HOST.c.address.in_(refs)))
     async with engine.connect() as conn:
         rows = (await conn.execute(stmt.order_by(HOST.c.id))).all()
     if hosts is not None:
+        wanted = set(hosts)
+        rows = [r for r in rows if r.id in wanted or r.address in wanted]
         named = {r.id for r in rows} | {r.address for r in rows}
         unknown = [ref for ref in dict.fromkeys(hosts) if ref not in named]
         return Selected([_target(r) for r in rows], unknown)
@@ -142,18 +145,20 @@ async def create_job(engine: AsyncEngine, job: Job, runs: Sequence[JobRun]) -> N
 
 async def promote(engine: AsyncEngine, job_id: str, command_ids: Sequence[str], now: datetime) -> set[str]:
     """Queued runs of `command_ids` → pending, created at `now`; the ids promoted (only those may be sent)."""
-    if not command_ids:
-        return set()
-    stmt = (
-        update(RUN)
-        .where(RUN.c.job_id == job_id)
-        .where(RUN.c.command_id.in_(list(command_ids)))
-        .where(RUN.c.status == CommandStatus.QUEUED.value)
-        .values(status=CommandStatus.PENDING.value, created_at=now)
-        .returning(RUN.c.command_id)
-    )
+    promoted: set[str] = set()
+    ids = list(command_ids)
     async with engine.begin() as conn:
-        return {row[0] for row in (await conn.execute(stmt)).all()}
+        for first in range(0, len(ids), MAX_IN):
+            stmt = (
+                update(RUN)
+                .where(RUN.c.job_id == job_id)
+                .where(RUN.c.command_id.in_(ids[first : first + MAX_IN]))
+                .where(RUN.c.status == CommandStatus.QUEUED.value)
+                .values(status=CommandStatus.PENDING.value, created_at=now)
+                .returning(RUN.c.command_id)
+            )
+            promoted.update(row[0] for row in (await conn.execute(stmt)).all())
+    return promoted
 
 
 _FINISH = (
