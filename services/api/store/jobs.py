@@ -3,12 +3,13 @@
 Every write here is one statement (or one executemany) on SQLAlchemy Core, so a job of 10,000 hosts costs
 a handful of round trips, not 10,000:
 
-    create_job        the job row and one run per target, in one transaction: the first batch `pending`
-                      (about to be sent), the others `queued` (nothing sent)
+    create_job        the job row and one run per target, in one transaction (PostgreSQL: COPY): the
+                      first batch `pending` (about to be sent), the others `queued` (nothing sent)
     promote           a later batch's `queued` runs → `pending` with a fresh created_at (the exec is signed
                       issued at it) just before they are sent; returns the ids it promoted (a cancel, or a
                       stale-job settlement, may have taken some first: those are not sent)
-    finish_runs       outcomes of many runs in one executemany, each guarded by status (pending/running)
+    finish_runs       outcomes of many runs in one statement (PostgreSQL: an UPDATE over arrays; SQLite: an
+                      executemany), each guarded by status (pending/running)
     settle_queued     the `queued` runs of a job → skipped or cancelled (nothing was sent)
 
 Runs are ordinary `command_run` rows (`job_id` set), so ``GET /api/commands/{id}`` shows each of them.
@@ -139,7 +140,14 @@ async def create_job(engine: AsyncEngine, job: Job, runs: Sequence[JobRun]) -> N
     values = {c: getattr(job, c) for c in JOB.c.keys()}  # noqa: SIM118 - column names
     async with engine.begin() as conn:
         await conn.execute(insert(JOB), [values])
-        if rows:
+        if rows and conn.dialect.name == "postgresql":  # COPY: 10,000 rows in ~30 ms, not ~250 ms
+            raw = await conn.get_raw_connection()
+            columns = list(rows[0])
+            records = [tuple(row[c] for c in columns) for row in rows]
+            driver = raw.driver_connection  # the asyncpg connection, inside this transaction
+            assert driver is not None
+            await driver.copy_records_to_table(RUN.name, records=records, columns=columns)
+        elif rows:
             await conn.execute(insert(RUN), rows)
 
 
@@ -169,6 +177,31 @@ _FINISH = (
 )
 
 
+_PG_TYPES = {  # OUTCOME_COLUMNS' array types
+    "status": "text",
+    "via": "text",
+    "exit_code": "int4",
+    "signal": "int4",
+    "stdout": "text",
+    "stderr": "text",
+    "truncated": "bool",
+    "error_code": "text",
+    "error_description": "text",
+    "duration_ms": "float8",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+}
+_PG_FINISH = (  # built from constant column names only
+    "UPDATE command_run AS r SET "  # noqa: S608
+    + ", ".join(f"{c} = u.{c}" for c in OUTCOME_COLUMNS)
+    + " FROM unnest($1::text[], "
+    + ", ".join(f"${i}::{_PG_TYPES[c]}[]" for i, c in enumerate(OUTCOME_COLUMNS, start=2))
+    + ") AS u(command_id, "
+    + ", ".join(OUTCOME_COLUMNS)
+    + ") WHERE r.command_id = u.command_id AND r.status IN ('pending', 'running')"
+)
+
+
 def _plain(value: Any) -> Any:
     return value.value if hasattr(value, "value") and not isinstance(value, datetime) else value
 
@@ -177,11 +210,19 @@ async def finish_runs(engine: AsyncEngine, outcomes: Sequence[tuple[str, Mapping
     """Set each run's outcome (every OUTCOME_COLUMNS key) if it is still open: one executemany."""
     if not outcomes:
         return
-    params = [
-        {"b_command_id": command_id, **{f"b_{c}": _plain(values[c]) for c in OUTCOME_COLUMNS}}
-        for command_id, values in outcomes
-    ]
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # one statement over arrays: 10,000 rows ~0.2 s, not ~0.33 s
+            arrays: list[list[Any]] = [[command_id for command_id, _ in outcomes]]
+            arrays += [[_plain(values[c]) for _, values in outcomes] for c in OUTCOME_COLUMNS]
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            await driver.execute(_PG_FINISH, *arrays)
+            return
+        params = [
+            {"b_command_id": command_id, **{f"b_{c}": _plain(values[c]) for c in OUTCOME_COLUMNS}}
+            for command_id, values in outcomes
+        ]
         await conn.execute(_FINISH, params)
 
 
