@@ -16,9 +16,12 @@
    10,000 swarm agents on one gateway (time, agents/s, CPU seconds of the API and of the gateway), the
    gateway's RSS with those 10,000 agents idle, and the failover time of 1,000 agents after their
    gateway is SIGKILLed.
+6. Job fan-out of `true` to 1,000 swarm agents on one gateway and 10,000 across two, every outcome recorded,
+   beside one exec request per host straight over NATS in the same run; the API's RSS; then a job to 20
+   real agents beside raw asyncssh to the same 20 hosts, fresh and pooled connections (bench/fanout.py).
 
 `--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory, storm, gateway-rss,
-failover).
+failover, fanout).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
+from bench.fanout import fanout, print_fanout, print_real_agents, real_agents
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from bench.signing_cost import print_signing_cost
 from bench.storm import connect_storm, failover, print_failover, print_rss, print_storm
@@ -136,7 +140,7 @@ def memory_raw(root: Path, count: int) -> float:
         server.stop()
 
 
-BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory", "storm", "gateway-rss", "failover")
+BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory", "storm", "gateway-rss", "failover", "fanout")
 
 
 def main() -> None:
@@ -157,6 +161,10 @@ def main() -> None:
     parser.add_argument("--storm-concurrency", type=int, default=500, help="swarm connects in flight")
     parser.add_argument("--failover-agents", type=int, default=1_000, help="agents moved by the failover")
     parser.add_argument("--fleet-runs", type=int, default=3, help="storms and failovers, each (median)")
+    parser.add_argument("--fanout-runs", type=int, default=3, help="fan-out jobs per size (median)")
+    parser.add_argument(
+        "--fanout-agents", type=int, nargs=2, default=[1000, 10000], help="fan-out sizes: one gateway, two"
+    )
     parser.add_argument("--only", nargs="+", choices=BLOCKS, default=list(BLOCKS), help="blocks to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
@@ -172,6 +180,10 @@ def main() -> None:
         if "agent-memory" in args.only:
             print_agent_memory(agent_memory(root))
         _fleet_blocks(root, args)
+        if "fanout" in args.only:
+            small, large = args.fanout_agents
+            print_fanout(fanout(root / "fanout", small, large, args.fanout_runs))
+            print_real_agents(real_agents(root / "real-agents"))
 
 
 def _fleet_blocks(root: Path, args: argparse.Namespace) -> None:

@@ -27,7 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import __version__
 from services.api.fleet.bus import Bus
+from services.api.fleet.cancel import cancel_many
 from services.api.fleet.inflight import InFlight
+from services.api.fleet.jobs import JobRunner
 from services.api.fleet.lifecycle import AgentLifecycle
 from services.api.fleet.liveness import GatewayWatch
 from services.api.fleet.output import OutputHub
@@ -109,6 +111,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         auth = AuthCache(settings.auth_cache_ttl)
         state = ApiState(settings, engine, sessions, link, runner, tasks, auth, lifecycle, signer)
         watch = GatewayWatch(sessions, settings.gateway_silence, inflight=inflight)
+        jobs = JobRunner(runner, engine, tasks)
+        jobs.cancel_in_flight = cancel_many(runner)  # a job cancel kills its runs in flight too
         bus = Bus(
             nc,
             sessions,
@@ -133,6 +137,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             reconciling = reconcile_forever(reconciler, settings, ready=lambda: state.db_ready)
             background.append(asyncio.create_task(reconciling, name="reconciler"))
             background.append(asyncio.create_task(watch.run(lambda: state.db_ready), name="gateway-watch"))
+            background.append(
+                asyncio.create_task(jobs.maintain_forever(lambda: state.db_ready), name="job-maintenance")
+            )
             connecting = asyncio.create_task(_connect_nats(link, bus, stop, output), name="nats-connect")
             background.append(connecting)
             failed = asyncio.create_task(link.failed.wait())
@@ -142,6 +149,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             if not link.connected:
                 log.warning("serving without NATS (503 on what needs it) while retrying: %s", link.problem)
             app.state.api = state
+            app.state.jobs = jobs
             yield
         finally:
             stop.set()
@@ -152,6 +160,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await output.stop()
             await tasks.close(settings.shutdown_timeout)
             await runner.stop_listening()
+            await jobs.mux.close()
             await link.close()
             await store.close()
             await engine.dispose()

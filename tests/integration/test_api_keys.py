@@ -218,6 +218,30 @@ async def test_job_selection_outside_the_scope_is_refused_before_recording(api: 
     check_hosts(request_of(web), selection[:2])  # {"labels": {"role": "web"}}
     check_hosts(request_of(KeyInfo("ops", KeyRole.OPERATE)), selection)  # unscoped
 
+    # through the route: {"all": true} reaches db1 → 403 naming it, nothing recorded; the key's own label
+    # selection is a job, which the key then sees; an admin's job is out of its reach
+    key = await new_key(api, "web-jobs", "operate", scope={"role": "web"})
+    everything = {"command": "true", "timeout": 1, "targets": {"all": True}}
+    refused_job = await api.client.post("/api/jobs", json=everything, headers=key)
+    assert_forbidden(refused_job, "out_of_scope")
+    assert refused_job.json()["hosts"] == ["db1"]
+    assert await runs(api) == []
+    assert (await api.client.get("/api/jobs", headers=api.auth)).json() == []
+    mine = {**everything, "targets": {"labels": {"role": "web"}}}
+    created = await api.client.post("/api/jobs", json=mine, headers=key)
+    assert created.status_code == 202, created.text
+    listed = await api.client.get("/api/jobs", headers=key)
+    assert [j["job_id"] for j in listed.json()] == [created.json()["job_id"]]
+    theirs = await api.client.post("/api/jobs", json=everything, headers=api.auth)
+    assert theirs.status_code == 202, theirs.text
+    seen = await api.client.get(f"/api/jobs/{theirs.json()['job_id']}", headers=key)
+    assert_forbidden(seen, "out_of_scope")
+    cancel = await api.client.post(f"/api/jobs/{theirs.json()['job_id']}/cancel", headers=key)
+    assert_forbidden(cancel, "out_of_scope")
+    assert [j["job_id"] for j in (await api.client.get("/api/jobs", headers=key)).json()] == [
+        created.json()["job_id"]
+    ]
+
 
 # ----------------------------------------------------------------------------- expiry, revocation
 

@@ -156,6 +156,30 @@ async def test_cancel_over_ssh_kills_the_remote_process_tree(fleet: Fleet) -> No
     await cancel_and_check(fleet, unique_sleep(), "ssh")
 
 
+async def test_cancelling_a_job_kills_its_runs_in_flight(fleet: Fleet) -> None:
+    """A job cancel stops further batches and kills what is running: the run ends `cancelled`, the
+    process tree is gone, and the job reads cancelled."""
+    marker = unique_sleep()
+    body = {"command": f"sleep {marker} & sleep {marker}", "timeout": 90, "targets": {"hosts": ["box"]}}
+    created = await fleet.http.post("/api/jobs", json=body)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["job_id"]
+    await wait_running(marker)
+    cancelled = await fleet.http.post(f"/api/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "cancelled"
+    deadline = time.monotonic() + 15
+    while True:
+        job = (await fleet.http.get(f"/api/jobs/{job_id}")).json()
+        [outcome] = job["outcomes"]
+        if outcome["status"] == "cancelled":
+            break
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.1)
+    assert (outcome["via"], outcome["signal"]) == ("agent", 9)
+    assert pids_with(marker) == []
+
+
 async def test_a_finished_command_keeps_its_result_and_an_unknown_id_is_404(fleet: Fleet) -> None:
     done = await fleet.http.post("/api/hosts/box/exec", json={"command": "echo done"})
     assert done.json()["status"] == "succeeded"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -219,3 +220,28 @@ async def _never_ran(runner: Runner, command_id: str, description: str) -> Cance
             "not_running", run, description or "not on the agent; routed over SSH", via=Via.AGENT
         )
     return CancelOutcome("finished", run, "the command ended meanwhile; its result stands", via=Via.AGENT)
+
+
+JOB_CANCEL_CONCURRENCY = 64  # cancels of one job's runs in flight at once
+
+
+def cancel_many(runner: Runner) -> Callable[[Sequence[str]], Awaitable[None]]:
+    """What a job cancel calls for its runs in flight (`JobRunner.cancel_in_flight`): `cancel_run` each,
+    at most `JOB_CANCEL_CONCURRENCY` at once, without waiting for the hosts' results (they settle the rows
+    as they come); a run that fails to cancel is logged, never re-sent."""
+
+    async def cancel(command_ids: Sequence[str]) -> None:
+        gate = asyncio.Semaphore(JOB_CANCEL_CONCURRENCY)
+
+        async def one(command_id: str) -> None:
+            async with gate:
+                try:
+                    outcome = await cancel_run(runner, command_id, wait=0)
+                except Exception as exc:  # one run's failure must not stop the others
+                    log.warning("cancel of %s failed: %s: %s", command_id, type(exc).__name__, exc)
+                    return
+                log.info("cancel of %s: %s", command_id, outcome.state)
+
+        await asyncio.gather(*(one(c) for c in command_ids))
+
+    return cancel

@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -71,6 +71,12 @@ from shared.protocol import (
 log = logging.getLogger(__name__)
 
 OPEN = (CommandStatus.PENDING, CommandStatus.RUNNING)
+
+
+class Requester(Protocol):
+    """Sends a NATS request and returns its reply, as `NATS.request` (raising the same errors)."""
+
+    def __call__(self, subject: str, payload: bytes, *, timeout: float) -> Awaitable[Msg]: ...
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,17 @@ class Runner:
         task = self.tasks.spawn(self._deliver(run, host), name=f"exec-{run.command_id}")
         return (await asyncio.shield(task))[0]
 
+    async def run_async(self, ref: str, body: ExecBody, requested_by: str | None) -> str:
+        """As `run`, but return the command id once the pending row is committed: delivery goes on in a
+        tracked task and records the outcome (``GET /api/commands/{id}``). NotFound and
+        DatabaseUnavailable as `run` (nothing sent)."""
+        run = NewRun(new_command_id(), body.command, body.timeout, requested_by, utcnow())
+        host = await self.store.start(ref, run)
+        if host is None:
+            raise NotFound(f"unknown host {ref[:100]!r}")
+        self.tasks.spawn(self._deliver(run, host), name=f"exec-{run.command_id}")
+        return run.command_id
+
     async def deliver(self, run: NewRun, host: HostTarget) -> tuple[CommandRunPublic, Outcome]:
         """Deliver a run already recorded as pending, in a tracked task shielded from the caller; return
         what was recorded and the outcome itself (the operator exec path answers with the latter)."""
@@ -308,6 +325,7 @@ class Runner:
         gateway_id: str | None = None,
         issued_at: float | None = None,
         before_ssh: Callable[[], Awaitable[bool]] | None = None,
+        requester: Requester | None = None,
     ) -> Outcome:
         """Deliver one command, signed: agent subject first, the SSH subject only if the agent had no
         responders. An agent result counts only if it verifies with `public_key` (the host's agent key).
@@ -316,7 +334,9 @@ class Runner:
         if it is found silent before the agent answers, the caller stops waiting (`session_gone`).
         `issued_at`: the exec's signed issued-at (the run's created_at: its not-after is then created_at +
         command_ttl, which the reconciler's result query names). `before_ssh`: records the SSH route before
-        the SSH request leaves (False or a database error: nothing is sent)."""
+        the SSH request leaves (False or a database error: nothing is sent). `requester`: what sends the
+        agent request (as `NATS.request`, raising its errors; default the connection's own): jobs pass
+        one reply subscription for all their requests (`services.api.fleet.jobs.ReplyMux`)."""
         wait = command_timeout + self.settings.exec_grace
         max_chars = self.settings.max_output_chars
         request = ExecRequest(command=command, timeout=command_timeout, command_id=command_id)
@@ -327,7 +347,7 @@ class Runner:
         request = request.model_copy(update={"signature": signature})
         try:
             msg = await self._agent_request(
-                host_id, command_id, encode(request), wait, public_key, gateway_id
+                host_id, command_id, encode(request), wait, public_key, gateway_id, requester
             )
         except SessionGone as exc:
             log.warning("command %s on %s: %s; caller answered, not re-sent", command_id, host_id, exc)
@@ -375,10 +395,12 @@ class Runner:
         wait: float,
         public_key: str | None,
         gateway_id: str | None,
+        requester: Requester | None = None,
     ) -> Msg:
         """The agent's reply to `payload` (NATS errors raised as they come), or SessionGone when the
         request's gateway is found gone first; the request then keeps listening (`_listen_late`)."""
-        request = self.nc.request(subjects.agent_exec(host_id), payload, timeout=wait)
+        send = self.nc.request if requester is None else requester
+        request = send(subjects.agent_exec(host_id), payload, timeout=wait)
         if gateway_id is None or self.inflight is None:
             return await request
         answer = asyncio.ensure_future(request)

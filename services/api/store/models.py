@@ -63,7 +63,11 @@ class CommandStatus(StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"  # no answer in time: the command may have run; never re-sent
     UNDELIVERABLE = "undeliverable"  # neither an agent session nor an SSH worker answered; nothing ran
-    CANCELLED = "cancelled"  # a cancel killed it (the host's result says so); output up to then is kept
+    QUEUED = "queued"  # a job's run whose batch has not started: nothing sent yet
+    SKIPPED = "skipped"  # a job's run never sent (stop_on_failure, or the job's API stopped): nothing ran
+    # a cancel killed it (the host's result says so; output up to then is kept), or a job's run was
+    # cancelled before its batch started (nothing ran)
+    CANCELLED = "cancelled"
 
 
 class Via(StrEnum):
@@ -168,6 +172,7 @@ class CommandRunBase(SQLModel):
     started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     duration_ms: float | None = None
+    job_id: str | None = Field(default=None, max_length=32, index=True)  # the job it is part of, if any
 
 
 class CommandRun(CommandRunBase, table=True):
@@ -192,6 +197,39 @@ class CommandOutput(SQLModel, table=True):
     size: int = 0  # bytes of `data` in UTF-8: what the per-command cap counts
     truncated: bool = False
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+class JobState(StrEnum):
+    """A job: running until every target has a final outcome; cancelled once a cancel was asked (batches
+    not yet started are not sent; `Job.finished_at` is set when the last run in flight ended)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+class Job(SQLModel, table=True):
+    """One command to many hosts (`services.api.fleet.jobs`); each host's run is a CommandRun with job_id."""
+
+    __tablename__ = "job"
+
+    job_id: str = Field(primary_key=True, max_length=32)
+    command: str = Field(sa_type=Text)
+    timeout: float = DEFAULT_TIMEOUT_S
+    selection: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # the targets as asked
+    targets: int = 0  # how many hosts the selection named (one run each)
+    batch: str | None = Field(default=None, max_length=16)  # as asked: "10" or "10%"; None: all at once
+    batch_size: int = 0  # hosts per batch, resolved
+    stop_on_failure: bool = False
+    state: JobState = Field(default=JobState.RUNNING, sa_type=String(16))
+    requested_by: str | None = Field(default=None, max_length=255)
+    api_instance: str | None = Field(default=None, max_length=64)  # the API process running it
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime, index=True)
+    heartbeat_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)  # its API is alive
+    finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 # ----------------------------------------------------------------------------- api keys, schema

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.api.http.routes import agents, commands, downloads, health, hosts, keys, stream
+from services.api.http.routes import agents, commands, downloads, health, hosts, jobs, keys, stream
 
 
 def include_routes(app: FastAPI) -> None:
@@ -15,7 +15,8 @@ def include_routes(app: FastAPI) -> None:
     routers level by level and in order, and a nested ``/api`` router cost the exec route a measurable
     share of its framework time.
     """
-    for router in (hosts.router, agents.router, commands.router, downloads.api_router, keys.router):
+    routers = (hosts.router, agents.router, commands.router, downloads.api_router, keys.router, jobs.router)
+    for router in routers:
         app.include_router(router, prefix="/api")
     app.include_router(stream.router, prefix="/api")
     app.include_router(health.router)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from services.api.errors import DomainError
 from services.api.fleet.probe import probe_host
 from services.api.http.auth import ADMIN, OPERATE, READ, check_host, in_scope, scoped
 from services.api.http.deps import SessionDep, StateDep, api_key_info, api_key_name, app_state
 from services.api.http.errors import status_of
+from services.api.http.routes.jobs import parse_label_selectors
 from services.api.http.schemas import (
     AgentInstallBody,
     CommandRunPublic,
@@ -21,6 +24,7 @@ from services.api.http.schemas import (
     InstallFailedPublic,
 )
 from services.api.store import crud
+from services.api.store.jobs import labels_match
 
 router = APIRouter(prefix="/hosts", tags=["hosts"])
 
@@ -73,12 +77,27 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
     return added
 
 
-@router.get("", response_model=list[HostPublic], dependencies=[READ])
-async def list_hosts(session: SessionDep, request: Request) -> list[HostPublic]:
-    """Every host (a scoped key: every host within its scope)."""
+@router.get(
+    "",
+    response_model=list[HostPublic],
+    responses={422: {"description": "malformed label"}},
+    dependencies=[READ],
+)
+async def list_hosts(
+    session: SessionDep,
+    request: Request,
+    label: Annotated[
+        list[str] | None,
+        Query(description="k=v: the label equals v; k: the host has label k; repeated: all must match"),
+    ] = None,
+) -> list[HostPublic]:
+    """Every host, or those whose labels match every ``label`` selector (a scoped key: within its scope)."""
+    selectors = parse_label_selectors(label or [])
     hosts = await crud.list_hosts(session)
     if (key := scoped(request)) is not None:
         hosts = [h for h in hosts if in_scope(key.scope, h.labels)]
+    if selectors:
+        hosts = [h for h in hosts if labels_match(h.labels, selectors)]
     return [HostPublic.model_validate(h, from_attributes=True) for h in hosts]
 
 
@@ -119,8 +138,11 @@ async def delete_host(host: str, state: StateDep, session: SessionDep) -> Respon
     },
     dependencies=[OPERATE],
 )
-async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic:
-    """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`)."""
+async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRunPublic | JSONResponse:
+    """Run a command: by the agent if one is connected, else over SSH; the answer says which (`via`).
+
+    With ``?async=true``: 202 ``{command_id, status: "pending"}`` and ``Location: /api/commands/{id}`` as
+    soon as the run is recorded; the command runs on in the API (GET the command for its outcome)."""
     # no further dependencies (state, runner, key name): FastAPI resolves each on every command
     state = app_state(request)
     state.require_db()
@@ -129,7 +151,24 @@ async def exec_command(host: str, body: ExecBody, request: Request) -> CommandRu
         async with state.sessions() as session:
             found = await crud.get_host(session, host)
         check_host(request, found.id, found.labels)
-    return await state.runner.run(host, body, requested_by=f"api-key:{api_key_name(request)}")
+    requested_by = f"api-key:{api_key_name(request)}"
+    if request.query_params.get("async") is not None and exec_async(request.query_params.getlist("async")):
+        command_id = await state.runner.run_async(host, body, requested_by=requested_by)
+        return JSONResponse(
+            {"command_id": command_id, "status": "pending"},
+            status_code=status.HTTP_202_ACCEPTED,
+            headers={"Location": f"/api/commands/{command_id}"},
+        )
+    return await state.runner.run(host, body, requested_by=requested_by)
+
+
+def exec_async(values: list[str]) -> bool:
+    """The ``async`` query parameter: ``true`` or ``false`` once (422 naming the parameter otherwise)."""
+    if len(values) == 1 and values[0] in ("true", "false"):
+        return values[0] == "true"
+    raise RequestValidationError(
+        [{"type": "bool_parsing", "loc": ("query", "async"), "msg": "true or false", "input": values}]
+    )
 
 
 @router.get(
