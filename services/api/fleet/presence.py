@@ -139,6 +139,7 @@ class PresenceRecorder:
         self._ready: dict[str, None] = {}  # hosts whose first event can go in the next batch, in order
         self._waiting: dict[str, float] = {}  # hosts waiting for their agent key → loop time to look again
         self._queued = 0
+        self._bound = max_queued  # raised while the hosts' latest states alone exceed `max_queued`
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -164,6 +165,7 @@ class PresenceRecorder:
         self._wake.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="presence-recorder")
+            self._runner.add_done_callback(_report_crash)
 
     async def drained(self) -> None:
         """Return once every queued event is recorded (or rejected, or found stale)."""
@@ -197,6 +199,7 @@ class PresenceRecorder:
             hosts = list(itertools.islice(self._ready, self.max_batch))
             if not hosts:
                 if not self._queues:
+                    self._bound = self.max_queued
                     self._idle.set()
                 self._wake.clear()
                 due = min(self._waiting.values(), default=None)
@@ -315,7 +318,7 @@ class PresenceRecorder:
 
     def _compact(self) -> None:
         """Past `max_queued`, keep each host's latest state only (between batches: nothing is in flight)."""
-        if self._queued <= self.max_queued:
+        if self._queued <= self._bound:
             return
         before = self._queued
         for host, queue in self._queues.items():
@@ -331,9 +334,15 @@ class PresenceRecorder:
             self._queued -= len(queue) - len(keep)
             self._queues[host] = deque(keep)
         self.superseded += before - self._queued
+        self._bound = max(self.max_queued, 2 * self._queued)  # not again at every batch if still over
         log.warning(
             "presence: %d events queued (over %d): kept each host's latest state, %d superseded dropped",
             before,
             self.max_queued,
             before - self._queued,
         )
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("presence recorder stopped: %s: %s (the next event restarts it)", type(exc).__name__, exc)
