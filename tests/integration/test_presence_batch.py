@@ -252,3 +252,45 @@ async def test_a_database_outage_during_a_burst_loses_no_event(
                 assert "event dropped" not in caplog.text
         finally:
             await proxy.close()
+
+
+async def test_two_apis_record_each_event_once_and_agree(
+    tmp_path: Path, nats_server: NatsServer, gw: NATS
+) -> None:
+    """Two API instances on one PostgreSQL database (one queue group): per host an older and a newer
+    session's connect, in either order, and a forged one. The newer session wins on every host whichever
+    instance wrote last, and the forgeries are counted once in all (each event went to one instance)."""
+    hosts = host_ids(1000)
+    async with fresh_database("postgresql", tmp_path) as url:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        async with (
+            api_on(tmp_path / "a", nats_server, url) as one,
+            api_on(tmp_path / "b", nats_server, url) as two,
+        ):
+            await provision(url, hosts)
+            now = time.time()
+            forger = AgentKey()
+            for i, host in enumerate(hosts):
+                older, newer = connected(host, f"{host}-old", now - 5), connected(host, f"{host}-new", now)
+                for data in (older, newer) if i % 2 else (newer, older):
+                    await gw.publish(subjects.presence(host), data)
+                await gw.publish(subjects.presence(host), connected(host, "forged", now + 1, key=forger))
+            await gw.flush()
+
+            def rejected() -> int:
+                return sum(api.state.runner.rejections.count("presence connected") for api in (one, two))
+
+            async def counted() -> bool:
+                return rejected() == len(hosts)
+
+            await eventually(counted, timeout=30)
+            expected = {host: ("connected", f"{host}-new") for host in hosts}
+
+            async def settled() -> bool:
+                return await states(url) == expected
+
+            await eventually(settled, timeout=30)
+            await asyncio.sleep(0.5)
+            assert rejected() == len(hosts)  # not one more: no event was handled twice
+            assert all(api.state.runner.rejections.count("presence connected") > 0 for api in (one, two))
