@@ -7,8 +7,9 @@ operator signed with a key in `OperatorKey` (``warlock req``), recorded and deli
 
 Every subscription is in a queue group, so each message is handled by exactly one API instance, however
 many run. nats-py runs one subscription's callbacks one at a time, so a callback only decodes (logging
-and skipping what does not decode) and hands the database work to a tracked task. Presence events of a
-host are applied in arrival order (one lock per host). The request/reply endpoints are a NATS micro
+and skipping what does not decode) and hands the database work to a tracked task. Presence events are
+recorded in batches, in arrival order per host, and never dropped on a database error
+(`services.api.fleet.presence`). The request/reply endpoints are a NATS micro
 service, ``warlock-api``, so ``nats micro ls`` lists them.
 
 Token checks (the gateways' ``warlock.auth.verify``) that arrive together are answered from one query
@@ -40,11 +41,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.api import __version__
 from services.api.errors import Conflict, DatabaseUnavailable
 from services.api.fleet.liveness import GatewayWatch
+from services.api.fleet.presence import PresenceRecorder, SqlPresenceStore
 from services.api.fleet.runner import Outcome, Runner, late_result_values
 from services.api.fleet.tasks import TaskTracker
-from services.api.fleet.verify import Rejections, hello_problem, result_problem
+from services.api.fleet.verify import Rejections, result_problem
 from services.api.store import crud
-from services.api.store.models import CommandStatus, Host, utcnow
+from services.api.store.models import CommandStatus, utcnow
 from services.api.store.runstore import NewRun
 from shared import signing, subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
@@ -55,8 +57,6 @@ from shared.protocol import (
     ExecResult,
     Message,
     MetricsEvent,
-    PresenceConnected,
-    PresenceDisconnected,
     TokenOk,
     TokenVerifyRequest,
     decode_model,
@@ -69,8 +69,6 @@ T = TypeVar("T")
 
 SERVICE_NAME = "warlock-api"
 DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
-KEY_WAIT_S = 15.0  # a hello of a host without an agent key is checked again for this long
-KEY_POLL_S = 0.5
 OPS_HOWTO = (
     "commands on warlock.ops.<host>.exec must be signed with an operator key the API authorised: "
     "create one with `warlock signing-keys create NAME`, then send `warlock req warlock.ops.<host>.exec "
@@ -208,11 +206,10 @@ class Bus:
         self.command_ttl = command_ttl
         self.watch = watch
         self.rejections: Rejections = runner.rejections
-        self.key_wait_s = KEY_WAIT_S
         self._subs: list[Subscription] = []
         self._service: Service | None = None
-        self._host_locks: dict[str, asyncio.Lock] = {}
         self.tokens = TokenLookup(sessions)
+        self.presence = PresenceRecorder(SqlPresenceStore(sessions), self.rejections)
 
     async def start(self) -> None:
         """Subscribe to presence, metrics and results; register the micro service endpoints."""
@@ -254,6 +251,7 @@ class Bus:
             log.warning("unsubscribing at shutdown: %s", exc)
         self._subs.clear()
         await self.tokens.stop()
+        await self.presence.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self.tasks.spawn(self._guard(coro, name), name=name)
@@ -349,48 +347,7 @@ class Bus:
         except ProtocolError as exc:
             log.warning("bad presence event on %s skipped: %s", msg.subject, exc.message)
             return
-        lock = self._host_locks.setdefault(event.host_id, asyncio.Lock())
-        self._spawn(self._presence(event, lock), f"presence-{event.host_id}")
-
-    async def _presence(self, event: PresenceConnected | PresenceDisconnected, lock: asyncio.Lock) -> None:
-        async with lock:
-            if isinstance(event, PresenceConnected):
-                problem = await self._hello_problem(event)
-                if problem is not None:
-                    source = f"gateway {event.gateway_id} for {event.host_id}"
-                    self.rejections.reject("presence connected", source, problem)
-                    return
-            await self._record_presence(event)
-
-    async def _hello_problem(self, event: PresenceConnected) -> str | None:
-        """Why the hello in `event` does not verify with the host's agent key (None: it does).
-
-        A host with no agent key yet is looked at again for `KEY_WAIT_S`: a freshly installed agent
-        connects while its install is still returning the key to the API. Events of the host wait
-        meanwhile (the caller holds its lock), so they are still applied in order."""
-        deadline = asyncio.get_running_loop().time() + self.key_wait_s
-        while True:
-            async with self.sessions() as session:
-                agent = await crud.get_agent(session, event.host_id)
-                known = agent is not None or await session.get(Host, event.host_id) is not None
-            public_key = None if agent is None else agent.public_key
-            if not known:
-                return f"unknown host {event.host_id}"
-            if public_key is not None or asyncio.get_running_loop().time() >= deadline:
-                return hello_problem(public_key, event)
-            await asyncio.sleep(KEY_POLL_S)
-
-    async def _record_presence(self, event: PresenceConnected | PresenceDisconnected) -> None:
-        async with self.sessions() as session:
-            if isinstance(event, PresenceConnected):
-                applied = await crud.record_connected(session, event)
-            else:
-                applied = await crud.record_disconnected(session, event)
-        what = (event.type, event.host_id, event.session_id)
-        if applied:
-            log.info("agent %s of %s (session %s) recorded", *what)
-        else:
-            log.info("presence %s of %s (session %s) ignored: stale session or unknown host", *what)
+        self.presence.submit(event)  # recorded in a batch, in arrival order per host, never dropped
 
     async def _on_metrics(self, msg: Msg) -> None:
         try:

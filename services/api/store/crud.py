@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, update
+from sqlalchemy import bindparam, delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -23,6 +23,7 @@ from services.api.store.models import (
     Host,
     KeyRole,
     OperatorKey,
+    UtcDateTime,
     utcnow,
 )
 from services.api.store.runstore import HostTarget, NewRun
@@ -225,6 +226,100 @@ async def record_disconnected(session: AsyncSession, event: PresenceDisconnected
     )
     await session.commit()
     return bool(result.rowcount)
+
+
+class PresenceRow(NamedTuple):
+    """What recording a presence event needs to know of a registered host (`presence_rows`)."""
+
+    public_key: str | None  # the agent's key (None: no agent record yet, or no key recorded yet)
+    session_id: str | None
+    connected_at: datetime | None
+
+
+def presence_time(ts: float) -> datetime:
+    """A presence event's `at` as stored."""
+    return _at(ts)
+
+
+async def presence_rows(session: AsyncSession, host_ids: Iterable[str]) -> dict[str, PresenceRow]:
+    """In one query: each registered host of `host_ids` → its agent's key and recorded session (hosts
+    that are not registered are absent; a host with no agent record has all None)."""
+    wanted = set(host_ids)
+    if not wanted:
+        return {}
+    statement = (
+        select(Host.id, AgentConnection.public_key, AgentConnection.session_id, AgentConnection.connected_at)
+        .select_from(Host)
+        .outerjoin(AgentConnection, col(AgentConnection.host_id) == col(Host.id))
+        .where(col(Host.id).in_(wanted))
+    )
+    return {
+        host_id: PresenceRow(public_key, session_id, connected_at)
+        for host_id, public_key, session_id, connected_at in (await session.exec(statement)).all()
+    }
+
+
+_CONNECTED = (
+    update(AgentConnection)
+    .where(col(AgentConnection.host_id) == bindparam("b_host"))
+    # as `record_connected`: a newer session already recorded is not overwritten by an older one
+    .where(
+        or_(
+            col(AgentConnection.session_id) == bindparam("b_session"),
+            col(AgentConnection.connected_at).is_(None),
+            col(AgentConnection.connected_at) <= bindparam("b_at", type_=UtcDateTime()),
+        )
+    )
+    .values(
+        session_id=bindparam("b_session"),
+        gateway_id=bindparam("b_gateway"),
+        agent_version=bindparam("b_version"),
+        hostname=bindparam("b_hostname"),
+        platform=bindparam("b_platform"),
+        connected_at=bindparam("b_at", type_=UtcDateTime()),
+        status=str(AgentStatus.CONNECTED),
+        updated_at=bindparam("b_now", type_=UtcDateTime()),
+    )
+)
+_DISCONNECTED = (
+    update(AgentConnection)
+    .where(col(AgentConnection.host_id) == bindparam("b_host"))
+    .where(col(AgentConnection.session_id) == bindparam("b_session"))
+    .values(status=str(AgentStatus.DISCONNECTED), updated_at=bindparam("b_now", type_=UtcDateTime()))
+)
+
+
+async def record_presence_batch(
+    session: AsyncSession,
+    connected: Sequence[PresenceConnected],
+    disconnected: Sequence[PresenceDisconnected],
+) -> None:
+    """Apply verified connects and disconnects (at most one per host) with one executemany each, guarded as
+    `record_connected` / `record_disconnected` are, then commit. Hosts without an agent record are
+    unchanged (a verified connect always has one: the agent's key is kept there)."""
+    now = utcnow()
+    conn = await session.connection()
+    if connected:
+        rows = [
+            {
+                "b_host": e.host_id,
+                "b_session": e.session_id,
+                "b_gateway": e.gateway_id,
+                "b_version": e.agent_version,
+                "b_hostname": e.hostname,
+                "b_platform": e.platform,
+                "b_at": _at(e.at),
+                "b_now": now,
+            }
+            for e in connected
+        ]
+        await conn.execute(_CONNECTED, rows)
+    if disconnected:
+        await conn.execute(
+            _DISCONNECTED,
+            [{"b_host": e.host_id, "b_session": e.session_id, "b_now": now} for e in disconnected],
+        )
+    await session.commit()
 
 
 async def connected_gateways(session: AsyncSession) -> set[str]:
