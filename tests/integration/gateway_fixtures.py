@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.micro.service import Service
 from websockets.asyncio.client import ClientConnection, connect
@@ -17,7 +18,18 @@ from websockets.asyncio.client import ClientConnection, connect
 from services.dev.token_file import serve_token_file
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from shared.protocol import GatewayFrame, Hello, Message, Ping, Pong, Welcome, decode_gateway_frame, encode
+from shared import subjects
+from shared.protocol import (
+    GatewayFrame,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    TokenVerifyRequest,
+    Welcome,
+    decode_gateway_frame,
+    encode,
+)
 from shared.tokens import generate_token, hash_token
 from tests.support import natsserver as ns
 
@@ -62,10 +74,30 @@ async def token_authority(nats_url: str, path: Path) -> AsyncIterator[Service]:
     nc = await ns.connect(nats_url, "api")
     try:
         service = await serve_token_file(nc, path)
+        await answers_token_checks(nats_url)
         yield service
         await service.stop()
     finally:
         await nc.close()
+
+
+async def answers_token_checks(nats_url: str, within: float = 10.0) -> None:
+    """Wait until a token check from another connection (as a gateway asks) gets an answer: the
+    authority's subscription is then known to the server for every client, not only its own."""
+    probe = await ns.connect(nats_url, "gateway")
+    try:
+        body = encode(TokenVerifyRequest(token_sha256=hash_token(generate_token())))
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            try:
+                await probe.request(subjects.TOKEN_VERIFY, body, timeout=1)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+    finally:
+        await probe.close()
 
 
 @contextlib.asynccontextmanager
