@@ -1,11 +1,13 @@
-"""The database: async engine, schema initialisation, the bootstrap API key.
+"""The database: async engine, schema initialisation and upgrade, the bootstrap API key.
 
-Schema decision: there is no migrations tool yet and exactly one schema (version 1). At start the API runs
-``metadata.create_all`` (creates what is missing, never alters) and records ``schema_version``. A database
-whose recorded version differs from ours is refused with a clear error instead of being silently used:
-the first schema change will bring Alembic, starting from this version row. On PostgreSQL the whole
-initialisation runs in one transaction under an advisory lock, so API replicas starting together neither
-race on CREATE TABLE nor each create a bootstrap key.
+Schema decision: no migrations tool yet. At start the API runs ``metadata.create_all`` (creates what is
+missing, never alters) and records ``schema_version``. A database of an older version that this API can
+upgrade (`UPGRADABLE`: every change since it only added tables, columns and indexes) is upgraded in place
+at start: the missing columns are added (nullable, or with their scalar default for the rows already
+there) and the missing indexes created, then the version row is moved on. Any other version is refused with
+a clear error instead of being silently used; the first change that is not additive brings Alembic. On
+PostgreSQL the whole initialisation, upgrade included, runs in one transaction under an advisory lock, so
+API replicas starting together neither race on DDL nor each create a bootstrap key.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import Connection, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel
@@ -112,10 +114,21 @@ async def initialise(engine: AsyncEngine, settings: ApiSettings, bootstrap_key: 
         row = await session.get(SchemaVersion, 1)
         if row is None:
             session.add(SchemaVersion(version=SCHEMA_VERSION))
+        elif row.version in UPGRADABLE:
+            added = await conn.run_sync(add_missing_columns)
+            log.warning(
+                "database schema upgraded from version %d to %d (%s)",
+                row.version,
+                SCHEMA_VERSION,
+                ", ".join(added) or "nothing to add",
+            )
+            row.version = SCHEMA_VERSION
+            session.add(row)
         elif row.version != SCHEMA_VERSION:
             raise SchemaMismatch(
                 "database_url",
-                f"database schema version {row.version}, this API needs {SCHEMA_VERSION}: migrate first",
+                f"database schema version {row.version}, this API needs {SCHEMA_VERSION} and upgrades only "
+                f"from {', '.join(map(str, sorted(UPGRADABLE)))}: migrate first",
             )
         if bootstrap_key and (await session.exec(select(ApiKey.id).limit(1))).first() is None:  # type: ignore[call-overload]
             key = await crud.create_api_key(session, BOOTSTRAP_KEY_NAME, commit=False)
@@ -123,6 +136,58 @@ async def initialise(engine: AsyncEngine, settings: ApiSettings, bootstrap_key: 
             written = settings.api_key_file
         await session.flush()
     return written
+
+
+# versions whose databases differ from this one only by tables, columns and indexes it adds
+UPGRADABLE = frozenset({2})  # 2 → 3: API key roles, jobs (command_run.job_id), command output
+
+
+def add_missing_columns(conn: Connection) -> list[str]:
+    """Add every column and index of the metadata that an existing table lacks; return what was added.
+
+    A column is added nullable, or NOT NULL with its scalar default filling the rows already there (a
+    required column without a scalar default cannot be added: ConfigError). Tables that were missing were
+    just made by ``create_all``."""
+    inspector = inspect(conn)
+    preparer = conn.dialect.identifier_preparer
+    added: list[str] = []
+    for table in SQLModel.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl = f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {preparer.format_column(column)} "
+            ddl += column.type.compile(dialect=conn.dialect)
+            if not column.nullable:
+                default = _literal(column)
+                if default is None:
+                    what = f"cannot add required column {table.name}.{column.name}"
+                    raise ConfigError("database_url", what)
+                ddl += f" NOT NULL DEFAULT {default}"
+            conn.execute(text(ddl))
+            added.append(f"{table.name}.{column.name}")
+        indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(conn)
+                added.append(f"index {index.name}")
+    return added
+
+
+def _literal(column: Any) -> str | None:
+    """The SQL literal of `column`'s scalar default (str, enum, bool, number), else None."""
+    default = getattr(column.default, "arg", None)
+    if default is None or callable(default):
+        return None
+    if isinstance(default, bool):
+        return "TRUE" if default else "FALSE"
+    if isinstance(default, int | float):
+        return repr(default)
+    if isinstance(default, str):  # a StrEnum too
+        return "'" + str(default).replace("'", "''") + "'"
+    return None
 
 
 def write_key_file(path: Path, key: str) -> None:
