@@ -41,7 +41,7 @@ log = logging.getLogger("services.api.fleet.bus.metrics")
 DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, DatabaseUnavailable)
 FLUSH_S = 0.5  # a batch collects for this long after its first sample
 METRICS_BATCH = 5000  # rows per batch at most
-MAX_QUEUED = 500_000  # queued samples past which the oldest are dropped (~100 MB)
+MAX_QUEUED = 300_000  # queued samples past which the oldest are dropped (~330 bytes each: ~100 MB)
 QUERY_TIMEOUT_S = 15.0
 BACKOFF_S = (0.1, 5.0)
 MAX_SKEW_S = 300.0  # an agent clock further off than this: the sample is stamped with the API's time
@@ -65,21 +65,29 @@ class SqlMetricsStore:
             await store.write_samples(session, rows, pinged_at)
 
 
-def sample_row(event: MetricsEvent, received: float) -> dict[str, Any]:
-    """The ``metric_sample`` row of `event`, received at `received` (Unix seconds)."""
+COLUMNS = ("host_id", "at", *store.VALUES)
+Queued = tuple[Any, ...]  # a row's values in COLUMNS order, then when it was received (Unix seconds)
+
+
+def sample_row(event: MetricsEvent, received: float) -> Queued:
+    """The ``metric_sample`` values of `event` (COLUMNS order), then `received`: a tuple, not a dict, to
+    keep a long queue small."""
     s = event.sample
     at = s.timestamp if abs(s.timestamp - received) <= MAX_SKEW_S else received
-    return {
-        "host_id": event.host_id,
-        "at": at,
-        "cpu": s.cpu_percent,
-        "load_1": s.load_1,
-        "mem": s.memory_percent,
-        "swap": s.swap_percent,
-        "disk": max((d.percent for d in s.disks), default=None),
-        "net_rx": float(s.net_bytes_recv),
-        "net_tx": float(s.net_bytes_sent),
-    }
+    disk = max((d.percent for d in s.disks), default=None)
+    rx, tx = float(s.net_bytes_recv), float(s.net_bytes_sent)
+    return (
+        event.host_id,
+        at,
+        s.cpu_percent,
+        s.load_1,
+        s.memory_percent,
+        s.swap_percent,
+        disk,
+        rx,
+        tx,
+        received,
+    )
 
 
 class MetricsRecorder:
@@ -104,7 +112,7 @@ class MetricsRecorder:
         self.recorded = 0  # samples written
         self.dropped = 0  # samples dropped past `max_queued`
         self.failures = 0  # failed attempts (each retried)
-        self._queue: deque[tuple[dict[str, Any], float]] = deque()  # (row, received)
+        self._queue: deque[Queued] = deque()
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
@@ -118,8 +126,7 @@ class MetricsRecorder:
 
     def submit(self, event: MetricsEvent) -> None:
         """Queue `event`'s sample (never blocks)."""
-        received = time.time()
-        self._queue.append((sample_row(event, received), received))
+        self._queue.append(sample_row(event, time.time()))
         if len(self._queue) > self.max_queued:
             self._queue.popleft()
             self.dropped += 1
@@ -171,7 +178,8 @@ class MetricsRecorder:
             batch = [self._queue.popleft() for _ in range(count)]
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self.store.write([row for row, _ in batch], max(r for _, r in batch))
+                    rows = [dict(zip(COLUMNS, item, strict=False)) for item in batch]
+                    await self.store.write(rows, max(item[-1] for item in batch))
             except DB_ERRORS as exc:
                 self.failures += 1
                 failures += 1
