@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
 from services.api.fleet.metrics_history import maintain_once
 from services.api.store.db import make_engine, sessionmaker
-from services.api.store.metrics import history
+from services.api.store.metrics import LOCK_ID, history
 from services.api.store.models import AgentConnection, MetricRollup, MetricSample
 from shared import subjects
 from shared.protocol import DiskUsage, MetricsEvent, MetricsSample, encode
@@ -336,3 +336,40 @@ async def test_the_endpoint_refuses_bad_params_unknown_hosts_and_out_of_scope_ke
     assert out.status_code == 403, out.text
     assert out.json()["code"] == "out_of_scope"
     assert (await api.client.get(url)).status_code == 401
+
+
+async def test_the_api_runs_the_retention_job(tmp_path: Path, nats_server: NatsServer, database: str) -> None:
+    """Wired in the lifespan: with a short interval, samples older than the raw retention are folded."""
+    settings = api_settings(tmp_path, nats_server.url, database, metrics_maintenance_interval=0.1)
+    async with running_api(settings) as api:
+        now = time.time()
+        await insert_rows(
+            api.state.engine, MetricSample, [raw("h", now - 2 * DAY + i, 10.0) for i in range(5)]
+        )
+        await insert_rows(api.state.engine, MetricSample, [raw("h", now - 10, 10.0)])
+
+        async def folded() -> bool:
+            return await count_rows(api.state.engine, MetricRollup) == 1
+
+        await eventually(folded, timeout=10)
+        assert await count_rows(api.state.engine, MetricSample) == 1
+
+
+async def test_one_instance_at_a_time_runs_the_job_on_postgresql(tmp_path: Path) -> None:
+    """While another transaction holds the job's advisory lock, a pass skips (None) and changes nothing."""
+    async with fresh_database("postgresql", tmp_path) as url:
+        engine = make_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(SQLModel.metadata.create_all)
+            now = 1_800_000_000.0
+            await insert_rows(engine, MetricSample, [raw("h", now - 2 * DAY, 10.0)])
+            async with engine.begin() as other:
+                await other.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": LOCK_ID})
+                assert await maintain_once(engine, DAY, 30 * DAY, now=now) is None
+            assert await count_rows(engine, MetricSample) == 1
+            done = await maintain_once(engine, DAY, 30 * DAY, now=now)  # the lock is free again
+            assert done is not None
+            assert done.folded == 1
+        finally:
+            await engine.dispose()

@@ -26,7 +26,7 @@ from services.api.store.models import AgentConnection, MetricSample
 
 ROLLUP_S = 300  # the downsampled buckets: 5 minutes
 VALUES = ("cpu", "load_1", "mem", "swap", "disk", "net_rx", "net_tx")
-_LOCK_ID = 0x574D4554  # "WMET": one API instance runs the retention job at a time (PostgreSQL)
+LOCK_ID = 0x574D4554  # "WMET": one API instance runs the retention job at a time (PostgreSQL)
 
 
 async def write_samples(session: AsyncSession, rows: Sequence[dict[str, Any]], pinged_at: float) -> None:
@@ -85,7 +85,7 @@ async def downsample(
     were two to run anyway, each sample is folded once (the second finds it deleted)."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
-        got = (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": _LOCK_ID})).scalar()
+        got = (await conn.execute(text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": LOCK_ID})).scalar()
         if not got:
             return None
     cutoff = math.floor((now - raw_retention) / ROLLUP_S) * ROLLUP_S
