@@ -343,9 +343,8 @@ async def test_the_api_runs_the_retention_job(tmp_path: Path, nats_server: NatsS
     settings = api_settings(tmp_path, nats_server.url, database, metrics_maintenance_interval=0.1)
     async with running_api(settings) as api:
         now = time.time()
-        await insert_rows(
-            api.state.engine, MetricSample, [raw("h", now - 2 * DAY + i, 10.0) for i in range(5)]
-        )
+        base = (now - 2 * DAY) // 300 * 300  # one 5-minute bucket
+        await insert_rows(api.state.engine, MetricSample, [raw("h", base + i, 10.0) for i in range(5)])
         await insert_rows(api.state.engine, MetricSample, [raw("h", now - 10, 10.0)])
 
         async def folded() -> bool:
