@@ -263,7 +263,7 @@ async def test_the_endpoint_serves_ranges_and_steps(api: RunningApi) -> None:
     base = (now // 600) * 600 - 3000  # five 10-minute buckets ago, aligned
     rows = [raw("web1", base + i * 30, cpu=float(i % 2 * 10), rx=1000.0 * i) for i in range(40)]  # 20 min
     await insert_rows(api.state.engine, MetricSample, rows)
-    old = (now // 300) * 300 - 3 * DAY
+    old = (now // 600) * 600 - 3 * DAY  # aligned to the 600 s step below
     rollups = [{**raw("web1", old + i * 300, cpu=30.0 + i), "samples": 10} for i in range(4)]
     await insert_rows(api.state.engine, MetricRollup, rollups)
     url = "/api/hosts/web1/metrics"
