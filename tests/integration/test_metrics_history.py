@@ -95,7 +95,7 @@ async def test_samples_are_stored_in_batches_with_last_ping(
         now = time.time()
         for i in range(10):
             for host in hosts:
-                await gw.publish(subjects.metrics(host), sample(host, now - 300 + i * 30))
+                await gw.publish(subjects.metrics(host), sample(host, now - 270 + i * 30))
         await gw.flush()
 
         async def all_stored() -> bool:
@@ -129,7 +129,7 @@ async def test_a_database_outage_loses_no_sample(
                 now = time.time()
                 for i in range(10):
                     for host in hosts:
-                        await gw.publish(subjects.metrics(host), sample(host, now - 900 + i))
+                        await gw.publish(subjects.metrics(host), sample(host, now - 200 + i))
                 await gw.flush()
 
                 async def some_stored() -> bool:
@@ -139,7 +139,7 @@ async def test_a_database_outage_loses_no_sample(
                 await proxy.cut()
                 for i in range(10, 30):
                     for host in hosts:
-                        await gw.publish(subjects.metrics(host), sample(host, now - 900 + i))
+                        await gw.publish(subjects.metrics(host), sample(host, now - 200 + i))
                 await gw.flush()
                 await _sleep(3)
                 assert await count_rows(engine, MetricSample) < 3000
