@@ -9,7 +9,7 @@ Every subscription is in a queue group, so each message is handled by exactly on
 many run. nats-py runs one subscription's callbacks one at a time, so a callback only decodes (logging
 and skipping what does not decode) and hands the database work to a tracked task. Presence events are
 recorded in batches, in arrival order per host, and never dropped on a database error
-(`services.api.fleet.presence`); metrics samples too, into the history
+(`services.api.fleet.presence`); metrics samples too, into the history, within a memory bound
 (`services.api.fleet.metrics_history`). The request/reply endpoints are a NATS micro
 service, ``warlock-api``, so ``nats micro ls`` lists them.
 
