@@ -20,8 +20,12 @@
    beside one exec request per host straight over NATS in the same run; the API's RSS; then a job to 20
    real agents beside raw asyncssh to the same 20 hosts, fresh and pooled connections (bench/fanout.py).
 
+7. Metrics ingest (bench/metrics_ingest.py): samples of 2,000 hosts published on NATS as gateways publish
+   them, stored by the API in the metrics history on PostgreSQL: samples/s end to end, none lost (counted
+   in the table), the API's CPU seconds.
+
 `--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory, storm, gateway-rss,
-failover, fanout).
+failover, fanout, metrics-ingest).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bench.agent_memory import agent_memory, print_agent_memory
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.fanout import fanout, print_fanout, print_real_agents, real_agents
+from bench.metrics_ingest import metrics_ingest, print_metrics_ingest
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from bench.signing_cost import print_signing_cost
 from bench.storm import connect_storm, failover, print_failover, print_rss, print_storm
@@ -141,6 +146,7 @@ def memory_raw(root: Path, count: int) -> float:
 
 
 BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory", "storm", "gateway-rss", "failover", "fanout")
+BLOCKS_MORE = ("metrics-ingest",)
 
 
 def main() -> None:
@@ -165,7 +171,16 @@ def main() -> None:
     parser.add_argument(
         "--fanout-agents", type=int, nargs=2, default=[1000, 10000], help="fan-out sizes: one gateway, two"
     )
-    parser.add_argument("--only", nargs="+", choices=BLOCKS, default=list(BLOCKS), help="blocks to run")
+    parser.add_argument("--metrics-hosts", type=int, default=2000, help="hosts sending metrics samples")
+    parser.add_argument("--metrics-rounds", type=int, default=25, help="samples per host and run")
+    parser.add_argument("--metrics-runs", type=int, default=3, help="metrics ingest runs (median)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=BLOCKS + BLOCKS_MORE,
+        default=list(BLOCKS + BLOCKS_MORE),
+        help="blocks to run",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warlock-bench-") as tmp:
         root = Path(tmp)
@@ -184,6 +199,11 @@ def main() -> None:
             small, large = args.fanout_agents
             print_fanout(fanout(root / "fanout", small, large, args.fanout_runs))
             print_real_agents(real_agents(root / "real-agents"))
+        if "metrics-ingest" in args.only:
+            ingest = metrics_ingest(
+                root / "metrics", args.metrics_hosts, args.metrics_rounds, args.metrics_runs
+            )
+            print_metrics_ingest(ingest, args.metrics_hosts)
 
 
 def _fleet_blocks(root: Path, args: argparse.Namespace) -> None:

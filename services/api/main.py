@@ -32,6 +32,7 @@ from services.api.fleet.inflight import InFlight
 from services.api.fleet.jobs import JobRunner
 from services.api.fleet.lifecycle import AgentLifecycle
 from services.api.fleet.liveness import GatewayWatch
+from services.api.fleet.metrics_history import maintain_forever
 from services.api.fleet.output import OutputHub
 from services.api.fleet.reconciler import Reconciler, reconcile_forever
 from services.api.fleet.runner import Runner
@@ -140,6 +141,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
             background.append(
                 asyncio.create_task(jobs.maintain_forever(lambda: state.db_ready), name="job-maintenance")
             )
+            metrics_retention = maintain_forever(
+                engine,
+                settings.metrics_maintenance_interval,
+                settings.metrics_raw_retention,
+                settings.metrics_rollup_retention,
+                ready=lambda: state.db_ready,
+            )
+            background.append(asyncio.create_task(metrics_retention, name="metrics-retention"))
             connecting = asyncio.create_task(_connect_nats(link, bus, stop, output), name="nats-connect")
             background.append(connecting)
             failed = asyncio.create_task(link.failed.wait())

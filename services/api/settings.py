@@ -157,6 +157,27 @@ class ApiSettings(NatsSettings):
         description="largest request body accepted (bytes); larger → 413 without reading it. 1 MiB holds "
         "the longest command (65,536 characters) even written entirely as JSON \\u escapes",
     )
+    metrics_raw_retention: float = Field(
+        default=86400.0,
+        ge=600,
+        description="seconds agents' raw metrics samples are kept; older ones are folded into 5-minute "
+        "averages by the retention job",
+    )
+    metrics_rollup_retention: float = Field(
+        default=30 * 86400.0, ge=3600, description="seconds the 5-minute metrics averages are kept"
+    )
+    metrics_maintenance_interval: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds between passes of the metrics retention job (one API instance at a time "
+        "does it: a PostgreSQL advisory lock)",
+    )
+    metrics_max_points: int = Field(
+        default=2000,
+        ge=10,
+        le=100_000,
+        description="most points GET /api/hosts/{host}/metrics answers (else 422)",
+    )
 
     @field_validator("database_url")
     @classmethod

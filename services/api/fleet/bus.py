@@ -9,7 +9,8 @@ Every subscription is in a queue group, so each message is handled by exactly on
 many run. nats-py runs one subscription's callbacks one at a time, so a callback only decodes (logging
 and skipping what does not decode) and hands the database work to a tracked task. Presence events are
 recorded in batches, in arrival order per host, and never dropped on a database error
-(`services.api.fleet.presence`). The request/reply endpoints are a NATS micro
+(`services.api.fleet.presence`); metrics samples too, into the history, within a memory bound
+(`services.api.fleet.metrics_history`). The request/reply endpoints are a NATS micro
 service, ``warlock-api``, so ``nats micro ls`` lists them.
 
 Token checks (the gateways' ``warlock.auth.verify``) that arrive together are answered from one query
@@ -41,6 +42,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.api import __version__
 from services.api.errors import Conflict, DatabaseUnavailable
 from services.api.fleet.liveness import GatewayWatch
+from services.api.fleet.metrics_history import MetricsRecorder, SqlMetricsStore
 from services.api.fleet.presence import PresenceRecorder, SqlPresenceStore
 from services.api.fleet.runner import Outcome, Runner, late_result_values
 from services.api.fleet.tasks import TaskTracker
@@ -210,6 +212,7 @@ class Bus:
         self._service: Service | None = None
         self.tokens = TokenLookup(sessions)
         self.presence = PresenceRecorder(SqlPresenceStore(sessions), self.rejections)
+        self.metrics = MetricsRecorder(SqlMetricsStore(sessions))  # samples and last_ping, in batches
 
     async def start(self) -> None:
         """Subscribe to presence, metrics and results; register the micro service endpoints."""
@@ -252,6 +255,7 @@ class Bus:
         self._subs.clear()
         await self.tokens.stop()
         await self.presence.stop()
+        await self.metrics.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self.tasks.spawn(self._guard(coro, name), name=name)
@@ -355,11 +359,7 @@ class Bus:
         except ProtocolError as exc:
             log.warning("bad metrics event on %s skipped: %s", msg.subject, exc.message)
             return
-        self._spawn(self._metrics(event), f"metrics-{event.host_id}")
-
-    async def _metrics(self, event: MetricsEvent) -> None:
-        async with self.sessions() as session:
-            await crud.record_ping(session, event.host_id, utcnow())
+        self.metrics.submit(event)  # kept in the history and last_ping set, in batches (metrics_history)
 
     async def _on_result(self, msg: Msg) -> None:
         try:

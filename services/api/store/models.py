@@ -277,6 +277,49 @@ class SchemaVersion(SQLModel, table=True):
     applied_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
 
 
+# ----------------------------------------------------------------------------- metrics history
+
+
+class MetricSample(SQLModel, table=True):
+    """One agent metrics sample, kept for `metrics_raw_retention` (then folded into `MetricRollup`).
+
+    ``at`` is Unix seconds (UTC) as a float, not a `UtcDateTime`: the history is bucketed by arithmetic on
+    it (``floor(at / step) * step``) the same way on PostgreSQL and SQLite. No foreign key to ``host``: a
+    deleted host's samples age out with the rest. Written in batches (`services.api.store.metrics`)."""
+
+    __tablename__ = "metric_sample"
+    __table_args__ = (Index("ix_metric_sample_at", "at"),)  # the retention job's range
+
+    host_id: str = Field(primary_key=True, max_length=63)
+    at: float = Field(primary_key=True)  # the agent's sample time (its clock; the API's if far off)
+    cpu: float  # cpu_percent
+    load_1: float
+    mem: float  # memory_percent
+    swap: float  # swap_percent
+    disk: float | None = None  # percent of the fullest mounted filesystem (None: the agent sent none)
+    net_rx: float  # bytes received since boot (a counter: the history serves rates)
+    net_tx: float  # bytes sent since boot
+
+
+class MetricRollup(SQLModel, table=True):
+    """Averages of a host's samples over one bucket (5 minutes: ``at`` is its start, Unix seconds), kept
+    for `metrics_rollup_retention`; ``samples`` weighs the bucket when it is averaged again."""
+
+    __tablename__ = "metric_rollup"
+    __table_args__ = (Index("ix_metric_rollup_at", "at"),)
+
+    host_id: str = Field(primary_key=True, max_length=63)
+    at: float = Field(primary_key=True)
+    samples: int
+    cpu: float
+    load_1: float
+    mem: float
+    swap: float
+    disk: float | None = None
+    net_rx: float
+    net_tx: float
+
+
 def public(model: type[SQLModel], row: Any) -> Any:
     """Validate a table row into its public model."""
     return model.model_validate(row, from_attributes=True)

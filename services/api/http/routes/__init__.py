@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.api.http.routes import agents, commands, downloads, health, hosts, jobs, keys, stream
+from services.api.http.routes import (
+    agents,
+    commands,
+    downloads,
+    health,
+    hosts,
+    jobs,
+    keys,
+    metrics_history,
+    stream,
+)
 
 
 def include_routes(app: FastAPI) -> None:
@@ -19,5 +29,6 @@ def include_routes(app: FastAPI) -> None:
     for router in routers:
         app.include_router(router, prefix="/api")
     app.include_router(stream.router, prefix="/api")
+    app.include_router(metrics_history.router, prefix="/api")
     app.include_router(health.router)
     app.include_router(downloads.router)
