@@ -157,6 +157,16 @@ class ApiSettings(NatsSettings):
         description="largest request body accepted (bytes); larger → 413 without reading it. 1 MiB holds "
         "the longest command (65,536 characters) even written entirely as JSON \\u escapes",
     )
+    metrics: bool = Field(
+        default=True,
+        description="serve GET /metrics (Prometheus text, no API key: counts and latencies only, no host, "
+        "command or key in a label); false: 404",
+    )
+    access_log: bool = Field(
+        default=True,
+        description="one INFO line per HTTP request on logger services.api.access: method, path (never the "
+        "query string), status, duration, API key name (never the key)",
+    )
 
     @field_validator("database_url")
     @classmethod
