@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import urllib.error
+import urllib.request
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway import metrics as gw_metrics
@@ -69,3 +73,29 @@ async def test_gateway_route_answers_metrics_and_defers_the_rest() -> None:
     off = gw_metrics.MetricsRoute(gate, enabled=False, agent_path="/agent")
     assert await off(FakeConn(), FakeRequest("/metrics")) is None  # type: ignore[arg-type]
     assert seen == ["/agent", "/metrics"]  # turned off: the gate answers it (404 for an unknown path)
+
+
+def test_ssh_metrics_server_serves_then_stops_and_a_taken_port_is_one_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from services.fallback_ssh.metrics import MetricsServer
+    from services.fallback_ssh.settings import FallbackSettings
+
+    assert FallbackSettings.model_fields["metrics_port"].default is None  # off unless configured
+    server = MetricsServer("127.0.0.1", 0)
+    assert server.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as page:
+            names = {f.name for f in text_string_to_metric_families(page.read().decode())}
+        assert {"warlock_ssh_exec", "warlock_ssh_in_flight", "warlock_errors"} <= names
+        taken = MetricsServer("127.0.0.1", server.port)
+        with caplog.at_level(logging.ERROR):
+            assert not taken.start()
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+            f"metrics not served: cannot listen on 127.0.0.1:{server.port} (WARLOCK_SSH_METRICS_HOST/_PORT): "
+            "Address already in use"
+        ]
+    finally:
+        server.stop()
+    with pytest.raises(urllib.error.URLError, match="Connection refused"):
+        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=2)
