@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 
 from shared import natsx
+from shared.errors import ErrorCode
 
 # Buckets (seconds) for command round trips: a fast agent exec is ~1 ms, an SSH one tens of ms, a
 # command may run for minutes (its timeout).
@@ -55,16 +56,7 @@ DB_SECONDS = Histogram(
 
 _VIAS = ("agent", "ssh")
 _OPS = ("select", "insert", "update", "delete")
-KNOWN_CODES: set[str] = set()  # filled below from shared.errors.ErrorCode
-
-
-def _load_codes() -> None:
-    from shared.errors import ErrorCode
-
-    KNOWN_CODES.update(str(c.value) for c in ErrorCode)
-
-
-_load_codes()
+KNOWN_CODES = {str(code.value) for code in ErrorCode}
 
 
 def bounded(value: object, allowed: set[str] | tuple[str, ...], other: str = "other") -> str:
