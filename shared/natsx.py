@@ -10,6 +10,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,9 @@ def error(code: ErrorCode, description: str, command_id: str | None = None) -> E
 RETRY_WAIT_S = 2  # between connection attempts (nats-py's reconnect_time_wait)
 CONNECT_TIMEOUT_S = 2  # one attempt's TCP connect + handshake
 REPEAT_LOG_S = 30.0  # the same failure again is logged at most this often
+# Called with (role, event) on every link's "error" (a failed attempt), "disconnected" and "reconnected":
+# `shared.metrics` appends its counter here (this module imports no metrics library).
+LINK_HOOKS: list[Callable[[str, str], None]] = []
 
 
 def describe(exc: BaseException) -> str:
@@ -234,6 +238,7 @@ class NatsLink:
         if is_permission_error(exc):
             self._permission_refused(exc)
             return
+        self._report("error")
         self.failures += 1
         self.failed.set()
         reason = describe(exc)
@@ -267,13 +272,23 @@ class NatsLink:
             self._violations_logged[what] = now
             self.log.error("NATS refused role %s: %s (see shared/permissions.py)", self.role, what)
 
+    def _report(self, event: str) -> None:
+        """Tell `LINK_HOOKS` about `event` (a hook's failure is logged, never raised into nats-py)."""
+        for hook in LINK_HOOKS:
+            try:
+                hook(self.role, event)
+            except Exception as exc:
+                self.log.warning("NATS link hook failed: %s", describe(exc))
+
     async def _on_disconnected(self) -> None:
+        self._report("disconnected")
         if self.problem is None:
             self.problem = "disconnected; reconnecting"
         if self.nc.is_reconnecting:
             self.log.warning("NATS disconnected; reconnecting")
 
     async def _on_reconnected(self) -> None:
+        self._report("reconnected")
         self.problem, self.failures, self._logged = None, 0, None
         url = self.nc.connected_url
         self.log.info("NATS reconnected to %s", url.netloc if url else "?")

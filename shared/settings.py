@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.errors import ConfigError
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -29,6 +30,11 @@ class WarlockSettings(BaseSettings):
     )
 
     log_level: LogLevel = Field(default="INFO", validation_alias=AliasChoices("WARLOCK_LOG_LEVEL"))
+    log_format: LogFormat = Field(
+        default="text",
+        validation_alias=AliasChoices("WARLOCK_LOG_FORMAT"),
+        description="text, or json: one JSON object per line (time, level, logger, message, exception)",
+    )
 
 
 class NatsSettings(WarlockSettings):

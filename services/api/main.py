@@ -43,11 +43,14 @@ from services.api.http.deps import ApiState, AuthCache, document_api_key
 from services.api.http.edge import ApiEdge
 from services.api.http.errors import install_error_handlers
 from services.api.http.routes import include_routes
+from services.api.metrics import AccessLog, TimedRunStore
+from services.api.metrics import router as metrics_router
 from services.api.settings import ApiSettings
 from services.api.store.db import SchemaMismatch, initialise, make_engine, sessionmaker
 from services.api.store.runstore import open_store
 from shared.errors import ConfigError
 from shared.logs import setup_logging
+from shared.metrics import observe_engine
 from shared.natsx import NatsLink, describe
 from shared.settings import load_settings
 
@@ -99,11 +102,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         signer = ApiSigner(settings.signing_key_file, settings.extra_trusted_keys, settings.command_ttl)
         engine = make_engine(settings.database_url)
+        observe_engine(engine.sync_engine)  # warlock_db_query_seconds{source="orm"}
         link = NatsLink.from_settings(settings, "warlock-api", log, role="api")
         nc = link.nc
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
-        store = open_store(settings.database_url)
+        store = TimedRunStore(open_store(settings.database_url))  # timed: warlock_db_query_seconds
         inflight = InFlight()  # agent requests by gateway: the watch wakes the callers of a silent one
         runner = Runner(nc, store, sessions, settings, tasks, signer, inflight=inflight)
         lifecycle = AgentLifecycle(
@@ -181,10 +185,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     include_routes(app)
+    if settings.metrics:
+        app.include_router(metrics_router)  # /metrics: no API key (services.api.metrics)
     _document_api_key(app)
     install_error_handlers(app)
     app.add_middleware(ApiEdge, max_body_bytes=settings.max_body_bytes)  # key and size before the body
     app.add_middleware(JsonServerErrors)
+    app.add_middleware(AccessLog, enabled=settings.access_log)  # outermost: sees every status, 500 too
     return app
 
 
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"warlock-api: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     # uvicorn stops gracefully on these signals, then raises them again once done: this handler turns
     # that (and a signal before uvicorn's handlers are in place) into a clean exit instead of a kill
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -178,6 +178,16 @@ class ApiSettings(NatsSettings):
         le=100_000,
         description="most points GET /api/hosts/{host}/metrics answers (else 422)",
     )
+    metrics: bool = Field(
+        default=True,
+        description="serve GET /metrics (Prometheus text, no API key: counts and latencies only, no host, "
+        "command or key in a label); false: 404",
+    )
+    access_log: bool = Field(
+        default=True,
+        description="one INFO line per HTTP request on logger services.api.access: method, path (never the "
+        "query string), status, duration, API key name (never the key)",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -319,7 +319,7 @@ class DevStack:
                 "WARLOCK_API_AGENT_CA_FILE": str(tls.ca_file),  # installed agents pin the local CA
             }
             api = self._spawn(name, [str(BIN / "warlock-api")], api_env)
-            api_urls.append(api.wait_for(r"api listening on (http://\S+)", timeout=60).group(1))
+            api_urls.append(api.wait_for(r'api listening on (http://[^\s"]+)', timeout=60).group(1))
             self.urls[name] = api_urls[-1]
             if i == 0:
                 _ensure_api_key(api_urls[0], key_file, database_url)
@@ -343,7 +343,7 @@ class DevStack:
                 "WARLOCK_GATEWAY_TLS_KEY_FILE": str(tls.key_file),
             }
             gateway = self._spawn(self.part_name("gateway", i), [str(BIN / "warlock-gateway")], gw_env)
-            gateway_urls.append(gateway.wait_for(r"listening on (wss?://\S+/agent)").group(1))
+            gateway_urls.append(gateway.wait_for(r'listening on (wss?://[^\s"]+/agent)').group(1))
             self.urls[gateway.name] = gateway_urls[-1]
 
         self.ssh_ready, note = register_host(api_url, key_file, self.host, self.settings.ssh_port)

@@ -65,6 +65,13 @@ class FallbackSettings(NatsSettings):
         ge=100,
         description="signed request ids remembered at most; when full and none expired, new ones: busy",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve GET /metrics (Prometheus text) on this port (0: a free one, logged); unset: off",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address the metrics port binds")
 
     @field_validator("trusted_keys", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from nats.aio.subscription import Subscription
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from services.fallback_ssh import __version__
+from services.fallback_ssh import __version__, metrics
 from services.fallback_ssh.agent_ops import OP_MODELS, plan
 from services.fallback_ssh.errors import SshError
 from services.fallback_ssh.execution import KILL, fit_result
@@ -42,9 +43,11 @@ from services.fallback_ssh.settings import FallbackSettings
 from services.fallback_ssh.trust import Verifier
 from shared import signing, subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
+from shared.metrics import count_error
 from shared.natsx import error, reply
 from shared.protocol import (
     CancelAnswer,
+    ErrorReply,
     ExecResult,
     Message,
     OutputChunk,
@@ -91,10 +94,16 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: set[str] = set()  # command ids this worker is running
         self._cancelled: set[str] = set()  # of those, the ones a cancel killed
+        self.metrics: metrics.MetricsServer | None = None  # WARLOCK_SSH_METRICS_PORT
+        metrics.watch_worker(self)  # warlock_ssh_in_flight
 
     async def start(self) -> None:
-        """Subscribe and register the micro service."""
+        """Subscribe and register the micro service (and serve /metrics if a port is set)."""
         self.pool.start()
+        if self.settings.metrics_port is not None and self.metrics is None:
+            self.metrics = metrics.MetricsServer(self.settings.metrics_host, self.settings.metrics_port)
+            if not self.metrics.start():
+                self.metrics = None
         self._subs = [
             await self.nc.subscribe(subjects.ssh_exec_wildcard(), queue=subjects.SSH_QUEUE, cb=self._on_exec),
             await self.nc.subscribe(subjects.SSH_PROBE, queue=subjects.SSH_QUEUE, cb=self._on_probe),
@@ -182,6 +191,8 @@ class Worker:
 
     async def _reply(self, msg: Msg, answer: Message) -> None:
         """Send `answer`, shortened to fit the server's max payload; a NATS failure is logged."""
+        if isinstance(answer, ErrorReply):
+            count_error(answer.code)  # warlock_errors_total{code}
         if isinstance(answer, ExecResult):
             answer = fit_result(answer, self.nc.max_payload)
         try:
@@ -197,6 +208,22 @@ class Worker:
         return error(exc.code, exc.description, command_id)
 
     async def _exec(self, msg: Msg) -> Message:
+        """`_run_exec`, observed in ``warlock_ssh_exec_total{outcome}`` and ``warlock_ssh_exec_seconds``."""
+        t0 = time.monotonic()
+        answer = await self._run_exec(msg)
+        if isinstance(answer, ExecResult):
+            if answer.cancelled:
+                outcome = "cancelled"
+            elif answer.timed_out:
+                outcome = "timed_out"
+            else:
+                outcome = "ok" if answer.exit_code == 0 else "failed"
+        else:
+            outcome = "error"
+        metrics.observe_exec(outcome, time.monotonic() - t0)
+        return answer
+
+    async def _run_exec(self, msg: Msg) -> Message:
         """Decode an exec request, verify its signature and run it over SSH on its signed target."""
         try:
             host = subjects.parse_ssh_exec(msg.subject)
@@ -395,3 +422,6 @@ class Worker:
             await self._service.stop()
             self._service = None
         await self.pool.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None

@@ -26,6 +26,7 @@ from nats.aio.subscription import Subscription
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from services.gateway import metrics
 from services.gateway.session import (
     NOT_SENT,
     SEND_TIMEOUT_CLOSE,
@@ -49,6 +50,7 @@ from shared import subjects
 from shared.errors import CloseCode, ErrorCode, InvalidIdError, ProtocolError
 from shared.ids import CommandId, GatewayId, HostId
 from shared.logs import ContextAdapter
+from shared.metrics import count_error
 from shared.natsx import error, reply
 from shared.protocol import (
     CancelAnswer,
@@ -153,6 +155,8 @@ class Bridge:
         (``warlock.result.<host>``), from which the API settles the run (verified by the agent's signature
         like any result); an error is not (the API's wait ends `timed_out`: the command may have run).
         """
+        if isinstance(answer, ErrorReply):
+            count_error(answer.code)  # warlock_errors_total{code}
         msgs, pending.msgs = pending.msgs, []
         if msgs and pending.connection is not None and pending.connection != self.connection():
             log.info("command %s: NATS reconnected since its request came", pending.command_id)
@@ -230,6 +234,7 @@ class Bridge:
             at=time.time(),
         )
         await self.publish(subjects.presence(session.host_id), event)
+        metrics.session_ended(code)
         session_log(session).info("session ended: %s (close code %s)", reason, code)
 
     async def unsubscribe(self, session: GwSession) -> None:

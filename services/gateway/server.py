@@ -21,7 +21,7 @@ from nats.micro.service import Service
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
-from services.gateway import gateway_version
+from services.gateway import gateway_version, metrics
 from services.gateway.auth import Authenticator, TokenCache
 from services.gateway.bridge import Bridge, GwSession, session_log
 from services.gateway.rekey import Rekeyer
@@ -97,6 +97,7 @@ class Gateway:
         self.settings = settings
         self.tls = tls_context(settings)  # wss:// when a certificate and key are configured
         self.bridge = Bridge(nc, settings)
+        metrics.watch_sessions(self.bridge)  # warlock_gateway_sessions
         cache = TokenCache(settings.token_cache_ttl, settings.token_cache_size)
         self.auth = Authenticator(nc, cache, settings.verify_timeout)
         self.gate = UpgradeGate(nc, self.bridge, self.auth)
@@ -140,7 +141,8 @@ class Gateway:
             self._handle,
             s.host,
             s.port,
-            process_request=self.gate,
+            # GET /metrics answered first, everything else by the gate
+            process_request=metrics.MetricsRoute(self.gate, s.metrics, AGENT_PATH),
             compression=None,
             ping_interval=None,
             max_size=s.max_frame_bytes,
@@ -312,6 +314,7 @@ class Gateway:
             await bridge.send(session, output_on)  # this gateway takes output chunks
         if session.ended:  # the welcome itself timed out (see Bridge.send)
             return False
+        metrics.session_started()
         session_log(session).info(
             "session started: hostname=%s platform=%s agent=%s",
             hello.hostname,

@@ -74,6 +74,11 @@ class GatewaySettings(NatsSettings):
     )
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain: serve wss://")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+    metrics: bool = Field(
+        default=True,
+        description="answer GET /metrics (Prometheus text, no token: no host, session or token in it) on "
+        "the agent port; false: 404",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewaySettings:

@@ -38,7 +38,7 @@ async def test_cluster_starts_every_part_each_api_reaches_the_agent_and_ctrl_c_s
 ) -> None:
     """Every part in dev.json with a live pid; the nodes routed to each other and a node with a certificate
     of another CA refused; a command through each API runs on the agent; SIGINT stops every pid."""
-    async with cluster_run(tmp_path) as run:
+    async with cluster_run(tmp_path, WARLOCK_LOG_FORMAT="json") as run:  # every part logs JSON lines
         info = run.info
         assert {p["name"] for p in info["parts"]} == PARTS
         assert all(pid_alive(pid) for pid in run.pids()), info["parts"]

@@ -43,7 +43,7 @@ class Api:
     def __init__(self, proc: Proc, database_url: str, key_file: Path) -> None:
         self.proc = proc
         self.database_url = database_url
-        self.url = proc.wait_for(r"api listening on (http://\S+)", timeout=60).group(1)
+        self.url = proc.wait_for(r'api listening on (http://[^\s"]+)', timeout=60).group(1)
         self.key = key_file.read_text().strip()
 
     @property

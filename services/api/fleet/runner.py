@@ -58,6 +58,7 @@ from services.api.store.runstore import HostTarget, NewRun, RunStore
 from shared import signing, subjects
 from shared.errors import MAY_HAVE_RUN, ErrorCode, ProtocolError
 from shared.ids import CommandId, new_command_id
+from shared.metrics import observe_exec
 from shared.protocol import (
     ErrorReply,
     ExecRequest,
@@ -315,6 +316,37 @@ class Runner:
             return CommandRunPublic.model_validate(data)
 
     async def send(
+        self,
+        host_id: str,
+        command_id: CommandId,
+        command: str,
+        command_timeout: float,
+        target: SshTarget,
+        public_key: str | None,
+        gateway_id: str | None = None,
+        issued_at: float | None = None,
+        before_ssh: Callable[[], Awaitable[bool]] | None = None,
+        requester: Requester | None = None,
+    ) -> Outcome:
+        """`_send`, observed: ``warlock_exec_total{via,status}``, ``warlock_exec_seconds{via}`` and the
+        outcome's error code in ``warlock_errors_total`` (`shared.metrics`)."""
+        t0 = time.monotonic()
+        outcome = await self._send(
+            host_id,
+            command_id,
+            command,
+            command_timeout,
+            target,
+            public_key,
+            gateway_id,
+            issued_at,
+            before_ssh,
+            requester,
+        )
+        observe_exec(outcome.via, outcome.status, time.monotonic() - t0, outcome.error_code)
+        return outcome
+
+    async def _send(
         self,
         host_id: str,
         command_id: CommandId,
