@@ -193,41 +193,6 @@ def _at(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-async def record_connected(session: AsyncSession, event: PresenceConnected) -> bool:
-    """Mark the host's agent connected with this session; False when the host is unknown or stale."""
-    agent = await session.get(AgentConnection, event.host_id)
-    if agent is None:
-        if await session.get(Host, event.host_id) is None:
-            return False
-        agent = AgentConnection(host_id=event.host_id)
-    at = _at(event.at)
-    if agent.session_id != event.session_id and agent.connected_at is not None and agent.connected_at > at:
-        return False  # a newer session is already recorded
-    agent.session_id = event.session_id
-    agent.gateway_id = event.gateway_id
-    agent.agent_version = event.agent_version
-    agent.hostname = event.hostname
-    agent.platform = event.platform
-    agent.connected_at = at
-    agent.status = AgentStatus.CONNECTED
-    agent.updated_at = utcnow()
-    session.add(agent)
-    await session.commit()
-    return True
-
-
-async def record_disconnected(session: AsyncSession, event: PresenceDisconnected) -> bool:
-    """Mark the agent disconnected only if `event` is about its current session; return whether it did."""
-    result = await session.exec(
-        update(AgentConnection)
-        .where(col(AgentConnection.host_id) == event.host_id)
-        .where(col(AgentConnection.session_id) == event.session_id)
-        .values(status=AgentStatus.DISCONNECTED, updated_at=utcnow())
-    )
-    await session.commit()
-    return bool(result.rowcount)
-
-
 class PresenceRow(NamedTuple):
     """What recording a presence event needs to know of a registered host (`presence_rows`)."""
 
@@ -262,7 +227,7 @@ async def presence_rows(session: AsyncSession, host_ids: Iterable[str]) -> dict[
 _CONNECTED = (
     update(AgentConnection)
     .where(col(AgentConnection.host_id) == bindparam("b_host"))
-    # as `record_connected`: a newer session already recorded is not overwritten by an older one
+    # a newer session already recorded is not overwritten by an older one's (late) connect
     .where(
         or_(
             col(AgentConnection.session_id) == bindparam("b_session"),
@@ -294,9 +259,10 @@ async def record_presence_batch(
     connected: Sequence[PresenceConnected],
     disconnected: Sequence[PresenceDisconnected],
 ) -> None:
-    """Apply verified connects and disconnects (at most one per host) with one executemany each, guarded as
-    `record_connected` / `record_disconnected` are, then commit. Hosts without an agent record are
-    unchanged (a verified connect always has one: the agent's key is kept there)."""
+    """Apply verified connects and disconnects (at most one per host) with one executemany each, then
+    commit. Guarded in the SQL: a connect never overwrites a newer recorded session, a disconnect changes
+    only its own session. Hosts without an agent record are unchanged (a verified connect always has one:
+    the agent's key is kept there)."""
     now = utcnow()
     conn = await session.connection()
     if connected:
