@@ -42,7 +42,7 @@ from services.api.fleet.wheel import WheelSource
 from services.api.http.deps import ApiState, AuthCache, document_api_key
 from services.api.http.edge import ApiEdge
 from services.api.http.errors import install_error_handlers
-from services.api.http.routes import include_routes
+from services.api.http.routes import docs, include_routes
 from services.api.metrics import AccessLog, TimedRunStore
 from services.api.metrics import router as metrics_router
 from services.api.settings import ApiSettings
@@ -183,8 +183,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         version=__version__,
         description="Fleet control plane: run commands by agent, or over SSH when no agent is connected.",
         lifespan=lifespan,
+        docs_url=None,  # /docs is services.api.http.routes.docs: Swagger UI served by the API, no CDN
+        redoc_url=None,  # ReDoc is not vendored, and FastAPI's would load it from a CDN
     )
     include_routes(app)
+    app.include_router(docs.router)  # /docs and /static/swagger-ui/...: no API key
     if settings.metrics:
         app.include_router(metrics_router)  # /metrics: no API key (services.api.metrics)
     _document_api_key(app)
