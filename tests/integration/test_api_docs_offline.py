@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -161,3 +162,22 @@ async def test_docs_follow_the_root_path(tmp_path: Path, nats_server: NatsServer
     assert values
     assert all(value.startswith("/warlock/static/swagger-ui/") for value in values)
     assert "url: '/warlock/openapi.json'" in html
+
+
+async def test_text_assets_go_gzipped_to_clients_that_accept_it(api: RunningApi) -> None:
+    """The bundle is compressed on the wire when accepted (and decompresses to the manifest's bytes); sent
+    as is to a client that does not accept gzip; the PNG is never recompressed."""
+    url = "/static/swagger-ui/swagger-ui-bundle.js"
+    entry = MANIFEST["files"]["swagger-ui-bundle.js"]
+    async with api.client.stream("GET", url, headers={"Accept-Encoding": "gzip"}) as response:
+        wire = b"".join([chunk async for chunk in response.aiter_raw()])
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.headers["vary"] == "Accept-Encoding"
+    assert len(wire) < entry["bytes"] // 2
+    assert hashlib.sha256(gzip.decompress(wire)).hexdigest() == entry["sha256"]
+    for refused in ("identity", "gzip;q=0", ""):
+        plain = await api.client.get(url, headers={"Accept-Encoding": refused})
+        assert "content-encoding" not in plain.headers, refused
+        assert hashlib.sha256(plain.content).hexdigest() == entry["sha256"]
+    png = await api.client.get("/static/swagger-ui/favicon-32x32.png", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in png.headers
