@@ -237,6 +237,8 @@ class BrowserHub:
             conn.offer(frame)
 
     async def _on_presence(self, msg: Msg) -> None:
+        if not self.conns:
+            return  # no browser here: not even decoded
         try:
             host = subjects.parse_presence(msg.subject)
             event = decode_presence(msg.data)
@@ -252,6 +254,8 @@ class BrowserHub:
         await self._fan_out("presence", host, data)
 
     async def _on_metrics(self, msg: Msg) -> None:
+        if not self.conns:
+            return  # no browser here: not even decoded
         try:
             host = subjects.parse_metrics(msg.subject)
             event = decode_model(MetricsEvent, msg.data)
@@ -262,6 +266,8 @@ class BrowserHub:
         await self._fan_out("metrics", host, event.sample.model_dump(mode="json"))
 
     async def _on_output(self, msg: Msg) -> None:
+        if not self.conns:
+            return  # no browser here: not even decoded
         try:
             host, command_id = subjects.parse_output(msg.subject)
             chunk = decode_model(OutputChunk, msg.data)
