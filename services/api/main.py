@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import __version__
-from services.api.fleet.browser import BrowserHub, TicketBook
+from services.api.fleet.browser import BrowserHub, CommandEvents, TicketBook
 from services.api.fleet.bus import Bus
 from services.api.fleet.cancel import cancel_many
 from services.api.fleet.inflight import InFlight
@@ -116,8 +116,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
         store = TimedRunStore(open_store(settings.database_url))  # timed: warlock_db_query_seconds
+        announced = CommandEvents(store, nc)  # the runner's runs announced to browsers (fleet.browser)
         inflight = InFlight()  # agent requests by gateway: the watch wakes the callers of a silent one
-        runner = Runner(nc, store, sessions, settings, tasks, signer, inflight=inflight)
+        runner = Runner(nc, announced, sessions, settings, tasks, signer, inflight=inflight)
         lifecycle = AgentLifecycle(
             nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir), signer
         )

@@ -98,21 +98,32 @@ async def closed_with(url: str, send: str | bytes | None = None) -> tuple[int, s
     return rcvd.code, rcvd.reason
 
 
+SKIPPED: dict[int, list[dict[str, Any]]] = {}  # events read while waiting for something else, per socket
+
+
 async def request(ws: ClientConnection, **frame: Any) -> dict[str, Any]:
-    """Send a subscribe/unsubscribe and return the server's answer (ack or error)."""
+    """Send a subscribe/unsubscribe and return the server's answer (ack or error); events read meanwhile
+    are kept for `next_event`."""
     await ws.send(json.dumps(frame))
     while True:
         answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
         if answer["type"] in ("ack", "error"):
             return dict(answer)
+        SKIPPED.setdefault(id(ws), []).append(answer)
 
 
 async def next_event(ws: ClientConnection, topic: str, timeout: float = 15) -> dict[str, Any]:
+    """The next event of `topic` (events of other topics are kept for later calls)."""
+    kept = SKIPPED.setdefault(id(ws), [])
+    for n, frame in enumerate(kept):
+        if frame["topic"] == topic:
+            return kept.pop(n)
     deadline = time.monotonic() + timeout
     while True:
         frame = json.loads(await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic())))
         if frame["type"] == "event" and frame["topic"] == topic:
             return dict(frame)
+        kept.append(frame)
 
 
 async def raw_browser(url: str) -> socket.socket:
@@ -222,6 +233,7 @@ async def test_presence_metrics_and_output_reach_the_browser(env: Env) -> None:
     async with connect(ws_url(api, await ticket(http))) as ws:
         assert (await request(ws, type="subscribe", topic="presence", id=1))["type"] == "ack"
         assert (await request(ws, type="subscribe", topic="metrics", host="web1", id=2))["type"] == "ack"
+        assert (await request(ws, type="subscribe", topic="commands", host="web1", id=4))["type"] == "ack"
         agent = await env.stack.start_known_agent(api, "web1-agent", "web1", [env.gateway.url])
         up = await next_event(ws, "presence")
         assert (up["host"], up["data"]["state"]) == ("web1", "connected")
@@ -254,6 +266,21 @@ async def test_presence_metrics_and_output_reach_the_browser(env: Env) -> None:
             assert chunk["data"]["command_id"] == command_id
             text += chunk["data"]["data"]
         assert (await call).json()["stdout"] == "a\nb\n"
+        recorded = await next_event(ws, "commands")
+        finished = await next_event(ws, "commands")
+        assert (recorded["host"], recorded["data"]["event"], recorded["data"]["command_id"]) == (
+            "web1",
+            "recorded",
+            command_id,
+        )
+        assert {k: finished["data"][k] for k in ("event", "command_id", "status", "via", "exit_code")} == {
+            "event": "finished",
+            "command_id": command_id,
+            "status": "succeeded",
+            "via": "agent",
+            "exit_code": 0,
+        }
+        assert "command" not in finished["data"]  # no command text on NATS
 
         agent.stop(timeout=5)
         down = await next_event(ws, "presence")

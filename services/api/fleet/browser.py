@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -40,6 +41,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api.store.models import Host
+from services.api.store.runstore import HostTarget, NewRun, RunStore
 from shared import subjects
 from shared.errors import InvalidIdError, ProtocolError
 from shared.protocol import MetricsEvent, OutputChunk, decode_model, decode_presence
@@ -48,7 +50,8 @@ log = logging.getLogger(__name__)
 
 LABEL_TTL = 5.0  # seconds a host's labels are cached for scope checks
 MAX_TICKETS = 10_000  # tickets outstanding on one instance (expired ones are pruned first)
-TOPICS = ("presence", "metrics", "output")
+TOPICS = ("presence", "metrics", "output", "commands")
+MAX_TRACKED_RUNS = 100_000  # runs in flight whose host `CommandEvents` remembers until they finish
 
 BROWSERS = Gauge("warlock_browser_connections", "Browser WebSocket connections open on this API instance")
 DROPPED = Counter(
@@ -176,6 +179,7 @@ class BrowserHub:
             (subjects.ALL_PRESENCE, self._on_presence),
             (subjects.ALL_METRICS, self._on_metrics),
             (subjects.ALL_OUTPUT, self._on_output),
+            (subjects.ALL_COMMAND_EVENTS, self._on_command),
         ):
             self._subs.append(await self.nc.subscribe(subject, cb=cb))
 
@@ -283,3 +287,69 @@ class BrowserHub:
             "truncated": chunk.truncated,
         }
         await self._fan_out("output", host, data, command_id)
+
+    async def _on_command(self, msg: Msg) -> None:
+        if not self.conns:
+            return  # no browser here: not even decoded
+        try:
+            host = subjects.parse_command_event(msg.subject)
+            data = json.loads(msg.data)
+        except (InvalidIdError, ValueError):
+            return
+        if not isinstance(data, dict) or not isinstance(data.get("command_id"), str):
+            return
+        await self._fan_out("commands", host, data, data["command_id"])
+
+
+def _plain(value: Any) -> Any:
+    """An enum's value; a str, number or None as it is; anything else (an SQL expression) None."""
+    value = getattr(value, "value", value)
+    return value if value is None or isinstance(value, str | int | float) else None
+
+
+class CommandEvents:
+    """A `RunStore` that also announces, on ``warlock.events.command.<host>``, each run this instance's
+    runner records (``recorded``) and each outcome it writes (``finished``: status, via, exit code), for the
+    browsers of every instance. No command text and no output in the event: those stay behind the REST
+    API's scope checks (and the output has its own topic). Outcomes settled elsewhere (a late result, the
+    reconciler) are not announced."""
+
+    def __init__(self, store: RunStore, nc: NATS) -> None:
+        self.store = store
+        self.nc = nc
+        self._hosts: dict[str, str] = {}
+
+    async def _announce(self, host: str, data: dict[str, Any]) -> None:
+        try:
+            await self.nc.publish(subjects.command_event(host), json.dumps(data).encode())
+        except (nats.errors.Error, InvalidIdError) as exc:
+            log.debug("command event not published: %s", type(exc).__name__)
+
+    async def start(self, ref: str, run: NewRun) -> HostTarget | None:
+        """As `RunStore.start`; a ``recorded`` event when the run was written."""
+        target = await self.store.start(ref, run)
+        if target is not None:
+            if len(self._hosts) >= MAX_TRACKED_RUNS:
+                self._hosts.clear()
+            self._hosts[run.command_id] = target.id
+            at = run.created_at.timestamp()
+            await self._announce(target.id, {"event": "recorded", "command_id": run.command_id, "at": at})
+        return target
+
+    async def finish(self, command_id: str, values: dict[str, Any]) -> bool:
+        """As `RunStore.finish`; a ``finished`` event when this call settled the run."""
+        settled = await self.store.finish(command_id, values)
+        host = self._hosts.pop(command_id, None)
+        if settled and host is not None:
+            event = {"event": "finished", "command_id": command_id, "at": time.time()}
+            event.update({k: _plain(values.get(k)) for k in ("status", "via", "exit_code", "duration_ms")})
+            await self._announce(host, event)
+        return settled
+
+    async def route_ssh(self, command_id: str) -> bool:
+        """As `RunStore.route_ssh`."""
+        return await self.store.route_ssh(command_id)
+
+    async def close(self) -> None:
+        """As `RunStore.close`."""
+        await self.store.close()

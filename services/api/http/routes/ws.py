@@ -14,8 +14,9 @@ Close codes, always after the handshake, so the browser sees them (a refused han
     1009  a frame over `ws_max_frame_bytes`
     1011  an unexpected error on the server
 
-Client → server: ``{"type": "subscribe" | "unsubscribe", "topic": "presence" | "metrics" | "output",
-"host"?: id, "command_id"?: id (output: required), "id"?: int or string}``; the server answers
+Client → server: ``{"type": "subscribe" | "unsubscribe", "topic": "presence" | "metrics" | "output" |
+"commands", "host"?: id, "command_id"?: id (output: required; commands: optional), "id"?: int or
+string}``; the server answers
 ``{"type": "ack", "id"}`` or ``{"type": "error", "id", "code", "detail"}``. Server → client:
 ``{"type": "event", "topic", "host", "data"}``.
 """
@@ -141,7 +142,7 @@ class Session:
             return "bad_command_id", "command_id: a command id"
         if topic == "output" and command_id is None:
             return "bad_command_id", "the output topic needs a command_id"
-        if topic != "output" and command_id is not None:
+        if topic in ("presence", "metrics") and command_id is not None:
             return "bad_command_id", f"the {topic} topic takes no command_id"
         sub = Topic(topic, host, command_id)
         if request["type"] == "unsubscribe":
