@@ -348,3 +348,20 @@ async def test_a_browser_that_does_not_read_is_dropped_and_another_keeps_receivi
     print(f"the slow browser had {len(frames)} frames waiting; last: {frames[-1][:1]}")
     if frames and frames[-1][0] == 0x8:  # a close frame made it out before the connection was closed
         assert int.from_bytes(frames[-1][1][:2], "big") == 4408
+
+
+async def test_a_browser_on_another_instance_sees_the_runs_of_the_first(env: Env) -> None:
+    """Two APIs on one database: a run through api1 (no agent, no SSH worker: it ends at once) reaches the
+    browser connected to api2 as ``recorded`` then ``finished`` (warlock.events.command.<host>)."""
+    _api1, http1 = await env.api()
+    api2, http2 = await env.api()
+    async with connect(ws_url(api2, await ticket(http2))) as ws:
+        assert (await request(ws, type="subscribe", topic="commands", id=1))["type"] == "ack"
+        answer = await http1.post("/api/hosts/db1/exec", json={"command": "true", "timeout": 5})
+        run = answer.json()
+        assert run["status"] != "pending", run
+        recorded, finished = await next_event(ws, "commands"), await next_event(ws, "commands")
+        assert [recorded["data"]["event"], finished["data"]["event"]] == ["recorded", "finished"]
+        assert {recorded["host"], finished["host"]} == {"db1"}
+        assert finished["data"]["command_id"] == run["command_id"]
+        assert (finished["data"]["status"], finished["data"]["via"]) == (run["status"], run["via"])
