@@ -59,6 +59,7 @@ ROLES: dict[str, Role] = {
             f"{P}.ssh.*.status",
             f"{P}.agent.*.cancel",
             s.ssh_cancel_wildcard(),
+            s.ALL_COMMAND_EVENTS,
         ),
         subscribe=(
             s.TOKEN_VERIFY,
@@ -69,6 +70,7 @@ ROLES: dict[str, Role] = {
             s.GATEWAY_HEARTBEATS,
             SRV,
             s.ALL_OUTPUT,
+            s.ALL_COMMAND_EVENTS,
         ),
         allow_responses=True,
         purpose="REST API, token authority, runner: sends signed commands, records results",

@@ -27,6 +27,7 @@ f-string of its own; it calls a function here, which validates the host id first
 | warlock.agent.<host>.cancel      | request          | the gateway holding <host>: agent kills a command |
 | warlock.ssh.<host>.cancel        | request          | SSH worker: kill a command's remote processes |
 | warlock.output.<host>.<command>  | publish          | gateways, SSH workers: output chunks, not final |
+| warlock.events.command.<host>    | publish          | every API: a run recorded / finished (browsers) |
 
 Who may publish and subscribe to each is declared once, in `shared/permissions.py`.
 """
@@ -54,6 +55,7 @@ ALL_PRESENCE = f"{PREFIX}.presence.*"
 ALL_RESULTS = f"{PREFIX}.result.*"
 GATEWAY_HEARTBEATS = f"{PREFIX}.gateway.*.heartbeat"
 ALL_OUTPUT = f"{PREFIX}.output.*.*"
+ALL_COMMAND_EVENTS = f"{PREFIX}.events.command.*"
 
 AGENT_VERBS = ("exec", "ping", "rotate", "result", "cancel")
 SRV_PREFIX = "$SRV"  # NATS micro discovery ($SRV.PING, $SRV.INFO.<name>, ...)
@@ -257,3 +259,16 @@ def parse_output(subject: str) -> tuple[HostId, CommandId]:
     if not is_command_id(parts[3]):
         raise InvalidIdError(f"invalid command id in {subject[:120]!r}")
     return host, CommandId(parts[3])
+
+
+def command_event(host: str) -> str:
+    """Subject on which an API announces a run of `host` recorded or finished (for the browser stream)."""
+    return f"{PREFIX}.events.command.{host_id(host)}"
+
+
+def parse_command_event(subject: str) -> HostId:
+    """Return the host of a ``warlock.events.command.<host>`` subject; raise InvalidIdError otherwise."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:3] != [PREFIX, "events", "command"]:
+        raise InvalidIdError(f"not a command event subject: {subject[:120]!r}")
+    return host_id(parts[3])

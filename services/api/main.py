@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import __version__
+from services.api.fleet.browser import BrowserHub, CommandEvents, TicketBook
 from services.api.fleet.bus import Bus
 from services.api.fleet.cancel import cancel_many
 from services.api.fleet.inflight import InFlight
@@ -43,6 +44,7 @@ from services.api.http.deps import ApiState, AuthCache, document_api_key
 from services.api.http.edge import ApiEdge
 from services.api.http.errors import install_error_handlers
 from services.api.http.routes import docs, include_routes
+from services.api.http.routes.ws import hide_query_strings
 from services.api.metrics import AccessLog, TimedRunStore
 from services.api.metrics import router as metrics_router
 from services.api.settings import ApiSettings
@@ -82,7 +84,11 @@ async def _initialise_until_ready(state: ApiState) -> None:
 
 
 async def _connect_nats(
-    link: NatsLink, bus: Bus, stop: asyncio.Event, output: OutputHub | None = None
+    link: NatsLink,
+    bus: Bus,
+    stop: asyncio.Event,
+    output: OutputHub | None = None,
+    browsers: BrowserHub | None = None,
 ) -> None:
     """Connect to NATS (retrying until `stop`), then start the responders and consumers."""
     if not await link.connect(stop):
@@ -91,6 +97,8 @@ async def _connect_nats(
         await bus.start()
         if output is not None:
             await output.start()
+        if browsers is not None:
+            await browsers.start()
     except nats.errors.Error as exc:
         log.error("NATS responders not started: %s", describe(exc))
 
@@ -108,8 +116,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         tasks = TaskTracker()
         sessions = sessionmaker(engine)
         store = TimedRunStore(open_store(settings.database_url))  # timed: warlock_db_query_seconds
+        announced = CommandEvents(store, nc)  # the runner's runs announced to browsers (fleet.browser)
         inflight = InFlight()  # agent requests by gateway: the watch wakes the callers of a silent one
-        runner = Runner(nc, store, sessions, settings, tasks, signer, inflight=inflight)
+        runner = Runner(nc, announced, sessions, settings, tasks, signer, inflight=inflight)
         lifecycle = AgentLifecycle(
             nc, sessions, settings, WheelSource(settings.agent_wheel, settings.wheel_dir), signer
         )
@@ -130,6 +139,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         output = OutputHub(nc, sessions, ready=lambda: state.db_ready)  # output chunks: store, follow
         app.state.output = output
+        browsers = BrowserHub(nc, sessions)  # the browser stream: NATS events to this instance's browsers
+        app.state.browser_hub = browsers
+        app.state.browser_tickets = TicketBook(settings.ws_ticket_ttl)
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
         try:
@@ -153,7 +165,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 ready=lambda: state.db_ready,
             )
             background.append(asyncio.create_task(metrics_retention, name="metrics-retention"))
-            connecting = asyncio.create_task(_connect_nats(link, bus, stop, output), name="nats-connect")
+            nats_start = _connect_nats(link, bus, stop, output, browsers)
+            connecting = asyncio.create_task(nats_start, name="nats-connect")
             background.append(connecting)
             failed = asyncio.create_task(link.failed.wait())
             first = {connecting, failed}
@@ -171,6 +184,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await asyncio.gather(*background, return_exceptions=True)
             await bus.stop()
             await output.stop()
+            await browsers.stop()
             await tasks.close(settings.shutdown_timeout)
             await runner.stop_listening()
             await jobs.mux.close()
@@ -188,6 +202,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     )
     include_routes(app)
     app.include_router(docs.router)  # /docs and /static/swagger-ui/...: no API key
+    hide_query_strings()  # uvicorn logs a WebSocket's URL with its query string: the browser stream's ticket
     if settings.metrics:
         app.include_router(metrics_router)  # /metrics: no API key (services.api.metrics)
     _document_api_key(app)

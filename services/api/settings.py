@@ -188,6 +188,28 @@ class ApiSettings(NatsSettings):
         description="one INFO line per HTTP request on logger services.api.access: method, path (never the "
         "query string), status, duration, API key name (never the key)",
     )
+    ws_ticket_ttl: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds a browser stream ticket (POST /api/ws-tickets) stays valid; it works once",
+    )
+    ws_send_queue_frames: int = Field(
+        default=1000,
+        ge=1,
+        description="frames queued for one browser connection before it is dropped as too slow (4408)",
+    )
+    ws_send_queue_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="bytes queued for one browser connection before it is dropped as too slow (4408)",
+    )
+    ws_max_subscriptions: int = Field(
+        default=200, ge=1, description="subscriptions one browser connection may hold (more: an error frame)"
+    )
+    ws_max_frame_bytes: int = Field(
+        default=4096, ge=256, description="largest frame a browser may send (larger: closed with 1009)"
+    )
 
     @field_validator("database_url")
     @classmethod

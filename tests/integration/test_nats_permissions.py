@@ -51,6 +51,7 @@ CONCRETE: dict[str, str] = {
     "session_claim": s.session_claim(HOST),
     "ops_exec": s.ops_exec(HOST),
     "output": s.output(HOST, "cmd-1"),
+    "command_event": s.command_event(HOST),
     "TOKEN_VERIFY": s.TOKEN_VERIFY,
     "SSH_PROBE": s.SSH_PROBE,
     "TOKEN_REVOKED": s.TOKEN_REVOKED,
@@ -71,6 +72,7 @@ WILDCARDS: dict[str, str] = {
     "ALL_RESULTS": s.ALL_RESULTS,
     "GATEWAY_HEARTBEATS": s.GATEWAY_HEARTBEATS,
     "ALL_OUTPUT": s.ALL_OUTPUT,
+    "ALL_COMMAND_EVENTS": s.ALL_COMMAND_EVENTS,
     "cli_output": f"{s.PREFIX}.output.>",
     "everything": ">",
     "cli_presence": f"{s.PREFIX}.presence.>",  # what the README's `nats sub` examples use

@@ -15,6 +15,7 @@ from services.api.http.routes import (
     keys,
     metrics_history,
     stream,
+    ws,
 )
 
 
@@ -30,5 +31,7 @@ def include_routes(app: FastAPI) -> None:
         app.include_router(router, prefix="/api")
     app.include_router(stream.router, prefix="/api")
     app.include_router(metrics_history.router, prefix="/api")
+    app.include_router(ws.router, prefix="/api")  # POST /api/ws-tickets (a read key)
+    ws.add_websocket(app)  # /api/ws: a one-time ticket, checked by the route (the edge passes WebSockets)
     app.include_router(health.router)
     app.include_router(downloads.router)

@@ -1,0 +1,235 @@
+"""The browser stream: ``POST /api/ws-tickets`` (API key) and ``GET /api/ws?ticket=...`` (a WebSocket).
+
+A browser cannot set an ``Authorization`` header on a WebSocket, and an API key must never travel in a URL:
+the page asks for a ticket with its key, then opens the socket with the ticket, which works once and for
+`ws_ticket_ttl` seconds (`services.api.fleet.browser.TicketBook`). The edge lets WebSocket scopes through
+(`services.api.http.edge` checks ``http`` scopes only): this route checks the ticket itself.
+
+Close codes, always after the handshake, so the browser sees them (a refused handshake is a bare 403):
+
+    4401  no, unknown, used or expired ticket (sent before anything else)
+    4408  too slow: the connection's send queue filled up (`ws_send_queue_frames` / `ws_send_queue_bytes`)
+    1003  a binary frame          1007  a frame that is not JSON
+    1008  JSON that is not an object with a known ``type``
+    1009  a frame over `ws_max_frame_bytes`
+    1011  an unexpected error on the server
+
+Client → server: ``{"type": "subscribe" | "unsubscribe", "topic": "presence" | "metrics" | "output" |
+"commands", "host"?: id, "command_id"?: id (output: required; commands: optional), "id"?: int or
+string}``; the server answers
+``{"type": "ack", "id"}`` or ``{"type": "error", "id", "code", "detail"}``. Server → client:
+``{"type": "event", "topic", "host", "data"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, WebSocket
+from pydantic import BaseModel
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from services.api.errors import RateLimited
+from services.api.fleet.browser import TOPICS, BrowserConn, BrowserHub, TicketBook, TicketHolder, Topic
+from services.api.http.auth import READ
+from services.api.http.deps import api_key_info
+from shared.ids import is_command_id, is_host_id
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["browser stream"])
+
+BAD_TICKET = 4401
+TOO_SLOW = 4408
+CLOSE_TIMEOUT_S = 2.0
+
+
+class WsTicket(BaseModel):
+    """A one-time ticket for ``GET /api/ws?ticket=...``."""
+
+    ticket: str
+    expires_in: float  # seconds
+
+
+@router.post("/ws-tickets", status_code=201, response_model=WsTicket, dependencies=[READ])
+async def issue_ticket(request: Request) -> WsTicket:
+    """A single-use ticket for the browser stream, valid ``expires_in`` seconds, carrying this key's name,
+    role and scope. Present it to the instance that issued it."""
+    key = api_key_info(request)
+    book: TicketBook = request.app.state.browser_tickets
+    ticket = book.issue(TicketHolder(key.name, key.role.value, dict(key.scope) if key.scope else None))
+    if ticket is None:
+        raise RateLimited("too many browser stream tickets outstanding on this instance: retry shortly", 1)
+    return WsTicket(ticket=ticket, expires_in=book.ttl)
+
+
+class BadFrame(Exception):
+    """A frame that ends the connection, with its close code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _frame(**values: Any) -> str:
+    return json.dumps(values, separators=(",", ":"))
+
+
+class Session:
+    """One browser connection: reads its requests, keeps its subscriptions, writes its queue."""
+
+    def __init__(self, websocket: WebSocket, hub: BrowserHub, conn: BrowserConn) -> None:
+        self.ws = websocket
+        self.hub = hub
+        self.conn = conn
+        settings = app_state_of(websocket).settings
+        self.max_frame = settings.ws_max_frame_bytes
+        self.max_subs = settings.ws_max_subscriptions
+
+    async def write(self) -> None:
+        """Send queued frames until cancelled."""
+        while True:
+            await self.ws.send_text(await self.conn.next_frame())
+
+    async def read(self) -> None:
+        """Handle frames until the browser goes; `BadFrame` on a protocol violation."""
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                raise BadFrame(1003, "binary frames are not accepted: send JSON text")
+            if len(text) > self.max_frame or len(text.encode("utf-8", "replace")) > self.max_frame:
+                raise BadFrame(1009, f"frame larger than {self.max_frame} bytes")
+            try:
+                request = json.loads(text)
+            except ValueError:
+                raise BadFrame(1007, "frame is not valid JSON") from None
+            if not isinstance(request, dict) or request.get("type") not in ("subscribe", "unsubscribe"):
+                raise BadFrame(1008, 'expected a JSON object with "type": "subscribe" or "unsubscribe"')
+            await self.handle(request)
+
+    async def handle(self, request: dict[str, Any]) -> None:
+        """Answer one subscribe / unsubscribe with an ack or an error frame."""
+        rid = request.get("id")
+        if rid is not None and not (
+            (isinstance(rid, int) and not isinstance(rid, bool) and abs(rid) < 2**53)
+            or (isinstance(rid, str) and len(rid) <= 64)
+        ):
+            self.conn.offer(
+                _frame(type="error", id=None, code="bad_id", detail="id: an integer or a short string")
+            )
+            return
+        problem = await self._apply(request)
+        if problem is None:
+            self.conn.offer(_frame(type="ack", id=rid))
+        else:
+            self.conn.offer(_frame(type="error", id=rid, code=problem[0], detail=problem[1]))
+
+    async def _apply(self, request: dict[str, Any]) -> tuple[str, str] | None:
+        topic, host, command_id = request.get("topic"), request.get("host"), request.get("command_id")
+        if topic not in TOPICS:
+            return "unknown_topic", f"topic: one of {', '.join(TOPICS)}"
+        if host is not None and not (isinstance(host, str) and is_host_id(host)):
+            return "bad_host", "host: a host id ([a-z0-9_-]{1,63})"
+        if command_id is not None and not (isinstance(command_id, str) and is_command_id(command_id)):
+            return "bad_command_id", "command_id: a command id"
+        if topic == "output" and command_id is None:
+            return "bad_command_id", "the output topic needs a command_id"
+        if topic in ("presence", "metrics") and command_id is not None:
+            return "bad_command_id", f"the {topic} topic takes no command_id"
+        sub = Topic(topic, host, command_id)
+        if request["type"] == "unsubscribe":
+            self.conn.topics.discard(sub)
+            return None
+        scope = self.conn.holder.scope
+        if scope and host is not None and not await self.hub.host_in_scope(scope, host):
+            return (
+                "out_of_scope",
+                f"host {host!r} is outside the scope of API key {self.conn.holder.key_name!r}",
+            )
+        if sub not in self.conn.topics and len(self.conn.topics) >= self.max_subs:
+            return "too_many_subscriptions", f"at most {self.max_subs} subscriptions per connection"
+        self.conn.topics.add(sub)
+        return None
+
+
+class HideQueryStrings(logging.Filter):
+    """Drops the query string from uvicorn's WebSocket lines (``"WebSocket /api/ws?ticket=..." [accepted]``):
+    a ticket is a credential for its few seconds and never reaches a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the path argument of a ``WebSocket`` line; let every record through."""
+        if isinstance(record.msg, str) and "WebSocket" in record.msg and isinstance(record.args, tuple):
+            record.args = tuple(a.split("?", 1)[0] if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def hide_query_strings() -> None:
+    """Install `HideQueryStrings` on uvicorn's logger (once)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, HideQueryStrings) for f in logger.filters):
+        logger.addFilter(HideQueryStrings())
+
+
+def app_state_of(websocket: WebSocket) -> Any:
+    """The app's `ApiState` (set by the lifespan)."""
+    return websocket.app.state.api
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    """Close with `code`, not waiting long on a browser that does not read."""
+    if websocket.application_state == WebSocketState.DISCONNECTED:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(websocket.close(code, reason), CLOSE_TIMEOUT_S)
+
+
+def add_websocket(app: FastAPI) -> None:
+    """Add ``/api/ws`` to `app` directly: its authority is the ticket (issued to a read key), not a role
+    declaration, and the edge lets WebSocket scopes through (see the module's docstring)."""
+    app.add_api_websocket_route("/api/ws", browser_stream)
+
+
+async def browser_stream(websocket: WebSocket) -> None:
+    """The browser stream (see the module's docstring); authenticated by a one-time ticket."""
+    book: TicketBook | None = getattr(websocket.app.state, "browser_tickets", None)
+    hub: BrowserHub | None = getattr(websocket.app.state, "browser_hub", None)
+    await websocket.accept()
+    holder = book.consume(websocket.query_params.get("ticket", "")) if book is not None else None
+    if holder is None or hub is None:
+        await _close(websocket, BAD_TICKET, "no valid ticket: POST /api/ws-tickets for one")
+        return
+    settings = app_state_of(websocket).settings
+    conn = BrowserConn(holder, settings.ws_send_queue_frames, settings.ws_send_queue_bytes)
+    session = Session(websocket, hub, conn)
+    hub.add(conn)
+    reader = asyncio.create_task(session.read(), name="browser-read")
+    writer = asyncio.create_task(session.write(), name="browser-write")
+    slow = asyncio.create_task(conn.slow.wait(), name="browser-slow")
+    try:
+        await asyncio.wait({reader, writer, slow}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (reader, writer, slow):
+            task.cancel()
+        results = await asyncio.gather(reader, writer, slow, return_exceptions=True)
+        bad = results[0]
+        if conn.slow.is_set():
+            log.info("browser stream of key %r dropped: too slow", holder.key_name)
+            hub.remove(conn, "slow")  # counted now: the close below may wait for a browser that never reads
+            await _close(websocket, TOO_SLOW, "too slow: send queue full")
+        elif isinstance(bad, BadFrame):
+            hub.remove(conn, "protocol")
+            await _close(websocket, bad.code, bad.reason)
+        elif not isinstance(bad, WebSocketDisconnect | asyncio.CancelledError) and isinstance(bad, Exception):
+            log.warning("browser stream ended: %s", type(bad).__name__)
+            await _close(websocket, 1011, "internal error")
+        else:
+            await _close(websocket, 1000, "")
+    finally:
+        hub.remove(conn)
