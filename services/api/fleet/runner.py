@@ -29,12 +29,13 @@ elsewhere) settles the row like a late result, as does the result the agent's ou
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -70,6 +71,8 @@ from shared.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
 
 OPEN = (CommandStatus.PENDING, CommandStatus.RUNNING)
 
@@ -208,6 +211,22 @@ def ssh_target(host: Host | HostTarget) -> SshTarget:
     return SshTarget(address=host.address, port=host.ssh_port, username=host.ssh_user, host_key=host.host_key)
 
 
+def observed(
+    send: Callable[P, Coroutine[Any, Any, Outcome]],
+) -> Callable[P, Coroutine[Any, Any, Outcome]]:
+    """`send`, observed: ``warlock_exec_total{via,status}``, ``warlock_exec_seconds{via}`` and the
+    outcome's error code in ``warlock_errors_total`` (`shared.metrics`)."""
+
+    @functools.wraps(send)
+    async def timed(*args: P.args, **kwargs: P.kwargs) -> Outcome:
+        t0 = time.monotonic()
+        outcome = await send(*args, **kwargs)
+        observe_exec(outcome.via, outcome.status, time.monotonic() - t0, outcome.error_code)
+        return outcome
+
+    return timed
+
+
 class Runner:
     """Runs commands for the REST API; one per app.
 
@@ -315,38 +334,8 @@ class Runner:
             log.error("command %s: outcome not recorded (row stays pending): %s", run.command_id, exc)
             return CommandRunPublic.model_validate(data)
 
+    @observed
     async def send(
-        self,
-        host_id: str,
-        command_id: CommandId,
-        command: str,
-        command_timeout: float,
-        target: SshTarget,
-        public_key: str | None,
-        gateway_id: str | None = None,
-        issued_at: float | None = None,
-        before_ssh: Callable[[], Awaitable[bool]] | None = None,
-        requester: Requester | None = None,
-    ) -> Outcome:
-        """`_send`, observed: ``warlock_exec_total{via,status}``, ``warlock_exec_seconds{via}`` and the
-        outcome's error code in ``warlock_errors_total`` (`shared.metrics`)."""
-        t0 = time.monotonic()
-        outcome = await self._send(
-            host_id,
-            command_id,
-            command,
-            command_timeout,
-            target,
-            public_key,
-            gateway_id,
-            issued_at,
-            before_ssh,
-            requester,
-        )
-        observe_exec(outcome.via, outcome.status, time.monotonic() - t0, outcome.error_code)
-        return outcome
-
-    async def _send(
         self,
         host_id: str,
         command_id: CommandId,
@@ -368,7 +357,8 @@ class Runner:
         command_ttl, which the reconciler's result query names). `before_ssh`: records the SSH route before
         the SSH request leaves (False or a database error: nothing is sent). `requester`: what sends the
         agent request (as `NATS.request`, raising its errors; default the connection's own): jobs pass
-        one reply subscription for all their requests (`services.api.fleet.jobs.ReplyMux`)."""
+        one reply subscription for all their requests (`services.api.fleet.jobs.ReplyMux`). Observed
+        (`observed`): every outcome is counted in the Prometheus metrics."""
         wait = command_timeout + self.settings.exec_grace
         max_chars = self.settings.max_output_chars
         request = ExecRequest(command=command, timeout=command_timeout, command_id=command_id)
