@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +27,15 @@ from tests.support.cluster import HOST, cluster_run, pid_alive
 pytestmark = pytest.mark.e2e
 
 PARTS = {"nats-1", "nats-2", "nats-3", "api-1", "api-2", "fallback-ssh", "gateway-1", "gateway-2", "agent"}
+
+
+def _nats_ok(api_url: str) -> bool:
+    """Whether the API's /healthz says its NATS link is up (503 while it reconnects)."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/healthz", timeout=5) as answer:
+            return bool(json.loads(answer.read()).get("nats") == "ok")
+    except urllib.error.HTTPError:
+        return False
 
 
 def _routes(monitor_url: str) -> set[str]:
@@ -108,13 +118,22 @@ async def test_cluster_starts_every_part_each_api_reaches_the_agent_and_ctrl_c_s
         cwd = tmp_path / "operator"
         cwd.mkdir()
         (cwd / ".warlock").symlink_to(run.state)
-        req = subprocess.run(
-            [str(BIN / "warlock"), "req", f"warlock.ops.{HOST}.exec", '{"command": "echo by req"}'],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+
+        def req_(subject: str, body: str) -> subprocess.CompletedProcess[str]:
+            argv = [str(BIN / "warlock"), "req", subject, body]
+            return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+        # the services that were on nats-1 reconnect elsewhere first (a ping, which runs nothing, reaches the
+        # gateway holding the agent; /healthz says each API's NATS link is up), then one exec, never retried
+        deadline = time.monotonic() + 20
+        while "agent_rtt_ms" not in (ping := req_(f"warlock.agent.{HOST}.ping", "")).stdout:
+            assert time.monotonic() < deadline, (ping.stdout, ping.stderr)
+            time.sleep(0.2)
+        for api_url in info["api_urls"]:  # and both APIs are back on NATS
+            while not _nats_ok(api_url):
+                assert time.monotonic() < deadline, api_url
+                time.sleep(0.2)
+        req = req_(f"warlock.ops.{HOST}.exec", '{"command": "echo by req"}')
         assert req.returncode == 0, req.stderr
         assert json.loads(req.stdout)["stdout"] == "by req\n", req.stdout
 
