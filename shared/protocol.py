@@ -469,6 +469,8 @@ class MetricsEvent(Message):
     host_id: HostIdField
     gateway_id: GatewayIdField
     sample: MetricsSample
+    # the gateway ⇄ agent round trip of the session's last keepalive ping (gateway's clock), if measured
+    agent_rtt_ms: Annotated[float, Field(ge=0, le=60_000)] | None = None
 
 
 class GatewayHeartbeat(Message):

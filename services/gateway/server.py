@@ -25,7 +25,7 @@ from services.gateway import gateway_version, metrics
 from services.gateway.auth import Authenticator, TokenCache
 from services.gateway.bridge import Bridge, GwSession, session_log
 from services.gateway.rekey import Rekeyer
-from services.gateway.session import Session, accept_hello, is_dead, max_result_bytes
+from services.gateway.session import Session, accept_hello, is_dead, keepalive_id, max_result_bytes
 from services.gateway.settings import GatewaySettings, somaxconn, tls_context
 from services.gateway.upgrade import AGENT_PATH, UpgradeGate, peer_of
 from shared import subjects
@@ -377,7 +377,6 @@ class Gateway:
         loop = asyncio.get_running_loop()
         tick = min(1.0, s.ping_interval / 2, s.ping_timeout / 2)
         next_ping = loop.time() + s.ping_interval
-        frame = encode(Ping())
         while True:
             await asyncio.sleep(tick)
             try:
@@ -389,6 +388,7 @@ class Gateway:
                         await bridge.retire(session, CloseCode.PING_TIMEOUT, "ping timeout")
                 if now >= next_ping:
                     next_ping = now + s.ping_interval
+                    frame = encode(Ping(id=keepalive_id(time.monotonic())))  # its pongs give each rtt_ms
                     broadcast([session.conn for session in bridge.sessions.values()], frame, text=True)
             except Exception:
                 log.exception("pinger iteration failed")

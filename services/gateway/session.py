@@ -8,6 +8,7 @@ or awaits: the only asyncio objects are the futures the shell's request tasks wa
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -216,6 +217,24 @@ def max_result_bytes(max_frame_bytes: int, max_payload: int) -> int:
     return min(max_frame_bytes, max_payload) - RESULT_HEADROOM
 
 
+KEEPALIVE_PREFIX = "k"  # a keepalive ping's id: "k" + the gateway's monotonic send time in microseconds
+MAX_RTT_S = 60.0  # a keepalive answered later than this (or "from the future") is not a measurement
+
+
+def keepalive_id(now: float) -> str:
+    """The id of a keepalive ping sent at `now` (monotonic seconds): its pong measures the round trip."""
+    return f"{KEEPALIVE_PREFIX}{int(now * 1_000_000)}"
+
+
+def keepalive_rtt_ms(pong_id: str | None, now: float) -> float | None:
+    """The round trip in milliseconds of the keepalive `pong_id` answers, received at `now`; None when the
+    id is not a keepalive's (a health probe's) or the time it claims is implausible."""
+    if not pong_id or not pong_id.startswith(KEEPALIVE_PREFIX) or not pong_id[1:].isdigit():
+        return None
+    rtt = now - int(pong_id[1:]) / 1_000_000
+    return round(rtt * 1000, 3) if 0 <= rtt <= MAX_RTT_S else None
+
+
 def is_dead(last_seen: float, now: float, ping_interval: float, ping_timeout: float) -> bool:
     """Whether a session heard nothing for longer than ping interval + ping timeout."""
     return now - last_seen > ping_interval + ping_timeout
@@ -240,6 +259,7 @@ class Session(Generic[C]):
         "pings",
         "queries",
         "rotations",
+        "rtt_ms",
         "session_id",
         "streamed",
         "sub",
@@ -274,6 +294,7 @@ class Session(Generic[C]):
         self.tasks: set[asyncio.Task[None]] = set()
         self.sub: Subscription | None = None
         self.streamed: dict[CommandId, int] = {}  # output characters published per command in flight
+        self.rtt_ms: float | None = None  # the last keepalive's round trip (`keepalive_rtt_ms`)
 
     def claim(self) -> SessionClaim:
         """The claim this session announces to every gateway."""
@@ -353,10 +374,18 @@ class Session(Generic[C]):
         if isinstance(frame, Ping):
             return [Send(Pong(id=frame.id))]
         if isinstance(frame, Pong):
+            if (rtt := keepalive_rtt_ms(frame.id, time.monotonic())) is not None:
+                self.rtt_ms = rtt
+                return []
             waiter = self.pings.pop(frame.id, None) if frame.id is not None else None
             return [Wake(waiter)] if waiter is not None else []
         if isinstance(frame, Metrics):
-            event = MetricsEvent(host_id=self.host_id, gateway_id=self.gateway_id, sample=frame.sample)
+            event = MetricsEvent(
+                host_id=self.host_id,
+                gateway_id=self.gateway_id,
+                sample=frame.sample,
+                agent_rtt_ms=self.rtt_ms,
+            )
             return [Publish(subjects.metrics(self.host_id), event)]
         if isinstance(frame, TokenRotated):
             rotation = self.rotations.pop(frame.rotation_id, None)

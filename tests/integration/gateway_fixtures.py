@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from services.dev.token_file import serve_token_file
 from services.gateway.server import Gateway
+from services.gateway.session import KEEPALIVE_PREFIX
 from services.gateway.settings import GatewaySettings
 from shared import subjects
 from shared.protocol import (
@@ -145,8 +146,8 @@ class FakeAgent:
         async with asyncio.timeout(timeout):
             while True:
                 frame = decode_gateway_frame(await self.ws.recv())
-                if isinstance(frame, Ping) and frame.id is None:
-                    await self.send(Pong())
+                if isinstance(frame, Ping) and (frame.id is None or frame.id.startswith(KEEPALIVE_PREFIX)):
+                    await self.send(Pong(id=frame.id))
                     continue
                 return frame
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import cast
 
 import pytest
@@ -24,6 +25,8 @@ from services.gateway.session import (
     Wake,
     accept_hello,
     is_dead,
+    keepalive_id,
+    keepalive_rtt_ms,
     max_result_bytes,
 )
 from services.gateway.settings import GatewaySettings, default_gateway_id
@@ -144,6 +147,34 @@ async def test_ping_pong_metrics_and_second_hello() -> None:
     [close] = session.handle(HELLO)
     assert isinstance(close, Close)
     assert close.code == CloseCode.POLICY_VIOLATION
+
+
+def test_keepalive_rtt_ms_parses_only_plausible_keepalive_ids() -> None:
+    """A keepalive's id carries its send time; health-probe ids, garbage and implausible times give None."""
+    sent = keepalive_id(1000.0)
+    assert keepalive_rtt_ms(sent, 1000.0125) == pytest.approx(12.5)
+    assert keepalive_rtt_ms(sent, 999.0) is None  # from the future
+    assert keepalive_rtt_ms(sent, 1000.0 + 61) is None  # later than MAX_RTT_S
+    for other in (None, "", "k", "kx12", "0a1b2c3d4e5f6a7b", "k-5"):
+        assert keepalive_rtt_ms(other, 1000.0) is None
+
+
+async def test_keepalive_pong_sets_rtt_carried_by_the_next_metrics_event() -> None:
+    """A keepalive pong records the round trip; the next MetricsEvent carries it (None before any)."""
+    session = new_session()
+    sample = MetricsSample.model_validate(
+        {k: 0 for k in MetricsSample.model_fields if k not in ("v", "disks")}
+    )
+    [before] = session.handle(Metrics(sample=sample))
+    assert isinstance(before, Publish)
+    assert isinstance(before.message, MetricsEvent)
+    assert before.message.agent_rtt_ms is None
+    assert session.handle(Pong(id=keepalive_id(time.monotonic() - 0.004))) == []
+    [after] = session.handle(Metrics(sample=sample))
+    assert isinstance(after, Publish)
+    assert isinstance(after.message, MetricsEvent)
+    assert after.message.agent_rtt_ms is not None
+    assert 4.0 <= after.message.agent_rtt_ms < 1000
 
 
 async def test_pong_wakes_waiter_and_end_hands_back_pending() -> None:

@@ -267,7 +267,9 @@ class BrowserHub:
             return
         if event.host_id != host:
             return
-        await self._fan_out("metrics", host, event.sample.model_dump(mode="json"))
+        await self._fan_out(
+            "metrics", host, {**event.sample.model_dump(mode="json"), "rtt_ms": event.agent_rtt_ms}
+        )
 
     async def _on_output(self, msg: Msg) -> None:
         if not self.conns:

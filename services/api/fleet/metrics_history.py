@@ -86,6 +86,7 @@ def sample_row(event: MetricsEvent, received: float) -> Queued:
         disk,
         rx,
         tx,
+        event.agent_rtt_ms,
         received,
     )
 

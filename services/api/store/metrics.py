@@ -25,7 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.api.store.models import AgentConnection, MetricSample
 
 ROLLUP_S = 300  # the downsampled buckets: 5 minutes
-VALUES = ("cpu", "load_1", "mem", "swap", "disk", "net_rx", "net_tx")
+VALUES = ("cpu", "load_1", "mem", "swap", "disk", "net_rx", "net_tx", "rtt_ms")
 LOCK_ID = 0x574D4554  # "WMET": one API instance runs the retention job at a time (PostgreSQL)
 
 

@@ -299,6 +299,7 @@ class MetricSample(SQLModel, table=True):
     disk: float | None = None  # percent of the fullest mounted filesystem (None: the agent sent none)
     net_rx: float  # bytes received since boot (a counter: the history serves rates)
     net_tx: float  # bytes sent since boot
+    rtt_ms: float | None = None  # gateway ⇄ agent round trip of the session's last keepalive (schema 4)
 
 
 class MetricRollup(SQLModel, table=True):
@@ -318,6 +319,7 @@ class MetricRollup(SQLModel, table=True):
     disk: float | None = None
     net_rx: float
     net_tx: float
+    rtt_ms: float | None = None  # schema 4
 
 
 def public(model: type[SQLModel], row: Any) -> Any:

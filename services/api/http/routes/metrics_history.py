@@ -34,6 +34,7 @@ class MetricsPoint(BaseModel):
     disk: float | None  # percent used of the host's fullest filesystem
     net_rx: float | None  # bytes/s received, from the previous bucket (None: first bucket, or a reboot)
     net_tx: float | None  # bytes/s sent
+    rtt_ms: float | None = None  # gateway ⇄ agent round trip (keepalive), milliseconds
 
 
 class MetricsHistory(BaseModel):
@@ -124,6 +125,7 @@ async def host_metrics(
                 disk=point.values["disk"],
                 net_rx=_rate(point.values["net_rx"], before.get("net_rx"), gap),
                 net_tx=_rate(point.values["net_tx"], before.get("net_tx"), gap),
+                rtt_ms=point.values["rtt_ms"],
             )
         )
         previous = point
