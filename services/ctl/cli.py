@@ -120,6 +120,12 @@ def _swarm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=Path, required=True, help='JSON file {"<host_id>": "<token>", ...}')
     parser.add_argument("--count", type=int, default=None, help="use only the first N tokens")
     parser.add_argument("--concurrency", type=int, default=100, help="connects in flight at once")
+    parser.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=0.0,
+        help="seconds between each agent's synthetic samples (0: none)",
+    )
 
 
 def _agent(action: devcontrol.AgentAction) -> int:

@@ -6,13 +6,14 @@ result (`AgentTrust.seal`). Its identity key is derived from its token (`swarm_k
 that spares a key file per agent and lets a provisioning step (`tests/support/fleet.py`) register the
 matching public keys without talking to the swarm. A real agent's key is made on its host and never derived.
 
-It answers pings with pongs and execs with a canned successful result (nothing is spawned), sends no
-metrics and stays connected. Given several gateway URLs (a list, or one string ``A,B``) an agent dials the
-first and moves to the next after every failed attempt or ended session, as the real agent does, with the
-real agent's reconnect policy (`ReconnectPolicy`, initial backoff 0.5 s). Connects go through a gate of
-bounded concurrency.
+It answers pings with pongs and execs with a canned successful result (nothing is spawned), sends a
+synthetic metrics sample every ``--metrics-interval`` seconds when asked (default: none; each agent at its
+own phase, its values drifting: `synthetic_sample`) and stays connected. Given several gateway URLs (a
+list, or one string ``A,B``) an agent dials the first and moves to the next after every failed attempt or
+ended session, as the real agent does, with the real agent's reconnect policy (`ReconnectPolicy`, initial
+backoff 0.5 s). Connects go through a gate of bounded concurrency.
 
-    warlock swarm --gateway URL --tokens FILE [--count N] [--concurrency 100]
+    warlock swarm --gateway URL --tokens FILE [--count N] [--concurrency 100] [--metrics-interval S]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import resource
 import signal
 import sys
@@ -43,7 +45,17 @@ from shared import signing
 from shared.errors import ConfigError, ProtocolError
 from shared.ids import HostId, is_host_id
 from shared.logs import setup_logging
-from shared.protocol import Exec, ExecResult, Ping, Pong, decode_gateway_frame, encode
+from shared.protocol import (
+    DiskUsage,
+    Exec,
+    ExecResult,
+    Metrics,
+    MetricsSample,
+    Ping,
+    Pong,
+    decode_gateway_frame,
+    encode,
+)
 from shared.tokens import is_well_formed
 
 log = logging.getLogger("services.dev.swarm")  # also when run as __main__
@@ -110,8 +122,16 @@ def raise_nofile_limit() -> int:
 class Swarm:
     """Holds one simulated session per token against the gateway URL(s)."""
 
-    def __init__(self, url: str | list[str], tokens: dict[HostId, str], *, concurrency: int = 100) -> None:
+    def __init__(
+        self,
+        url: str | list[str],
+        tokens: dict[HostId, str],
+        *,
+        concurrency: int = 100,
+        metrics_interval: float = 0.0,
+    ) -> None:
         self.urls = gateway_urls(url)
+        self.metrics_interval = metrics_interval  # seconds between each agent's samples; 0: none
         self.url = self.urls[0]
         self.tokens = tokens
         self.up = 0
@@ -206,7 +226,28 @@ class Swarm:
             await asyncio.sleep(policy.next_delay(outcome_of_close(code), loop.time() - began))
 
     async def _serve(self, ws: ClientConnection, trust: AgentTrust) -> None:
-        """Answer pings and execs (with a signed canned result) until the connection ends."""
+        """Answer pings and execs (with a signed canned result) until the connection ends; send samples."""
+        sender = asyncio.create_task(self._metrics(ws)) if self.metrics_interval > 0 else None
+        try:
+            await self._answer(ws, trust)
+        finally:
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await sender
+
+    async def _metrics(self, ws: ClientConnection) -> None:
+        """Send a synthetic sample every `metrics_interval` seconds, starting at a random phase."""
+        rng = random.Random()  # noqa: S311 (simulated load figures, not secrets)
+        await asyncio.sleep(rng.uniform(0, self.metrics_interval))
+        level = rng.uniform(5, 60)
+        while True:
+            level = min(100.0, max(0.0, level + rng.uniform(-5, 5)))
+            await ws.send(encode(Metrics(sample=synthetic_sample(level, time.time()))), text=True)
+            await asyncio.sleep(self.metrics_interval)
+
+    async def _answer(self, ws: ClientConnection, trust: AgentTrust) -> None:
+        """Answer pings and execs until the connection ends."""
         async for raw in ws:
             try:
                 frame = decode_gateway_frame(raw)
@@ -225,14 +266,54 @@ class Swarm:
                 await ws.send(encode(trust.seal(result)), text=True)
 
 
-async def run_swarm(url: str | list[str], tokens: dict[HostId, str], concurrency: int = 100) -> None:
+def synthetic_sample(level: float, now: float) -> MetricsSample:
+    """A plausible sample of a 4 GiB host at `level` percent CPU and about as busy in memory and disk."""
+    total = 4 << 30
+    used = int(total * min(95.0, 20 + level / 2) / 100)
+    disk_used = int(50e9 * min(95.0, 30 + level / 4) / 100)
+    return MetricsSample(
+        timestamp=now,
+        cpu_percent=round(level, 1),
+        load_1=round(level / 25, 2),
+        load_5=round(level / 30, 2),
+        load_15=round(level / 35, 2),
+        memory_total=total,
+        memory_available=total - used,
+        memory_used=used,
+        memory_percent=round(used * 100 / total, 1),
+        swap_total=0,
+        swap_used=0,
+        swap_percent=0.0,
+        disks=(
+            DiskUsage(
+                mount="/",
+                total=int(50e9),
+                used=disk_used,
+                free=int(50e9) - disk_used,
+                percent=round(disk_used * 100 / 50e9, 1),
+            ),
+        ),
+        net_bytes_sent=int(now * 1000) % 2**40,
+        net_bytes_recv=int(now * 4000) % 2**40,
+        net_packets_sent=0,
+        net_packets_recv=0,
+        uptime_s=3600.0,
+        process_count=100,
+    )
+
+
+async def run_swarm(
+    url: str | list[str], tokens: dict[HostId, str], concurrency: int = 100, metrics_interval: float = 0.0
+) -> None:
     """Hold one session per token against `url` (one URL, ``A,B`` or a list) until cancelled."""
-    await Swarm(url, tokens, concurrency=concurrency).run()
+    await Swarm(url, tokens, concurrency=concurrency, metrics_interval=metrics_interval).run()
 
 
-async def _until_signal(url: str, tokens: dict[HostId, str], concurrency: int) -> None:
+async def _until_signal(
+    url: str, tokens: dict[HostId, str], concurrency: int, metrics_interval: float
+) -> None:
     """Run the swarm until SIGTERM or SIGINT."""
-    task = asyncio.create_task(run_swarm(url, tokens, concurrency))
+    task = asyncio.create_task(run_swarm(url, tokens, concurrency, metrics_interval))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
@@ -251,6 +332,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokens = load_tokens(args.tokens, args.count)
         gateway_urls(args.gateway)
+        interval = float(getattr(args, "metrics_interval", 0.0) or 0.0)
+        if not 0 <= interval <= 86_400 or interval != interval:
+            raise ConfigError("metrics_interval", "--metrics-interval: seconds between 0 (none) and 86400")
     except ConfigError as exc:
         print(f"warlock: {exc}", file=sys.stderr)
         return 2
@@ -259,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
         import uvloop
 
         runner = uvloop.run
-    runner(_until_signal(args.gateway, tokens, args.concurrency))
+    runner(_until_signal(args.gateway, tokens, args.concurrency, interval))
     return 0
 
 
@@ -270,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=Path, required=True, help='JSON file {"<host_id>": "<token>", ...}')
     parser.add_argument("--count", type=int, default=None, help="use only the first N tokens")
     parser.add_argument("--concurrency", type=int, default=100, help="connects in flight at once")
+    parser.add_argument(
+        "--metrics-interval", type=float, default=0.0, help="seconds between samples (0: none)"
+    )
     args = parser.parse_args(argv)
     setup_logging(os.environ.get("WARLOCK_LOG_LEVEL", "INFO").upper())
     return run(args)

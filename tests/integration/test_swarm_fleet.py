@@ -83,3 +83,33 @@ async def test_swarm_agents_are_verified_and_serve_rest_exec(stack: Stack, tmp_p
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             stack.close()
+
+
+async def test_swarm_metrics_reach_the_history(stack: Stack, tmp_path: Path) -> None:
+    """`--metrics-interval`: every simulated agent's synthetic samples are stored, with the keepalive rtt."""
+    async with fresh_database("postgresql", tmp_path) as db_url:
+        api = stack.start_api(db_url)
+        gateway = stack.start_gateway(ping_interval="0.2")
+        tokens = await provision(db_url, 5, tmp_path / "swarm.json")
+        swarm = Swarm(gateway.url, {HostId(h): t for h, t in tokens.items()}, metrics_interval=0.3)
+        task = asyncio.create_task(swarm.run())
+        try:
+            async with httpx.AsyncClient(base_url=api.url, headers=api.auth, timeout=30) as http:
+                waiting = set(tokens)
+                for _ in range(100):
+                    for host in sorted(waiting):
+                        answer = await http.get(f"/api/hosts/{host}/metrics", params={"step": 30})
+                        assert answer.status_code == 200, answer.text
+                        points = answer.json()["points"]
+                        if points and any(p["rtt_ms"] is not None for p in points):
+                            assert all(0 <= p["cpu"] <= 100 and 0 < p["mem"] < 100 for p in points), points
+                            waiting.discard(host)
+                    if not waiting:
+                        break
+                    await asyncio.sleep(0.1)
+                assert not waiting, f"no sample with an rtt from {sorted(waiting)}"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            stack.close()
