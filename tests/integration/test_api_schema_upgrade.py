@@ -108,3 +108,23 @@ async def test_a_version_it_cannot_upgrade_is_refused_naming_both_versions(
         assert f"version 1, this API needs {SCHEMA_VERSION} and upgrades only from 2" in str(refused.value)
     finally:
         await engine.dispose()
+
+
+async def test_a_version_3_database_gets_the_metrics_rtt_columns(database: str, tmp_path: Path) -> None:
+    """3 → 4 is additive: ``rtt_ms`` on the metrics tables, added at start."""
+    engine = make_engine(database)
+    try:
+        settings = ApiSettings(database_url=database, api_key_file=tmp_path / "first-key")
+        await initialise(engine, settings, bootstrap_key=False)
+        async with engine.begin() as conn:
+            for table in ("metric_sample", "metric_rollup"):
+                await conn.execute(text(f"ALTER TABLE {table} DROP COLUMN rtt_ms"))
+            await conn.execute(text("UPDATE schema_version SET version = 3"))
+        await initialise(engine, settings, bootstrap_key=False)
+        async with engine.connect() as conn:
+            for table in ("metric_sample", "metric_rollup"):
+                assert "rtt_ms" in await conn.run_sync(columns_of, table)
+            version = (await conn.execute(text("SELECT version FROM schema_version"))).scalar()
+        assert version == SCHEMA_VERSION == 4
+    finally:
+        await engine.dispose()

@@ -18,7 +18,7 @@ from sqlmodel import Field, SQLModel
 
 from shared.protocol import DEFAULT_TIMEOUT_S
 
-SCHEMA_VERSION = 3  # 2: agent public keys, operator keys, requested_by on every run; 3: issue 11
+SCHEMA_VERSION = 4  # 2: agent public keys, operator keys, requested_by on every run; 3: issue 11; 4: issue 12
 
 ADDRESS_PATTERN = r"^[A-Za-z0-9.:_-]+$"  # as shared.protocol.SshTarget.address
 SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.username
