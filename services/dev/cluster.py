@@ -229,6 +229,7 @@ Warlock cluster is running: 3 NATS nodes (TLS routes), 2 APIs, 2 gateways, the S
 {chr(10).join(rows)}
   database      {info["database_url"]}
   API key file  {key}
+  dashboard     {"  ".join(f"{url}/" for url in info["api_urls"])}   (either API; log in with the key)
   CA            {info["ca_file"]}
   stack file    {self.dir / "dev.json"}   (every part: name, pid, url, log)
   {"  ".join(self.notes)}

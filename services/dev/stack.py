@@ -50,6 +50,7 @@ from shared.natsauth import write_server_config
 from shared.settings import WarlockSettings, load_settings
 
 OPERATOR_KEY_NAME = "dev"
+DEV_METRICS_INTERVAL_S = 5.0  # the dev agent samples every 5 s (a production agent every 30 s)
 
 
 class DevSettings(WarlockSettings):
@@ -365,7 +366,8 @@ class DevStack:
             f"ledger_path = {json.dumps(str(self.dir / 'agent-ledger.jsonl'))}\n"
             f"identity_key_file = {json.dumps(str(agent_key))}\n"
             f"trusted_keys = [{json.dumps(api_public)}]\n"
-            f"ca_file = {json.dumps(str(tls.ca_file))}\n",
+            f"ca_file = {json.dumps(str(tls.ca_file))}\n"
+            f"metrics_interval = {DEV_METRICS_INTERVAL_S}\n",  # the dashboard's charts move (default 30 s)
         )
         self.agent_argv = [str(BIN / "warlock-agent"), "run", "--config", str(agent_conf)]
         self.start_agent()
@@ -480,6 +482,7 @@ def _banner(info: dict[str, Any], dev_dir: Path, notes: list[str]) -> str:
     key = info["api_key_file"]
     return f"""
 Warlock is running.
+  dashboard     {info["api_url"]}/   (log in with the key in the API key file)
   API           {info["api_url"]}   (OpenAPI: {info["api_url"]}/docs)
   API key file  {key}
   NATS          {info["nats_url"]}   (operator nkey: {info["operator_nkey"]})
