@@ -23,9 +23,11 @@
 7. Metrics ingest (bench/metrics_ingest.py): samples of 2,000 hosts published on NATS as gateways publish
    them, stored by the API in the metrics history on PostgreSQL: samples/s end to end, none lost (counted
    in the table), the API's CPU seconds.
+8. Browser stream (bench/browser_stream.py): 2,000 metrics events/s to 10 browsers on /api/ws, every one
+   delivered to every browser, delivery latency beside a raw NATS subscriber's, the API's CPU.
 
 `--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory, storm, gateway-rss,
-failover, fanout, metrics-ingest).
+failover, fanout, metrics-ingest, browser-stream).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from bench.agent_memory import agent_memory, print_agent_memory
+from bench.browser_stream import browser_stream, print_browser_stream
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.fanout import fanout, print_fanout, print_real_agents, real_agents
 from bench.metrics_ingest import metrics_ingest, print_metrics_ingest
@@ -146,7 +149,7 @@ def memory_raw(root: Path, count: int) -> float:
 
 
 BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory", "storm", "gateway-rss", "failover", "fanout")
-BLOCKS_MORE = ("metrics-ingest",)
+BLOCKS_MORE = ("metrics-ingest", "browser-stream")
 
 
 def main() -> None:
@@ -174,6 +177,8 @@ def main() -> None:
     parser.add_argument("--metrics-hosts", type=int, default=2000, help="hosts sending metrics samples")
     parser.add_argument("--metrics-rounds", type=int, default=25, help="samples per host and run")
     parser.add_argument("--metrics-runs", type=int, default=3, help="metrics ingest runs (median)")
+    parser.add_argument("--browsers", type=int, default=10, help="browsers on /api/ws (browser-stream)")
+    parser.add_argument("--browser-rate", type=int, default=2000, help="metrics events/s (browser-stream)")
     parser.add_argument(
         "--only",
         nargs="+",
@@ -204,6 +209,9 @@ def main() -> None:
                 root / "metrics", args.metrics_hosts, args.metrics_rounds, args.metrics_runs
             )
             print_metrics_ingest(ingest, args.metrics_hosts)
+        if "browser-stream" in args.only:
+            runs = browser_stream(root / "browsers", browsers=args.browsers, rate=args.browser_rate)
+            print_browser_stream(runs, args.browsers, args.browser_rate)
 
 
 def _fleet_blocks(root: Path, args: argparse.Namespace) -> None:
