@@ -18,7 +18,7 @@ from sqlmodel import Field, SQLModel
 
 from shared.protocol import DEFAULT_TIMEOUT_S
 
-SCHEMA_VERSION = 3  # 2: agent public keys, operator keys, requested_by on every run; 3: issue 11
+SCHEMA_VERSION = 4  # 2: agent public keys, operator keys, requested_by on every run; 3: issue 11; 4: issue 12
 
 ADDRESS_PATTERN = r"^[A-Za-z0-9.:_-]+$"  # as shared.protocol.SshTarget.address
 SSH_USER_PATTERN = r"^[a-z_][a-z0-9_.-]*$"  # as shared.protocol.SshTarget.username
@@ -265,6 +265,20 @@ class OperatorKey(SQLModel, table=True):
     public_key: str = Field(max_length=64, unique=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class WsTicket(SQLModel, table=True):
+    """A one-time browser stream ticket (`services.api.store.tickets`): only the SHA-256 hex of the ticket
+    is stored, with what its holder may see. Shared by every API instance on the database, so the socket
+    may reach another instance than the one that issued the ticket; deleted when used, pruned when expired."""
+
+    __tablename__ = "ws_ticket"
+
+    ticket_hash: str = Field(primary_key=True, max_length=64)
+    key_name: str = Field(max_length=255, index=True)  # the outstanding-ticket bound is per key
+    role: str = Field(max_length=16)
+    scope: dict[str, str] | None = Field(default=None, sa_type=JSON)
+    expires_at: datetime = Field(sa_type=UtcDateTime, index=True)
 
 
 class SchemaVersion(SQLModel, table=True):
