@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import __version__
-from services.api.fleet.browser import BrowserHub, CommandEvents, TicketBook
+from services.api.fleet.browser import BrowserHub, CommandEvents, TicketStore, key_check_interval
 from services.api.fleet.bus import Bus
 from services.api.fleet.cancel import cancel_many
 from services.api.fleet.inflight import InFlight
@@ -139,9 +139,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         output = OutputHub(nc, sessions, ready=lambda: state.db_ready)  # output chunks: store, follow
         app.state.output = output
-        browsers = BrowserHub(nc, sessions)  # the browser stream: NATS events to this instance's browsers
+        browsers = BrowserHub(nc, sessions, engine)  # the browser stream: NATS events to its browsers
         app.state.browser_hub = browsers
-        app.state.browser_tickets = TicketBook(settings.ws_ticket_ttl)
+        app.state.browser_tickets = TicketStore(engine, settings.ws_ticket_ttl)  # shared by the instances
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
         try:
@@ -165,6 +165,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 ready=lambda: state.db_ready,
             )
             background.append(asyncio.create_task(metrics_retention, name="metrics-retention"))
+            key_checks = browsers.watch_keys(
+                key_check_interval(settings.auth_cache_ttl), ready=lambda: state.db_ready
+            )
+            background.append(asyncio.create_task(key_checks, name="browser-key-checks"))
             nats_start = _connect_nats(link, bus, stop, output, browsers)
             connecting = asyncio.create_task(nats_start, name="nats-connect")
             background.append(connecting)

@@ -1,7 +1,9 @@
-"""The browser stream, end to end: a real `warlock-api` process on PostgreSQL, nats-server, gateway and agent
-processes; browsers played by the `websockets` client. Tickets work once and expire; presence, metrics and
-output reach subscribers; a browser that does not read is dropped (4408) while another keeps receiving; a
-scoped key's browser gets nothing of hosts outside its scope; bad frames close with their codes."""
+"""The browser stream, end to end: real `warlock-api` processes on PostgreSQL, nats-server, gateway and agent
+processes; browsers played by the `websockets` client. Tickets work once, on any instance of the database,
+and expire; presence, metrics and output reach subscribers; a browser that does not read is dropped (4408)
+while another keeps receiving; a scoped key's browser gets nothing of hosts outside its scope; bad frames
+close with their codes; a ping is answered; a revoked or expired key's sockets close (4403) while others
+stay; outcomes settled by the reconciler or a late result are announced once."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,15 @@ from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from services.api.store import crud
+from services.api.store.db import make_engine, sessionmaker
+from services.api.store.models import CommandRun, CommandStatus, utcnow
 from shared import subjects
 from shared.ids import new_command_id
 from shared.protocol import OutputChunk, encode
 from tests.integration.test_metrics_history import sample
 from tests.support.db import fresh_database
+from tests.support.fakeagent import AgentKey
 from tests.support.natsserver import NatsServer
 from tests.support.stack import Api, Gateway, Stack
 
@@ -102,12 +109,12 @@ SKIPPED: dict[int, list[dict[str, Any]]] = {}  # events read while waiting for s
 
 
 async def request(ws: ClientConnection, **frame: Any) -> dict[str, Any]:
-    """Send a subscribe/unsubscribe and return the server's answer (ack or error); events read meanwhile
-    are kept for `next_event`."""
+    """Send a subscribe/unsubscribe/ping and return the server's answer (ack, pong or error); events read
+    meanwhile are kept for `next_event`."""
     await ws.send(json.dumps(frame))
     while True:
         answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        if answer["type"] in ("ack", "error"):
+        if answer["type"] in ("ack", "pong", "error"):
             return dict(answer)
         SKIPPED.setdefault(id(ws), []).append(answer)
 
@@ -365,3 +372,133 @@ async def test_a_browser_on_another_instance_sees_the_runs_of_the_first(env: Env
         assert {recorded["host"], finished["host"]} == {"db1"}
         assert finished["data"]["command_id"] == run["command_id"]
         assert (finished["data"]["status"], finished["data"]["via"]) == (run["status"], run["via"])
+
+
+async def test_a_ticket_from_one_instance_opens_a_socket_on_another_once_and_pings_are_answered(
+    env: Env,
+) -> None:
+    """No sticky sessions: a ticket issued by api1 opens a socket on api2, once (a second use on either
+    instance is 4401), and expires (4401). Pings are answered with pongs carrying the request's id."""
+    api1, http1 = await env.api(ws_ticket_ttl="1")
+    api2, _http2 = await env.api(ws_ticket_ttl="1")
+    good = await ticket(http1)
+    async with connect(ws_url(api2, good)) as ws:
+        before = time.time()
+        assert await request(ws, type="ping", id=7) == {
+            "type": "pong",
+            "id": 7,
+            "at": pytest.approx(before, abs=5),
+        }
+        assert (await request(ws, type="ping", id="p-1"))["id"] == "p-1"
+        assert (await request(ws, type="ping"))["id"] is None
+        bad = await request(ws, type="ping", id=[1])
+        assert (bad["type"], bad["code"]) == ("error", "bad_id")
+        assert await request(ws, type="subscribe", topic="presence", id=8) == {"type": "ack", "id": 8}
+    assert (await closed_with(ws_url(api2, good)))[0] == 4401  # used, on the instance it was used on
+    assert (await closed_with(ws_url(api1, good)))[0] == 4401  # and on the one that issued it
+    late = await ticket(http1)
+    await asyncio.sleep(1.3)
+    assert (await closed_with(ws_url(api2, late)))[0] == 4401  # expired
+    for api in (api1, api2):
+        log = api.proc.log_path.read_text()
+        assert good not in log
+        assert late not in log
+
+
+async def test_a_revoked_or_expired_keys_sockets_close_on_every_instance_and_others_stay(env: Env) -> None:
+    """A key revoked through api1 closes its socket on api2 with 4403 "API key revoked" within the auth
+    cache TTL (5 s); a key that expires closes with "API key expired"; the admin key's socket stays open and
+    answers; a ticket issued before the revocation is refused at connect."""
+    _api1, http1 = await env.api()
+    api2, http2 = await env.api()
+    keys = {}
+    for name, extra in (("doomed", {}), ("brief", {"expires_in": 3})):
+        made = await http1.post("/api/keys", json={"name": name, "role": "read", **extra})
+        assert made.status_code == 201, made.text
+        keys[name] = {"Authorization": f"Bearer {made.json()['key']}"}
+    spare = await ticket(http1, keys["doomed"])  # used after the revocation
+    async with (
+        connect(ws_url(api2, await ticket(http1, keys["doomed"]))) as doomed,
+        connect(ws_url(api2, await ticket(http1, keys["brief"]))) as brief,
+        connect(ws_url(api2, await ticket(http1))) as admin,
+    ):
+        for ws in (doomed, brief, admin):
+            assert (await request(ws, type="ping", id=1))["type"] == "pong"
+        assert (await http1.delete("/api/keys/doomed")).status_code == 200
+        revoked_at = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(doomed.recv(), 10)
+        took = time.monotonic() - revoked_at
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "API key revoked")
+        assert took < 5.0, took
+        print(f"revoked key's socket closed {took:.2f} s after the revocation")
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(brief.recv(), 10)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "API key expired")
+        assert (await request(admin, type="ping", id=2))["type"] == "pong"  # still open
+    assert await closed_with(ws_url(api2, spare)) == (4403, "API key revoked")
+    assert 'warlock_browser_dropped_total{reason="key"} 2.0' in (await http2.get("/metrics")).text
+
+
+async def test_outcomes_settled_by_the_reconciler_or_a_late_result_are_announced_once(env: Env) -> None:
+    """Two APIs reconciling one database: a run left pending past its deadline is settled (timed_out,
+    orphaned) and announced ``finished`` once; the agent's signed late result then settles it succeeded,
+    announced once more, and the same result sent again changes nothing and announces nothing."""
+    fast = {"reconcile_interval": "0.2", "reconcile_margin": "0", "exec_grace": "1", "ssh_grace": "1"}
+    _api1, _http1 = await env.api(**fast)
+    api2, http2 = await env.api(**fast)
+    agent = AgentKey()
+    engine = make_engine(env.db_url)
+    try:
+        async with sessionmaker(engine)() as session:
+            await crud.set_agent_public_key(session, "web1", agent.public_key)
+        async with connect(ws_url(api2, await ticket(http2))) as ws:
+            assert (await request(ws, type="subscribe", topic="commands", host="web1", id=1))["type"] == "ack"
+            command_id = new_command_id()
+            async with sessionmaker(engine)() as session:
+                session.add(
+                    CommandRun(
+                        command_id=command_id,
+                        host_id="web1",
+                        command="id",
+                        timeout=5,
+                        requested_by="api-key:test",
+                        status=CommandStatus.PENDING,
+                        created_at=utcnow() - timedelta(seconds=3600),
+                    )
+                )
+                await session.commit()
+            orphaned = await next_event(ws, "commands", timeout=10)
+            assert orphaned["host"] == "web1"
+            assert {
+                k: orphaned["data"][k] for k in ("event", "command_id", "status", "via", "exit_code")
+            } == {
+                "event": "finished",
+                "command_id": command_id,
+                "status": "timed_out",
+                "via": None,
+                "exit_code": None,
+            }
+            with pytest.raises(TimeoutError):  # two reconcilers, one change: one event
+                await next_event(ws, "commands", timeout=1.0)
+
+            late = encode(agent.result("web1", command_id=command_id, stdout="it ran\n", exit_code=3))
+            await env.gw_nats.publish(subjects.result("web1"), late)
+            settled = await next_event(ws, "commands", timeout=10)
+            assert {k: settled["data"][k] for k in ("event", "command_id", "status", "via", "exit_code")} == {
+                "event": "finished",
+                "command_id": command_id,
+                "status": "failed",
+                "via": "agent",
+                "exit_code": 3,
+            }
+            assert "stdout" not in settled["data"]  # no output in command events
+            await env.gw_nats.publish(subjects.result("web1"), late)  # again: the row no longer changes
+            with pytest.raises(TimeoutError):
+                await next_event(ws, "commands", timeout=1.0)
+        run = (await http2.get(f"/api/commands/{command_id}")).json()
+        assert (run["status"], run["exit_code"], run["stdout"]) == ("failed", 3, "it ran\n")
+    finally:
+        await engine.dispose()

@@ -1,31 +1,41 @@
-"""The browser stream's fleet side: one-time tickets, and NATS events fanned out to this instance's browsers.
+"""The browser stream's fleet side: NATS events fanned out to this instance's browsers, their keys watched,
+and the outcomes of runs announced to every instance.
 
-    browser ─POST /api/ws-tickets (API key)─▶ TicketBook.issue ─▶ {"ticket", "expires_in"}
-    browser ─GET /api/ws?ticket=...────────▶ TicketBook.consume (once, before expiry) ─▶ BrowserConn
-    NATS warlock.presence.*, warlock.metrics.*, warlock.output.*.*  (plain subscriptions: every instance
-         hears every message and serves its own browsers) ─▶ BrowserHub ─▶ each subscribed BrowserConn's queue
+    browser ─POST /api/ws-tickets (API key)─▶ TicketStore.issue ─▶ {"ticket", "expires_in"}
+    browser ─GET /api/ws?ticket=...────────▶ TicketStore.consume (once, before expiry, on any instance)
+                                             ─▶ BrowserConn
+    NATS warlock.presence.*, warlock.metrics.*, warlock.output.*.*, warlock.events.command.*  (plain
+         subscriptions: every instance hears every message and serves its own browsers)
+         ─▶ BrowserHub ─▶ each subscribed BrowserConn's queue
 
-Tickets live in the memory of the instance that issued them, hashed (SHA-256), with the key's name, role and
-scope: a ticket is used within seconds of its issue by the same page, so behind a load balancer the pair of
-requests must reach the same instance (sticky sessions, or one API); a ticket presented to another instance
-is refused like an unknown one (4401) and the client asks for a new one. The ticket itself is never logged.
+Tickets are rows of the database every instance shares (`services.api.store.tickets`), hashed: behind a
+load balancer the socket may reach another instance than the ticket's request did.
 
 A browser whose key carries a label scope receives events of its hosts only: the hub looks the host's labels
-up (cached for `LABEL_TTL` seconds) before it queues a scoped connection's frame.
+up (cached for `LABEL_TTL` seconds) before it queues a scoped connection's frame. Every `key_check_interval`
+seconds (half the API's auth cache TTL) the hub checks the keys of its open connections in one query: a
+connection whose key was revoked, has expired or was deleted, on any instance, is ended (`BrowserConn.end`,
+close code 4403), so a key stops seeing events within the auth cache's bound, as it stops being accepted.
 
 Each connection has a bounded send queue (frames and bytes): a browser that does not read fills it and is
 dropped (`BrowserConn.slow` set, counted in ``warlock_browser_dropped_total{reason="slow"}``); the hub never
 waits for a browser.
+
+Command events (``warlock.events.command.<host>``): ``recorded`` when this instance's runner writes a run,
+``finished`` whenever an UPDATE settling a run actually changed its row: the runner's own outcome
+(`CommandEvents`), a late result (`services.api.fleet.bus`, the runner's late reply), the reconciler settling
+an orphan, a cancel that settles the row itself (`services.api.fleet.cancel`). Every such UPDATE is guarded by
+the run's status, so two instances, or a late result racing the runner, announce one change once; a late
+result that replaces a ``timed_out`` outcome is a second change, announced as a second ``finished`` (the last
+one is the run's outcome).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,11 +47,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api.store.models import Host
+from services.api.store.models import CommandRun, Host, utcnow
 from services.api.store.runstore import HostTarget, NewRun, RunStore
+from services.api.store.tickets import TicketHolder, TicketStore, closed_keys
 from shared import subjects
 from shared.errors import InvalidIdError, ProtocolError
 from shared.protocol import MetricsEvent, OutputChunk, decode_model, decode_presence
@@ -49,61 +60,31 @@ from shared.protocol import MetricsEvent, OutputChunk, decode_model, decode_pres
 log = logging.getLogger(__name__)
 
 LABEL_TTL = 5.0  # seconds a host's labels are cached for scope checks
-MAX_TICKETS = 10_000  # tickets outstanding on one instance (expired ones are pruned first)
 TOPICS = ("presence", "metrics", "output", "commands")
 MAX_TRACKED_RUNS = 100_000  # runs in flight whose host `CommandEvents` remembers until they finish
 
 BROWSERS = Gauge("warlock_browser_connections", "Browser WebSocket connections open on this API instance")
 DROPPED = Counter(
     "warlock_browser_dropped_total",
-    "Browser WebSocket connections this instance closed: slow (send queue full), protocol (bad frames)",
+    "Browser WebSocket connections this instance closed: slow (send queue full), protocol (bad frames), "
+    "key (its API key revoked, expired or deleted)",
     ["reason"],
 )
+KEY_CLOSE_CODE = 4403  # the connection's API key was revoked, has expired or was deleted
 
-
-@dataclass(frozen=True, slots=True)
-class TicketHolder:
-    """Who a ticket was issued to: the API key's name, role and label scope."""
-
-    key_name: str
-    role: str
-    scope: dict[str, str] | None
-
-
-class TicketBook:
-    """Single-use tickets, hashed, in this instance's memory, each valid `ttl` seconds."""
-
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl = ttl
-        self._clock = clock
-        self._tickets: dict[str, tuple[float, TicketHolder]] = {}
-
-    @staticmethod
-    def _hash(ticket: str) -> str:
-        return hashlib.sha256(ticket.encode("utf-8", "replace")).hexdigest()
-
-    def issue(self, holder: TicketHolder) -> str | None:
-        """A new ticket for `holder`; None when `MAX_TICKETS` unexpired tickets are outstanding."""
-        now = self._clock()
-        if len(self._tickets) >= MAX_TICKETS:
-            self._tickets = {h: v for h, v in self._tickets.items() if v[0] > now}
-            if len(self._tickets) >= MAX_TICKETS:
-                return None
-        ticket = secrets.token_urlsafe(32)
-        self._tickets[self._hash(ticket)] = (now + self.ttl, holder)
-        return ticket
-
-    def consume(self, ticket: str) -> TicketHolder | None:
-        """The holder of `ticket` if it is known and unexpired; it is spent either way."""
-        if not ticket or len(ticket) > 200:
-            return None
-        entry = self._tickets.pop(self._hash(ticket), None)
-        if entry is None or entry[0] <= self._clock():
-            return None
-        return entry[1]
-
-    def __len__(self) -> int:
-        return len(self._tickets)
+__all__ = [
+    "KEY_CLOSE_CODE",
+    "TOPICS",
+    "BrowserConn",
+    "BrowserHub",
+    "CommandEvents",
+    "TicketHolder",
+    "TicketStore",
+    "Topic",
+    "announce_finished",
+    "announce_run",
+    "key_check_interval",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +107,14 @@ class BrowserConn:
     queue: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     queued_bytes: int = 0
     slow: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # `end` was called: close with `ending`
+    ending: tuple[int, str] = (1000, "")
+
+    def end(self, code: int, reason: str) -> None:
+        """Ask the connection's session to close with `code` and `reason` (first call wins)."""
+        if not self.ended.is_set():
+            self.ending = (code, reason)
+            self.ended.set()
 
     def offer(self, frame: str) -> bool:
         """Queue `frame` without waiting; False (and `slow` set) once the queue is over its bound."""
@@ -155,6 +144,12 @@ class BrowserConn:
         return False
 
 
+def key_check_interval(auth_cache_ttl: float) -> float:
+    """Seconds between two key checks of the open connections: half the auth cache TTL (between 0.5 and
+    30), so a revoked key's sockets close within the time its REST requests may still pass."""
+    return min(30.0, max(0.5, auth_cache_ttl / 2))
+
+
 def _in_scope(scope: Mapping[str, str] | None, labels: Mapping[str, str] | None) -> bool:
     if not scope:
         return True
@@ -165,13 +160,17 @@ def _in_scope(scope: Mapping[str, str] | None, labels: Mapping[str, str] | None)
 class BrowserHub:
     """Fans presence, metrics and output events from NATS out to this instance's browser connections."""
 
-    def __init__(self, nc: NATS, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self, nc: NATS, sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine | None = None
+    ) -> None:
         self.nc = nc
         self.sessions = sessions
+        self.engine = engine  # the keys of open connections are checked on it (None: never)
         self.conns: set[BrowserConn] = set()
         self._subs: list[Subscription] = []
         self._labels: dict[str, tuple[float, dict[str, str] | None]] = {}
         self.dropped_slow = 0
+        self._keys_unchecked = False  # the last key check failed (logged once until one succeeds)
 
     async def start(self) -> None:
         """Subscribe (no queue group: every instance serves its own browsers)."""
@@ -205,6 +204,52 @@ class BrowserHub:
             DROPPED.labels(reason).inc()
             if reason == "slow":
                 self.dropped_slow += 1
+
+    async def key_problem(self, key_name: str) -> str | None:
+        """Why `key_name` may no longer stream (``revoked``, ``expired``, ``deleted``), or None; None too
+        when the database cannot say (the periodic check tries again)."""
+        if self.engine is None:
+            return None
+        try:
+            return (await closed_keys(self.engine, [key_name], utcnow())).get(key_name)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("browser stream: key %r not checked: %s", key_name, type(exc).__name__)
+            return None
+
+    async def check_keys(self) -> int:
+        """End the connections whose key was revoked, has expired or was deleted (one query for all of
+        them); return how many were ended. A database error keeps them open until the next check."""
+        if self.engine is None or not self.conns:
+            return 0
+        names = {conn.holder.key_name for conn in self.conns}
+        try:
+            closed = await closed_keys(self.engine, names, utcnow())
+        except (SQLAlchemyError, OSError) as exc:
+            if not self._keys_unchecked:
+                log.warning("browser stream: keys of open connections not checked: %s", type(exc).__name__)
+            self._keys_unchecked = True
+            return 0
+        self._keys_unchecked = False
+        ended = 0
+        for conn in list(self.conns):
+            why = closed.get(conn.holder.key_name)
+            if why is not None and not conn.ended.is_set():
+                conn.end(KEY_CLOSE_CODE, f"API key {why}")
+                ended += 1
+        if ended:
+            log.info("browser stream: %d connection(s) of invalid keys ended", ended)
+        return ended
+
+    async def watch_keys(self, interval: float, ready: Callable[[], bool]) -> None:
+        """`check_keys` every `interval` seconds while the database is ready; never raises."""
+        while True:
+            await asyncio.sleep(interval)
+            if not ready():
+                continue
+            try:
+                await self.check_keys()
+            except Exception as exc:  # never let the loop die: the next pass tries again
+                log.warning("browser stream key check failed: %s", type(exc).__name__)
 
     async def host_in_scope(self, scope: Mapping[str, str] | None, host: str) -> bool:
         """Whether `host` is within `scope` (an unknown or deleted host is outside every scope)."""
@@ -309,12 +354,41 @@ def _plain(value: Any) -> Any:
     return value if value is None or isinstance(value, str | int | float) else None
 
 
+FINISHED_FIELDS = ("status", "via", "exit_code", "duration_ms")
+
+
+async def _publish(nc: NATS | None, host: str, data: dict[str, Any]) -> None:
+    if nc is None:
+        return
+    try:
+        await nc.publish(subjects.command_event(host), json.dumps(data).encode())
+    except (nats.errors.Error, InvalidIdError) as exc:
+        log.debug("command event not published: %s", type(exc).__name__)
+
+
+async def announce_finished(nc: NATS | None, host: str, command_id: str, values: Mapping[str, Any]) -> None:
+    """Publish a ``finished`` event of `command_id` on `host` with the outcome `values` just written (only
+    `FINISHED_FIELDS`: no command text, no output); never raises (a lost event is logged at debug). Call it
+    once the settling UPDATE reported that it changed the row."""
+    event: dict[str, Any] = {"event": "finished", "command_id": command_id, "at": time.time()}
+    event.update({k: _plain(values.get(k)) for k in FINISHED_FIELDS})
+    await _publish(nc, host, event)
+
+
+async def announce_run(nc: NATS | None, run: CommandRun | None) -> None:
+    """`announce_finished` from the row as it now reads (where the UPDATE set SQL expressions, e.g. a late
+    result's ``via``)."""
+    if run is not None:
+        values = {k: getattr(run, k) for k in FINISHED_FIELDS}
+        await announce_finished(nc, run.host_id, run.command_id, values)
+
+
 class CommandEvents:
     """A `RunStore` that also announces, on ``warlock.events.command.<host>``, each run this instance's
     runner records (``recorded``) and each outcome it writes (``finished``: status, via, exit code), for the
     browsers of every instance. No command text and no output in the event: those stay behind the REST
-    API's scope checks (and the output has its own topic). Outcomes settled elsewhere (a late result, the
-    reconciler) are not announced."""
+    API's scope checks (and the output has its own topic). Outcomes settled elsewhere call
+    `announce_finished` / `announce_run` themselves (see the module's docstring)."""
 
     def __init__(self, store: RunStore, nc: NATS) -> None:
         self.store = store
@@ -322,10 +396,7 @@ class CommandEvents:
         self._hosts: dict[str, str] = {}
 
     async def _announce(self, host: str, data: dict[str, Any]) -> None:
-        try:
-            await self.nc.publish(subjects.command_event(host), json.dumps(data).encode())
-        except (nats.errors.Error, InvalidIdError) as exc:
-            log.debug("command event not published: %s", type(exc).__name__)
+        await _publish(self.nc, host, data)
 
     async def start(self, ref: str, run: NewRun) -> HostTarget | None:
         """As `RunStore.start`; a ``recorded`` event when the run was written."""
@@ -343,9 +414,7 @@ class CommandEvents:
         settled = await self.store.finish(command_id, values)
         host = self._hosts.pop(command_id, None)
         if settled and host is not None:
-            event = {"event": "finished", "command_id": command_id, "at": time.time()}
-            event.update({k: _plain(values.get(k)) for k in ("status", "via", "exit_code", "duration_ms")})
-            await self._announce(host, event)
+            await announce_finished(self.nc, host, command_id, values)
         return settled
 
     async def route_ssh(self, command_id: str) -> bool:

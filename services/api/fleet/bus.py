@@ -41,6 +41,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api import __version__
 from services.api.errors import Conflict, DatabaseUnavailable
+from services.api.fleet.browser import announce_run
 from services.api.fleet.liveness import GatewayWatch
 from services.api.fleet.metrics_history import MetricsRecorder, SqlMetricsStore
 from services.api.fleet.presence import PresenceRecorder, SqlPresenceStore
@@ -48,7 +49,7 @@ from services.api.fleet.runner import Outcome, Runner, late_result_values
 from services.api.fleet.tasks import TaskTracker
 from services.api.fleet.verify import Rejections, result_problem
 from services.api.store import crud
-from services.api.store.models import CommandStatus, utcnow
+from services.api.store.models import CommandRun, CommandStatus, utcnow
 from services.api.store.runstore import NewRun
 from shared import signing, subjects
 from shared.errors import ErrorCode, InvalidIdError, ProtocolError
@@ -389,7 +390,9 @@ class Bus:
                 when=(CommandStatus.PENDING, CommandStatus.TIMED_OUT),
                 host_id=host,
             )
+            run = await session.get(CommandRun, result.command_id) if changed else None
         log.info("late result for command %s %s", result.command_id, "recorded" if changed else "ignored")
+        await announce_run(self.nc, run)  # to the browsers of every instance (fleet.browser)
 
 
 def reply_of(outcome: Outcome, command_id: str) -> Message:

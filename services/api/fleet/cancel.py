@@ -30,6 +30,7 @@ from typing import Literal
 
 import nats.errors
 
+from services.api.fleet.browser import announce_run
 from services.api.fleet.runner import OPEN, Runner, ssh_target
 from services.api.store import crud
 from services.api.store.models import CommandRun, CommandStatus, Via, utcnow
@@ -195,8 +196,11 @@ async def _killed_by_us(runner: Runner, run: CommandRun) -> CommandRun:
         "error_description": "cancelled; the process group was killed",
     }
     async with runner.sessions() as session:
-        await crud.update_run(session, run.command_id, values, when=(CommandStatus.FAILED,))
-    return await _read(runner, run.command_id)
+        changed = await crud.update_run(session, run.command_id, values, when=(CommandStatus.FAILED,))
+    current = await _read(runner, run.command_id)
+    if changed:
+        await announce_run(runner.nc, current)  # failed → cancelled, to the browsers (fleet.browser)
+    return current
 
 
 async def _never_ran(runner: Runner, command_id: str, description: str) -> CancelOutcome:
@@ -213,6 +217,7 @@ async def _never_ran(runner: Runner, command_id: str, description: str) -> Cance
         )
     run = await _read(runner, command_id)
     if changed:
+        await announce_run(runner.nc, run)  # to the browsers of every instance (fleet.browser)
         why = "it never ran: cancelled before it reached the agent"
         return CancelOutcome("cancelled", run, why, via=Via.AGENT)
     if run.status in OPEN:  # routed over SSH meanwhile

@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.api.fleet.browser import announce_finished
 from services.api.fleet.runner import outcome_of_error, outcome_of_result
 from services.api.fleet.signer import ApiSigner
 from services.api.fleet.verify import Rejections
@@ -237,6 +238,8 @@ class Reconciler:
                         values["status"],
                         why,
                     )
+                    announced = {"via": run.via, **values}  # the agent's result sets via; orphaned keeps it
+                    await announce_finished(self.nc, run.host_id, run.command_id, announced)
         return settled
 
     async def _agent_keys(self, session: AsyncSession, hosts: set[str]) -> dict[str, str | None]:

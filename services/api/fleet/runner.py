@@ -47,6 +47,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api.errors import DatabaseUnavailable, NotFound
+from services.api.fleet.browser import announce_run
 from services.api.fleet.inflight import Gone, InFlight
 from services.api.fleet.signer import ApiSigner
 from services.api.fleet.tasks import TaskTracker
@@ -473,10 +474,12 @@ class Runner:
             async with self.sessions() as session:
                 when = (CommandStatus.PENDING, CommandStatus.TIMED_OUT)
                 changed = await crud.update_run(session, command_id, values, when=when, host_id=host_id)
+                run = await session.get(CommandRun, command_id) if changed else None
         except (DatabaseUnavailable, SQLAlchemyError, OSError) as exc:
             log.error("command %s: late reply not recorded: %s", command_id, exc)
             return
         log.info("late reply for command %s %s", command_id, "recorded" if changed else "ignored")
+        await announce_run(self.nc, run)  # to the browsers of every instance (fleet.browser)
 
     async def stop_listening(self) -> None:
         """Cancel the requests still listening after their callers were answered (at shutdown)."""

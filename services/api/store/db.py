@@ -139,9 +139,8 @@ async def initialise(engine: AsyncEngine, settings: ApiSettings, bootstrap_key: 
 
 
 # versions whose databases differ from this one only by tables, columns and indexes it adds
-UPGRADABLE = frozenset(
-    {2, 3}
-)  # 2 → 3: API key roles, jobs (command_run.job_id), command output; 3 → 4: rtt_ms
+UPGRADABLE = frozenset({2, 3})  # 2 → 3: API key roles, jobs (command_run.job_id), command output;
+# 3 → 4: browser stream tickets (ws_ticket), metric_sample.rtt_ms
 
 
 def add_missing_columns(conn: Connection) -> list[str]:

@@ -267,6 +267,20 @@ class OperatorKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
+class WsTicket(SQLModel, table=True):
+    """A one-time browser stream ticket (`services.api.store.tickets`): only the SHA-256 hex of the ticket
+    is stored, with what its holder may see. Shared by every API instance on the database, so the socket
+    may reach another instance than the one that issued the ticket; deleted when used, pruned when expired."""
+
+    __tablename__ = "ws_ticket"
+
+    ticket_hash: str = Field(primary_key=True, max_length=64)
+    key_name: str = Field(max_length=255, index=True)  # the outstanding-ticket bound is per key
+    role: str = Field(max_length=16)
+    scope: dict[str, str] | None = Field(default=None, sa_type=JSON)
+    expires_at: datetime = Field(sa_type=UtcDateTime, index=True)
+
+
 class SchemaVersion(SQLModel, table=True):
     """One row: the schema version this database was created with."""
 

@@ -1,23 +1,28 @@
 """The browser stream: ``POST /api/ws-tickets`` (API key) and ``GET /api/ws?ticket=...`` (a WebSocket).
 
 A browser cannot set an ``Authorization`` header on a WebSocket, and an API key must never travel in a URL:
-the page asks for a ticket with its key, then opens the socket with the ticket, which works once and for
-`ws_ticket_ttl` seconds (`services.api.fleet.browser.TicketBook`). The edge lets WebSocket scopes through
-(`services.api.http.edge` checks ``http`` scopes only): this route checks the ticket itself.
+the page asks for a ticket with its key, then opens the socket with it. A ticket works once, for
+`ws_ticket_ttl` seconds, on any API instance of the database (`services.api.store.tickets`). The edge lets
+WebSocket scopes through (`services.api.http.edge` checks ``http`` scopes only): this route checks the
+ticket itself, and the key it was issued to, at connect and then periodically (`BrowserHub.check_keys`).
 
 Close codes, always after the handshake, so the browser sees them (a refused handshake is a bare 403):
 
     4401  no, unknown, used or expired ticket (sent before anything else)
+    4403  the ticket's API key was revoked, has expired or was deleted (reason ``API key revoked`` /
+          ``API key expired`` / ``API key deleted``); at connect, or within the auth cache TTL after
     4408  too slow: the connection's send queue filled up (`ws_send_queue_frames` / `ws_send_queue_bytes`)
     1003  a binary frame          1007  a frame that is not JSON
     1008  JSON that is not an object with a known ``type``
     1009  a frame over `ws_max_frame_bytes`
     1011  an unexpected error on the server
+    1013  the database could not check the ticket: try again
 
 Client → server: ``{"type": "subscribe" | "unsubscribe", "topic": "presence" | "metrics" | "output" |
 "commands", "host"?: id, "command_id"?: id (output: required; commands: optional), "id"?: int or
-string}``; the server answers
-``{"type": "ack", "id"}`` or ``{"type": "error", "id", "code", "detail"}``. Server → client:
+string}`` or ``{"type": "ping", "id"?}``; the server answers ``{"type": "ack", "id"}``,
+``{"type": "pong", "id", "at": <server Unix time>}`` or ``{"type": "error", "id", "code", "detail"}``, always
+with the request's id (a client matches replies to requests by it). Server → client:
 ``{"type": "event", "topic", "host", "data"}``.
 """
 
@@ -27,14 +32,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from services.api.errors import RateLimited
-from services.api.fleet.browser import TOPICS, BrowserConn, BrowserHub, TicketBook, TicketHolder, Topic
+from services.api.fleet.browser import (
+    KEY_CLOSE_CODE,
+    TOPICS,
+    BrowserConn,
+    BrowserHub,
+    TicketHolder,
+    TicketStore,
+    Topic,
+)
 from services.api.http.auth import READ
 from services.api.http.deps import api_key_info
 from shared.ids import is_command_id, is_host_id
@@ -45,6 +60,8 @@ router = APIRouter(tags=["browser stream"])
 
 BAD_TICKET = 4401
 TOO_SLOW = 4408
+TRY_AGAIN = 1013
+REQUESTS = ("subscribe", "unsubscribe", "ping")
 CLOSE_TIMEOUT_S = 2.0
 
 
@@ -57,13 +74,15 @@ class WsTicket(BaseModel):
 
 @router.post("/ws-tickets", status_code=201, response_model=WsTicket, dependencies=[READ])
 async def issue_ticket(request: Request) -> WsTicket:
-    """A single-use ticket for the browser stream, valid ``expires_in`` seconds, carrying this key's name,
-    role and scope. Present it to the instance that issued it."""
+    """A single-use ticket for the browser stream, valid ``expires_in`` seconds on any API instance,
+    carrying this key's name, role and scope."""
     key = api_key_info(request)
-    book: TicketBook = request.app.state.browser_tickets
-    ticket = book.issue(TicketHolder(key.name, key.role.value, dict(key.scope) if key.scope else None))
+    app_state_of(request).require_db()
+    book: TicketStore = request.app.state.browser_tickets
+    ticket = await book.issue(TicketHolder(key.name, key.role.value, dict(key.scope) if key.scope else None))
     if ticket is None:
-        raise RateLimited("too many browser stream tickets outstanding on this instance: retry shortly", 1)
+        what = f"API key {key.name!r} has {book.max_per_key} browser stream tickets outstanding"
+        raise RateLimited(f"{what}: use one, or retry once they expire", max(1, round(book.ttl)))
     return WsTicket(ticket=ticket, expires_in=book.ttl)
 
 
@@ -111,12 +130,15 @@ class Session:
                 request = json.loads(text)
             except ValueError:
                 raise BadFrame(1007, "frame is not valid JSON") from None
-            if not isinstance(request, dict) or request.get("type") not in ("subscribe", "unsubscribe"):
-                raise BadFrame(1008, 'expected a JSON object with "type": "subscribe" or "unsubscribe"')
+            if not isinstance(request, dict) or request.get("type") not in REQUESTS:
+                raise BadFrame(
+                    1008, 'expected a JSON object with "type": "subscribe", "unsubscribe" or "ping"'
+                )
             await self.handle(request)
 
     async def handle(self, request: dict[str, Any]) -> None:
-        """Answer one subscribe / unsubscribe with an ack or an error frame."""
+        """Answer one request: a ping with a pong, a subscribe / unsubscribe with an ack or an error frame;
+        each with the request's id."""
         rid = request.get("id")
         if rid is not None and not (
             (isinstance(rid, int) and not isinstance(rid, bool) and abs(rid) < 2**53)
@@ -125,6 +147,9 @@ class Session:
             self.conn.offer(
                 _frame(type="error", id=None, code="bad_id", detail="id: an integer or a short string")
             )
+            return
+        if request["type"] == "ping":
+            self.conn.offer(_frame(type="pong", id=rid, at=time.time()))
             return
         problem = await self._apply(request)
         if problem is None:
@@ -178,9 +203,9 @@ def hide_query_strings() -> None:
         logger.addFilter(HideQueryStrings())
 
 
-def app_state_of(websocket: WebSocket) -> Any:
+def app_state_of(connection: WebSocket | Request) -> Any:
     """The app's `ApiState` (set by the lifespan)."""
-    return websocket.app.state.api
+    return connection.app.state.api
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
@@ -199,12 +224,21 @@ def add_websocket(app: FastAPI) -> None:
 
 async def browser_stream(websocket: WebSocket) -> None:
     """The browser stream (see the module's docstring); authenticated by a one-time ticket."""
-    book: TicketBook | None = getattr(websocket.app.state, "browser_tickets", None)
+    book: TicketStore | None = getattr(websocket.app.state, "browser_tickets", None)
     hub: BrowserHub | None = getattr(websocket.app.state, "browser_hub", None)
     await websocket.accept()
-    holder = book.consume(websocket.query_params.get("ticket", "")) if book is not None else None
+    try:
+        holder = await book.consume(websocket.query_params.get("ticket", "")) if book is not None else None
+    except (SQLAlchemyError, OSError) as exc:
+        log.warning("browser stream ticket not checked: database unavailable: %s", type(exc).__name__)
+        await _close(websocket, TRY_AGAIN, "database unavailable: retry with a new ticket")
+        return
     if holder is None or hub is None:
         await _close(websocket, BAD_TICKET, "no valid ticket: POST /api/ws-tickets for one")
+        return
+    problem = await hub.key_problem(holder.key_name)  # revoked since the ticket was issued
+    if problem is not None:
+        await _close(websocket, KEY_CLOSE_CODE, f"API key {problem}")
         return
     settings = app_state_of(websocket).settings
     conn = BrowserConn(holder, settings.ws_send_queue_frames, settings.ws_send_queue_bytes)
@@ -213,13 +247,19 @@ async def browser_stream(websocket: WebSocket) -> None:
     reader = asyncio.create_task(session.read(), name="browser-read")
     writer = asyncio.create_task(session.write(), name="browser-write")
     slow = asyncio.create_task(conn.slow.wait(), name="browser-slow")
+    ended = asyncio.create_task(conn.ended.wait(), name="browser-ended")
     try:
-        await asyncio.wait({reader, writer, slow}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (reader, writer, slow):
+        await asyncio.wait({reader, writer, slow, ended}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (reader, writer, slow, ended):
             task.cancel()
-        results = await asyncio.gather(reader, writer, slow, return_exceptions=True)
+        results = await asyncio.gather(reader, writer, slow, ended, return_exceptions=True)
         bad = results[0]
-        if conn.slow.is_set():
+        if conn.ended.is_set():
+            code, reason = conn.ending
+            log.info("browser stream of key %r ended: %s", holder.key_name, reason)
+            hub.remove(conn, "key")
+            await _close(websocket, code, reason)
+        elif conn.slow.is_set():
             log.info("browser stream of key %r dropped: too slow", holder.key_name)
             hub.remove(conn, "slow")  # counted now: the close below may wait for a browser that never reads
             await _close(websocket, TOO_SLOW, "too slow: send queue full")
