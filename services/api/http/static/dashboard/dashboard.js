@@ -12,6 +12,7 @@
   const ROW_H = 28;
   const OVERSCAN = 8;
   const HISTORY_S = 3600;
+  const MIN_SPAN_S = 300;
   const $ = (id) => document.getElementById(id);
 
   const model = {
@@ -325,11 +326,13 @@
       ctx.stroke();
     }
     const now = Date.now() / 1000;
-    const from = now - HISTORY_S;
-    chart.points = chart.points.filter((p) => p[0] >= from);
+    chart.points = chart.points.filter((p) => p[0] >= now - HISTORY_S);
     canvas.dataset.points = String(chart.points.length);
     if (!chart.points.length) return;
-    const x = (t) => ((t - from) / HISTORY_S) * (w - 4) + 2;
+    // the last hour at most, at least 5 minutes: a young host's few points are not squeezed to one edge
+    const from = Math.max(now - HISTORY_S, Math.min(chart.points[0][0], now - MIN_SPAN_S));
+    const span = Math.max(1, now - from);
+    const x = (t) => ((t - from) / span) * (w - 4) + 2;
     const y = (v) => h - 2 - (Math.max(0, Math.min(100, v)) / 100) * (h - 4);
     ctx.strokeStyle = "#1a73e8";
     ctx.lineWidth = 1.5;
