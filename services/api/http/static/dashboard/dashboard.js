@@ -21,6 +21,7 @@
     visible: [], // ids passing the filter
     filter: "",
     selected: null,
+    events: 0, // presence and metrics events applied (data-events on #hosts, for tests and curious eyes)
   };
   let dirty = false; // the visible slice needs repainting
   let refilter = false; // the filter result needs recomputing
@@ -158,6 +159,7 @@
   }
 
   function onPresence(data, host) {
+    model.events += 1;
     const row = model.rows.get(host);
     if (!row) {
       scheduleRefetch(1000); // a host we do not list yet
@@ -184,6 +186,7 @@
   }
 
   function onMetrics(sample, host) {
+    model.events += 1;
     const row = model.rows.get(host);
     if (!row) {
       scheduleRefetch(1000);
@@ -286,7 +289,7 @@
     for (const row of model.rows.values()) counts[row.presence] = (counts[row.presence] || 0) + 1;
     $("fleet-summary").textContent =
       model.order.length + " hosts · " + counts.agent + " agent · " + counts.ssh + " SSH only · " + counts.offline + " offline";
-    list.dataset.rendered = String(performance.now());
+    list.dataset.events = String(model.events);
   }
 
   // ----------------------------------------------------------------------------- the host view and charts
