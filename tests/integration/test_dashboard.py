@@ -238,3 +238,60 @@ def api_host(dev: DevRun) -> str:
     """host:port of the dev API."""
     url = httpx.URL(dev.info["api_url"])
     return f"{url.host}:{url.port}"
+
+
+async def test_client_acks_errors_and_a_revoked_key_stops_it(dev: DevRun) -> None:
+    """`WarlockSocket.emit` gets the reply frame with its id (ack, error); an emit while disconnected
+    fails at once; once the key is revoked, the next reconnect's ticket request is refused (401): the
+    client stops (indicator disconnected) and the page asks for a key again."""
+    name = "dashboard-revoked"
+    key = await _key(dev, name, "operate")
+    api = httpx.URL(dev.info["api_url"])
+    proxy = CuttableProxy(str(api.host), int(api.port or 80))
+    await proxy.start()
+    try:
+        async with chromium() as browser:
+            page = await open_page(browser, proxy.url + "/")
+            p = page.page
+            try:
+                await log_in(p, key)
+                await p.wait_for_selector("#warlock-indicator[data-state=connected]", timeout=10_000)
+                replies = await p.evaluate(
+                    """async () => {
+                        const ask = (type, data) => new Promise((done) => WarlockSocket.emit(type, data, done));
+                        return [
+                            await ask("subscribe", {topic: "commands", host: "devbox"}),
+                            await ask("subscribe", {topic: "no-such-topic"}),
+                            await ask("unsubscribe", {topic: "commands", host: "devbox"}),
+                        ];
+                    }"""
+                )
+                assert [r["type"] for r in replies] == ["ack", "error", "ack"], replies
+                assert replies[1]["code"] == "unknown_topic"
+                assert len({r["id"] for r in replies}) == 3
+                assert await p.evaluate("WarlockSocket.isConnected()") is True
+
+                async with httpx.AsyncClient(base_url=dev.info["api_url"], timeout=30) as http:
+                    gone = await http.delete(
+                        f"/api/keys/{name}", headers={"Authorization": f"Bearer {dev.key}"}
+                    )
+                    assert gone.status_code in (200, 204), gone.text
+                proxy.cut()
+                await p.wait_for_selector("#warlock-indicator[data-state=connecting]", timeout=5_000)
+                offline = await p.evaluate(
+                    "() => new Promise((done) => WarlockSocket.emit('subscribe', {topic: 'presence'}, done))"
+                )
+                assert (offline["type"], offline["code"]) == ("error", "disconnected")
+                proxy.resume()
+                # the auth cache holds a verified key for 5 s at most: then the ticket request is refused
+                await p.wait_for_selector("#login:not([hidden])", timeout=20_000)
+                await p.wait_for_selector("#warlock-indicator[data-state=disconnected]")
+                assert "Logged out" in await p.inner_text("#login-error")
+                assert await p.evaluate("sessionStorage.getItem('warlock.apiKey')") is None
+                sockets = len(page.sockets)
+                await asyncio.sleep(1.5)
+                assert len(page.sockets) == sockets  # stopped: no more attempts
+            finally:
+                await screenshot(p, "test_client_acks_errors_and_a_revoked_key_stops_it")
+    finally:
+        await proxy.close()
