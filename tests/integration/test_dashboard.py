@@ -258,7 +258,8 @@ async def test_client_acks_errors_and_a_revoked_key_stops_it(dev: DevRun) -> Non
                 await p.wait_for_selector("#warlock-indicator[data-state=connected]", timeout=10_000)
                 replies = await p.evaluate(
                     """async () => {
-                        const ask = (type, data) => new Promise((done) => WarlockSocket.emit(type, data, done));
+                        const ask = (type, data) =>
+                            new Promise((done) => WarlockSocket.emit(type, data, done));
                         return [
                             await ask("subscribe", {topic: "commands", host: "devbox"}),
                             await ask("subscribe", {topic: "no-such-topic"}),
