@@ -5,7 +5,8 @@ provisioned by tests/support/fleet.py, as test_api_jobs_swarm does).
 The page lists all 1,000 (its model's count, ``#hosts[data-total]``) within `LOAD_BOUND_S` of navigation
 (login included) while rendering only the visible rows; with ~`RATE` metrics samples a second flowing to
 it, a filter keystroke updates the list within `FILTER_BOUND_MS` and the page's animation frames keep
-coming (`FRAME_BOUND_MS` at worst); when the swarm goes, the 1,000 disconnects reach the list within
+coming (`FRAME_BOUND_MS` at worst); a job by label from the command box shows 1,000 outcomes; when the
+swarm goes, the 1,000 disconnects reach the list within
 `PRESENCE_BOUND_S`. Measured values are printed (``-s``) and asserted with generous bounds.
 """
 
@@ -150,6 +151,20 @@ async def test_a_thousand_hosts_load_fast_and_the_page_stays_responsive(
                 # scrolling to the end shows the last hosts (virtual rows follow the scroll position)
                 await p.eval_on_selector("#hosts", "el => { el.scrollTop = el.scrollHeight; }")
                 await p.wait_for_selector(f'#hosts .row.host[data-host="swarm-{COUNT:05d}"]:not([hidden])')
+
+                # a job by label from the command box: per-host outcomes as they finish, then the job's
+                t2 = time.monotonic()
+                await p.fill("#cmd-target", "fleet=swarm")
+                await p.fill("#cmd-input", "uptime")
+                await p.click("#cmd-run")
+                await p.wait_for_selector("#cmd-status[data-state=finished]", timeout=30_000)
+                measured["job_s"] = time.monotonic() - t2
+                assert f"{COUNT} succeeded" in await p.inner_text("#cmd-status")
+                outcomes = p.locator("#job-outcomes tbody tr")
+                assert await outcomes.count() == COUNT
+                assert await p.locator("#job-outcomes tbody tr[data-status=succeeded]").count() == COUNT
+                first = p.locator('#job-outcomes tbody tr[data-host="swarm-00001"]')
+                assert await first.inner_text() == "swarm-00001\tsucceeded\t0\tagent"
 
                 # the swarm goes: 1,000 disconnects reach the page
                 publishing.cancel()
