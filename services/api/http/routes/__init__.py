@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from services.api.http.routes import (
     agents,
     commands,
+    dashboard,
     downloads,
     health,
     hosts,
@@ -35,3 +36,5 @@ def include_routes(app: FastAPI) -> None:
     ws.add_websocket(app)  # /api/ws: a one-time ticket, checked by the route (the edge passes WebSockets)
     app.include_router(health.router)
     app.include_router(downloads.router)
+    app.include_router(dashboard.api_router, prefix="/api")  # GET /api/fleet (a read key)
+    app.include_router(dashboard.router)  # GET / and /ui/...: the dashboard's files, no API key
