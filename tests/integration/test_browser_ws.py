@@ -22,12 +22,13 @@ from typing import Any
 import httpx
 import pytest
 from nats.aio.client import Client as NATS
+from sqlalchemy import text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from services.api.store import crud
 from services.api.store.db import make_engine, sessionmaker
-from services.api.store.models import CommandRun, CommandStatus, utcnow
+from services.api.store.models import CommandRun, CommandStatus, Via, utcnow
 from shared import subjects
 from shared.ids import new_command_id
 from shared.protocol import OutputChunk, encode
@@ -500,5 +501,97 @@ async def test_outcomes_settled_by_the_reconciler_or_a_late_result_are_announced
                 await next_event(ws, "commands", timeout=1.0)
         run = (await http2.get(f"/api/commands/{command_id}")).json()
         assert (run["status"], run["exit_code"], run["stdout"]) == ("failed", 3, "it ran\n")
+    finally:
+        await engine.dispose()
+
+
+async def test_an_output_subscription_with_after_replays_stored_chunks_then_live_then_the_outcome(
+    env: Env,
+) -> None:
+    """``after``: chunks published before the browser subscribed come first (stored), then live ones, in
+    order and once each, then the recorded outcome; asking again with the last seq gives only what
+    followed; a live-only subscriber sees only the live chunks; bad requests get specific errors."""
+    api, http = await env.api()
+    engine = make_engine(env.db_url)
+    command_id = new_command_id()
+    try:
+        async with sessionmaker(engine)() as session:
+            session.add(
+                CommandRun(
+                    command_id=command_id,
+                    host_id="web1",
+                    command="for i in 1 2 3 4 5; do echo $i; done",
+                    timeout=30,
+                    requested_by="api-key:test",
+                    status=CommandStatus.RUNNING,
+                    created_at=utcnow(),
+                )
+            )
+            await session.commit()
+
+        async def publish(seq: int) -> None:
+            chunk = OutputChunk(command_id=command_id, seq=seq, stream="stdout", data=f"line {seq}\n")
+            await env.gw_nats.publish(subjects.output("web1", command_id), encode(chunk))
+            await env.gw_nats.flush()
+
+        for seq in (1, 2, 3):  # before any browser subscribed
+            await publish(seq)
+        count = text("SELECT count(*) FROM command_output WHERE command_id = :c")
+        for _ in range(100):  # stored by the API's writer (batched)
+            async with engine.connect() as conn:
+                if (await conn.execute(count, {"c": command_id})).scalar_one() == 3:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the chunks published before the subscription were never stored")
+        async with (
+            connect(ws_url(api, await ticket(http))) as ws,
+            connect(ws_url(api, await ticket(http))) as live_only,
+        ):
+            sub = {"type": "subscribe", "topic": "output", "command_id": command_id}
+            assert (await request(live_only, **sub, id=1))["type"] == "ack"
+            assert (await request(ws, **sub, host="web1", after=0, id=1))["type"] == "ack"
+            got = [(await next_event(ws, "output"))["data"] for _ in range(3)]
+            assert [(d["seq"], d["data"]) for d in got] == [(1, "line 1\n"), (2, "line 2\n"), (3, "line 3\n")]
+            await publish(4)
+            await publish(5)
+            live = [(await next_event(ws, "output"))["data"]["seq"] for _ in range(2)]
+            assert live == [4, 5]
+            assert [(await next_event(live_only, "output"))["data"]["seq"] for _ in range(2)] == [4, 5]
+            async with sessionmaker(engine)() as session:
+                run = await session.get(CommandRun, command_id)
+                assert run is not None
+                run.status, run.exit_code, run.via, run.finished_at = (
+                    CommandStatus.SUCCEEDED,
+                    0,
+                    Via.AGENT,
+                    utcnow(),
+                )
+                session.add(run)
+                await session.commit()
+            end = (await next_event(ws, "output"))["data"]
+            assert end["command_id"] == command_id
+            assert end["end"] is True
+            assert (end["outcome"]["status"], end["outcome"]["exit_code"]) == ("succeeded", 0)
+
+            # again from seq 3 (as after a reconnect): 4, 5, the end; nothing else
+            assert (await request(ws, **sub, after=3, id=2))["type"] == "ack"
+            again = [(await next_event(ws, "output"))["data"] for _ in range(3)]
+            assert [d.get("seq") for d in again] == [4, 5, None]
+            assert again[2]["end"] is True
+            with pytest.raises(TimeoutError):
+                await next_event(ws, "output", timeout=0.5)
+
+            async def refused(**frame: Any) -> str:
+                answer = await request(ws, type="subscribe", id=9, **frame)
+                assert answer["type"] == "error", answer
+                return str(answer["code"])
+
+            assert await refused(topic="output", command_id=new_command_id(), after=0) == "unknown_command"
+            assert await refused(topic="output", command_id=command_id, after=-1) == "bad_after"
+            assert await refused(topic="output", command_id=command_id, after="0") == "bad_after"
+            assert await refused(topic="output", command_id=command_id, after=True) == "bad_after"
+            assert await refused(topic="metrics", host="web1", after=0) == "bad_after"
+            assert await refused(topic="output", host="db1", command_id=command_id, after=0) == "bad_host"
     finally:
         await engine.dispose()

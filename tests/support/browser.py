@@ -30,10 +30,10 @@ def screenshot_dir() -> Path:
     return path
 
 
-async def screenshot(page: Page, name: str) -> Path:
-    """Save the whole page as ``<name>.png`` in `screenshot_dir`."""
+async def screenshot(page: Page, name: str, *, full_page: bool = True) -> Path:
+    """Save the page (`full_page`: all of it, else the viewport) as ``<name>.png`` in `screenshot_dir`."""
     path = screenshot_dir() / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:120] + ".png")
-    await page.screenshot(path=str(path), full_page=True)
+    await page.screenshot(path=str(path), full_page=full_page)
     return path
 
 

@@ -248,6 +248,12 @@ class OutputHub:
                     return events
                 after = rows[-1].seq
 
+    async def follow(self, command_id: str, after: int) -> tuple[str, AsyncIterator[Event]]:
+        """The host `command_id` ran on and its stream's events after seq `after` (as `open`): raises
+        NotFound when there is no such run, so the caller can check the host before any event."""
+        run = await self._run(command_id)
+        return run.host_id, self.events(run, after)
+
     async def open(self, command_id: str, after: int) -> AsyncIterator[Event]:
         """The events of `command_id`'s stream after seq `after`: raises NotFound (before any event) when
         there is no such run, so the caller can answer 404; see `events`."""

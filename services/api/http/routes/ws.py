@@ -24,6 +24,12 @@ string}`` or ``{"type": "ping", "id"?}``; the server answers ``{"type": "ack", "
 ``{"type": "pong", "id", "at": <server Unix time>}`` or ``{"type": "error", "id", "code", "detail"}``, always
 with the request's id (a client matches replies to requests by it). Server → client:
 ``{"type": "event", "topic", "host", "data"}``.
+
+An output subscription with ``"after": <seq>`` (0: from the start) replays: the command's stored chunks
+after that seq, then its live ones, in order, each once, with no gap (`OutputHub.follow`, the stream behind
+``GET /api/commands/{id}/stream``), and last ``{"command_id", "end": true, "outcome"}``. A page can start a
+command, learn its id, and still see the output from the first byte; after a reconnect it asks again with
+the last seq it got. Without ``after`` the subscription is live only.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket
@@ -40,7 +47,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from services.api.errors import RateLimited
+from services.api.errors import NotFound, RateLimited
 from services.api.fleet.browser import (
     KEY_CLOSE_CODE,
     TOPICS,
@@ -50,6 +57,7 @@ from services.api.fleet.browser import (
     TicketStore,
     Topic,
 )
+from services.api.fleet.output import ChunkEvent, EndEvent, Event, OutputHub
 from services.api.http.auth import READ
 from services.api.http.deps import api_key_info
 from shared.ids import is_command_id, is_host_id
@@ -99,13 +107,19 @@ def _frame(**values: Any) -> str:
     return json.dumps(values, separators=(",", ":"))
 
 
+def _output_frame(host: str, data: dict[str, Any]) -> str:
+    return _frame(type="event", topic="output", host=host, data=data)
+
+
 class Session:
-    """One browser connection: reads its requests, keeps its subscriptions, writes its queue."""
+    """One browser connection: reads its requests, keeps its subscriptions and replays, writes its queue."""
 
     def __init__(self, websocket: WebSocket, hub: BrowserHub, conn: BrowserConn) -> None:
         self.ws = websocket
         self.hub = hub
         self.conn = conn
+        self.output: OutputHub | None = getattr(websocket.app.state, "output", None)
+        self.replays: dict[str, asyncio.Task[None]] = {}  # command id → its replaying output stream
         settings = app_state_of(websocket).settings
         self.max_frame = settings.ws_max_frame_bytes
         self.max_subs = settings.ws_max_subscriptions
@@ -157,6 +171,79 @@ class Session:
         else:
             self.conn.offer(_frame(type="error", id=rid, code=problem[0], detail=problem[1]))
 
+    def close(self) -> None:
+        """Stop every replay (the connection is ending)."""
+        for task in self.replays.values():
+            task.cancel()
+        self.replays.clear()
+
+    async def _replay(self, command_id: str, host: str, events: AsyncIterator[Event], rid: Any) -> None:
+        """Queue `events` (an output stream from the store, then live) as output events; the end as one
+        ``{"command_id", "end": true, "outcome"}`` event. A full queue ends it (the connection is dropped)."""
+        try:
+            async for event in events:
+                if isinstance(event, ChunkEvent):
+                    data: dict[str, Any] = {
+                        "command_id": command_id,
+                        "seq": event.seq,
+                        "stream": event.stream,
+                        "data": event.data,
+                        "truncated": event.truncated,
+                    }
+                elif isinstance(event, EndEvent):
+                    data = {"command_id": command_id, "end": True, "outcome": event.outcome}
+                else:
+                    continue  # keepalive: the socket has its own
+                if not self.conn.offer(_output_frame(host, data)):
+                    return
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("browser output replay of %s failed: %s", command_id, type(exc).__name__)
+            detail = (
+                f"the output of {command_id} could not be read: subscribe again with after = the last seq"
+            )
+            self.conn.offer(_frame(type="error", id=rid, code="unavailable", detail=detail))
+        finally:
+            if self.replays.get(command_id) is asyncio.current_task():
+                del self.replays[command_id]
+
+    async def _apply_replay(self, request: dict[str, Any], command_id: str) -> tuple[str, str] | None:
+        """An output subscription with ``after``: the stored chunks after that seq, then live ones, then
+        the outcome (`OutputHub.follow`: in order, each once, no gap), whenever it is asked."""
+        after, host, rid = request.get("after"), request.get("host"), request.get("id")
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < 2**31:
+            return "bad_after", "after: the last seq already received (0: from the start)"
+        if request["type"] == "unsubscribe":
+            task = self.replays.pop(command_id, None)
+            if task is not None:
+                task.cancel()
+            return None
+        if self.output is None:
+            return "unavailable", "this instance keeps no command output"
+        if command_id not in self.replays and len(self.conn.topics) + len(self.replays) >= self.max_subs:
+            return "too_many_subscriptions", f"at most {self.max_subs} subscriptions per connection"
+        try:
+            ran_on, events = await self.output.follow(command_id, after)
+        except NotFound:
+            return "unknown_command", f"no command {command_id}"
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("browser output replay of %s not started: %s", command_id, type(exc).__name__)
+            return "unavailable", "the database is unavailable: retry"
+        if host is not None and host != ran_on:
+            return "bad_host", f"command {command_id} ran on host {ran_on!r}, not {host!r}"
+        scope = self.conn.holder.scope
+        if scope and not await self.hub.host_in_scope(scope, ran_on):
+            return (
+                "out_of_scope",
+                f"host {ran_on!r} is outside the scope of API key {self.conn.holder.key_name!r}",
+            )
+        previous = self.replays.pop(command_id, None)
+        if previous is not None:
+            previous.cancel()  # asked again (e.g. from another seq): the new one replaces it
+        self.replays[command_id] = asyncio.create_task(
+            self._replay(command_id, ran_on, events, rid), name="browser-output-replay"
+        )
+        return None
+
     async def _apply(self, request: dict[str, Any]) -> tuple[str, str] | None:
         topic, host, command_id = request.get("topic"), request.get("host"), request.get("command_id")
         if topic not in TOPICS:
@@ -169,6 +256,10 @@ class Session:
             return "bad_command_id", "the output topic needs a command_id"
         if topic in ("presence", "metrics") and command_id is not None:
             return "bad_command_id", f"the {topic} topic takes no command_id"
+        if "after" in request:
+            if topic != "output" or not isinstance(command_id, str):
+                return "bad_after", "after: only on the output topic"
+            return await self._apply_replay(request, command_id)
         sub = Topic(topic, host, command_id)
         if request["type"] == "unsubscribe":
             self.conn.topics.discard(sub)
@@ -272,4 +363,5 @@ async def browser_stream(websocket: WebSocket) -> None:
         else:
             await _close(websocket, 1000, "")
     finally:
+        session.close()
         hub.remove(conn)

@@ -288,7 +288,7 @@
     const counts = { agent: 0, ssh: 0, offline: 0 };
     for (const row of model.rows.values()) counts[row.presence] = (counts[row.presence] || 0) + 1;
     $("fleet-summary").textContent =
-      model.order.length + " hosts · " + counts.agent + " agent · " + counts.ssh + " SSH only · " + counts.offline + " offline";
+      model.order.length + (model.order.length === 1 ? " host · " : " hosts · ") + counts.agent + " agent · " + counts.ssh + " SSH only · " + counts.offline + " offline";
     list.dataset.events = String(model.events);
   }
 
@@ -453,10 +453,7 @@
 
   async function runOne(host, command) {
     setCmdStatus("sending", "sending…");
-    const early = new Map(); // command events that beat the 202
-    let commandId = null;
     let done = false;
-    const chunks = new Map(); // seq -> text
     const output = $("cmd-output");
     const finish = (run) => {
       if (done) return;
@@ -467,39 +464,38 @@
         exit: run.exit_code === null || run.exit_code === undefined ? "" : String(run.exit_code),
       });
     };
-    commandOff.push(
-      WarlockSocket.subscribe("commands", { host }, (data) => {
-        if (commandId === null) early.set(data.command_id, data);
-        else if (data.command_id === commandId && data.event === "finished") finish(data);
-      })
-    );
     const answer = await api("POST", "/api/hosts/" + encodeURIComponent(host) + "/exec?async=true", { command });
     if (answer.status !== 202) {
       setCmdStatus("error", "");
       cmdError("Refused: " + describe(answer));
       return;
     }
-    commandId = answer.json.command_id;
+    const commandId = answer.json.command_id;
     output.dataset.commandId = commandId;
     setCmdStatus("running", "running " + commandId + "…");
+    // after: 0 replays from the first chunk (those sent before this subscription too), then live ones, in
+    // order, then the recorded outcome; a reconnect resumes after the last chunk seen
     commandOff.push(
-      WarlockSocket.subscribe("output", { host, command_id: commandId }, (chunk) => {
-        if (done || chunks.has(chunk.seq)) return;
-        chunks.set(chunk.seq, chunk.data);
-        output.textContent += chunk.data;
+      WarlockSocket.subscribe("output", { host, command_id: commandId, after: 0 }, (data) => {
+        if (done) return;
+        if (data.end) {
+          if (data.outcome.truncated) output.textContent += "\n[truncated]";
+          finish(data.outcome);
+          return;
+        }
+        output.textContent += data.data;
         output.scrollTop = output.scrollHeight;
       })
     );
-    const before = early.get(commandId);
-    if (before && before.event === "finished") finish(before);
-    // the socket may miss the end (a reconnect, another instance's run): ask the API until it is settled
-    for (let wait = 500; ; wait = Math.min(wait * 2, 4000)) {
-      await new Promise((r) => setTimeout(r, done ? 0 : wait));
+    // without the socket for a while, the API says when the run is settled
+    for (let wait = 2000; !done; wait = Math.min(wait * 2, 8000)) {
+      await new Promise((r) => setTimeout(r, wait));
+      if (done || WarlockSocket.isConnected()) continue;
       const run = await api("GET", "/api/commands/" + encodeURIComponent(commandId));
+      if (done) return;
       if (run.ok && !["pending", "queued", "running"].includes(run.json.status)) {
-        output.textContent = run.json.stdout + (run.json.stderr ? run.json.stderr : ""); // the authoritative record
+        output.textContent = run.json.stdout + (run.json.stderr ? run.json.stderr : ""); // the stored record
         if (run.json.truncated) output.textContent += "\n[truncated]";
-        done = false;
         finish(run.json);
         return;
       }

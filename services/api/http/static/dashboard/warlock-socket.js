@@ -166,6 +166,7 @@
     const frame = { type, topic: sub.topic };
     if (sub.host) frame.host = sub.host;
     if (sub.command_id) frame.command_id = sub.command_id;
+    if (sub.replay) frame.after = sub.after; // after a reconnect: only what followed the last seq seen
     return frame;
   }
 
@@ -313,12 +314,23 @@
     },
 
     /** Subscribe to a topic ({host} or all hosts; output needs {command_id}); kept across reconnects.
-     *  Returns the unsubscribe function. ack(reply), when given, gets the server's answer. */
+     *  Output with {after: seq} (0: from the start) replays the stored chunks after it, then live ones,
+     *  then one {command_id, end: true, outcome} event; after a reconnect it resumes from the last seq.
+     *  Output chunks reach each callback once, in order of arrival. Returns the unsubscribe function.
+     *  ack(reply), when given, gets the server's answer. */
     subscribe(topic, filter, cb, ack) {
       if (!EVENT_TOPICS.includes(topic)) throw new Error("unknown topic " + topic);
       const f = filter || {};
-      const sub = { topic, host: f.host || null, command_id: f.command_id || null, count: 0 };
-      const key = [topic, sub.host || "", sub.command_id || ""].join("|");
+      const replay = topic === "output" && Number.isInteger(f.after) && f.after >= 0;
+      const sub = {
+        topic,
+        host: f.host || null,
+        command_id: f.command_id || null,
+        count: 0,
+        replay,
+        after: replay ? f.after : null,
+      };
+      const key = [topic, sub.host || "", sub.command_id || "", replay ? "replay" : ""].join("|");
       const known = s.subs.get(key);
       const entry = known || sub;
       entry.count += 1;
@@ -329,9 +341,21 @@
       } else if (ack) {
         setTimeout(() => ack({ type: "ack", id: null }), 0);
       }
+      const seen = new Set(); // output seqs this callback got (a replay and a live subscription may overlap)
+      let ended = false;
       const off = this.on(topic, (data, host) => {
         if (entry.host && host !== entry.host) return;
         if (entry.command_id && (!data || data.command_id !== entry.command_id)) return;
+        if (topic === "output" && data) {
+          if (data.end) {
+            if (!entry.replay || ended) return; // the end belongs to replaying subscriptions, once
+            ended = true;
+          } else if (typeof data.seq === "number") {
+            if (seen.has(data.seq) || (replay && data.seq <= (f.after || 0))) return;
+            seen.add(data.seq);
+            if (entry.replay && data.seq > entry.after) entry.after = data.seq;
+          }
+        }
         cb(data, host);
       });
       let done = false;
