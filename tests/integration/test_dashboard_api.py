@@ -19,8 +19,11 @@ from tests.support.natsserver import NatsServer
 HOSTS = {"web1": {"role": "web"}, "web2": {"role": "web", "tier": "edge"}, "db1": {"role": "db"}}
 
 
-def _sample(host: str, at: float, cpu: float, disk: float | None = 40.0) -> dict[str, Any]:
+def _sample(
+    host: str, at: float, cpu: float, disk: float | None = 40.0, rtt_ms: float | None = None
+) -> dict[str, Any]:
     return {
+        "rtt_ms": rtt_ms,
         "host_id": host,
         "at": at,
         "cpu": cpu,
@@ -76,7 +79,7 @@ async def test_fleet_rows_presence_latest_sample_filters_and_query_count(
                     _sample("web1", now - 90, 99.0),
                     _sample("web1", now - 30, 20.0, disk=None),
                     _sample("web1", now - 60, 10.0),
-                    _sample("web2", now - 5, 5.0),
+                    _sample("web2", now - 5, 5.0, rtt_ms=1.25),
                 ],
             )
 
@@ -100,7 +103,7 @@ async def test_fleet_rows_presence_latest_sample_filters_and_query_count(
         assert (web2["cpu"], web2["disk"]) == (5.0, 40.0)
         assert rows["db1"]["cpu"] is None
         assert rows["db1"]["sampled_at"] is None
-        assert all(r["rtt_ms"] is None for r in rows.values())  # no round trip in the samples yet
+        assert {h: r["rtt_ms"] for h, r in rows.items()} == {"db1": None, "web1": None, "web2": 1.25}
         assert web1["labels"] == {"role": "web"}
         assert web1["address"] == "10.0.0.1"
 

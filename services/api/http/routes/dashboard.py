@@ -30,7 +30,7 @@ from services.api.http.deps import SessionDep
 from services.api.http.routes.jobs import parse_label_selectors
 from services.api.store import crud
 from services.api.store.jobs import labels_match
-from services.api.store.models import AgentStatus, Host, MetricSample
+from services.api.store.models import AgentStatus, Host
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "dashboard"
 UI_PREFIX = "/ui"
@@ -47,9 +47,8 @@ CSP = (
 )
 CACHE_CONTROL = "no-cache"  # revalidated every time (ETag): a new release is seen at once
 
-# The latest sample's columns in a fleet row. ``rtt_ms`` (the gateway ⇄ agent round trip) joins the list by
-# itself once `MetricSample` has that column.
-SAMPLE_COLUMNS = tuple(c for c in ("cpu", "mem", "disk", "rtt_ms") if c in MetricSample.model_fields)
+# the latest sample's columns in a fleet row (``rtt_ms``: the gateway ⇄ agent keepalive round trip)
+SAMPLE_COLUMNS = ("cpu", "mem", "disk", "rtt_ms")
 
 router = APIRouter(include_in_schema=False)
 api_router = APIRouter(tags=["dashboard"])
@@ -67,7 +66,7 @@ class FleetRow(BaseModel):
     gateway_id: str | None
     connected_at: datetime | None
     last_ping: datetime | None
-    rtt_ms: float | None  # latest gateway ⇄ agent round trip (null until the samples carry it)
+    rtt_ms: float | None  # gateway ⇄ agent keepalive round trip of the latest sample (null: not measured)
     cpu: float | None  # percent, latest sample
     mem: float | None  # percent
     disk: float | None  # percent of the fullest filesystem
