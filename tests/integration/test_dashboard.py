@@ -41,7 +41,14 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevRun]:
     worker_key = ensure_ssh_key(state / "ssh" / "id_ed25519")  # the launcher reuses it
     sshd = Sshd(tmp / "sshd")
     sshd.authorize(worker_key.with_suffix(".pub").read_text())
-    run = DevRun(tmp, state, "run", WARLOCK_DEV_SSH_PORT=str(sshd.port), WARLOCK_AGENT_METRICS_INTERVAL="1")
+    run = DevRun(
+        tmp,
+        state,
+        "run",
+        WARLOCK_DEV_SSH_PORT=str(sshd.port),
+        WARLOCK_AGENT_METRICS_INTERVAL="1",
+        WARLOCK_GATEWAY_PING_INTERVAL="0.5",  # keepalives measure the latency column's rtt_ms
+    )
     try:
         assert "SSH fallback ready" in run.log()
         yield run
@@ -100,6 +107,10 @@ async def test_login_live_host_metrics_streamed_command_and_presence(dev: DevRun
     )
     assert await _points(page, "mem") >= before + 2
     assert (await p.inner_text("#detail-cpu")).endswith("%")
+    # the latency column: the gateway ⇄ agent keepalive round trip the samples carry
+    await p.wait_for_function(
+        f"() => / ms$/.test(document.querySelector('{ROW} .c-rtt').textContent)", timeout=10_000
+    )
 
     # a command whose output streams: partial output is visible while the command still runs
     assert await p.input_value("#cmd-target") == HOST
