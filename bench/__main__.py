@@ -25,9 +25,11 @@
    in the table), the API's CPU seconds.
 8. Browser stream (bench/browser_stream.py): 2,000 metrics events/s to 10 browsers on /api/ws, every one
    delivered to every browser, delivery latency beside a raw NATS subscriber's, the API's CPU.
+9. The dashboard's host list (bench/fleet_list.py): GET /api/fleet at 1,000 and 10,000 hosts with a metrics
+   history, beside GET /api/hosts and GET /api/agents.
 
 `--only BLOCK ...` runs some blocks only (latency, gateway-memory, rest, agent-memory, storm, gateway-rss,
-failover, fanout, metrics-ingest, browser-stream).
+failover, fanout, metrics-ingest, browser-stream, fleet-list).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from bench.agent_memory import agent_memory, print_agent_memory
 from bench.browser_stream import browser_stream, print_browser_stream
 from bench.common import RAW, RAW_SUBJECT, TRUE, pct, start_raw_chain, timed_requests
 from bench.fanout import fanout, print_fanout, print_real_agents, real_agents
+from bench.fleet_list import fleet_list, print_fleet_list
 from bench.metrics_ingest import metrics_ingest, print_metrics_ingest
 from bench.rest import FRESH_SSH, REST_AGENT, REST_AGENT_HTTPX, REST_RAW, REST_SSH, rest_latency
 from bench.signing_cost import print_signing_cost
@@ -149,7 +152,7 @@ def memory_raw(root: Path, count: int) -> float:
 
 
 BLOCKS = ("latency", "gateway-memory", "rest", "agent-memory", "storm", "gateway-rss", "failover", "fanout")
-BLOCKS_MORE = ("metrics-ingest", "browser-stream")
+BLOCKS_MORE = ("metrics-ingest", "browser-stream", "fleet-list")
 
 
 def main() -> None:
@@ -212,6 +215,8 @@ def main() -> None:
         if "browser-stream" in args.only:
             runs = browser_stream(root / "browsers", browsers=args.browsers, rate=args.browser_rate)
             print_browser_stream(runs, args.browsers, args.browser_rate)
+        if "fleet-list" in args.only:
+            print_fleet_list(fleet_list(root / "fleet-list"))
 
 
 def _fleet_blocks(root: Path, args: argparse.Namespace) -> None:
