@@ -177,20 +177,31 @@ async def test_a_cancel_on_the_agent_path_is_announced_once(panel: Panel) -> Non
     assert pids_with(marker) == []
 
 
-async def test_a_cancel_taken_by_another_ssh_worker_is_announced_cancelled_once(
+@dataclass
+class OtherWorkerCancel:
+    """What a cancel taken by another SSH worker than the one running the command left behind."""
+
+    command_id: str
+    cancel_answer: dict[str, Any]  # the body of POST /api/commands/{id}/cancel
+    exec_answer: dict[str, Any]  # the body the REST caller of the exec got
+    events: list[dict[str, Any]]  # the browser's finished events of the run
+    stored: dict[str, Any]  # GET /api/commands/{id} afterwards
+    marker: str  # in the argv of the command's processes
+
+
+async def cancel_taken_by_another_worker(
     panel: Panel, sshd: Sshd, start_worker: StartWorker
-) -> None:
-    """Worker `runs-it` runs the command over SSH; the cancel reaches worker `cancels-it` (the only one
-    subscribed to cancels then), which kills the remote processes. `runs-it`'s result says only "killed by
-    SIGKILL": the runner records ``failed``, then the cancel records ``cancelled`` (`_killed_by_us`); the
-    browser gets each change once, ``cancelled`` last."""
+) -> OtherWorkerCancel:
+    """Worker `runs-it` runs ``sleep <marker>`` over SSH on host `far`; the cancel reaches worker
+    `cancels-it` (`runs-it` dropped its cancel subscription: the queue group's cancels go to the other
+    worker, as they may with any two workers), which kills the remote processes."""
     trusted = [panel.stack.signer.public_key]
     runs_it = await start_worker(trusted_keys=trusted, worker_id="runs-it")
     host = {"id": "far", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_user": sshd.username}
     added = await panel.http.post("/api/hosts", json=host)  # probed through runs-it: the host key pinned
     assert added.status_code == 201, added.text
     (cancels,) = [s for s in runs_it._subs if s.subject == subjects.ssh_cancel_wildcard()]
-    await cancels.unsubscribe()  # the queue group's cancels go to the other worker
+    await cancels.unsubscribe()
     await runs_it.nc.flush()
     marker = unique_sleep()
     async with panel.browser("far") as ws:
@@ -200,17 +211,41 @@ async def test_a_cancel_taken_by_another_ssh_worker_is_announced_cancelled_once(
         await start_worker(trusted_keys=trusted, worker_id="cancels-it")
         answer = await panel.http.post(f"/api/commands/{command_id}/cancel", timeout=60)
         assert answer.status_code == 200, answer.text
-        run = answer.json()
-        assert (run["status"], run["via"], run["signal"]) == ("cancelled", "ssh", 9), run
-        assert (await asyncio.wait_for(caller, 30)).status_code == 200
+        exec_answer = await asyncio.wait_for(caller, 30)
+        assert exec_answer.status_code == 200, exec_answer.text
         events = await finished_events(ws, command_id, "cancelled")
-    assert events == [
+    stored = (await panel.http.get(f"/api/commands/{command_id}")).json()
+    return OtherWorkerCancel(command_id, answer.json(), exec_answer.json(), events, stored, marker)
+
+
+async def test_a_cancel_taken_by_another_ssh_worker_is_announced_cancelled_once(
+    panel: Panel, sshd: Sshd, start_worker: StartWorker
+) -> None:
+    """`runs-it`'s result says only "killed by SIGKILL": the runner records ``failed``, then the cancel
+    records ``cancelled`` (`cancel._killed_by_us`); the browser gets each change once, ``cancelled``
+    last, and nothing of the command survives."""
+    done = await cancel_taken_by_another_worker(panel, sshd, start_worker)
+    command_id = done.command_id
+    run = done.cancel_answer
+    assert (run["status"], run["via"], run["signal"]) == ("cancelled", "ssh", 9), run
+    assert done.events == [
         finished(command_id, "failed", "ssh", None),  # runs-it's result, recorded by the runner
         finished(command_id, "cancelled", "ssh", None),  # the cancel's own update
     ]
-    stored = (await panel.http.get(f"/api/commands/{command_id}")).json()
-    assert (stored["status"], stored["signal"]) == ("cancelled", 9)
-    assert pids_with(marker) == []
+    assert (done.stored["status"], done.stored["signal"]) == ("cancelled", 9)
+    assert pids_with(done.marker) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect: the runner answers the exec with the worker's `failed` result before the cancel "
+    "records `cancelled` (README: 'the REST caller of the exec gets the same row')",
+)
+async def test_the_exec_caller_of_a_cancel_taken_by_another_ssh_worker_gets_the_cancelled_row(
+    panel: Panel, sshd: Sshd, start_worker: StartWorker
+) -> None:
+    done = await cancel_taken_by_another_worker(panel, sshd, start_worker)
+    assert done.exec_answer["status"] == done.cancel_answer["status"] == "cancelled", done.exec_answer
 
 
 async def _admin(sql: str) -> None:
