@@ -5,9 +5,9 @@
   silent: SIGSTOPped), then the gateway resumes and the agent's result arrives on the runner's own request
   (`Runner._listen_late`): ``finished timed_out`` then one ``finished succeeded``, nothing more.
 - Cancels: on the agent path one ``finished cancelled``; over SSH when another worker of the queue group took
-  the cancel (its result says only "killed by SIGKILL": `cancel._killed_by_us`), ``finished failed`` by the
-  runner then one ``finished cancelled``, nothing more. The REST caller of that exec gets the ``failed``
-  row, not the cancelled one the README promises: a strict xfail names this known defect.
+  the cancel (the running worker's result says only "killed by SIGKILL"), the runner knows it sent that
+  cancel (`Runner.ssh_cancels`) and records ``cancelled``: one ``finished cancelled``, nothing more, and the
+  REST caller of the exec gets the same ``cancelled`` row as the cancel.
 - The database cannot check a ticket (PostgreSQL refuses connections to the API's database): the socket is
   closed 1013, ``/healthz`` answers 503 naming the database, no traceback is logged; once the database is
   back a new ticket opens a socket.
@@ -222,31 +222,19 @@ async def cancel_taken_by_another_worker(
 async def test_a_cancel_taken_by_another_ssh_worker_is_announced_cancelled_once(
     panel: Panel, sshd: Sshd, start_worker: StartWorker
 ) -> None:
-    """`runs-it`'s result says only "killed by SIGKILL": the runner records ``failed``, then the cancel
-    records ``cancelled`` (`cancel._killed_by_us`); the browser gets each change once, ``cancelled``
-    last, and nothing of the command survives."""
+    """`runs-it`'s result says only "killed by SIGKILL"; the runner sent the cancel, so it records
+    ``cancelled`` (not ``failed``): the browser gets one ``finished cancelled``, the REST caller of the
+    exec and the cancel get the same row, and nothing of the command survives. Before the fix the caller
+    got ``failed`` and the browser ``failed`` then ``cancelled``."""
     done = await cancel_taken_by_another_worker(panel, sshd, start_worker)
     command_id = done.command_id
     run = done.cancel_answer
     assert (run["status"], run["via"], run["signal"]) == ("cancelled", "ssh", 9), run
-    assert done.events == [
-        finished(command_id, "failed", "ssh", None),  # runs-it's result, recorded by the runner
-        finished(command_id, "cancelled", "ssh", None),  # the cancel's own update
-    ]
+    assert done.exec_answer["status"] == "cancelled", done.exec_answer
+    assert done.exec_answer["signal"] == 9
+    assert done.events == [finished(command_id, "cancelled", "ssh", None)]
     assert (done.stored["status"], done.stored["signal"]) == ("cancelled", 9)
     assert pids_with(done.marker) == []
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: the runner answers the exec with the worker's `failed` result before the cancel "
-    "records `cancelled` (README: 'the REST caller of the exec gets the same row')",
-)
-async def test_the_exec_caller_of_a_cancel_taken_by_another_ssh_worker_gets_the_cancelled_row(
-    panel: Panel, sshd: Sshd, start_worker: StartWorker
-) -> None:
-    done = await cancel_taken_by_another_worker(panel, sshd, start_worker)
-    assert done.exec_answer["status"] == done.cancel_answer["status"] == "cancelled", done.exec_answer
 
 
 async def _admin(sql: str) -> None:

@@ -106,6 +106,8 @@ async def _send_ssh(runner: Runner, run: CommandRun) -> bytes | None:
         return None
     request = SshCancelRequest(command_id=CommandId(run.command_id), target=ssh_target(host))
     request = runner.signer.sign("ssh_cancel", request, run.host_id)
+    if run.command_id in runner.delivering:  # its result, a SIGKILL, is then recorded as this cancel
+        runner.ssh_cancels.add(run.command_id)
     msg = await runner.nc.request(
         subjects.ssh_cancel(run.host_id), encode(request), timeout=SSH_CANCEL_TIMEOUT_S
     )
@@ -188,7 +190,9 @@ async def cancel_run(runner: Runner, command_id: str, wait: float = CANCEL_WAIT_
 
 async def _killed_by_us(runner: Runner, run: CommandRun) -> CommandRun:
     """A run over SSH we had a cancel accepted for, that ended ``failed`` by SIGKILL (another worker of
-    the queue group ran it, so its result does not say cancelled): record it ``cancelled``."""
+    the queue group ran it, so its result does not say cancelled): record it ``cancelled``. A run this
+    instance delivers is recorded ``cancelled`` by its runner already (`Runner.ssh_cancels`); this covers
+    a run delivered by another API instance, whose exec caller was answered ``failed``."""
     if run.status != CommandStatus.FAILED or run.signal != int(signal.SIGKILL) or run.via != Via.SSH:
         return run
     values = {

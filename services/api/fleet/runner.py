@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, fields
@@ -207,6 +208,19 @@ def undeliverable(description: str) -> Outcome:
     )
 
 
+def killed_by_cancel(values: dict[str, Any]) -> dict[str, Any]:
+    """The outcome `values` of a run whose cancel was sent to an SSH worker: ``cancelled`` when it ended
+    by SIGKILL over SSH (another worker of the queue group took the cancel and killed it, so the running
+    worker's result says ``failed``); nothing to change otherwise."""
+    killed = values.get("status") == CommandStatus.FAILED and values.get("signal") == int(signal.SIGKILL)
+    if killed and values.get("via") == Via.SSH:
+        return {
+            "status": CommandStatus.CANCELLED,
+            "error_description": "cancelled; the process group was killed",
+        }
+    return {}
+
+
 def ssh_target(host: Host | HostTarget) -> SshTarget:
     """The SSH target of a host, with its pinned key (None: the worker refuses the host)."""
     return SshTarget(address=host.address, port=host.ssh_port, username=host.ssh_user, host_key=host.host_key)
@@ -256,6 +270,8 @@ class Runner:
         self.inflight = inflight
         self._listeners: set[asyncio.Task[None]] = set()  # requests given up on, still listening
         self.delivering: set[str] = set()  # command ids this instance is delivering (the reconciler skips)
+        # runs delivered here whose cancel was sent to an SSH worker: a SIGKILL they end with is that cancel
+        self.ssh_cancels: set[str] = set()
 
     async def run(self, ref: str, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
         """Record the command as pending (committed) for the host `ref` names, deliver it, record and
@@ -310,6 +326,9 @@ class Runner:
             self.delivering.discard(run.command_id)
         wall_ms = (time.monotonic() - t0) * 1000
         values = outcome.values()
+        if run.command_id in self.ssh_cancels:
+            self.ssh_cancels.discard(run.command_id)
+            values.update(killed_by_cancel(values))
         values.update(started_at=started, finished_at=utcnow())
         if values["duration_ms"] is None:
             values["duration_ms"] = round(wall_ms, 3)
