@@ -18,18 +18,17 @@ import functools
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api.http.auth import READ, in_scope, scoped
+from services.api.http.auth import READ
 from services.api.http.deps import SessionDep
-from services.api.http.routes.jobs import parse_label_selectors
+from services.api.http.routes.hosts import LabelQuery, visible_hosts
 from services.api.store import crud
-from services.api.store.jobs import labels_match
 from services.api.store.models import AgentStatus, Host
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "dashboard"
@@ -182,21 +181,8 @@ async def fleet_rows(session: AsyncSession, hosts: list[Host]) -> list[FleetRow]
     responses={422: {"description": "malformed label"}},
     dependencies=[READ],
 )
-async def list_fleet(
-    session: SessionDep,
-    request: Request,
-    label: Annotated[
-        list[str] | None,
-        Query(description="k=v: the label equals v; k: the host has label k; repeated: all must match"),
-    ] = None,
-) -> list[FleetRow]:
+async def list_fleet(session: SessionDep, request: Request, label: LabelQuery = None) -> list[FleetRow]:
     """Every host (a scoped key: within its scope; with ``label``: matching every selector) with its
     presence (``agent`` connected, else ``ssh`` when its SSH host key is pinned, else ``offline``), agent
     session and latest metrics sample: what the dashboard lists, then keeps live over ``/api/ws``."""
-    selectors = parse_label_selectors(label or [])
-    hosts = list(await crud.list_hosts(session))
-    if (key := scoped(request)) is not None:
-        hosts = [h for h in hosts if in_scope(key.scope, h.labels)]
-    if selectors:
-        hosts = [h for h in hosts if labels_match(h.labels, selectors)]
-    return await fleet_rows(session, hosts)
+    return await fleet_rows(session, await visible_hosts(session, request, label))

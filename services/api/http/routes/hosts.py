@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.api.errors import DomainError
 from services.api.fleet.probe import probe_host
@@ -25,6 +26,7 @@ from services.api.http.schemas import (
 )
 from services.api.store import crud
 from services.api.store.jobs import labels_match
+from services.api.store.models import Host
 
 router = APIRouter(prefix="/hosts", tags=["hosts"])
 
@@ -77,27 +79,33 @@ async def add_host(body: HostCreate, state: StateDep, session: SessionDep) -> Ho
     return added
 
 
+LabelQuery = Annotated[
+    list[str] | None,
+    Query(description="k=v: the label equals v; k: the host has label k; repeated: all must match"),
+]
+
+
+async def visible_hosts(session: AsyncSession, request: Request, label: list[str] | None) -> list[Host]:
+    """The hosts the request's key may see (its scope) matching every ``label`` selector (422 for a
+    malformed one)."""
+    selectors = parse_label_selectors(label or [])
+    hosts = list(await crud.list_hosts(session))
+    if (key := scoped(request)) is not None:
+        hosts = [h for h in hosts if in_scope(key.scope, h.labels)]
+    if selectors:
+        hosts = [h for h in hosts if labels_match(h.labels, selectors)]
+    return hosts
+
+
 @router.get(
     "",
     response_model=list[HostPublic],
     responses={422: {"description": "malformed label"}},
     dependencies=[READ],
 )
-async def list_hosts(
-    session: SessionDep,
-    request: Request,
-    label: Annotated[
-        list[str] | None,
-        Query(description="k=v: the label equals v; k: the host has label k; repeated: all must match"),
-    ] = None,
-) -> list[HostPublic]:
+async def list_hosts(session: SessionDep, request: Request, label: LabelQuery = None) -> list[HostPublic]:
     """Every host, or those whose labels match every ``label`` selector (a scoped key: within its scope)."""
-    selectors = parse_label_selectors(label or [])
-    hosts = await crud.list_hosts(session)
-    if (key := scoped(request)) is not None:
-        hosts = [h for h in hosts if in_scope(key.scope, h.labels)]
-    if selectors:
-        hosts = [h for h in hosts if labels_match(h.labels, selectors)]
+    hosts = await visible_hosts(session, request, label)
     return [HostPublic.model_validate(h, from_attributes=True) for h in hosts]
 
 
