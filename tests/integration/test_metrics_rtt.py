@@ -13,9 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.api.settings import ApiSettings
-from services.ctl import admin
-from shared import signing
 from tests.support.db import fresh_database
 from tests.support.stack import Stack
 
@@ -31,14 +28,7 @@ async def test_the_keepalive_round_trip_is_kept_with_the_samples(stack: Stack, t
                 "/api/hosts", json={"id": "box", "address": "127.0.0.1", "ssh_check": False}
             )
             assert added.status_code == 201, added.text
-            token = stack.agent_token(api, "box")
-            identity = tmp_path / "box-agent.key"
-            agent_key, _ = signing.ensure_private(identity)
-            settings = ApiSettings(database_url=db_url, api_key_file=tmp_path / "unused-api-key")
-            await admin.register_agent_key(settings, "box", signing.public_text(agent_key))
-            stack.start_agent(
-                "box", "box", token, [gw.url], identity_key_file=str(identity), metrics_interval=0.3
-            )
+            await stack.start_known_agent(api, "box", "box", [gw.url], metrics_interval=0.3)
             rtts: list[float] = []
             for _ in range(100):
                 answer = await http.get("/api/hosts/box/metrics", params={"step": 30})
