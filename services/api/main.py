@@ -185,9 +185,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             stop.set()
             for task in background:
                 task.cancel()
+            await output.stop()  # first: its buffered chunks are in no other instance's database
             await asyncio.gather(*background, return_exceptions=True)
             await bus.stop()
-            await output.stop()
             await browsers.stop()
             await tasks.close(settings.shutdown_timeout)
             await runner.stop_listening()

@@ -56,7 +56,8 @@ RETENTION_S = 24 * 3600.0  # stored chunks older than this are swept
 SWEEP_EVERY_S = 60.0
 MAX_BUFFERED_BYTES = 8 * 1024 * 1024  # chunk data waiting for the writer; past it: dropped (counted)
 TICK_S = 0.25  # a stream checks the run's status this often
-GAP_WAIT_S = 1.0  # a missing seq is skipped after this long
+DRAIN_TIMEOUT_S = 2.0  # stopping: the chunks already delivered to this instance are taken within this
+GAP_WAIT_S = 2.0  # a missing seq is skipped after this long (another instance's batch may be late under load)
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 PAGE = 1000  # stored chunks read per query
 LIVE_QUEUE = 4096  # live chunks waiting for one stream's client; past it they are read from the database
@@ -143,12 +144,14 @@ class OutputHub:
         self.closing.set()
 
     async def stop(self) -> None:
-        """End open streams, unsubscribe, write what is buffered, stop the writer."""
+        """End open streams; drain the subscription (the chunks NATS already handed this instance are
+        taken, not dropped: they are in no other instance's database), write what is buffered, stop the
+        writer."""
         self.close_streams()
         sub, self._sub = self._sub, None
         if sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await asyncio.wait_for(sub.drain(), DRAIN_TIMEOUT_S)  # type: ignore[no-untyped-call]
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.cancel()
