@@ -445,6 +445,7 @@
     const command = $("cmd-input").value;
     $("cmd-result").hidden = false;
     $("cmd-output").textContent = "";
+    $("cmd-output").hidden = target.includes("="); // a job lists outcomes, not one host's output
     $("job-outcomes").hidden = true;
     $("job-outcomes").querySelector("tbody").textContent = "";
     if (target.includes("=")) return runJob(target, command);
