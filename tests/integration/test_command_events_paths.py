@@ -26,15 +26,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 from websockets.asyncio.client import ClientConnection, connect
 
 from shared import subjects
 from tests.integration.test_browser_ws import closed_with, next_event, request, ticket, ws_url
 from tests.integration.test_cancel import pids_with, unique_sleep, wait_running
 from tests.integration.test_fallback_exec import StartWorker, sshd, start_worker
-from tests.support.db import PG_ADMIN_URL, create_pg_database, drop_pg_database, pg_url
+from tests.support.db import create_pg_database, drop_pg_database, pg_admin, pg_url
 from tests.support.sshd import Sshd
 from tests.support.stack import Api, Gateway, Stack
 
@@ -237,23 +235,14 @@ async def test_a_cancel_taken_by_another_ssh_worker_is_announced_cancelled_once(
     assert pids_with(done.marker) == []
 
 
-async def _admin(sql: str) -> None:
-    engine = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text(sql))
-    finally:
-        await engine.dispose()
-
-
 async def _database_down(name: str) -> None:
     """No new connection to database `name` (superusers included), and its open ones ended."""
-    await _admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-    await _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+    await pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    await pg_admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
 
 
 async def _database_up(name: str) -> None:
-    await _admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    await pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
 async def test_a_ticket_the_database_cannot_check_closes_1013_and_the_api_keeps_serving(

@@ -15,6 +15,7 @@ Every test saves a screenshot of its final page (tests/support/browser.py says w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -80,6 +81,26 @@ async def _key(dev: DevRun, name: str, role: str) -> str:
 
 async def _points(watched: Watched, chart: str) -> int:
     return int(await watched.page.get_attribute(f"#chart-{chart}", "data-points") or 0)
+
+
+@contextlib.asynccontextmanager
+async def proxied_login(dev: DevRun, key: str, shot: str) -> AsyncIterator[tuple[CuttableProxy, Watched]]:
+    """A dashboard page loaded through a proxy the test can cut, logged in with `key` and connected; its
+    screenshot `shot` saved at the end."""
+    api = httpx.URL(dev.info["api_url"])
+    proxy = CuttableProxy(str(api.host), int(api.port or 80))
+    await proxy.start()
+    try:
+        async with chromium() as browser:
+            page = await open_page(browser, proxy.url + "/")
+            try:
+                await log_in(page.page, key)
+                await page.page.wait_for_selector("#warlock-indicator[data-state=connected]", timeout=10_000)
+                yield proxy, page
+            finally:
+                await screenshot(page.page, shot)
+    finally:
+        await proxy.close()
 
 
 async def test_login_live_host_metrics_streamed_command_and_presence(dev: DevRun, page: Watched) -> None:
@@ -151,43 +172,31 @@ async def test_login_live_host_metrics_streamed_command_and_presence(dev: DevRun
 
 
 async def test_indicator_follows_a_cut_socket_and_subscriptions_come_back(dev: DevRun) -> None:
-    api = httpx.URL(dev.info["api_url"])
-    proxy = CuttableProxy(str(api.host), int(api.port or 80))
-    await proxy.start()
-    try:
-        async with chromium() as browser:
-            page = await open_page(browser, proxy.url + "/")
-            p = page.page
-            try:
-                await log_in(p, dev.key)
-                await p.wait_for_selector("#warlock-indicator[data-state=connected]", timeout=10_000)
-                assert await p.inner_text("#warlock-indicator") == "Connected"
-                await p.click(ROW)
-                await p.wait_for_function(
-                    "() => +document.getElementById('chart-cpu').dataset.points >= 2", timeout=15_000
-                )
-                proxy.cut()
-                await p.wait_for_selector("#warlock-indicator[data-state=connecting]", timeout=5_000)
-                assert (await p.inner_text("#warlock-indicator")).startswith("Connecting")
-                await asyncio.sleep(2)  # a few failed attempts (connections refused) while cut
-                assert await p.get_attribute("#warlock-indicator", "data-state") != "connected"
-                stalled = await _points(page, "cpu")
-                t_resume = time.monotonic()
-                proxy.resume()
-                await p.wait_for_selector("#warlock-indicator[data-state=connected]", timeout=15_000)
-                back_s = time.monotonic() - t_resume
-                # the host view's metrics subscription was re-sent on the new socket
-                await p.wait_for_function(
-                    f"() => +document.getElementById('chart-cpu').dataset.points >= {stalled + 2}",
-                    timeout=15_000,
-                )
-                assert len(page.sockets) >= 2  # a new socket, with a new ticket
-                assert len(set(page.sockets)) == len(page.sockets)
-                assert back_s < 12, back_s  # backoff capped at 10 s
-            finally:
-                await screenshot(p, "test_indicator_follows_a_cut_socket")
-    finally:
-        await proxy.close()
+    async with proxied_login(dev, dev.key, "test_indicator_follows_a_cut_socket") as (proxy, page):
+        p = page.page
+        assert await p.inner_text("#warlock-indicator") == "Connected"
+        await p.click(ROW)
+        await p.wait_for_function(
+            "() => +document.getElementById('chart-cpu').dataset.points >= 2", timeout=15_000
+        )
+        proxy.cut()
+        await p.wait_for_selector("#warlock-indicator[data-state=connecting]", timeout=5_000)
+        assert (await p.inner_text("#warlock-indicator")).startswith("Connecting")
+        await asyncio.sleep(2)  # a few failed attempts (connections refused) while cut
+        assert await p.get_attribute("#warlock-indicator", "data-state") != "connected"
+        stalled = await _points(page, "cpu")
+        t_resume = time.monotonic()
+        proxy.resume()
+        await p.wait_for_selector("#warlock-indicator[data-state=connected]", timeout=15_000)
+        back_s = time.monotonic() - t_resume
+        # the host view's metrics subscription was re-sent on the new socket
+        await p.wait_for_function(
+            f"() => +document.getElementById('chart-cpu').dataset.points >= {stalled + 2}",
+            timeout=15_000,
+        )
+        assert len(page.sockets) >= 2  # a new socket, with a new ticket
+        assert len(set(page.sockets)) == len(page.sockets)
+        assert back_s < 12, back_s  # backoff capped at 10 s
 
 
 async def test_bad_key_read_key_and_what_needs_a_key(dev: DevRun, page: Watched) -> None:
@@ -261,53 +270,39 @@ async def test_client_acks_errors_and_a_revoked_key_stops_it(dev: DevRun) -> Non
     client stops (indicator disconnected) and the page asks for a key again."""
     name = "dashboard-revoked"
     key = await _key(dev, name, "operate")
-    api = httpx.URL(dev.info["api_url"])
-    proxy = CuttableProxy(str(api.host), int(api.port or 80))
-    await proxy.start()
-    try:
-        async with chromium() as browser:
-            page = await open_page(browser, proxy.url + "/")
-            p = page.page
-            try:
-                await log_in(p, key)
-                await p.wait_for_selector("#warlock-indicator[data-state=connected]", timeout=10_000)
-                replies = await p.evaluate(
-                    """async () => {
-                        const ask = (type, data) =>
-                            new Promise((done) => WarlockSocket.emit(type, data, done));
-                        return [
-                            await ask("subscribe", {topic: "commands", host: "devbox"}),
-                            await ask("subscribe", {topic: "no-such-topic"}),
-                            await ask("unsubscribe", {topic: "commands", host: "devbox"}),
-                        ];
-                    }"""
-                )
-                assert [r["type"] for r in replies] == ["ack", "error", "ack"], replies
-                assert replies[1]["code"] == "unknown_topic"
-                assert len({r["id"] for r in replies}) == 3
-                assert await p.evaluate("WarlockSocket.isConnected()") is True
+    async with proxied_login(dev, key, "test_client_acks_errors_and_a_revoked_key_stops_it") as (proxy, page):
+        p = page.page
+        replies = await p.evaluate(
+            """async () => {
+                const ask = (type, data) =>
+                    new Promise((done) => WarlockSocket.emit(type, data, done));
+                return [
+                    await ask("subscribe", {topic: "commands", host: "devbox"}),
+                    await ask("subscribe", {topic: "no-such-topic"}),
+                    await ask("unsubscribe", {topic: "commands", host: "devbox"}),
+                ];
+            }"""
+        )
+        assert [r["type"] for r in replies] == ["ack", "error", "ack"], replies
+        assert replies[1]["code"] == "unknown_topic"
+        assert len({r["id"] for r in replies}) == 3
+        assert await p.evaluate("WarlockSocket.isConnected()") is True
 
-                async with httpx.AsyncClient(base_url=dev.info["api_url"], timeout=30) as http:
-                    gone = await http.delete(
-                        f"/api/keys/{name}", headers={"Authorization": f"Bearer {dev.key}"}
-                    )
-                    assert gone.status_code in (200, 204), gone.text
-                proxy.cut()
-                await p.wait_for_selector("#warlock-indicator[data-state=connecting]", timeout=5_000)
-                offline = await p.evaluate(
-                    "() => new Promise((done) => WarlockSocket.emit('subscribe', {topic: 'presence'}, done))"
-                )
-                assert (offline["type"], offline["code"]) == ("error", "disconnected")
-                proxy.resume()
-                # the auth cache holds a verified key for 5 s at most: then the ticket request is refused
-                await p.wait_for_selector("#login:not([hidden])", timeout=20_000)
-                await p.wait_for_selector("#warlock-indicator[data-state=disconnected]")
-                assert "Logged out" in await p.inner_text("#login-error")
-                assert await p.evaluate("sessionStorage.getItem('warlock.apiKey')") is None
-                sockets = len(page.sockets)
-                await asyncio.sleep(1.5)
-                assert len(page.sockets) == sockets  # stopped: no more attempts
-            finally:
-                await screenshot(p, "test_client_acks_errors_and_a_revoked_key_stops_it")
-    finally:
-        await proxy.close()
+        async with httpx.AsyncClient(base_url=dev.info["api_url"], timeout=30) as http:
+            gone = await http.delete(f"/api/keys/{name}", headers={"Authorization": f"Bearer {dev.key}"})
+            assert gone.status_code in (200, 204), gone.text
+        proxy.cut()
+        await p.wait_for_selector("#warlock-indicator[data-state=connecting]", timeout=5_000)
+        offline = await p.evaluate(
+            "() => new Promise((done) => WarlockSocket.emit('subscribe', {topic: 'presence'}, done))"
+        )
+        assert (offline["type"], offline["code"]) == ("error", "disconnected")
+        proxy.resume()
+        # the auth cache holds a verified key for 5 s at most: then the ticket request is refused
+        await p.wait_for_selector("#login:not([hidden])", timeout=20_000)
+        await p.wait_for_selector("#warlock-indicator[data-state=disconnected]")
+        assert "Logged out" in await p.inner_text("#login-error")
+        assert await p.evaluate("sessionStorage.getItem('warlock.apiKey')") is None
+        sockets = len(page.sockets)
+        await asyncio.sleep(1.5)
+        assert len(page.sockets) == sockets  # stopped: no more attempts

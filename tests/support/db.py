@@ -38,7 +38,8 @@ def pg_url(name: str) -> str:
     return f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{name}"
 
 
-async def _admin(sql: str) -> None:
+async def pg_admin(sql: str) -> None:
+    """Run `sql` on the test PostgreSQL as its superuser, outside a transaction."""
     engine = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as conn:
@@ -50,13 +51,13 @@ async def _admin(sql: str) -> None:
 async def create_pg_database() -> str:
     """Create a fresh, empty PostgreSQL database; return its name."""
     name = f"warlock_test_{uuid.uuid4().hex[:12]}"
-    await _admin(f'CREATE DATABASE "{name}"')
+    await pg_admin(f'CREATE DATABASE "{name}"')
     return name
 
 
 async def drop_pg_database(name: str) -> None:
     """Drop a test database, closing whatever is connected to it."""
-    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.asynccontextmanager
