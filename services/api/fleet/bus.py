@@ -392,6 +392,8 @@ class Bus:
             )
             run = await session.get(CommandRun, result.command_id) if changed else None
         log.info("late result for command %s %s", result.command_id, "recorded" if changed else "ignored")
+        if changed:
+            self.runner.settled_elsewhere(result.command_id)  # a caller still waiting answers now
         await announce_run(self.nc, run)  # to the browsers of every instance (fleet.browser)
 
 

@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.api.errors import DatabaseUnavailable, NotFound
+from services.api.errors import DatabaseUnavailable, DomainError, NotFound
 from services.api.fleet.browser import announce_run
 from services.api.fleet.inflight import Gone, InFlight
 from services.api.fleet.signer import ApiSigner
@@ -193,6 +193,10 @@ def session_gone(gone: Gone) -> Outcome:
     )
 
 
+class SettledElsewhere(Exception):
+    """Raised by `Runner._agent_request` when a late result settled the run before the reply came."""
+
+
 class SessionGone(Exception):
     """Raised by `Runner._agent_request` when the request's gateway was found gone before an answer."""
 
@@ -272,6 +276,16 @@ class Runner:
         self.delivering: set[str] = set()  # command ids this instance is delivering (the reconciler skips)
         # runs delivered here whose cancel was sent to an SSH worker: a SIGKILL they end with is that cancel
         self.ssh_cancels: set[str] = set()
+        # requests waiting for their agent's reply, by command id: a late result recorded meanwhile (the
+        # gateway moved to another NATS node and could not reply) wakes the caller (`settled_elsewhere`)
+        self._waiting: dict[str, asyncio.Future[Gone | None]] = {}
+
+    def settled_elsewhere(self, command_id: str) -> None:
+        """A late result settled `command_id` on this instance: its caller, if still waiting on the
+        request, stops waiting and answers with the recorded row instead of waiting out the timeout."""
+        waiter = self._waiting.get(command_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def run(self, ref: str, body: ExecBody, requested_by: str | None) -> CommandRunPublic:
         """Record the command as pending (committed) for the host `ref` names, deliver it, record and
@@ -334,6 +348,16 @@ class Runner:
             values["duration_ms"] = round(wall_ms, 3)
         return await self._record(run, host.id, values), outcome
 
+    async def _recorded_outcome(self, command_id: str, wait: float) -> Outcome:
+        """The outcome a late result recorded for `command_id` (timed out if it cannot be read)."""
+        try:
+            async with self.sessions() as session:
+                run = await crud.get_run(session, command_id)
+        except (DomainError, SQLAlchemyError, OSError) as exc:
+            log.warning("command %s: its late result could not be read: %s", command_id, type(exc).__name__)
+            return timed_out(Via.AGENT, wait)
+        return Outcome(**{f: getattr(run, f) for f in _OUTCOME_FIELDS}, is_result=True)
+
     async def _record(self, run: NewRun, host_id: str, values: dict[str, Any]) -> CommandRunPublic:
         data = {  # what was just written: no second read
             "command_id": run.command_id,
@@ -394,6 +418,8 @@ class Runner:
         except SessionGone as exc:
             log.warning("command %s on %s: %s; caller answered, not re-sent", command_id, host_id, exc)
             return session_gone(exc.gone)
+        except SettledElsewhere:
+            return await self._recorded_outcome(command_id, wait)
         except nats.errors.NoRespondersError:
             log.debug("command %s: no agent session for %s, trying SSH", command_id, host_id)
         except nats.errors.TimeoutError:
@@ -442,11 +468,15 @@ class Runner:
         """The agent's reply to `payload` (NATS errors raised as they come), or SessionGone when the
         request's gateway is found gone first; the request then keeps listening (`_listen_late`)."""
         send = self.nc.request if requester is None else requester
-        request = send(subjects.agent_exec(host_id), payload, timeout=wait)
-        if gateway_id is None or self.inflight is None:
-            return await request
-        answer = asyncio.ensure_future(request)
-        wake = self.inflight.watch(gateway_id, command_id)  # resolves with Gone, or None when answered
+        answer = asyncio.ensure_future(send(subjects.agent_exec(host_id), payload, timeout=wait))
+        watching = gateway_id is not None and self.inflight is not None
+        # resolves with Gone (the gateway is gone), or None: answered, or settled by a late result
+        wake: asyncio.Future[Gone | None] = (
+            self.inflight.watch(gateway_id, command_id)  # type: ignore[union-attr, arg-type]
+            if watching
+            else asyncio.get_running_loop().create_future()
+        )
+        self._waiting[command_id] = wake
 
         def answered(_: asyncio.Future[Msg]) -> None:
             if not wake.done():
@@ -459,9 +489,15 @@ class Runner:
             answer.cancel()
             raise
         finally:
-            self.inflight.forget(gateway_id, command_id)
-        if gone is None or answer.done():
+            if self._waiting.get(command_id) is wake:
+                del self._waiting[command_id]
+            if watching:
+                self.inflight.forget(gateway_id, command_id)  # type: ignore[union-attr, arg-type]
+        if answer.done():
             return answer.result()
+        if gone is None:  # a late result settled it: its row is the outcome
+            answer.cancel()
+            raise SettledElsewhere()
         listener = asyncio.ensure_future(self._listen_late(answer, host_id, command_id, public_key))
         self._listeners.add(listener)
         listener.add_done_callback(self._listeners.discard)
